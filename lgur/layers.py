@@ -1,0 +1,72 @@
+"""Attention building blocks shared by DGA and PGU.
+
+Attention weights are part of the product (they are what the explorer draws), so
+the cross-attention can return them; the fast path uses fused attention instead.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries x over a memory, with an optional key mask."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.dropout = dropout
+
+    def _split(self, t: Tensor) -> Tensor:
+        # (..., L, H*d) -> (..., H, L, d)
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, N, D); memory: (B, M, D) or (M, D) shared by the batch; memory_mask: (B, M), True = valid.
+
+        Returns the output (B, N, D) and, if asked, the weights (B, H, N, M).
+        """
+        q = self._split(self.to_q(x))  # (B, H, N, d)
+        k, v = self._split(self.to_k(memory)), self._split(self.to_v(memory))
+        if memory.dim() == 2:  # a shared memory (the dictionary): project once, broadcast
+            k, v = k.unsqueeze(0).expand(q.shape[0], -1, -1, -1), v.unsqueeze(0).expand(q.shape[0], -1, -1, -1)
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
+        drop = self.dropout if self.training else 0.0
+        if need_weights:
+            logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            weights = logits.softmax(dim=-1)
+            out = F.dropout(weights, drop, self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        out = out.transpose(1, 2).flatten(2)  # (B, N, H*d)
+        return self.to_out(out), weights
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over dim 1 of (B, L, D), counting only valid positions (mask (B, L), True = valid)."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)

@@ -1,0 +1,69 @@
+"""LGUR objectives: per-prototype identity classification and a bidirectional
+semi-hard triplet ranking loss, on the pairs of branches named in the paper.
+
+Negative sampling draws from an explicit torch.Generator, never the global RNG,
+so a seeded run is reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import IdentityClassifier, TrainOutputs
+
+
+def identity_loss(classifier: IdentityClassifier, parts: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each prototype's identity classifier. parts: (B, P, part_dim)."""
+    logits = classifier(parts)  # (B, P, C)
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
+
+
+def _one_way_triplet(sim: Tensor, labels: Tensor, margin: float, generator: torch.Generator) -> Tensor:
+    """Anchors are rows, row i's positive is column i; one random semi-hard negative per anchor."""
+    positive = sim.diagonal().unsqueeze(1)  # (B, 1)
+    violation = margin - positive + sim  # > 0: the negative is inside the margin
+    negative = labels.unsqueeze(1) != labels.unsqueeze(0)  # never a same-identity "negative"
+    semi_hard = negative & (violation > 0) & (sim < positive)
+    # Prefer a semi-hard negative; else any negative inside the margin; else no loss.
+    candidates = torch.where(semi_hard.any(dim=1, keepdim=True), semi_hard, negative & (violation > 0))
+    noise = torch.rand(sim.shape, generator=generator).to(sim.device)
+    choice = noise.masked_fill(~candidates, -1.0).argmax(dim=1)  # a random candidate per row
+    chosen = violation.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return torch.where(candidates.any(dim=1), chosen.clamp(min=0), torch.zeros_like(chosen)).mean()
+
+
+def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, generator: torch.Generator) -> Tensor:
+    """Bidirectional ranking loss between paired unit vectors a[i] <-> b[i], (B, E) each."""
+    sim = a @ b.t()
+    return _one_way_triplet(sim, labels, margin, generator) + _one_way_triplet(sim.t(), labels, margin, generator)
+
+
+class LGURLoss(nn.Module):
+    """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1)."""
+
+    def __init__(self, margin: float = 0.3, seed: int = 0) -> None:
+        super().__init__()
+        self.margin = margin
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, out: TrainOutputs, labels: Tensor, classifier: IdentityClassifier) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        branches = {"image": out.image, "text": out.text}
+        pairs = [("image", "text")]  # guided (or raw) image vs raw text
+        if out.image_dictionary is not None:
+            branches |= {"image_dictionary": out.image_dictionary, "text_dictionary": out.text_dictionary}
+            pairs += [
+                ("image_dictionary", "text_dictionary"),
+                ("text", "text_dictionary"),
+                ("image", "image_dictionary"),
+            ]
+        for name, parts in branches.items():
+            losses[f"id/{name}"] = identity_loss(classifier, parts.vectors, labels)
+        for left, right in pairs:
+            losses[f"rank/{left}-{right}"] = triplet_ranking_loss(
+                branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator
+            )
+        losses["total"] = sum(losses.values())
+        return losses

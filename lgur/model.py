@@ -1,0 +1,191 @@
+"""LGUR: encoders -> DGA -> PGU -> part embeddings.
+
+Training runs four branches (guided image, raw text, dictionary image, dictionary
+text); retrieval uses the dictionary branch of both modalities. The explain_*
+methods return the same embeddings together with every attention the explorer draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import LGURConfig
+from .dga import DGA
+from .encoders import ImageEncoder, TextEncoder
+from .pgu import PGU, GlobalPooling, Parts
+
+
+@dataclass
+class TrainOutputs:
+    """Part vectors (B, P, part_dim) of each branch; the DGA branches are None without DGA."""
+
+    image: Parts  # guided image R(V, T) * m with DGA, raw patches without
+    text: Parts  # raw text
+    image_dictionary: Parts | None = None  # R(V, D) * m
+    text_dictionary: Parts | None = None  # R(T, D)
+
+
+@dataclass
+class ImageExplanation:
+    embedding: Tensor  # (B, E) L2-normalised, dictionary branch
+    parts: Tensor  # (B, P, part_dim)
+    prototype_attention: Tensor | None  # (B, layers, H, P, N) over the patch grid
+    dictionary_weights: Tensor | None  # (B, H, N, atoms)
+    foreground: Tensor | None  # (B, N) foreground weight m per patch
+    grid: tuple[int, int]  # (rows, cols) of the patch grid, N = rows * cols
+
+
+@dataclass
+class TextExplanation:
+    embedding: Tensor  # (B, E)
+    parts: Tensor  # (B, P, part_dim)
+    prototype_attention: Tensor | None  # (B, layers, H, P, T), zero on padding
+    dictionary_weights: Tensor | None  # (B, H, T, atoms), zero on padding
+    mask: Tensor  # (B, T) True = real token
+
+
+def _stack_attention(parts: Parts) -> Tensor | None:
+    return None if parts.attention is None else torch.stack(parts.attention, dim=1)
+
+
+class IdentityClassifier(nn.Module):
+    """One bias-free identity classifier per prototype, shared by both modalities."""
+
+    def __init__(self, num_parts: int, part_dim: int, num_identities: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_parts, part_dim, num_identities) * part_dim**-0.5)
+
+    def forward(self, parts: Tensor) -> Tensor:
+        return torch.einsum("bpe,pec->bpc", parts, self.weight)  # (B, P, identities)
+
+
+class LGUR(nn.Module):
+    def __init__(self, config: LGURConfig, num_identities: int = 0, load_pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_encoder = ImageEncoder(c.image, c.dim, load_pretrained)
+        self.text_encoder = TextEncoder(c.text, c.dim)
+        self.dga = (
+            DGA(
+                c.dim,
+                c.num_atoms,
+                c.reconstruction_heads,
+                c.reconstruction_head_dim,
+                c.reconstruction_ffn_dim,
+                c.dropout,
+            )
+            if c.use_dga
+            else None
+        )
+        if c.use_pgu:
+            self.pgu = PGU(
+                c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim, c.dropout
+            )
+        else:
+            self.pgu = GlobalPooling(c.dim, c.part_dim)
+        num_parts = c.num_prototypes if c.use_pgu else 1
+        self.classifier = IdentityClassifier(num_parts, c.part_dim, num_identities) if num_identities else None
+
+    # -- features -------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        return self.text_encoder.tokenize(texts)
+
+    def text_features(self, mask: Tensor, ids: Tensor | None = None, backbone_features: Tensor | None = None) -> Tensor:
+        """Word features (B, T, dim) from token ids, or from cached frozen-encoder outputs."""
+        if backbone_features is None:
+            if ids is None:
+                raise ValueError("give token ids or cached backbone features")
+            backbone_features = self.text_encoder.backbone_features(ids, mask)
+        return self.text_encoder.forward_features(backbone_features, mask)
+
+    # -- training -------------------------------------------------------------------------
+    def forward(
+        self, images: Tensor, mask: Tensor, ids: Tensor | None = None, backbone_features: Tensor | None = None
+    ) -> TrainOutputs:
+        """images (B, 3, H, W) paired with captions (mask (B, T), ids or cached features)."""
+        patches = self.image_encoder(images)  # (B, N, D)
+        words = self.text_features(mask, ids, backbone_features)  # (B, T, D)
+        text = self.pgu(words, mask)
+        if self.dga is None:
+            return TrainOutputs(image=self.pgu(patches), text=text)
+        guided = self.dga.guide_image(patches, words, mask)
+        image_dictionary = self.dga.reconstruct_image(patches)
+        text_dictionary = self.dga.reconstruct_text(words, mask)
+        return TrainOutputs(
+            image=self.pgu(guided.features),
+            text=text,
+            image_dictionary=self.pgu(image_dictionary.features),
+            text_dictionary=self.pgu(text_dictionary.features, mask),
+        )
+
+    # -- retrieval and explanations (dictionary branch) -------------------------------------
+    def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:
+        patches = self.image_encoder(images)
+        dictionary_weights = foreground = None
+        if self.dga is not None:
+            rebuilt = self.dga.reconstruct_image(patches, need_weights)
+            patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
+        parts = self.pgu(patches, None, need_weights)
+        return ImageExplanation(
+            parts.embedding,
+            parts.vectors,
+            _stack_attention(parts),
+            dictionary_weights,
+            foreground,
+            self.image_encoder.grid,
+        )
+
+    def explain_texts(
+        self,
+        mask: Tensor,
+        ids: Tensor | None = None,
+        backbone_features: Tensor | None = None,
+        need_weights: bool = True,
+    ) -> TextExplanation:
+        words = self.text_features(mask, ids, backbone_features)
+        dictionary_weights = None
+        if self.dga is not None:
+            rebuilt = self.dga.reconstruct_text(words, mask, need_weights)
+            words, dictionary_weights = rebuilt.features, rebuilt.weights
+        parts = self.pgu(words, mask, need_weights)
+        attention = _stack_attention(parts)
+        if attention is not None:
+            attention = attention * mask[:, None, None, None, :].to(attention.dtype)
+        return TextExplanation(parts.embedding, parts.vectors, attention, dictionary_weights, mask)
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, E) unit-norm retrieval embeddings."""
+        return self.explain_images(images, need_weights=False).embedding
+
+    def embed_texts(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Token ids and mask (B, T) -> (B, E) unit-norm retrieval embeddings."""
+        return self.explain_texts(mask, ids, need_weights=False).embedding
+
+    def guidance_attention(self, images: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Cross-modality guidance for (image, caption) pairs: which words each patch reads.
+
+        Returns (B, H, N, T); padded words get zero weight.
+        """
+        if self.dga is None:
+            raise ValueError("this model has no DGA module, so no cross-modality guidance")
+        patches = self.image_encoder(images)
+        words = self.text_features(mask, ids)
+        return self.dga.guide_image(patches, words, mask, need_weights=True).weights  # masked softmax
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def trainable_state_dict(self, include_classifier: bool = False) -> dict[str, Tensor]:
+        """Every weight except the frozen text backbone (which its fingerprint identifies)."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith("text_encoder.backbone.") and (include_classifier or not k.startswith("classifier."))
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}

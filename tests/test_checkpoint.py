@@ -1,0 +1,107 @@
+"""Checkpoints: bit-exact round trip, and clear refusals of anything that does not fit."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lgur.checkpoint import CheckpointError, card_path, load_checkpoint, save_checkpoint
+from lgur.model import LGUR
+from tests.conftest import CAPTIONS, random_images
+
+
+@pytest.fixture()
+def saved(tiny_model: LGUR, tmp_path: Path) -> Path:
+    return save_checkpoint(tiny_model, tmp_path / "model.safetensors", {"metrics": {"test": {"R@1": 1.0}}})
+
+
+def test_round_trip_is_bit_exact(tiny_model: LGUR, saved: Path) -> None:
+    loaded, card = load_checkpoint(saved)
+    original = tiny_model.trainable_state_dict()
+    restored = loaded.trainable_state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    ids, mask = tiny_model.tokenize(CAPTIONS)
+    images = random_images(tiny_model, 2)
+    with torch.no_grad():
+        assert torch.equal(tiny_model.embed_texts(ids, mask), loaded.embed_texts(ids, mask))
+        assert torch.equal(tiny_model.embed_images(images), loaded.embed_images(images))
+    assert card["metrics"]["test"]["R@1"] == 1.0
+    assert card["text_encoder"]["fingerprint"] == tiny_model.text_encoder.fingerprint
+    assert card["text_encoder"]["source"] == "package"
+
+
+def test_half_precision_round_trip(tiny_model: LGUR, tmp_path: Path) -> None:
+    path = save_checkpoint(tiny_model, tmp_path / "half.safetensors", half=True)
+    assert all(t.dtype == torch.float16 for t in load_file(str(path)).values() if t.is_floating_point())
+    loaded, card = load_checkpoint(path)
+    assert card["dtype"] == "float16"
+    for key, value in tiny_model.trainable_state_dict().items():
+        assert torch.equal(value.half().float(), loaded.state_dict()[key]), key
+
+
+def test_training_heads_stay_out_unless_asked(tiny_model: LGUR, tmp_path: Path) -> None:
+    lean = save_checkpoint(tiny_model, tmp_path / "lean.safetensors")
+    full = save_checkpoint(tiny_model, tmp_path / "full.safetensors", include_classifier=True)
+    assert not any(k.startswith("classifier.") for k in load_file(str(lean)))
+    loaded, _ = load_checkpoint(full)
+    assert torch.equal(loaded.classifier.weight, tiny_model.classifier.weight)
+
+
+def test_wrong_shape_is_refused(saved: Path) -> None:
+    state = load_file(str(saved))
+    state["dga.dictionary"] = torch.zeros(7, state["dga.dictionary"].shape[1])
+    save_file(state, str(saved))
+    card = json.loads(card_path(saved).read_text())
+    from lgur.checkpoint import sha256_file
+
+    card["weights_sha256"] = sha256_file(saved)  # a consistent file, just the wrong shape
+    card_path(saved).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"dga\.dictionary: file has \(7, 64\), model expects \(32, 64\)"):
+        load_checkpoint(saved)
+
+
+def test_different_text_encoder_is_refused(saved: Path) -> None:
+    card = json.loads(card_path(saved).read_text())
+    card["text_encoder"]["fingerprint"] = "0" * 64
+    card_path(saved).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="text encoder differs"):
+        load_checkpoint(saved)
+
+
+def test_truncated_or_replaced_weights_are_refused(saved: Path) -> None:
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="does not match its card"):
+        load_checkpoint(saved)
+
+
+def test_pickles_are_never_loaded(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+
+    class Exploit:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    for name in ("model.pt", "model.pth", "model.bin", "model.ckpt"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(Exploit()))
+        with pytest.raises(CheckpointError, match="only .safetensors"):
+            load_checkpoint(path)
+    disguised = tmp_path / "evil.safetensors"
+    disguised.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(disguised)  # no card, and not safetensors either
+    assert not marker.exists()
+
+
+def test_missing_card_is_explained(saved: Path) -> None:
+    card_path(saved).unlink()
+    with pytest.raises(CheckpointError, match="has no card"):
+        load_checkpoint(saved)

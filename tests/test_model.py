@@ -1,0 +1,156 @@
+"""The LGUR model: shapes, attention, padding, gradients, learning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lgur.config import preset
+from lgur.losses import LGURLoss, triplet_ranking_loss
+from lgur.model import LGUR
+from tests.conftest import CAPTIONS, random_images, tiny_config
+
+
+@pytest.mark.parametrize("name", ["cpu", "paper"])
+def test_preset_shapes(name: str) -> None:
+    config = preset(name)
+    config.image.pretrained = False
+    config.text.allow_random_init = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LGUR(config, num_identities=3).eval()
+    rows, cols = model.image_encoder.grid
+    assert (rows, cols) == ((24, 8) if name == "paper" else (16, 6))
+    assert rows * cols >= 96
+    n, p, layers = rows * cols, config.num_prototypes, config.pgu_layers
+    ids, mask = model.tokenize(CAPTIONS[:2])
+    with torch.no_grad():
+        image = model.explain_images(random_images(model, 2))
+        text = model.explain_texts(mask, ids)
+        out = model.train()(random_images(model, 2), mask, ids)
+    assert image.embedding.shape == text.embedding.shape == (2, config.embedding_dim)
+    assert image.parts.shape == (2, p, config.part_dim)
+    assert image.prototype_attention.shape == (2, layers, config.pgu_heads, p, n)
+    assert image.dictionary_weights.shape == (2, config.reconstruction_heads, n, config.num_atoms)
+    assert image.foreground.shape == (2, n)
+    assert text.prototype_attention.shape == (2, layers, config.pgu_heads, p, ids.shape[1])
+    assert text.dictionary_weights.shape == (2, config.reconstruction_heads, ids.shape[1], config.num_atoms)
+    assert out.image_dictionary.vectors.shape == out.text.vectors.shape == (2, p, config.part_dim)
+    if name == "paper":
+        assert (config.num_atoms, config.num_prototypes, config.embedding_dim) == (400, 6, 3072)
+        assert model.image_encoder.vit.num_prefix_tokens == 2  # class + distillation, both dropped
+        assert len(model.image_encoder.vit.blocks) == 11
+
+
+def test_attention_rows_sum_to_one(tiny_model: LGUR) -> None:
+    ids, mask = tiny_model.tokenize(CAPTIONS)
+    images = random_images(tiny_model, 3)
+    with torch.no_grad():
+        image = tiny_model.explain_images(images)
+        text = tiny_model.explain_texts(mask, ids)
+        guidance = tiny_model.guidance_attention(images, ids, mask)
+    ones = lambda t: torch.ones_like(t)  # noqa: E731
+    assert torch.allclose(image.prototype_attention.sum(-1), ones(image.prototype_attention.sum(-1)), atol=1e-5)
+    assert torch.allclose(image.dictionary_weights.sum(-1), ones(image.dictionary_weights.sum(-1)), atol=1e-5)
+    assert torch.allclose(text.prototype_attention.sum(-1), ones(text.prototype_attention.sum(-1)), atol=1e-5)
+    assert torch.allclose(guidance.sum(-1), ones(guidance.sum(-1)), atol=1e-5)
+    # Dictionary weights of real words sum to 1; padded positions carry none.
+    row_sums = text.dictionary_weights.sum(-1)  # (B, H, T)
+    valid = mask[:, None, :].expand_as(row_sums)
+    assert torch.allclose(row_sums[valid], torch.ones(int(valid.sum())), atol=1e-5)
+    assert row_sums[~valid].abs().max() == 0
+    assert ((image.foreground > 0) & (image.foreground < 1)).all()
+
+
+def test_padding_changes_nothing(tiny_model: LGUR) -> None:
+    short = CAPTIONS[1]
+    ids_alone, mask_alone = tiny_model.tokenize([short])
+    ids_batch, mask_batch = tiny_model.tokenize([short, CAPTIONS[2]])  # short gets padded
+    assert ids_batch.shape[1] > ids_alone.shape[1]
+    t = ids_alone.shape[1]
+    images = random_images(tiny_model, 2)
+    with torch.no_grad():
+        alone = tiny_model.explain_texts(mask_alone, ids_alone)
+        padded = tiny_model.explain_texts(mask_batch, ids_batch)
+        guide_alone = tiny_model.guidance_attention(images[:1], ids_alone, mask_alone)
+        guide_padded = tiny_model.guidance_attention(images, ids_batch, mask_batch)
+    assert torch.allclose(alone.embedding[0], padded.embedding[0], atol=1e-5)
+    assert torch.allclose(alone.prototype_attention[0], padded.prototype_attention[0, ..., :t], atol=1e-5)
+    assert padded.prototype_attention[0, ..., t:].abs().max() == 0
+    assert torch.allclose(alone.dictionary_weights[0], padded.dictionary_weights[0, :, :t], atol=1e-5)
+    assert padded.dictionary_weights[0, :, t:].abs().max() == 0
+    assert torch.allclose(guide_alone[0], guide_padded[0, ..., :t], atol=1e-5)
+    assert guide_padded[0, ..., t:].abs().max() == 0
+    # Whatever sits in the padded slots must not matter either.
+    garbage = ids_batch.clone()
+    garbage[0, t:] = 1999
+    with torch.no_grad():
+        other = tiny_model.explain_texts(mask_batch, garbage)
+    assert torch.allclose(other.embedding[0], padded.embedding[0], atol=1e-5)
+
+
+def test_embeddings_are_unit_norm_and_match_explanations(tiny_model: LGUR) -> None:
+    ids, mask = tiny_model.tokenize(CAPTIONS)
+    images = random_images(tiny_model, 3)
+    with torch.no_grad():
+        image, text = tiny_model.embed_images(images), tiny_model.embed_texts(ids, mask)
+        explained = tiny_model.explain_images(images)
+    for emb in (image, text):
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # The fused fast path and the explicit path used for explanations agree.
+    assert torch.allclose(image, explained.embedding, atol=1e-5)
+
+
+def test_gradients_reach_trainable_parameters_only() -> None:
+    torch.manual_seed(0)
+    model = LGUR(tiny_config(dropout=0.0), num_identities=3).train()
+    ids, mask = model.tokenize(CAPTIONS)
+    out = model(random_images(model, 3), mask, ids)
+    losses = LGURLoss(margin=10.0)(out, torch.tensor([0, 1, 2]), model.classifier)  # big margin: all active
+    losses["total"].backward()
+    for name, param in model.named_parameters():
+        if name.startswith("text_encoder.backbone."):
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    assert not model.text_encoder.backbone.training  # frozen encoder: dropout stays off
+
+
+@pytest.mark.parametrize("use_dga,use_pgu", [(True, True), (False, False)])
+def test_tiny_batch_overfits(use_dga: bool, use_pgu: bool) -> None:
+    torch.manual_seed(0)
+    model = LGUR(tiny_config(dropout=0.0, use_dga=use_dga, use_pgu=use_pgu), num_identities=3).train()
+    ids, mask = model.tokenize(CAPTIONS)
+    images = random_images(model, 3)
+    labels = torch.tensor([0, 1, 2])
+    criterion = LGURLoss(seed=0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    features = model.text_encoder.backbone_features(ids, mask)  # cached frozen outputs
+    history = []
+    for _ in range(40):
+        loss = criterion(model(images, mask, backbone_features=features), labels, model.classifier)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.2 * history[0], history[::10]
+
+
+def test_triplet_loss_is_seeded_and_respects_identities() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    labels = torch.arange(8)
+    torch.manual_seed(123)  # the global RNG must not matter
+    first = triplet_ranking_loss(a, b, labels, 0.3, torch.Generator().manual_seed(7))
+    torch.manual_seed(456)
+    second = triplet_ranking_loss(a, b, labels, 0.3, torch.Generator().manual_seed(7))
+    assert first == second and first > 0
+    # Perfectly separated pairs give no loss; a batch of one identity has no negatives at all.
+    separated = torch.eye(8, 16)  # positives at cosine 1, negatives at 0: outside the margin
+    assert triplet_ranking_loss(separated, separated, labels, 0.3, torch.Generator()) == 0
+    assert triplet_ranking_loss(separated, separated, labels, 1.5, torch.Generator()) > 0
+    same = torch.zeros(8, dtype=torch.long)
+    assert triplet_ranking_loss(a, b, same, 0.3, torch.Generator()) == 0
