@@ -50,6 +50,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from .synth.world import WorldSpec, generate_world
+
+    spec = WorldSpec(
+        seed=args.seed,
+        train_identities=args.identities,
+        val_identities=args.val_identities,
+        test_identities=args.test_identities,
+        min_images=args.min_images,
+        max_images=args.max_images,
+    )
+    start = time.perf_counter()
+    summary = generate_world(spec, args.out, workers=args.workers, progress=not args.quiet)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from .synth.world import WorldSpec, write_gallery
+
+    result = write_gallery(args.out, WorldSpec(seed=args.seed), workers=args.workers)
+    print(f"wrote {result['images']} images of {result['identities']} identities to {args.out}")
+    return 0
+
+
+def cmd_contact_sheet(args: argparse.Namespace) -> int:
+    from .synth.sheet import contact_sheet
+
+    print(contact_sheet(args.data, args.out, split=args.split, count=args.count, columns=args.columns))
+    return 0
+
+
+def cmd_ambiguity(args: argparse.Namespace) -> int:
+    from .synth.world import ambiguity_report
+
+    reports = [ambiguity_report(args.data, split) for split in args.splits]
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    else:
+        for r in reports:
+            ceiling = r["perfect_reader"]
+            print(
+                f"{r['split']}: {r['captions']} captions over {r['identities']} identities; consistent identities "
+                f"per caption mean {r['consistent_identities_mean']:.2f}, "
+                f"median {r['consistent_identities_median']:.0f}, "
+                f"unique {100 * r['unique_share']:.1f}%; perfect attribute reader R@1 {ceiling['R@1']:.1f} "
+                f"R@5 {ceiling['R@5']:.1f} R@10 {ceiling['R@10']:.1f}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +116,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--out", help="also write the JSON result to this file")
     bench.set_defaults(func=cmd_bench)
+
+    synth = sub.add_parser("synth", help="generate a synthetic pedestrian world (CUHK-PEDES layout)")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--identities", type=int, default=4000, help="training identities")
+    synth.add_argument("--val-identities", type=int, default=200)
+    synth.add_argument("--test-identities", type=int, default=800)
+    synth.add_argument("--min-images", type=int, default=2, help="images per identity, at least")
+    synth.add_argument("--max-images", type=int, default=3, help="images per identity, at most")
+    synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(func=cmd_synth)
+
+    gallery = sub.add_parser("gallery", help="regenerate the shipped gallery (the default world's test split)")
+    gallery.add_argument("--out", default="gallery")
+    gallery.add_argument("--seed", type=int, default=0)
+    gallery.add_argument("--workers", type=int, default=None)
+    gallery.set_defaults(func=cmd_gallery)
+
+    sheet = sub.add_parser("contact-sheet", help="a grid of generated people with one caption each")
+    sheet.add_argument("--data", required=True, help="a world folder written by `synth`")
+    sheet.add_argument("--out", default="assets/contact_sheet.jpg")
+    sheet.add_argument("--split", default="test")
+    sheet.add_argument("--count", type=int, default=16)
+    sheet.add_argument("--columns", type=int, default=8)
+    sheet.set_defaults(func=cmd_contact_sheet)
+
+    ambiguity = sub.add_parser("ambiguity", help="how many identities fit each caption; a perfect reader's recall")
+    ambiguity.add_argument("--data", required=True, help="a world folder written by `synth`")
+    ambiguity.add_argument("--splits", nargs="+", default=["test", "test-paraphrase"])
+    ambiguity.add_argument("--json", action="store_true")
+    ambiguity.set_defaults(func=cmd_ambiguity)
     return parser
 
 

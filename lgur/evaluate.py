@@ -1,0 +1,120 @@
+"""Text-to-image retrieval metrics, CUHK-PEDES protocol.
+
+Every caption of the split is a query; the gallery is every image of the split; a
+hit is any image of the same identity. Also reported: the variant that removes
+each caption's own source image from its gallery (a harder, cross-camera test).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data.dataset import RetrievalSplit, TextFeatures, normalize
+from .model import LGUR
+
+RANKS = (1, 5, 10)
+
+
+@torch.inference_mode()
+def embed_images(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
+    """uint8 (N, 3, H, W) -> (N, E) unit-norm embeddings."""
+    model.eval()
+    out = [model.embed_images(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, model.config.embedding_dim)
+
+
+@torch.inference_mode()
+def embed_captions(model: LGUR, features: TextFeatures, batch_size: int = 256) -> Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(features.lengths), batch_size):
+        feats, mask = features.batch(list(range(start, min(start + batch_size, len(features.lengths)))))
+        out.append(model.explain_texts(mask, backbone_features=feats, need_weights=False).embedding)
+    return torch.cat(out)
+
+
+def retrieval_metrics(
+    similarity: Tensor, query_ids: Tensor, gallery_ids: Tensor, exclude: Tensor | None = None, cmc_depth: int = 50
+) -> dict[str, Any]:
+    """similarity (Q, G). exclude: (Q,) gallery index removed from each query's gallery (or None)."""
+    sim = similarity.clone().float()
+    matches = query_ids[:, None] == gallery_ids[None, :]  # (Q, G)
+    if exclude is not None:
+        rows = torch.arange(len(sim))
+        sim[rows, exclude] = float("-inf")
+        matches[rows, exclude] = False
+    keep = matches.any(dim=1)  # queries with at least one true image left
+    sim, matches = sim[keep], matches[keep]
+    order = sim.argsort(dim=1, descending=True)
+    hits = matches.gather(1, order)  # (Q, G) sorted by score
+    if exclude is not None:
+        hits = hits[:, :-1]  # the excluded image sits last
+    first = hits.float().argmax(dim=1)  # rank of the first hit (0-based)
+    cmc = [(first < k).float().mean().item() * 100 for k in range(1, cmc_depth + 1)]
+    cum = hits.float().cumsum(dim=1)
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32)
+    ap = ((cum / ranks) * hits).sum(dim=1) / hits.sum(dim=1)
+    result = {f"R@{k}": cmc[k - 1] for k in RANKS}
+    result |= {"mAP": ap.mean().item() * 100, "queries": int(keep.sum()), "cmc": cmc}
+    return result
+
+
+def evaluate_split(model: LGUR, split: RetrievalSplit, features: TextFeatures) -> dict[str, Any]:
+    image_emb = embed_images(model, split.images)
+    text_emb = embed_captions(model, features)
+    similarity = text_emb @ image_emb.t()
+    standard = retrieval_metrics(similarity, split.caption_ids, split.image_ids)
+    cross = retrieval_metrics(similarity, split.caption_ids, split.image_ids, exclude=split.caption_image)
+    return {"standard": standard, "exclude_own_image": cross, "similarity": similarity}
+
+
+def attribute_breakdown(
+    similarity: Tensor, split: RetrievalSplit, side_file: str | Path, mentions_key: str = "mentions"
+) -> dict[str, dict[str, float]]:
+    """On the synthetic world: R@1 over the captions that mention each attribute kind."""
+    side = json.loads(Path(side_file).read_text())
+    first_hit = retrieval_first_hit(similarity, split.caption_ids, split.image_ids)
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    q = 0
+    for record in split.records:
+        info = side[record.file_path]
+        for mentions in info[mentions_key][: len(record.captions)]:
+            for kind in {k for k, _ in mentions}:
+                by_kind[kind].append(bool(first_hit[q] == 0))
+            q += 1
+    return {k: {"R@1": 100 * sum(v) / len(v), "captions": len(v)} for k, v in sorted(by_kind.items())}
+
+
+def retrieval_first_hit(similarity: Tensor, query_ids: Tensor, gallery_ids: Tensor) -> Tensor:
+    order = similarity.argsort(dim=1, descending=True)
+    hits = (query_ids[:, None] == gallery_ids[None, :]).gather(1, order)
+    return hits.float().argmax(dim=1)
+
+
+def plot_cmc(curves: dict[str, list[float]], out: str | Path, title: str = "CMC (text to image)") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, cmc in curves.items():
+        ax.plot(range(1, len(cmc) + 1), cmc, label=name)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("recall (%)")
+    ax.set_title(title)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

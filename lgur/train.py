@@ -1,0 +1,360 @@
+"""Training: `python -m lgur train --preset cpu --data DIR --out RUN_DIR`.
+
+Reads top to bottom: data -> model -> optimiser -> epochs (train, validate, keep the
+best on *val*) -> test the best. Seeded and resumable at epoch boundaries; every
+random draw comes from a generator seeded by (seed, epoch, rank). Runs on several
+processes with `torchrun` (DistributedDataParallel: gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .config import LGURConfig, preset
+from .data.dataset import augment, build_split, normalize, text_features
+from .data.readers import Record, read_dataset
+from .evaluate import attribute_breakdown, evaluate_split, plot_cmc
+from .losses import LGURLoss
+from .model import LGUR
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "cpu"
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3  # BiLSTM, part projections, identity classifiers
+    lr_backbone: float = 1e-4  # image encoder, DGA, PGU (dictionary and prototypes included)
+    decay_epochs: tuple[int, ...] = (20, 40, 50)  # x0.1 at these epochs of `decay_reference`
+    decay_reference: int = 60
+    warmup_steps: int = 0
+    margin: float = 0.3
+    seed: int = 0
+    pad: int = 10  # augmentation padding at 384-pixel height; scaled with the input size
+    samples: str = "captions"  # one sample per caption (paper) or per image (one random caption)
+    max_minutes: float | None = None  # stop early; the best-on-val model is still tested
+    use_dga: bool = True
+    use_pgu: bool = True
+    text_encoder_path: str | None = None
+    image_pretrained_path: str | None = None
+    cache_dir: str | None = None  # frozen text features; default RUN_DIR/cache
+    threads: int | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def model_config(self) -> LGURConfig:
+        config = preset(self.preset)
+        config.use_dga, config.use_pgu = self.use_dga, self.use_pgu
+        if self.text_encoder_path:
+            config.text.path = self.text_encoder_path
+        if self.image_pretrained_path:
+            config.image.pretrained_path = self.image_pretrained_path
+        for key, value in self.model_overrides.items():
+            target = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = getattr(target, p)
+            if not hasattr(target, leaf):
+                raise ValueError(f"unknown model setting {key!r}")
+            setattr(target, leaf, type(getattr(target, leaf))(value) if getattr(target, leaf) is not None else value)
+        return config
+
+
+# Training recipes. The paper fine-tunes a pretrained DeiT at 1e-4; the CPU preset's small ViT
+# starts from scratch, so its encoder and the DGA/PGU modules learn at a higher rate, with warm-up.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {"epochs": 12, "lr_backbone": 5e-4, "warmup_steps": 300, "samples": "images"},
+}
+
+
+def recipe(name: str, **overrides: Any) -> TrainConfig:
+    values = {**RECIPES.get(name, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(preset=name, **values)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class TrainingStep(nn.Module):
+    """Model + losses in one module, so DistributedDataParallel sees every trainable weight."""
+
+    def __init__(self, model: LGUR, criterion: LGURLoss) -> None:
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, images: Tensor, features: Tensor, mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        out = self.model(images, mask, backbone_features=features)
+        return self.criterion(out, labels, self.model.classifier)
+
+
+def parameter_groups(model: LGUR, cfg: TrainConfig) -> list[dict[str, Any]]:
+    fast, slow = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        head = name.startswith(("text_encoder.lstm", "classifier.", "pgu.projections", "pgu.projection"))
+        (fast if head else slow).append(param)
+    return [{"params": fast, "lr": cfg.lr, "name": "heads"}, {"params": slow, "lr": cfg.lr_backbone, "name": "body"}]
+
+
+def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
+    """Step decay x0.1 at the paper's milestones (scaled to the run's epochs), after a linear warm-up."""
+    milestones = [round(m * cfg.epochs / cfg.decay_reference) for m in cfg.decay_epochs]
+    factor = 0.1 ** sum(epoch >= m for m in milestones)
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        factor *= (step + 1) / cfg.warmup_steps
+    return factor
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Optimiser state as safetensors (+ JSON scalars): resumable without pickle."""
+    state = optimizer.state_dict()
+    tensors = {f"{pid}.{k}": v.contiguous() for pid, s in state["state"].items() for k, v in s.items()}
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(groups)})
+    tmp.replace(path)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def split_records(records: list[Record], seed: int) -> dict[str, list[Record]]:
+    splits: dict[str, list[Record]] = {}
+    for r in records:
+        splits.setdefault(r.split, []).append(r)
+    if "val" not in splits and "train" in splits:  # e.g. ICFG-PEDES: hold out 5% of training identities
+        ids = sorted({r.identity for r in splits["train"]})
+        g = torch.Generator().manual_seed(seed)
+        held = {ids[i] for i in torch.randperm(len(ids), generator=g)[: max(1, len(ids) // 20)].tolist()}
+        splits["val"] = [r for r in splits["train"] if r.identity in held]
+        splits["train"] = [r for r in splits["train"] if r.identity not in held]
+    return splits
+
+
+def plot_curves(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, epochs, val = [], [], [], []
+    for line in log_path.read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "step":
+            steps.append(row["step"])
+            losses.append(row["loss/total"])
+        elif row["kind"] == "epoch":
+            epochs.append(row["step"])
+            val.append((row["val/R@1"], row["val/mAP"]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=110)
+    a.plot(steps, losses, lw=0.8)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    if val:
+        b.plot(epochs, [v[0] for v in val], "o-", label="val R@1")
+        b.plot(epochs, [v[1] for v in val], "s-", label="val mAP")
+        b.legend()
+    b.set_xlabel("step")
+    b.set_ylabel("%")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    started = time.perf_counter()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    main = rank == 0
+
+    # Data
+    records, report = read_dataset(cfg.data)
+    splits = split_records(records, cfg.seed)
+    if not splits.get("train"):
+        raise ValueError(f"{cfg.data}: no training entries ({report.summary()})")
+    identities = sorted({r.identity for r in splits["train"]})
+    label_of = {pid: i for i, pid in enumerate(identities)}
+
+    # Model
+    torch.manual_seed(cfg.seed)  # initial weights only; every later draw has its own generator
+    model_config = cfg.model_config()
+    model = LGUR(model_config, num_identities=len(identities)).to(device)
+    size = model_config.image.img_size
+    train_split = build_split(splits["train"], size, progress and main)
+    val_split = build_split(splits["val"], size, progress and main)
+    train_text = text_features(model.text_encoder, train_split.captions, cache, progress=progress and main)
+    val_text = text_features(model.text_encoder, val_split.captions, cache, progress=progress and main)
+    labels_of_caption = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
+    pad = max(1, round(cfg.pad * size[0] / 384))
+
+    criterion = LGURLoss(cfg.margin, seed=cfg.seed)
+    step_module: nn.Module = TrainingStep(model, criterion)
+    if distributed:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.Adam(parameter_groups(model, cfg))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    # Resume
+    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "seconds": 0.0}
+    last = out / "last.safetensors"
+    if last.is_file() and (out / "last_optimizer.safetensors").is_file():
+        resumed, card = load_checkpoint(last, cfg.text_encoder_path)
+        model.load_state_dict(resumed.state_dict())
+        _load_optimizer(optimizer, out / "last_optimizer.safetensors")
+        state = card["training_state"]
+        if main:
+            log.info("resumed from %s at epoch %d", last, state["epoch"])
+    log_path = out / "log.jsonl"
+
+    def write_log(row: dict[str, Any]) -> None:
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def card(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "training": {"config": dataclasses.asdict(cfg), "identities": len(identities), **(extra or {})},
+            "data": {"path": str(cfg.data), "format_report": report.summary(), "train_images": len(splits["train"])},
+        }
+
+    from tqdm import tqdm
+
+    stop = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        epoch_start = time.perf_counter()
+        step_module.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        if cfg.samples == "images":  # one random caption of each image per epoch
+            per_image = torch.zeros(len(train_split.records), dtype=torch.long)
+            counts = torch.bincount(train_split.caption_image, minlength=len(per_image))
+            starts = torch.cumsum(counts, 0) - counts
+            per_image = starts + (torch.rand(len(counts), generator=g) * counts).long()
+            order = per_image[torch.randperm(len(per_image), generator=g)]
+        else:
+            order = torch.randperm(len(train_split.captions), generator=g)
+        order = order[rank::world]  # each process its own shard
+        criterion.generator.manual_seed(cfg.seed * 7919 + epoch * 131 + rank)
+        aug = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + rank)
+        batches = len(order) // cfg.batch_size
+        bar = tqdm(range(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and main))
+        for b in bar:
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            images = normalize(augment(train_split.images[train_split.caption_image[idx]], pad, aug)).to(device)
+            feats, mask = train_text.batch(idx)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(state["step"], epoch, cfg)
+            losses = step_module(images, feats.to(device), mask.to(device), labels_of_caption[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            state["step"] += 1
+            if state["step"] % 20 == 0 or b == batches - 1:
+                row = {"kind": "step", "epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"]}
+                row |= {f"loss/{k}": round(v.item(), 5) for k, v in losses.items()}
+                write_log(row)
+                bar.set_postfix(loss=f"{losses['total'].item():.3f}")
+            elapsed_min = (state["seconds"] + time.perf_counter() - epoch_start) / 60
+            if cfg.max_minutes and elapsed_min > cfg.max_minutes:
+                stop = True
+                break
+        state["seconds"] += time.perf_counter() - epoch_start
+        state["epoch"] = epoch + 1
+        if main:  # validate, keep the best on val, save a resumable state
+            metrics = evaluate_split(model, val_split, val_text)["standard"]
+            row = {"kind": "epoch", "epoch": epoch, "step": state["step"], "seconds": round(state["seconds"], 1)}
+            row |= {f"val/{k}": round(v, 3) for k, v in metrics.items() if k != "cmc"}
+            write_log(row)
+            print(f"epoch {epoch + 1}: val R@1 {metrics['R@1']:.2f} mAP {metrics['mAP']:.2f}", flush=True)
+            if metrics["R@1"] + metrics["mAP"] > state["best"]:
+                state["best"], state["best_epoch"] = metrics["R@1"] + metrics["mAP"], epoch
+                save_checkpoint(model, out / "best.safetensors", card({"epoch": epoch, "val": metrics | {"cmc": None}}))
+            save_checkpoint(model, last, card() | {"training_state": state}, include_classifier=True)
+            _save_optimizer(optimizer, out / "last_optimizer.safetensors")
+            plot_curves(log_path, out / "curves.png")
+        if distributed:
+            dist.barrier()
+        if stop:
+            break
+
+    result: dict[str, Any] = {"run": str(out), "best_epoch": state["best_epoch"], "train_seconds": state["seconds"]}
+    if main:
+        result |= score_test_splits(out / "best.safetensors", cfg.data, splits, cache, cfg.text_encoder_path, out)
+        result["total_seconds"] = time.perf_counter() - started
+        atomic_write_bytes(out / "result.json", json.dumps(result, indent=2).encode())
+    if distributed:
+        dist.destroy_process_group()
+    return result
+
+
+def score_test_splits(
+    checkpoint: Path, data: str, splits: dict[str, list[Record]], cache: Path, text_path: str | None, out: Path
+) -> dict[str, Any]:
+    """Evaluate the chosen (best-on-val) model on the test splits and record it in its card."""
+    model, card = load_checkpoint(checkpoint, text_path)
+    metrics: dict[str, Any] = {}
+    curves = {}
+    for name in ("test", "test-paraphrase"):
+        if not splits.get(name):
+            continue
+        split = build_split(splits[name], model.config.image.img_size)
+        result = evaluate_split(model, split, text_features(model.text_encoder, split.captions, cache))
+        metrics[name] = {k: _round(v) for k, v in result["standard"].items() if k != "cmc"}
+        metrics[name]["exclude_own_image"] = {
+            k: _round(v) for k, v in result["exclude_own_image"].items() if k != "cmc"
+        }
+        curves[name] = result["standard"]["cmc"]
+        side = Path(data) / "synthetic_attributes.json"
+        if side.is_file():
+            key = "paraphrase_mentions" if name == "test-paraphrase" else "mentions"
+            metrics[name]["by_attribute"] = attribute_breakdown(result["similarity"], split, side, key)
+    if curves:
+        plot_cmc(curves, out / "cmc.png")
+    card["metrics"] = metrics
+    card["cmc"] = {k: [round(x, 2) for x in v] for k, v in curves.items()}
+    atomic_write_bytes(checkpoint.with_suffix(".json"), json.dumps(card, indent=2).encode())
+    return {"metrics": metrics}
+
+
+def _round(v: Any) -> Any:
+    return round(v, 2) if isinstance(v, float) else v
