@@ -104,6 +104,86 @@ def cmd_ambiguity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import recipe, train
+
+    overrides = dict(item.split("=", 1) for item in args.set or [])
+    cfg = recipe(
+        args.preset,
+        data=args.data,
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_backbone=args.lr_backbone,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        stop_after=args.stop_after,
+        samples=args.samples,
+        text_encoder_path=args.text_encoder,
+        image_pretrained_path=args.image_weights,
+        cache_dir=args.cache,
+        threads=args.threads,
+        model_overrides=overrides,
+        use_dga=not args.no_dga,
+        use_pgu=not args.no_pgu,
+    )
+    result = train(cfg, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .data.dataset import build_split, text_features
+    from .data.readers import read_dataset
+    from .evaluate import attribute_breakdown, evaluate_split, plot_cmc
+
+    model, card = load_checkpoint(args.checkpoint, args.text_encoder)
+    records, _ = read_dataset(args.data)
+    split_records = [r for r in records if r.split == args.split]
+    if not split_records:
+        raise SystemExit(f"no entries in split {args.split!r} of {args.data}")
+    split = build_split(split_records, model.config.image.img_size)
+    result = evaluate_split(model, split, text_features(model.text_encoder, split.captions, args.cache))
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "standard": {k: round(v, 2) for k, v in result["standard"].items() if k != "cmc"},
+        "exclude_own_image": {k: round(v, 2) for k, v in result["exclude_own_image"].items() if k != "cmc"},
+    }
+    side = Path(args.data) / "synthetic_attributes.json"
+    if side.is_file():
+        key = "paraphrase_mentions" if args.split == "test-paraphrase" else "mentions"
+        report["by_attribute"] = attribute_breakdown(result["similarity"], split, side, key)
+    if args.cmc:
+        plot_cmc({args.split: result["standard"]["cmc"]}, args.cmc)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name in ("standard", "exclude_own_image"):
+            m = report[name]
+            print(
+                f"{name:18s} R@1 {m['R@1']:.2f}  R@5 {m['R@5']:.2f}  R@10 {m['R@10']:.2f}  mAP {m['mAP']:.2f}"
+                f"  ({m['queries']} queries)"
+            )
+        for kind, m in report.get("by_attribute", {}).items():
+            print(f"  captions mentioning {kind:16s} R@1 {m['R@1']:.2f} ({m['captions']})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    model, card = load_checkpoint(args.checkpoint)
+    keep = {k: v for k, v in card.items() if k in ("training", "data", "metrics", "cmc")}
+    path = save_checkpoint(model, args.out, keep, half=args.half)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +196,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--out", help="also write the JSON result to this file")
     bench.set_defaults(func=cmd_bench)
+
+    train = sub.add_parser("train", help="train LGUR (seeded, resumable; torchrun for several processes)")
+    train.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
+    train.add_argument("--data", required=True, help="dataset folder (CUHK-PEDES, ICFG-PEDES, RSTPReid or synthetic)")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, logs, curves")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float, help="LSTM, projections and classifiers")
+    train.add_argument("--lr-backbone", type=float, help="image encoder, DGA and PGU")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--samples", choices=["captions", "images"], help="an epoch visits every caption or image")
+    train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
+    train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")
+    train.add_argument("--text-encoder", help="local folder of the frozen text encoder")
+    train.add_argument("--image-weights", help="local .safetensors of ImageNet weights for the image encoder")
+    train.add_argument("--cache", help="folder for cached text features (default RUN/cache)")
+    train.add_argument("--threads", type=int)
+    train.add_argument("--no-dga", action="store_true", help="ablation: without DGA")
+    train.add_argument("--no-pgu", action="store_true", help="ablation: without PGU (mean pooling)")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="R@1/5/10 and mAP (CUHK-PEDES protocol) of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--text-encoder", help="local folder of the frozen text encoder")
+    evaluate.add_argument("--cache", default="cache", help="folder for cached text features")
+    evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="write an inference checkpoint (optionally float16) with its card")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--half", action="store_true")
+    export.set_defaults(func=cmd_export)
 
     synth = sub.add_parser("synth", help="generate a synthetic pedestrian world (CUHK-PEDES layout)")
     synth.add_argument("--out", required=True, help="output folder")

@@ -93,9 +93,9 @@ def cpu_preset() -> LGURConfig:
             timm_name="vit_tiny_patch16_224",
             img_size=(128, 48),
             patch_size=8,  # 16x6 grid of patch tokens
-            embed_dim=256,
+            embed_dim=192,  # projected to the shared width (256)
             depth=4,
-            num_heads=4,
+            num_heads=3,
             blocks_used=None,
             pretrained=False,
             drop_path=0.0,

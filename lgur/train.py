@@ -50,6 +50,7 @@ class TrainConfig:
     pad: int = 10  # augmentation padding at 384-pixel height; scaled with the input size
     samples: str = "captions"  # one sample per caption (paper) or per image (one random caption)
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
+    stop_after: int | None = None  # end this invocation after N epochs; run again to resume
     use_dga: bool = True
     use_pgu: bool = True
     text_encoder_path: str | None = None
@@ -72,7 +73,12 @@ class TrainConfig:
                 target = getattr(target, p)
             if not hasattr(target, leaf):
                 raise ValueError(f"unknown model setting {key!r}")
-            setattr(target, leaf, type(getattr(target, leaf))(value) if getattr(target, leaf) is not None else value)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass  # a plain string
+            setattr(target, leaf, tuple(value) if isinstance(value, list) else value)
         return config
 
 
@@ -80,7 +86,7 @@ class TrainConfig:
 # starts from scratch, so its encoder and the DGA/PGU modules learn at a higher rate, with warm-up.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
-    "cpu": {"epochs": 12, "lr_backbone": 5e-4, "warmup_steps": 300, "samples": "images"},
+    "cpu": {"epochs": 10, "lr_backbone": 5e-4, "warmup_steps": 300, "samples": "images"},
 }
 
 
@@ -261,9 +267,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     stop = False
-    for epoch in range(state["epoch"], cfg.epochs):
+    first_epoch = state["epoch"]
+    for epoch in range(first_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         step_module.train()
+        torch.manual_seed(cfg.seed * 65_537 + epoch * 97 + rank)  # dropout: reproducible after a resume
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         if cfg.samples == "images":  # one random caption of each image per epoch
             per_image = torch.zeros(len(train_split.records), dtype=torch.long)
@@ -273,7 +281,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             order = per_image[torch.randperm(len(per_image), generator=g)]
         else:
             order = torch.randperm(len(train_split.captions), generator=g)
-        order = order[rank::world]  # each process its own shard
+        order = order[: len(order) // world * world][rank::world]  # equal shards: no process waits forever
         criterion.generator.manual_seed(cfg.seed * 7919 + epoch * 131 + rank)
         aug = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + rank)
         batches = len(order) // cfg.batch_size
@@ -316,6 +324,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             dist.barrier()
         if stop:
             break
+        if cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            return {"run": str(out), "stopped_after_epoch": epoch + 1, "resume": "run the same command again"}
 
     result: dict[str, Any] = {"run": str(out), "best_epoch": state["best_epoch"], "train_seconds": state["seconds"]}
     if main:

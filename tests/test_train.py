@@ -1,0 +1,157 @@
+"""Training and evaluation: metrics against brute force, exact resume, paper preset end to end, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lgur.evaluate import retrieval_metrics
+from lgur.synth.world import WorldSpec, generate_world
+from lgur.train import recipe, train
+
+# A very small CPU model: every module on the real code path, minutes become seconds.
+TINY = {
+    "image.img_size": [64, 24], "image.embed_dim": 48, "image.depth": 1, "image.num_heads": 2, "dim": 48,
+    "num_atoms": 24, "reconstruction_heads": 2, "reconstruction_head_dim": 16, "reconstruction_ffn_dim": 64,
+    "pgu_heads": 2, "pgu_head_dim": 16, "pgu_ffn_dim": 64, "part_dim": 16, "text.max_length": 32,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    generate_world(WorldSpec(seed=1, train_identities=24, val_identities=4, test_identities=6), root, 1, False)
+    return root
+
+
+def _brute_force(sim: torch.Tensor, q_ids, g_ids, exclude=None) -> dict[str, float]:
+    recalls = {1: [], 5: [], 10: []}
+    aps = []
+    for q in range(sim.shape[0]):
+        gallery = [g for g in range(sim.shape[1]) if exclude is None or g != int(exclude[q])]
+        relevant = [g for g in gallery if g_ids[g] == q_ids[q]]
+        if not relevant:
+            continue
+        ranked = sorted(gallery, key=lambda g: -float(sim[q, g]))
+        for k in recalls:
+            recalls[k].append(any(g_ids[g] == q_ids[q] for g in ranked[:k]))
+        hits, precisions = 0, []
+        for rank, g in enumerate(ranked, 1):
+            if g_ids[g] == q_ids[q]:
+                hits += 1
+                precisions.append(hits / rank)
+        aps.append(sum(precisions) / len(relevant))
+    result = {f"R@{k}": 100 * sum(v) / len(v) for k, v in recalls.items()}
+    return result | {"mAP": 100 * sum(aps) / len(aps), "queries": len(aps)}
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_retrieval_metrics_match_brute_force(exclude: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(40, 25, generator=g)
+    g_ids = torch.randint(0, 8, (25,), generator=g)
+    own = torch.randint(0, 25, (40,), generator=g)
+    q_ids = g_ids[own]  # each caption describes one gallery image
+    expected = _brute_force(sim, q_ids.tolist(), g_ids.tolist(), own if exclude else None)
+    got = retrieval_metrics(sim, q_ids, g_ids, own if exclude else None)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+def _config(world: Path, out: Path, **kw):
+    settings = dict(epochs=2, batch_size=8, warmup_steps=2, model_overrides=dict(TINY)) | kw
+    return recipe("cpu", data=str(world), out=str(out), cache_dir=str(out.parent / "cache"), **settings)
+
+
+def test_training_learns_and_resume_is_exact(world: Path, tmp_path: Path) -> None:
+    straight = train(_config(world, tmp_path / "a"), progress=False)
+    stopped = train(_config(world, tmp_path / "b", stop_after=1), progress=False)
+    assert stopped["stopped_after_epoch"] == 1 and not (tmp_path / "b" / "result.json").exists()
+    resumed = train(_config(world, tmp_path / "b"), progress=False)  # the same command again
+    a, b = load_file(str(tmp_path / "a" / "last.safetensors")), load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
+    assert straight["metrics"] == resumed["metrics"]
+    # Logs, curves, CMC and the chosen model's card are written; test metrics land in the card.
+    run = tmp_path / "a"
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss/total"] for r in rows if r["kind"] == "step"]
+    assert losses[-1] < losses[0]
+    assert sum(r["kind"] == "epoch" for r in rows) == 2
+    for name in ("curves.png", "cmc.png", "best.safetensors", "best.json", "result.json"):
+        assert (run / name).is_file(), name
+    card = json.loads((run / "best.json").read_text())
+    assert set(card["metrics"]) == {"test", "test-paraphrase"}
+    assert "by_attribute" in card["metrics"]["test"] and "val" in card["training"]
+
+
+def test_evaluate_cli_reproduces_the_card(world: Path, tmp_path: Path) -> None:
+    train(_config(world, tmp_path / "run", epochs=1), progress=False)
+    card = json.loads((tmp_path / "run" / "best.json").read_text())
+    out = subprocess.run(
+        [sys.executable, "-m", "lgur", "evaluate", "--checkpoint", str(tmp_path / "run" / "best.safetensors"),
+         "--data", str(world), "--split", "test", "--json", "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    for key in ("R@1", "R@5", "R@10", "mAP"):
+        assert report["standard"][key] == pytest.approx(card["metrics"]["test"][key], abs=0.01)
+
+
+def _cuhk_fixture(root: Path, identities: int = 6) -> None:
+    g = torch.Generator().manual_seed(0)
+    entries = []
+    splits = ["train"] * 4 + ["val", "test"]
+    colours = ["red", "blue", "green", "black", "white", "yellow"]
+    for pid in range(identities):
+        for k in range(2):
+            path = root / "imgs" / f"CUHK01/{pid:04d}{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = (torch.rand(3, 96, 32, generator=g) * 255).byte().permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).resize((64, 192)).save(path)
+            captions = [f"A person in a {colours[pid]} coat.", "Walking."]
+            entries.append(
+                {"split": splits[pid], "captions": captions, "file_path": f"CUHK01/{pid:04d}{k}.png", "id": pid + 1}
+            )
+    (root / "reid_raw.json").write_text(json.dumps(entries))
+
+
+def test_paper_preset_end_to_end_on_cuhk_layout(tmp_path: Path) -> None:
+    _cuhk_fixture(tmp_path / "cuhk")
+    cfg = recipe(
+        "paper", data=str(tmp_path / "cuhk"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+        model_overrides={"image.pretrained": False, "text.allow_random_init": True},
+    )  # fmt: skip
+    with pytest.warns(UserWarning):  # no ImageNet / BERT weights offline: says so loudly
+        result = train(cfg, progress=False)
+    card = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert card["config"]["num_atoms"] == 400 and card["config"]["image"]["img_size"] == [384, 128]
+    assert card["text_encoder"]["source"] == "random-init"
+    assert result["metrics"]["test"]["queries"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(world: Path, tmp_path: Path) -> None:
+    overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "lgur", "train", "--data", str(world), "--out", str(tmp_path / "ddp"), "--epochs", "1",
+        "--batch-size", "8", "--quiet", "--threads", "1", "--set", *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert result["metrics"]["test"]["queries"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    train_images = sum(1 for _ in (world / "imgs" / "train").iterdir())
+    assert max(r["step"] for r in rows) == (train_images // 2) // 8  # two processes share each epoch
