@@ -84,3 +84,125 @@ def write_json(result: dict[str, Any], out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
+
+
+def _timed(fn: Callable[[str], object], queries: list[str], clear: Callable[[], None] | None = None) -> list[float]:
+    samples = []
+    for q in queries:
+        if clear:
+            clear()
+        start = time.perf_counter()
+        fn(q)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def bench_search(
+    checkpoint: str, gallery: str, repeats: int | None = None, big: int = 100_000, seed: int = 0
+) -> dict[str, Any]:
+    """p50/p95 of: the text encoder alone, search (ids + scores), the full response with explanations
+    for 10 results, on the gallery and on a `big` gallery of synthetic embeddings; indexing throughput."""
+    import tempfile
+
+    import numpy as np
+
+    from .checkpoint import checkpoint_fingerprint, load_checkpoint
+    from .index import EXACT_LIMIT, GalleryIndex, update_index
+    from .search import SearchEngine, read_manifest
+
+    repeats = repeats or 50
+    model, _ = load_checkpoint(checkpoint)
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        index, report = update_index(model, fingerprint, gallery, tmp)
+        indexing_seconds = time.perf_counter() - start
+    engine = SearchEngine(model, index, read_manifest(Path(gallery)))
+    manifest = list(engine.manifest.values())
+    rng = np.random.default_rng(seed)
+    captions = [c for m in manifest for c in m.get("captions", [])] or [SAMPLE_CAPTION]
+    queries = [captions[i] for i in rng.choice(len(captions), size=repeats + 5, replace=len(captions) < repeats + 5)]
+    warm, queries = queries[:5], queries[5:]
+    for q in warm:
+        engine.search(q, 10)
+
+    @torch.inference_mode()
+    def text_encoder_alone(q: str) -> None:
+        ids, mask = model.tokenize([q])
+        model.text_encoder(ids, mask)
+
+    rows: dict[str, Any] = {}
+    rows["text_encoder"] = percentiles(_timed(text_encoder_alone, queries))
+    rows["search_ids"] = percentiles(_timed(lambda q: engine.search_ids(q, 10), queries, engine.clear_cache))
+    rows["full_response_10"] = percentiles(_timed(lambda q: engine.search(q, 10), queries, engine.clear_cache))
+    rows["cached_query_search"] = percentiles(_timed(lambda q: engine.search_ids(q, 10), queries))
+
+    # A big gallery of synthetic unit embeddings: only search depends on gallery size.
+    dim = index.embeddings.shape[1]
+    fake = rng.standard_normal((big, dim), dtype=np.float32)
+    fake /= np.linalg.norm(fake, axis=1, keepdims=True)
+    big_index = GalleryIndex(Path(gallery), [], {"embeddings": fake}, fingerprint)
+    start = time.perf_counter()
+    big_index.build_faiss()
+    build_seconds = time.perf_counter() - start
+    small = engine.index
+    engine.index = big_index
+    rows[f"search_ids_{big}"] = percentiles(
+        _timed(lambda q: big_index.search(engine.embed_query(q)[None], 10), queries, engine.clear_cache)
+    )
+    exact = GalleryIndex(Path(gallery), [], {"embeddings": fake}, fingerprint)
+    import faiss
+
+    exact.faiss_index = faiss.IndexFlatIP(dim)
+    exact.faiss_index.add(fake)
+    rows[f"search_ids_{big}_exact"] = percentiles(
+        _timed(lambda q: exact.search(engine.embed_query(q)[None], 10), queries, engine.clear_cache)
+    )
+    engine.index = small
+    text_p50 = rows["text_encoder"]["p50_ms"]
+    search_p50 = rows["search_ids"]["p50_ms"]
+    return {
+        "benchmark": "search",
+        "environment": environment(),
+        "checkpoint": str(checkpoint),
+        "gallery": {"path": str(gallery), "images": len(index), "index": index.kind},
+        "indexing": {
+            "images": report.embedded,
+            "seconds": round(indexing_seconds, 2),
+            "images_per_second": round(report.embedded / indexing_seconds, 1),
+        },
+        "latency": rows,
+        "big_gallery": {
+            "images": big,
+            "index": big_index.kind,
+            "exact_limit": EXACT_LIMIT,
+            "build_seconds": round(build_seconds, 2),
+            "approximate_recall_at_10": big_index.approximate_recall_at_10,
+        },
+        "ratios": {
+            "search_over_text_encoder": round(search_p50 / text_p50, 3),
+            "big_over_shipped_search": round(rows[f"search_ids_{big}"]["p50_ms"] / search_p50, 3),
+            "big_exact_over_shipped_search": round(rows[f"search_ids_{big}_exact"]["p50_ms"] / search_p50, 3),
+        },
+        "targets": {
+            "search_over_text_encoder": "<= 1.5",
+            "full_response_10_p50_ms": "<= 300",
+            "big_over_shipped_search": "<= 2",
+            "indexing_images_per_second": ">= 100",
+        },
+    }
+
+
+def format_search(result: dict[str, Any]) -> str:
+    lines = [f"gallery: {result['gallery']['images']} images ({result['gallery']['index']})"]
+    for name, row in result["latency"].items():
+        lines.append(f"  {name:28s} p50 {row['p50_ms']:8.2f} ms   p95 {row['p95_ms']:8.2f} ms   (n={row['n']})")
+    big = result["big_gallery"]
+    recall = big["approximate_recall_at_10"]
+    lines.append(
+        f"big gallery: {big['images']} synthetic embeddings, index {big['index']}"
+        + (f", recall@10 vs exact {recall:.3f}" if recall is not None else "")
+    )
+    lines.append(f"indexing: {result['indexing']['images_per_second']} images/s")
+    lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()))
+    return "\n".join(lines)

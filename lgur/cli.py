@@ -25,8 +25,13 @@ def _fmt(v: object) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.what == "search":
+        result = bench.bench_search(args.checkpoint, args.gallery, repeats=args.repeats, big=args.big)
+        print(json.dumps(result, indent=2) if args.json else bench.format_search(result))
+        bench.write_json(result, args.out)
+        return 0
     if args.what == "model":
-        rows = [bench.bench_model(p, batch=args.batch, repeats=args.repeats) for p in args.presets]
+        rows = [bench.bench_model(p, batch=args.batch, repeats=args.repeats or 5) for p in args.presets]
         result = {"benchmark": "model", "environment": bench.environment(), "presets": rows}
         if args.json:
             print(json.dumps(result, indent=2))
@@ -184,15 +189,77 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_CHECKPOINT = "assets/lgur_cpu.safetensors"
+DEFAULT_GALLERY = "gallery"
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .checkpoint import checkpoint_fingerprint, load_checkpoint
+    from .index import load_index, merge_shards, save_index, scan_gallery, update_index
+
+    gallery = Path(args.gallery).resolve()
+    if not gallery.is_dir():
+        raise SystemExit(f"gallery folder {gallery} does not exist")
+    index_dir = Path(args.index_dir).resolve() if args.index_dir else gallery / ".lgur-index"
+    model, _ = load_checkpoint(args.checkpoint)
+    fingerprint = checkpoint_fingerprint(args.checkpoint)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun: each process embeds one shard, the first merges them
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        files = scan_gallery(gallery, index_dir)[rank::world]
+        shard_dir = index_dir / f"shard-{rank}"
+        _, report = update_index(model, fingerprint, gallery, shard_dir, files=files, progress=rank == 0)
+        dist.barrier()
+        if rank == 0:
+            shards = [load_index(gallery, index_dir / f"shard-{r}", fingerprint) for r in range(world)]
+            merged = merge_shards(shards, gallery)
+            save_index(merged, index_dir)
+            print(f"merged {world} shards: {len(merged)} images indexed in {index_dir}")
+        dist.destroy_process_group()
+        return 0
+    index, report = update_index(model, fingerprint, gallery, index_dir, progress=not args.quiet)
+    print(f"{len(index)} images indexed in {index_dir} ({index.kind}); {report.summary()}")
+    for item in report.rejected:
+        print(f"  rejected {item['path']}: {item['reason']}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import QueryError, SearchEngine
+
+    engine, _ = SearchEngine.open(args.checkpoint, args.gallery, args.index_dir)
+    try:
+        response = engine.search(args.query, args.k)
+    except QueryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(response.to_json(), indent=2))
+        return 0
+    for r in response.results:
+        parts = " ".join(f"{x:+.2f}" for x in r.part_similarity)
+        print(f"{r.rank:3d}  {r.score:.4f}  {r.file}  parts [{parts}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="measure speed and size (prints figures, optionally JSON)")
-    bench.add_argument("what", choices=["model"], help="what to benchmark")
+    bench.add_argument("what", choices=["model", "search"], help="what to benchmark")
+    bench.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    bench.add_argument("--gallery", default=DEFAULT_GALLERY)
+    bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
     bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=["cpu", "paper"])
     bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 5 model, 50 search)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--out", help="also write the JSON result to this file")
     bench.set_defaults(func=cmd_bench)
@@ -234,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--half", action="store_true")
     export.set_defaults(func=cmd_export)
+
+    index = sub.add_parser("index", help="index a gallery folder (incremental; torchrun shards it)")
+    index.add_argument("gallery", nargs="?", default=DEFAULT_GALLERY)
+    index.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    index.add_argument("--index-dir", help="where the index lives (default GALLERY/.lgur-index)")
+    index.add_argument("--quiet", action="store_true")
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="search a gallery by description")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--gallery", default=DEFAULT_GALLERY)
+    search.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    search.add_argument("--index-dir")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=cmd_search)
 
     synth = sub.add_parser("synth", help="generate a synthetic pedestrian world (CUHK-PEDES layout)")
     synth.add_argument("--out", required=True, help="output folder")

@@ -1,0 +1,386 @@
+"""Gallery index: what the search engine needs, computed once per image.
+
+For a folder of images the index holds a manifest (relative path, sha256, size),
+the dictionary-branch embeddings and part vectors, an explanation cache (PGU
+prototype attention per layer and head, foreground weights, foreground-weighted
+atom histogram) and a faiss index. It is incremental (only new or changed files are
+embedded), tied to the checkpoint's fingerprint (a different model rebuilds it), and
+written atomically with a checksum, so a truncated, corrupt or stale index is
+detected and rebuilt, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.numpy import load_file, save_file
+
+from .checkpoint import atomic_write_bytes
+from .data.dataset import normalize
+from .model import LGUR
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lgur-index"
+FORMAT_VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
+MIN_SIDE = 8
+MAX_FILE_BYTES = 20 * 1024 * 1024
+EXACT_LIMIT = 100_000  # exact inner-product search up to this many images, approximate beyond
+ARRAYS = ("embeddings", "parts", "prototype_attention", "foreground", "atom_histogram")
+
+
+class IndexUnusable(RuntimeError):
+    """An index that cannot be used; the message says why."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_image(path: Path) -> str | None:
+    """None if the file is a usable image, else the reason it is not."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        return f"cannot read file: {error.strerror}"
+    if size == 0:
+        return "empty file"
+    if size > MAX_FILE_BYTES:
+        return f"file too large ({size / 1e6:.1f} MB > {MAX_FILE_BYTES / 1e6:.0f} MB)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                w, h = image.size
+                if w * h > MAX_PIXELS:
+                    return f"image too large ({w}x{h} pixels)"
+                if min(w, h) < MIN_SIDE:
+                    return f"image too small ({w}x{h} pixels)"
+                image.load()  # decodes: catches truncated files
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "not a readable image"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"corrupt image ({error})"
+    return None
+
+
+def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """-> uint8 (3, H, W): first frame, any mode (CMYK, 16-bit, palette...) converted to RGB."""
+    with Image.open(path) as image:
+        image.seek(0)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+        rgb = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(rgb).transpose(2, 0, 1).copy()
+
+
+@dataclass
+class Entry:
+    path: str  # relative to the gallery folder, with forward slashes
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class GalleryIndex:
+    gallery: Path
+    entries: list[Entry]
+    arrays: dict[str, np.ndarray]  # ARRAYS, first axis = entries
+    checkpoint: str  # fingerprint of the model that made it
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    kind: str = "flat"
+    faiss_index: Any = None
+    approximate_recall_at_10: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.arrays["embeddings"]
+
+    def build_faiss(self, nlist: int | None = None, seed: int = 0) -> None:
+        """Exact inner product up to EXACT_LIMIT images; IVF beyond, with its recall@10 measured."""
+        x = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        d = x.shape[1] if x.size else 1
+        if len(x) <= EXACT_LIMIT:
+            self.kind, self.approximate_recall_at_10 = "flat", None
+            self.faiss_index = faiss.IndexFlatIP(d)
+            self.faiss_index.add(x)
+            return
+        nlist = nlist or int(4 * np.sqrt(len(x)))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        index.train(x[rng.choice(len(x), size=min(len(x), 64 * nlist), replace=False)])
+        index.add(x)
+        index.nprobe = max(8, nlist // 32)
+        self.kind, self.faiss_index = "ivf", index
+        self.approximate_recall_at_10 = measure_recall(index, x, rng)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.faiss_index is None:
+            self.build_faiss()
+        k = min(k, len(self))
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def measure_recall(index: Any, x: np.ndarray, rng: np.random.Generator, queries: int = 200) -> float:
+    """recall@10 of an approximate index against exact search, on gallery vectors perturbed as queries."""
+    q = x[rng.choice(len(x), size=min(queries, len(x)), replace=False)]
+    q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    _, truth = exact.search(q, 10)
+    _, found = index.search(q, 10)
+    return float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)]))
+
+
+# -- building --------------------------------------------------------------------------------
+
+
+def scan_gallery(gallery: Path, index_dir: Path | None = None) -> list[Path]:
+    files = []
+    for path in sorted(gallery.rglob("*")):
+        rel = path.relative_to(gallery)
+        if any(part.startswith(".") for part in rel.parts) or (index_dir and index_dir in path.parents):
+            continue
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(path)
+    return files
+
+
+@torch.inference_mode()
+def embed_images(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 (B, 3, H, W) -> the arrays the index stores for each image."""
+    explained = model.explain_images(normalize(torch.from_numpy(images)))
+    parts = explained.parts
+    attention = explained.prototype_attention  # (B, L, H, P, N) or None without PGU
+    b, n = images.shape[0], explained.grid[0] * explained.grid[1]
+    if explained.dictionary_weights is not None:
+        weights = explained.dictionary_weights.mean(1)  # (B, N, atoms), averaged over heads
+        fg = explained.foreground  # (B, N)
+        histogram = (weights * fg.unsqueeze(-1)).sum(1) / fg.sum(1, keepdim=True).clamp(min=1e-6)
+        foreground = fg
+    else:
+        histogram = torch.zeros(b, 1)
+        foreground = torch.ones(b, n)
+    if attention is None:
+        attention = torch.full((b, 1, 1, 1, n), 1.0 / n)
+    return {
+        "embeddings": explained.embedding.float().numpy(),
+        "parts": parts.half().numpy(),
+        "prototype_attention": attention.half().numpy(),
+        "foreground": foreground.half().numpy(),
+        "atom_histogram": histogram.half().numpy(),
+    }
+
+
+def index_paths(index_dir: Path) -> tuple[Path, Path]:
+    return index_dir / "index.safetensors", index_dir / "index.json"
+
+
+def save_index(index: GalleryIndex, index_dir: Path) -> None:
+    """Atomic: arrays first (new name), then the manifest that names their checksum."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    data_path, meta_path = index_paths(index_dir)
+    tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in index.arrays.items()}, str(tmp))
+    data_sha = sha256_file(tmp)
+    os.replace(tmp, data_path)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checkpoint": index.checkpoint,
+        "entries": [e.__dict__ for e in index.entries],
+        "rejected": index.rejected,
+        "data_sha256": data_sha,
+    }
+    atomic_write_bytes(meta_path, json.dumps(meta).encode())
+
+
+def load_index(gallery: Path, index_dir: Path, checkpoint: str) -> GalleryIndex:
+    """Load and verify; raises IndexUnusable saying what is wrong (missing, corrupt, other model)."""
+    data_path, meta_path = index_paths(index_dir)
+    if not meta_path.is_file() or not data_path.is_file():
+        raise IndexUnusable("no index yet")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise IndexUnusable(f"index manifest unreadable ({error})") from error
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise IndexUnusable("not an index of this version")
+    if meta.get("checkpoint") != checkpoint:
+        raise IndexUnusable("index was built with a different checkpoint")
+    if sha256_file(data_path) != meta.get("data_sha256"):
+        raise IndexUnusable("index data does not match its checksum (truncated or corrupt)")
+    try:
+        arrays = load_file(str(data_path))
+    except Exception as error:  # safetensors raises its own error types
+        raise IndexUnusable(f"index data unreadable ({error})") from error
+    entries = [Entry(**e) for e in meta["entries"]]
+    if set(arrays) != set(ARRAYS) or any(len(arrays[k]) != len(entries) for k in ARRAYS):
+        raise IndexUnusable("index arrays do not match its manifest")
+    return GalleryIndex(gallery, entries, arrays, checkpoint, meta.get("rejected", []))
+
+
+@dataclass
+class UpdateReport:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    rebuilt_because: str | None = None
+    embedded: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"{self.unchanged} unchanged, {len(self.added)} added, {len(self.changed)} changed, "
+            f"{len(self.removed)} removed, {len(self.rejected)} rejected"
+        )
+        return (f"rebuilt ({self.rebuilt_because}); " if self.rebuilt_because else "") + text
+
+
+def update_index(
+    model: LGUR,
+    checkpoint: str,
+    gallery: str | Path,
+    index_dir: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+    files: list[Path] | None = None,
+) -> tuple[GalleryIndex, UpdateReport]:
+    """Bring the index of `gallery` in step with its files, embedding only what is new or changed."""
+    gallery = Path(gallery).resolve()
+    index_dir = Path(index_dir).resolve() if index_dir else gallery / ".lgur-index"
+    report = UpdateReport()
+    try:
+        old = load_index(gallery, index_dir, checkpoint)
+    except IndexUnusable as error:
+        old = None
+        report.rebuilt_because = None if str(error) == "no index yet" else str(error)
+        if report.rebuilt_because:
+            log.warning("rebuilding the index of %s: %s", gallery, error)
+    previous = {e.path: (i, e) for i, e in enumerate(old.entries)} if old else {}
+
+    keep_rows, keep_entries, todo = [], [], []
+    seen = set()
+    for path in files if files is not None else scan_gallery(gallery, index_dir):
+        rel = path.relative_to(gallery).as_posix()
+        seen.add(rel)
+        stat = path.stat()
+        prior = previous.get(rel)
+        if prior and prior[1].size == stat.st_size and prior[1].mtime_ns == stat.st_mtime_ns:
+            keep_rows.append(prior[0])
+            keep_entries.append(prior[1])
+            report.unchanged += 1
+            continue
+        sha = sha256_file(path)
+        if prior and prior[1].sha256 == sha:  # touched, same bytes
+            keep_rows.append(prior[0])
+            keep_entries.append(Entry(rel, sha, stat.st_size, stat.st_mtime_ns))
+            report.unchanged += 1
+            continue
+        problem = check_image(path)
+        if problem:
+            report.rejected.append({"path": rel, "reason": problem})
+            continue
+        (report.changed if prior else report.added).append(rel)
+        todo.append((path, Entry(rel, sha, stat.st_size, stat.st_mtime_ns)))
+    report.removed = sorted(set(previous) - seen)
+
+    arrays = {k: old.arrays[k][keep_rows] for k in ARRAYS} if old and keep_rows else None
+    size = model.config.image.img_size
+    new_parts: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
+    done_entries = []
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        batch, ok = [], []
+        for path, entry in chunk:
+            try:
+                batch.append(read_image(path, size))
+                ok.append(entry)
+            except (OSError, ValueError) as error:
+                report.rejected.append({"path": entry.path, "reason": f"corrupt image ({error})"})
+        if batch:
+            for k, v in embed_images(model, np.stack(batch)).items():
+                new_parts[k].append(v)
+            done_entries += ok
+        bar.update(len(chunk))
+    bar.close()
+    report.embedded = len(done_entries)
+    if done_entries:
+        fresh = {k: np.concatenate(v) for k, v in new_parts.items()}
+        arrays = fresh if arrays is None else {k: np.concatenate([arrays[k], fresh[k]]) for k in ARRAYS}
+    if arrays is None:
+        arrays = _empty_arrays(model)
+    entries = keep_entries + done_entries
+    order = sorted(range(len(entries)), key=lambda i: entries[i].path)  # stable, path order
+    index = GalleryIndex(
+        gallery, [entries[i] for i in order], {k: v[order] for k, v in arrays.items()}, checkpoint, report.rejected
+    )
+    changed = report.added or report.changed or report.removed or report.rebuilt_because or old is None
+    if changed or old.rejected != report.rejected:
+        save_index(index, index_dir)
+    index.build_faiss()
+    return index, report
+
+
+def _empty_arrays(model: LGUR) -> dict[str, np.ndarray]:
+    c = model.config
+    h, w = model.image_encoder.grid
+    p = c.num_prototypes if c.use_pgu else 1
+    return {
+        "embeddings": np.zeros((0, c.embedding_dim), np.float32),
+        "parts": np.zeros((0, p, c.part_dim), np.float16),
+        "prototype_attention": np.zeros((0, c.pgu_layers, c.pgu_heads, p, h * w), np.float16),
+        "foreground": np.zeros((0, h * w), np.float16),
+        "atom_histogram": np.zeros((0, c.num_atoms), np.float16),
+    }
+
+
+def merge_shards(shards: list[GalleryIndex], gallery: Path) -> GalleryIndex:
+    """Concatenate indexes of disjoint slices of one gallery (made by the same checkpoint)."""
+    fingerprints = {s.checkpoint for s in shards}
+    if len(fingerprints) != 1:
+        raise IndexUnusable("shards were built with different checkpoints")
+    entries = [e for s in shards for e in s.entries]
+    if len({e.path for e in entries}) != len(entries):
+        raise IndexUnusable("shards overlap")
+    arrays = {k: np.concatenate([s.arrays[k] for s in shards]) for k in ARRAYS}
+    order = sorted(range(len(entries)), key=lambda i: entries[i].path)
+    merged = GalleryIndex(
+        gallery,
+        [entries[i] for i in order],
+        {k: v[order] for k, v in arrays.items()},
+        fingerprints.pop(),
+        [r for s in shards for r in s.rejected],
+    )
+    merged.build_faiss()
+    return merged

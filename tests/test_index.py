@@ -1,0 +1,181 @@
+"""Gallery index and search engine: incremental, verified, never stale; results equal brute force."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lgur.checkpoint import checkpoint_fingerprint, save_checkpoint
+from lgur.index import index_paths, load_index, merge_shards, scan_gallery, update_index
+from lgur.model import LGUR
+from lgur.search import QueryError, SearchEngine
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CHECKPOINT = REPO / "assets" / "lgur_cpu.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    model = LGUR(tiny_config()).eval()
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture()
+def gallery(tmp_path: Path) -> Path:
+    folder = tmp_path / "gallery"
+    (folder / "sub").mkdir(parents=True)
+    shipped = sorted((REPO / "gallery" / "images").glob("*.jpg"))[:8]
+    for i, src in enumerate(shipped):
+        shutil.copy(src, folder / ("sub" if i % 3 == 0 else ".") / src.name)
+    return folder
+
+
+def _open(checkpoint: Path, gallery: Path):
+    from lgur.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    return model, checkpoint_fingerprint(checkpoint)
+
+
+def test_incremental_update_touches_only_changed_files(tiny_checkpoint: Path, gallery: Path) -> None:
+    model, fp = _open(tiny_checkpoint, gallery)
+    index, report = update_index(model, fp, gallery)
+    assert len(index) == 8 and report.embedded == 8 and len(report.added) == 8
+    before = {e.path: index.embeddings[i].copy() for i, e in enumerate(index.entries)}
+
+    files = sorted(p for p in gallery.rglob("*.jpg"))
+    changed, removed = files[1], files[2]
+    shutil.copy(files[3], changed)  # new bytes under an old name
+    removed.unlink()
+    added = gallery / "new.jpg"
+    shutil.copy(files[4], added)
+    index, report = update_index(model, fp, gallery)
+    rel = lambda p: p.relative_to(gallery).as_posix()  # noqa: E731
+    assert report.changed == [rel(changed)] and report.added == [rel(added)] and report.removed == [rel(removed)]
+    assert report.embedded == 2 and report.unchanged == 6
+    for i, e in enumerate(index.entries):  # untouched rows are carried over as they were
+        if e.path in before and e.path != rel(changed):
+            assert np.array_equal(index.embeddings[i], before[e.path])
+    _, report = update_index(model, fp, gallery)
+    assert report.embedded == 0 and report.unchanged == 8
+    os.utime(files[0], ns=(1, 1))  # touched, same bytes: re-hashed, not re-embedded
+    _, report = update_index(model, fp, gallery)
+    assert report.embedded == 0
+
+
+def test_truncated_index_is_rebuilt_not_served(tiny_checkpoint: Path, gallery: Path) -> None:
+    model, fp = _open(tiny_checkpoint, gallery)
+    index, _ = update_index(model, fp, gallery)
+    data, meta = index_paths(gallery / ".lgur-index")
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(Exception, match="checksum"):
+        load_index(gallery, gallery / ".lgur-index", fp)
+    rebuilt, report = update_index(model, fp, gallery)
+    assert "checksum" in report.rebuilt_because and report.embedded == 8
+    assert np.allclose(rebuilt.embeddings, index.embeddings, atol=1e-6)
+    meta.write_text("{broken")
+    _, report = update_index(model, fp, gallery)
+    assert "unreadable" in report.rebuilt_because and report.embedded == 8
+
+
+def test_changed_checkpoint_rebuilds(tiny_checkpoint: Path, gallery: Path, tmp_path: Path) -> None:
+    model, fp = _open(tiny_checkpoint, gallery)
+    update_index(model, fp, gallery)
+    torch.manual_seed(2)
+    other = save_checkpoint(LGUR(tiny_config()).eval(), tmp_path / "other.safetensors")
+    model2, fp2 = _open(other, gallery)
+    assert fp2 != fp
+    index, report = update_index(model2, fp2, gallery)
+    assert "different checkpoint" in report.rebuilt_because and report.embedded == 8
+    assert index.checkpoint == fp2
+
+
+def test_unreadable_images_are_reported_and_skipped(tiny_checkpoint: Path, gallery: Path) -> None:
+    good = sorted(gallery.rglob("*.jpg"))[0].read_bytes()
+    (gallery / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (gallery / "empty.jpg").write_bytes(b"")
+    (gallery / "text.png").write_text("not an image at all")
+    model, fp = _open(tiny_checkpoint, gallery)
+    index, report = update_index(model, fp, gallery)
+    reasons = {r["path"]: r["reason"] for r in report.rejected}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["text.png"] == "not a readable image"
+    assert reasons["truncated.jpg"].startswith("corrupt image")
+    assert len(index) == 8
+    assert {r["path"] for r in load_index(gallery, gallery / ".lgur-index", fp).rejected} == set(reasons)
+
+
+def test_shards_merge_to_the_single_index(tiny_checkpoint: Path, gallery: Path, tmp_path: Path) -> None:
+    model, fp = _open(tiny_checkpoint, gallery)
+    single, _ = update_index(model, fp, gallery, tmp_path / "single")
+    files = scan_gallery(gallery)
+    shards = [update_index(model, fp, gallery, tmp_path / f"shard{r}", files=files[r::2])[0] for r in range(2)]
+    assert len(shards[0]) + len(shards[1]) == len(single)
+    merged = merge_shards(shards, gallery)
+    assert [e.path for e in merged.entries] == [e.path for e in single.entries]
+    for key in single.arrays:
+        assert np.allclose(merged.arrays[key].astype(np.float32), single.arrays[key].astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_index_two_shards(tiny_checkpoint: Path, gallery: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "lgur", "index", str(gallery), "--checkpoint", str(tiny_checkpoint), "--index-dir",
+           str(tmp_path / "idx")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = load_index(gallery.resolve(), tmp_path / "idx", checkpoint_fingerprint(tiny_checkpoint))
+    assert len(merged) == 8
+
+
+def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path) -> None:
+    engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
+    response = engine.search("a man in a blue jacket with a black backpack", k=5)
+    assert len(response.results) == 5
+    scores = [r.score for r in response.results]
+    assert scores == sorted(scores, reverse=True)
+    for r in response.results:
+        assert np.isclose(r.part_contribution.sum(), r.score, atol=2e-3)  # parts add up to the score
+        assert Path(r.path).is_file()
+        assert r.prototype_attention.shape[-1] == engine.grid[0] * engine.grid[1]
+    assert response.query.words[:3] == ["a", "man", "in"]
+    assert response.query.word_attention.shape[-1] == len(response.query.words)
+    again = engine.encode_query("  a man in a blue   jacket with a black backpack ")
+    assert again is response.query  # normalised text hits the cache
+    with pytest.raises(QueryError):
+        engine.search("   \n\t ", k=5)
+    guidance = engine.guidance(response.query.text, response.results[0].row)
+    assert guidance.shape == (engine.grid[0] * engine.grid[1], len(response.query.words))
+
+
+def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> None:
+    if not SHIPPED_CHECKPOINT.is_file():
+        pytest.fail("the shipped checkpoint assets/lgur_cpu.safetensors is missing")
+    engine, report = SearchEngine.open(SHIPPED_CHECKPOINT, REPO / "gallery", tmp_path / "index")
+    assert len(engine.index) == len(list((REPO / "gallery" / "images").glob("*.jpg"))) and not report.rejected
+    gallery = engine.index.embeddings.astype(np.float64)
+    for query in ["a woman in a red coat with a black backpack", "man, grey shirt, blue jeans", "old man with a cap"]:
+        top = engine.search_ids(query, 10)
+        brute = gallery @ engine.embed_query(query).astype(np.float64)
+        order = np.argsort(-brute, kind="stable")[:10]
+        assert [f for f, _ in top] == [engine.index.entries[i].path for i in order]
+        assert np.allclose([s for _, s in top], brute[order], atol=1e-5)
+    # The index holds what the model computes for those files.
+    from lgur.data.dataset import normalize
+    from lgur.index import read_image
+
+    rows = [0, len(engine.index) // 2]
+    size = engine.model.config.image.img_size
+    images = np.stack([read_image(engine.index.gallery / engine.index.entries[r].path, size) for r in rows])
+    with torch.inference_mode():
+        fresh = engine.model.embed_images(normalize(torch.from_numpy(images))).numpy()
+    assert np.allclose(fresh, engine.index.embeddings[rows], atol=1e-5)
