@@ -1,0 +1,394 @@
+"""LGUR Explorer: search pedestrians by description and see why each result matched.
+
+`python app.py` serves the shipped model and gallery on http://127.0.0.1:7860.
+The interface is built from the `Explorer` methods below, plain functions of their
+inputs that tests call directly; all model work happens in the `lgur` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+
+from lgur.checkpoint import CheckpointError, read_card
+from lgur.explain import (
+    atom_chart,
+    open_image,
+    overlay,
+    prototype_overlays,
+    shared_atoms,
+    word_highlights,
+)
+from lgur.index import IMAGE_SUFFIXES, MAX_FILE_BYTES, check_image, update_index
+from lgur.search import QueryError, SearchEngine, SearchResponse
+
+log = logging.getLogger("lgur.app")
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = ROOT / "assets" / "lgur_cpu.safetensors"
+DEFAULT_GALLERY = ROOT / "gallery"
+MAX_UPLOAD_FILES = 50
+
+EXAMPLES = [
+    "a woman in a red coat with a black backpack",
+    "A man wearing a white t-shirt, blue jeans and black sneakers. He carries a grey shoulder bag.",
+    "young girl with long blonde hair in a pink skirt",
+    "an old man with grey hair and glasses walking away from the camera",
+    "person in a yellow hoodie holding an umbrella",
+]
+
+
+def _layer_index(layer: str) -> int:
+    return -1 if layer in ("last", "", None) else int(layer) - 1
+
+
+def _head_index(head: str) -> int | None:
+    return None if head in ("mean", "", None) else int(head) - 1
+
+
+def _prototype_index(prototype: str) -> int:
+    return int(str(prototype).lstrip("P")) - 1 if prototype else 0
+
+
+class Explorer:
+    """The app's behaviour: every event handler is a method over plain values."""
+
+    def __init__(self, engine: SearchEngine, card: dict[str, Any] | None = None, uploads: Path | None = None):
+        self.engine = engine
+        self.card = card or {}
+        self.uploads = uploads or engine.index.gallery / "uploads"
+        model = engine.model.config
+        self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
+        self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
+        self.prototypes = [f"P{i + 1}" for i in range(model.num_prototypes if model.use_pgu else 1)]
+        self._atlas_words: np.ndarray | None = None
+
+    # -- search -------------------------------------------------------------------------------
+    def search(self, query: str, k: float) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
+        """-> results gallery (file, caption), a status line, the response (kept per session)."""
+        try:
+            response = self.engine.search(query, int(k))
+        except QueryError as error:
+            return [], f"⚠️ {html.escape(str(error))}", None
+        items = [(r.path, f"#{r.rank}  score {r.score:.3f}") for r in response.results]
+        note = " (the query was longer than the model reads; the end was ignored)" if response.query.truncated else ""
+        status = f"{len(items)} results in {1000 * response.seconds:.0f} ms{note}. Select one to see why it matched."
+        if not items:
+            status = "The gallery is empty: add images in the Gallery tab."
+        return items, status, response
+
+    def explain(
+        self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
+    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any]:
+        """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes."""
+        if response is None or not response.results:
+            return [], [], None, None, "", gr.update(choices=[], value=None)
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
+        maps = prototype_overlays(result, response.grid, li, hi)
+        words = word_highlights(response.query, pi, li, hi)
+        chart = atom_chart(response.query.atom_histogram, result.atom_histogram)
+        foreground = overlay(open_image(result.path), result.foreground, response.grid, alpha=0.55)
+        shared = shared_atoms(response.query.atom_histogram, result.atom_histogram)
+        best = int(np.argmax(result.part_contribution))
+        meta = result.metadata
+        lines = [
+            f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
+            f"Strongest part: **P{best + 1}** ({100 * result.part_contribution[best] / max(result.score, 1e-8):.0f}% "
+            "of the score).",
+            f"Atoms shared by the query's and the image's top 20: {', '.join(map(str, shared)) or 'none'}.",
+        ]
+        if meta.get("captions"):
+            lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
+        word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
+        return maps, words, chart, foreground, "\n\n".join(lines), gr.update(choices=word_choices, value=None)
+
+    def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
+        """Which regions of the selected image read the chosen query word (cross-modality guidance)."""
+        if response is None or not response.results or not word:
+            return None
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        try:
+            column = int(str(word).split(":", 1)[0]) - 1
+            weights = self.engine.guidance(response.query.text, result.row)
+        except (ValueError, QueryError):
+            return None
+        if not 0 <= column < weights.shape[1]:
+            return None
+        return overlay(open_image(result.path), weights[:, column], response.grid)
+
+    def api_search(self, query: str, k: float = 10) -> dict[str, Any]:
+        """The /search endpoint: plain JSON (paths, scores, per-prototype similarities)."""
+        try:
+            response = self.engine.search(query, int(k))
+        except QueryError as error:
+            return {"query": query, "error": str(error), "results": []}
+        return response.to_json()
+
+    # -- gallery ------------------------------------------------------------------------------
+    def browse(self, limit: int = 300) -> list[tuple[str, str]]:
+        entries = self.engine.index.entries[:limit]
+        return [(str(self.engine.index.gallery / e.path), e.path) for e in entries]
+
+    def upload(self, files: list[Any] | None, progress: Any = None) -> tuple[str, list[tuple[str, str]]]:
+        """Validate uploads, copy the good ones into the gallery, index them incrementally."""
+        paths = [Path(getattr(f, "name", f)) for f in (files or [])]
+        if not paths:
+            return "No files were given.", self.browse()
+        rejected: list[tuple[str, str]] = []
+        if len(paths) > MAX_UPLOAD_FILES:
+            rejected += [
+                (p.name, f"more than {MAX_UPLOAD_FILES} files in one upload") for p in paths[MAX_UPLOAD_FILES:]
+            ]
+            paths = paths[:MAX_UPLOAD_FILES]
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        accepted = []
+        for path in paths:
+            name = Path(path.name).name
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                rejected.append((name, f"unsupported file type {path.suffix or '(none)'}"))
+                continue
+            problem = check_image(path)
+            if problem:
+                rejected.append((name, problem))
+                continue
+            target = self.uploads / name
+            stem, n = target.stem, 1
+            while target.exists():
+                target = self.uploads / f"{stem}-{n}{target.suffix}"
+                n += 1
+            tmp = target.with_name(f".{target.name}.part")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)  # a file appears whole or not at all
+            accepted.append(target)
+        if accepted:
+            engine = self.engine
+            index, report = update_index(
+                engine.model, engine.index.checkpoint, engine.index.gallery, _index_dir(engine), progress=False
+            )
+            engine.index = index
+            mine = {p.relative_to(engine.index.gallery).as_posix() for p in accepted}
+            for item in report.rejected:  # refused on decoding after all: take the file out again
+                if item["path"] in mine:
+                    (engine.index.gallery / item["path"]).unlink(missing_ok=True)
+                    rejected.append((Path(item["path"]).name, item["reason"]))
+                    accepted = [p for p in accepted if p.relative_to(engine.index.gallery).as_posix() != item["path"]]
+        lines = [f"Added {len(accepted)} image(s); the gallery now holds {len(self.engine.index)}."]
+        lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in rejected]
+        return "\n".join(lines), self.browse()
+
+    # -- model --------------------------------------------------------------------------------
+    def model_card(self) -> str:
+        card = self.card
+        config = card.get("config", {})
+        metrics = card.get("metrics", {})
+        lines = ["| | |", "| --- | --- |"]
+        rows = {
+            "image encoder": f"{config.get('image', {}).get('timm_name')} at {config.get('image', {}).get('img_size')}",
+            "text encoder": f"{card.get('text_encoder', {}).get('name')} (frozen) + BiLSTM",
+            "dictionary atoms / prototypes": f"{config.get('num_atoms')} / {config.get('num_prototypes')}",
+            "embedding": f"{config.get('num_prototypes', 1) * config.get('part_dim', 0)}-d",
+            "parameters (trainable / frozen)": "{trainable:,} / {frozen:,}".format(**card.get("parameters", {}))
+            if card.get("parameters")
+            else "",
+            "training data": str(card.get("data", {}).get("path", "")),
+        }
+        lines += [f"| {k} | {html.escape(str(v))} |" for k, v in rows.items()]
+        for split, m in metrics.items():
+            lines.append(
+                f"| {split} | R@1 {m.get('R@1')} · R@5 {m.get('R@5')} · R@10 {m.get('R@10')} · mAP {m.get('mAP')} |"
+            )
+        return "\n".join(lines)
+
+    def atom_atlas(self, atom: float, top: int = 8) -> tuple[list[tuple[Any, str]], str]:
+        """For one atom: the gallery patches and the vocabulary words that use it most."""
+        atoms = self.engine.index.arrays["atom_histogram"]
+        if atoms.shape[1] <= 1:
+            return [], "This model has no dictionary."
+        a = int(np.clip(int(atom), 0, atoms.shape[1] - 1))
+        rows = np.argsort(-atoms[:, a].astype(np.float32))[:top]
+        items = []
+        for row in rows:
+            patch_weights = self.engine.patch_atoms(int(row))[:, a]
+            image = overlay(open_image(self.engine.index.gallery / self.engine.index.entries[row].path),
+                            patch_weights, self.engine.grid)  # fmt: skip
+            items.append((image, f"{self.engine.index.entries[row].path} ({patch_weights.max():.3f})"))
+        words, table = self._word_atoms()
+        best = np.argsort(-table[:, a])[:15]
+        text = f"**Atom {a}**: words that use it most: " + ", ".join(
+            f"{html.escape(words[i])} ({table[i, a]:.3f})" for i in best
+        )
+        return items, text
+
+    def _word_atoms(self, captions: int = 300) -> tuple[list[str], np.ndarray]:
+        """Mean atom weights of each word over a sample of gallery captions (computed once)."""
+        if self._atlas_words is None:
+            sums: dict[str, np.ndarray] = {}
+            counts: dict[str, int] = {}
+            texts = [c for m in self.engine.manifest.values() for c in m.get("captions", [])][:captions] or EXAMPLES
+            for text in texts:
+                q = self.engine.encode_query(text)
+                for word, weights in zip(q.words, q.word_atoms):
+                    key = word.lower()
+                    sums[key] = sums.get(key, 0) + weights
+                    counts[key] = counts.get(key, 0) + 1
+            words = sorted(sums)
+            self._atlas_words = (words, np.stack([sums[w] / counts[w] for w in words]))
+        return self._atlas_words
+
+
+def _index_dir(engine: SearchEngine) -> Path:
+    return engine.index.gallery / ".lgur-index"
+
+
+def read_extra(name: str) -> str:
+    path = ROOT / "assets" / name
+    return path.read_text() if path.is_file() else ""
+
+
+def build_app(explorer: Explorer) -> gr.Blocks:
+    with gr.Blocks(title="LGUR Explorer") as demo:
+        gr.Markdown(
+            "# LGUR Explorer\nDescribe a pedestrian; the model ranks the gallery and shows **why**: the PGU "
+            "prototypes' attention over the image and your words, and the DGA dictionary atoms both sides were "
+            "rebuilt from."
+        )
+        response_state = gr.State(None)
+        selected_state = gr.State(0)
+        with gr.Tab("Search"):
+            with gr.Row():
+                query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,
+                                   elem_id="query")  # fmt: skip
+                k = gr.Slider(1, 50, value=10, step=1, label="results", scale=1)
+                go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
+            gr.Examples(EXAMPLES, inputs=query)
+            status = gr.Markdown(elem_id="status")
+            results = gr.Gallery(label="Results", columns=10, height=230, object_fit="contain", allow_preview=False,
+                                 elem_id="results")  # fmt: skip
+            gr.Markdown("## Why this result")
+            with gr.Row():
+                layer = gr.Dropdown(explorer.layers, value="last", label="PGU layer")
+                head = gr.Dropdown(explorer.heads, value="mean", label="attention head")
+                prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
+            summary = gr.Markdown(elem_id="summary")
+            maps = gr.Gallery(label="Prototype attention over the image (share of the score per prototype)",
+                              columns=7, height=340, object_fit="contain", elem_id="prototype-maps")  # fmt: skip
+            words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
+                                       elem_id="words")  # fmt: skip
+            with gr.Row():
+                chart = gr.Image(label="DGA: dictionary atoms of the query vs the image", type="pil",
+                                 elem_id="atom-chart", scale=3)  # fmt: skip
+                foreground = gr.Image(label="DGA foreground weight m", type="pil", elem_id="foreground", scale=1)
+            with gr.Row():
+                word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
+                guidance = gr.Image(label="Regions that read this word", type="pil", scale=1, elem_id="guidance")
+
+            explain_inputs = [response_state, selected_state, layer, head, prototype]
+            explain_outputs = [maps, words, chart, foreground, summary, word]
+
+            def on_search(q, n, la, he, pr):
+                items, text, response = explorer.search(q, n)
+                return (items, text, response, 0, *explorer.explain(response, 0, la, he, pr))
+
+            search_outputs = [results, status, response_state, selected_state, *explain_outputs]
+            for trigger in (go.click, query.submit):
+                trigger(on_search, [query, k, layer, head, prototype], search_outputs, api_visibility="private")
+
+            def on_select(response, la, he, pr, evt: gr.SelectData):
+                return (evt.index, *explorer.explain(response, evt.index, la, he, pr))
+
+            results.select(on_select, [response_state, layer, head, prototype], [selected_state, *explain_outputs],
+                           api_visibility="private")  # fmt: skip
+            for control in (layer, head, prototype):
+                control.change(explorer.explain, explain_inputs, explain_outputs, api_visibility="private")
+            word.change(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
+
+        with gr.Tab("Gallery"):
+            gr.Markdown("Browse the gallery, or add images (JPEG/PNG/WebP/BMP/GIF, up to "
+                        f"{MAX_FILE_BYTES // 2**20} MB each); they are indexed at once.")  # fmt: skip
+            uploads = gr.File(file_count="multiple", label="Add images", elem_id="upload")
+            upload_report = gr.Markdown()
+            browse = gr.Gallery(value=explorer.browse(), columns=12, height=520, object_fit="contain", label="Gallery")
+
+            def on_upload(files, progress=gr.Progress()):  # noqa: B008
+                progress(0, desc="indexing")
+                return explorer.upload(files)
+
+            uploads.upload(on_upload, uploads, [upload_report, browse], api_visibility="private")
+
+        with gr.Tab("Model"):
+            gr.Markdown(explorer.model_card())
+            ablation = read_extra("ablation.md")
+            if ablation:
+                gr.Markdown("### Ablation on the synthetic world\n" + ablation)
+            if (ROOT / "assets" / "cmc.png").is_file():
+                gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
+            gr.Markdown("### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "
+                        "use it most.")  # fmt: skip
+            with gr.Row():
+                atom = gr.Number(value=0, precision=0, label="atom", minimum=0,
+                                 maximum=max(explorer.engine.model.config.num_atoms - 1, 0))  # fmt: skip
+                show = gr.Button("Show atom")
+            atlas = gr.Gallery(columns=8, height=320, object_fit="contain", label="patches")
+            atlas_words = gr.Markdown()
+            show.click(explorer.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
+
+        gr.api(explorer.api_search, api_name="search")
+    return demo
+
+
+def resolve_checkpoint(value: str | None, hub_repo: str | None, hub_file: str | None) -> Path:
+    """A local path, or a file fetched from a Hugging Face Hub repository (with its card)."""
+    if hub_repo:
+        from huggingface_hub import hf_hub_download
+
+        name = hub_file or "lgur_cpu.safetensors"
+        path = Path(hf_hub_download(hub_repo, name))
+        hf_hub_download(hub_repo, str(Path(name).with_suffix(".json")))
+        return path
+    return Path(value) if value else DEFAULT_CHECKPOINT
+
+
+def create(checkpoint: Path, gallery: Path, progress: bool = True) -> Explorer:
+    engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
+    log.info("gallery %s: %s", gallery, report.summary())
+    return Explorer(engine, read_card(checkpoint))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=os.environ.get("LGUR_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LGUR_PORT", "7860")))
+    parser.add_argument("--checkpoint", default=os.environ.get("LGUR_CHECKPOINT"))
+    parser.add_argument("--gallery", default=os.environ.get("LGUR_GALLERY", str(DEFAULT_GALLERY)))
+    parser.add_argument("--hub-repo", default=os.environ.get("LGUR_HUB_REPO"), help="fetch the checkpoint from here")
+    parser.add_argument("--hub-file", default=os.environ.get("LGUR_HUB_FILE"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file)
+        explorer = create(checkpoint, Path(args.gallery))
+    except (CheckpointError, FileNotFoundError, OSError) as error:
+        raise SystemExit(f"cannot start: {error}") from error
+    demo = build_app(explorer)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        allowed_paths=[str(Path(args.gallery).resolve()), tempfile.gettempdir()],
+        show_error=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Pictures of the explanations: attention maps over images, word highlights, atom charts.
+
+Everything here turns arrays from the search engine into images and plain data;
+nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .search import QueryEncoding, SearchResult
+
+DISPLAY_SIZE = (192, 512)  # (width, height) of an overlay, twice the stored images
+PROTOTYPE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                     (240, 50, 230), (210, 245, 60)]  # fmt: skip
+
+
+def _colormap() -> np.ndarray:
+    """256 x 3 uint8 lookup table ('inferno'), made once."""
+    import matplotlib
+
+    return (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+_LUT = _colormap()
+
+
+def select_map(attention: np.ndarray, prototype: int, layer: int = -1, head: int | None = None) -> np.ndarray:
+    """attention (L, H, P, N) -> (N,): one prototype's map for a layer, one head or the mean of heads."""
+    per_layer = attention[layer]
+    return (per_layer.mean(0) if head is None else per_layer[head])[prototype]
+
+
+def overlay(image: Image.Image, values: np.ndarray, grid: tuple[int, int], alpha: float = 0.6) -> Image.Image:
+    """Blend a patch-grid heatmap (N,) over the image (bilinear upsampling, min-max normalised)."""
+    v = values.reshape(grid).astype(np.float32)
+    v = (v - v.min()) / (v.max() - v.min() + 1e-8)
+    heat = Image.fromarray((v * 255).astype(np.uint8)).resize(DISPLAY_SIZE, Image.Resampling.BILINEAR)
+    coloured = Image.fromarray(_LUT[np.asarray(heat)])
+    base = image.convert("RGB").resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
+    return Image.blend(base, coloured, alpha)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def prototype_overlays(
+    result: SearchResult, grid: tuple[int, int], layer: int = -1, head: int | None = None
+) -> list[tuple[Image.Image, str]]:
+    """One overlay per prototype, captioned with its share of the score, plus a combined view."""
+    image = open_image(result.path)
+    items = []
+    for p in range(result.prototype_attention.shape[2]):
+        share = result.part_contribution[p] / result.score if result.score else 0.0
+        caption = f"P{p + 1}: {100 * share:.0f}% of score (cos {result.part_similarity[p]:+.2f})"
+        items.append((overlay(image, select_map(result.prototype_attention, p, layer, head), grid), caption))
+    items.append((combined_overlay(image, result, grid, layer, head), "all prototypes (colour = strongest)"))
+    return items
+
+
+def combined_overlay(
+    image: Image.Image, result: SearchResult, grid: tuple[int, int], layer: int = -1, head: int | None = None
+) -> Image.Image:
+    """Each patch takes the colour of the prototype that attends to it most (relative to its peak)."""
+    maps = np.stack(
+        [select_map(result.prototype_attention, p, layer, head) for p in range(result.prototype_attention.shape[2])]
+    )
+    maps = maps / (maps.max(axis=1, keepdims=True) + 1e-8)  # (P, N)
+    winner, strength = maps.argmax(0), maps.max(0)
+    colours = np.array(PROTOTYPE_COLOURS[: maps.shape[0]], dtype=np.float32)[winner]  # (N, 3)
+    h, w = grid
+    layer_rgb = Image.fromarray(colours.reshape(h, w, 3).astype(np.uint8)).resize(
+        DISPLAY_SIZE, Image.Resampling.NEAREST
+    )
+    mask = Image.fromarray((strength.reshape(h, w) * 200).astype(np.uint8)).resize(
+        DISPLAY_SIZE, Image.Resampling.BILINEAR
+    )
+    base = image.convert("RGB").resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
+    return Image.composite(layer_rgb, base, mask)
+
+
+def word_highlights(
+    query: QueryEncoding, prototype: int, layer: int = -1, head: int | None = None
+) -> list[tuple[str, float]]:
+    """(word, weight in [0, 1]) for the selected prototype, normalised by its largest weight."""
+    if not query.words:
+        return []
+    weights = select_map(query.word_attention, prototype, layer, head)
+    weights = weights / (weights.max() + 1e-8)
+    return [(word, round(float(w), 3)) for word, w in zip(query.words, weights)]
+
+
+def top_atoms(histogram: np.ndarray, k: int) -> list[int]:
+    return [int(i) for i in np.argsort(-histogram)[:k]]
+
+
+def shared_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = 20) -> list[int]:
+    """Atoms among the top k of both the query and the image."""
+    return sorted(set(top_atoms(query_histogram, k)) & set(top_atoms(image_histogram, k)))
+
+
+def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = 12) -> Image.Image:
+    """Grouped bars of the query's and the image's weight on the atoms that matter most to either."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atoms = list(dict.fromkeys(top_atoms(query_histogram, k // 2) + top_atoms(image_histogram, k // 2)))
+    atoms += [a for a in top_atoms(query_histogram + image_histogram, 2 * k) if a not in atoms][: k - len(atoms)]
+    shared = set(shared_atoms(query_histogram, image_histogram))
+    q, i = query_histogram[atoms], image_histogram[atoms]
+    fig, ax = plt.subplots(figsize=(6.4, 2.6), dpi=100)
+    x = np.arange(len(atoms))
+    ax.bar(x - 0.2, q, 0.4, label="query words", color="#3b75af")
+    ax.bar(x + 0.2, i, 0.4, label="image (foreground-weighted)", color="#ef8636")
+    ax.set_xticks(x, [f"{a}{'*' if a in shared else ''}" for a in atoms], fontsize=8)
+    ax.set_xlabel("dictionary atom (* = in both top-20)", fontsize=8)
+    ax.set_ylabel("mean weight", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.canvas.draw()
+    chart = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+    plt.close(fig)
+    return chart
+
+
+def label_image(image: Image.Image, text: str) -> Image.Image:
+    """A caption bar under an image (for exported panels)."""
+    out = Image.new("RGB", (image.width, image.height + 18), (255, 255, 255))
+    out.paste(image, (0, 0))
+    ImageDraw.Draw(out).text((4, image.height + 3), text, fill=(0, 0, 0), font=ImageFont.load_default(size=11))
+    return out

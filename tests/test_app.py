@@ -1,0 +1,158 @@
+"""The Gradio explorer: event functions called directly, the /search API, and a real browser."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app as explorer_app
+from lgur.checkpoint import save_checkpoint
+from lgur.model import LGUR
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUERY = "a woman in a red coat with a black backpack"
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(3)
+    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "tiny.safetensors")
+    gallery = root / "gallery"
+    (gallery / "images").mkdir(parents=True)
+    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:24]:
+        shutil.copy(src, gallery / "images" / src.name)
+    return explorer_app.create(checkpoint, gallery, progress=False)
+
+
+def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
+    items, status, response = explorer.search(QUERY, 5)
+    assert len(items) == 5 and all(Path(path).is_file() for path, _ in items)
+    assert "5 results" in status
+    maps, words, chart, foreground, summary, word_choices = explorer.explain(response, 1, "last", "mean", "P2")
+    assert len(maps) == explorer.engine.model.config.num_prototypes + 1
+    assert all(isinstance(image, Image.Image) and caption.startswith(("P", "all")) for image, caption in maps)
+    assert [w for w, _ in words] == response.query.words and max(v for _, v in words) == pytest.approx(1.0)
+    assert isinstance(chart, Image.Image) and chart.width > 300
+    assert isinstance(foreground, Image.Image)
+    assert "Result #2" in summary
+    assert word_choices["choices"][0] == "1: a"
+    # Another layer and a single head give different maps.
+    other = explorer.explain(response, 1, "1", "2", "P2")[0]
+    assert not np.array_equal(np.asarray(maps[0][0]), np.asarray(other[0][0]))
+    image = explorer.guidance(response, 1, "4: red")
+    assert isinstance(image, Image.Image)
+    assert explorer.guidance(response, 1, None) is None
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\n\t"])
+def test_empty_queries_get_a_message_not_an_error(explorer: explorer_app.Explorer, query: str) -> None:
+    items, status, response = explorer.search(query, 10)
+    assert items == [] and response is None and "Type a description" in status
+    assert explorer.explain(None, 0, "last", "mean", "P1")[0] == []
+
+
+def test_api_search_is_plain_json(explorer: explorer_app.Explorer) -> None:
+    import json
+
+    result = explorer.api_search(QUERY, 4)
+    json.dumps(result)  # serialisable as it is
+    assert len(result["results"]) == 4
+    scores = [r["score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(len(r["part_similarity"]) == 6 for r in result["results"])
+    assert explorer.api_search("  ", 4)["error"]
+
+
+def test_upload_adds_good_files_and_reports_bad_ones(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+    good = tmp_path / "walker.jpg"
+    shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], good)
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    before = len(explorer.engine.index)
+    report, browse = explorer.upload([str(good), str(text), str(empty)])
+    assert len(explorer.engine.index) == before + 1
+    assert "Added 1 image" in report and "notes.png" in report and "empty.jpg" in report
+    assert any(caption.endswith("walker.jpg") for _, caption in browse)
+    assert explorer.engine.search_ids("walker", 50)  # the new image is searchable
+
+
+def test_model_tab(explorer: explorer_app.Explorer) -> None:
+    assert "dictionary atoms" in explorer.model_card()
+    items, text = explorer.atom_atlas(3)
+    assert len(items) == 8 and text.startswith("**Atom 3**")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(explorer: explorer_app.Explorer):
+    demo = explorer_app.build_app(explorer)
+    port = _free_port()
+    demo.queue()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(explorer.engine.index.gallery)])  # fmt: skip
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_gradio_client_search_endpoint(served: str) -> None:
+    from gradio_client import Client
+
+    client = Client(served, verbose=False, download_files=False)  # paths stay plain strings
+    result = client.predict(QUERY, 7, api_name="/search")
+    assert len(result["results"]) == 7
+    scores = [r["score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(Path(r["path"]).is_file() for r in result["results"])
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> None:
+    if not CHROMIUM.is_file():
+        pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.goto(served)
+        page.locator("#query textarea").fill(QUERY)
+        page.locator("#query textarea").press("Enter")
+        results = page.locator("#results img")
+        expect(results.first).to_be_visible(timeout=60_000)
+        assert results.count() == 10
+        expect(page.locator("#summary")).to_contain_text("Result #1", timeout=30_000)
+        results.nth(1).click()  # selecting another result redraws every panel for it
+        expect(page.locator("#summary")).to_contain_text("Result #2", timeout=30_000)
+        page.wait_for_function("!document.querySelector('.progress-text, .eta-bar')", timeout=30_000)
+        maps = page.locator("#prototype-maps img")
+        expect(maps.first).to_be_visible()
+        assert maps.count() == 7
+        expect(page.locator("#prototype-maps")).to_contain_text("% of score")
+        expect(page.locator("#words")).to_contain_text("backpack")
+        words = page.locator("#words .score-token")  # one coloured token per query word
+        assert words.count() == len(QUERY.split())
+        expect(page.locator("#atom-chart img")).to_be_visible()
+        expect(page.locator("#foreground img")).to_be_visible()
+        shot = REPO / "runs" / "screenshots"
+        shot.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot / "browser_test.png"), full_page=True)
+        browser.close()
