@@ -71,6 +71,8 @@ class Explorer:
         self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
         self.prototypes = [f"P{i + 1}" for i in range(model.num_prototypes if model.use_pgu else 1)]
         self._atlas_words: np.ndarray | None = None
+        for stale in self.uploads.glob(".*.part") if self.uploads.is_dir() else []:
+            stale.unlink(missing_ok=True)  # a copy cut short by a crash; the upload was never accepted
 
     # -- search -------------------------------------------------------------------------------
     def search(self, query: str, k: float) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
@@ -300,8 +302,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 return (items, text, response, 0, *explorer.explain(response, 0, la, he, pr))
 
             search_outputs = [results, status, response_state, selected_state, *explain_outputs]
-            for trigger in (go.click, query.submit):
-                trigger(on_search, [query, k, layer, head, prototype], search_outputs, api_visibility="private")
+            search_inputs = [query, k, layer, head, prototype]
+            # The full response (results and every panel) is callable too, for benchmarks and scripts.
+            go.click(on_search, search_inputs, search_outputs, api_name="explore", api_visibility="undocumented")
+            query.submit(on_search, search_inputs, search_outputs, api_visibility="private")
 
             def on_select(response, la, he, pr, evt: gr.SelectData):
                 return (evt.index, *explorer.explain(response, evt.index, la, he, pr))
@@ -387,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         server_port=args.port,
         allowed_paths=[str(Path(args.gallery).resolve()), tempfile.gettempdir()],
         show_error=False,
+        max_file_size=MAX_FILE_BYTES,
     )
 
 

@@ -206,3 +206,72 @@ def format_search(result: dict[str, Any]) -> str:
     lines.append(f"indexing: {result['indexing']['images_per_second']} images/s")
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()))
     return "\n".join(lines)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_app(
+    checkpoint: str, gallery: str, repeats: int | None = None, port: int = 7899, seed: int = 0
+) -> dict[str, Any]:
+    """Start `python app.py` as a user would, then time full queries through its API.
+
+    Reports cold start to ready (index already built), resident memory, and p50/p95 of a query
+    answered with 10 results and every explanation panel (`/explore`), and of `/search` (JSON).
+    """
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    import numpy as np
+    from gradio_client import Client
+
+    from .search import read_manifest
+
+    repeats = repeats or 30
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    cmd = [sys.executable, str(app), "--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+            if time.perf_counter() - start > 600:
+                raise RuntimeError("app did not start within 10 minutes")
+        ready = time.perf_counter() - start
+        rss_ready = _rss_mib(proc.pid)
+        client = Client(url, verbose=False, download_files=False)
+        captions = [c for m in read_manifest(Path(gallery)).values() for c in m.get("captions", [])] or [SAMPLE_CAPTION]
+        rng = np.random.default_rng(seed)
+        queries = [captions[i] for i in rng.choice(len(captions), size=repeats + 3, replace=False)]
+        for q in queries[:3]:
+            client.predict(q, 10, "last", "mean", "P1", api_name="/explore")
+        full = _timed(lambda q: client.predict(q, 10, "last", "mean", "P1", api_name="/explore"), queries[3:])
+        plain = _timed(lambda q: client.predict(q, 10, api_name="/search"), queries[3:])
+        rss_after = _rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "benchmark": "app",
+        "environment": environment(),
+        "cold_start_to_ready_s": round(ready, 2),
+        "rss_ready_mib": round(rss_ready, 1),
+        "rss_after_queries_mib": round(rss_after, 1),
+        "explore_full_response_10": percentiles(full),
+        "search_json_10": percentiles(plain),
+        "targets": {"explore_full_response_10_p50_ms": "<= 300", "cold_start_s": "<= 20", "rss_mib": "<= 2048"},
+    }

@@ -97,8 +97,21 @@ def save_checkpoint(
     return path
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
+def check_allowed(path: Path, allowed_dirs: list[str | Path] | None) -> None:
+    """Refuse a path that resolves (links followed) outside every allowed folder."""
+    if allowed_dirs is None:
+        return
+    real = path.resolve()
+    roots = [Path(d).resolve() for d in allowed_dirs]
+    if not any(real == root or root in real.parents for root in roots):
+        raise CheckpointError(
+            f"{path} is outside the folders models may be loaded from ({', '.join(str(r) for r in roots)})"
+        )
+
+
+def read_card(path: str | Path, allowed_dirs: list[str | Path] | None = None) -> dict[str, Any]:
     path = Path(path)
+    check_allowed(path, allowed_dirs)
     if path.suffix != ".safetensors":
         raise CheckpointError(
             f"{path.name}: only .safetensors checkpoints are accepted (pickled files such as .pt/.pth/.bin are "
@@ -121,11 +134,17 @@ def read_card(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, text_encoder_path: str | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    text_encoder_path: str | None = None,
+    device: str | torch.device = "cpu",
+    allowed_dirs: list[str | Path] | None = None,
 ) -> tuple[LGUR, dict[str, Any]]:
-    """Load a checkpoint written by save_checkpoint, verifying integrity, encoder and shapes."""
+    """Load a checkpoint written by save_checkpoint, verifying integrity, encoder and shapes.
+
+    allowed_dirs: if given, the file must lie inside one of these folders (links resolved).
+    """
     path = Path(path)
-    card = read_card(path)
+    card = read_card(path, allowed_dirs)
     if sha256_file(path) != card.get("weights_sha256"):
         raise CheckpointError(f"{path.name} does not match its card (truncated, corrupt or replaced weights file)")
     try:

@@ -30,6 +30,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else bench.format_search(result))
         bench.write_json(result, args.out)
         return 0
+    if args.what == "app":
+        result = bench.bench_app(args.checkpoint, args.gallery, repeats=args.repeats)
+        print(json.dumps(result, indent=2))
+        bench.write_json(result, args.out)
+        return 0
     if args.what == "model":
         rows = [bench.bench_model(p, batch=args.batch, repeats=args.repeats or 5) for p in args.presets]
         result = {"benchmark": "model", "environment": bench.environment(), "presets": rows}
@@ -248,12 +253,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain_quality(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .quality import explanation_quality, format_quality
+
+    model, _ = load_checkpoint(args.checkpoint)
+    result = explanation_quality(model, args.data, args.split, args.limit)
+    print(json.dumps(result, indent=2) if args.json else format_quality(result))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+
+    result = run_ablation(args.data, args.out, args.epochs, args.cache, args.seed, progress=not args.quiet)
+    print(result["table"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="measure speed and size (prints figures, optionally JSON)")
-    bench.add_argument("what", choices=["model", "search"], help="what to benchmark")
+    bench.add_argument("what", choices=["model", "search", "app"], help="what to benchmark")
     bench.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     bench.add_argument("--gallery", default=DEFAULT_GALLERY)
     bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
@@ -317,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--index-dir")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
+
+    ablation = sub.add_parser("ablation", help="train baseline, +DGA, +PGU and full LGUR with one budget")
+    ablation.add_argument("--data", required=True)
+    ablation.add_argument("--out", default="runs/ablation")
+    ablation.add_argument("--epochs", type=int, default=3)
+    ablation.add_argument("--cache", help="shared folder for cached text features")
+    ablation.add_argument("--seed", type=int, default=0)
+    ablation.add_argument("--quiet", action="store_true")
+    ablation.set_defaults(func=cmd_ablation)
+
+    quality = sub.add_parser("explain-quality", help="foreground AUC and prototype part shares vs part labels")
+    quality.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    quality.add_argument("--data", required=True, help="a world folder written by `synth`")
+    quality.add_argument("--split", default="test")
+    quality.add_argument("--limit", type=int, help="only the first N images")
+    quality.add_argument("--json", action="store_true")
+    quality.add_argument("--out", help="also write the JSON here")
+    quality.set_defaults(func=cmd_explain_quality)
 
     synth = sub.add_parser("synth", help="generate a synthetic pedestrian world (CUHK-PEDES layout)")
     synth.add_argument("--out", required=True, help="output folder")

@@ -67,16 +67,18 @@ def check_image(path: Path) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header only
                 w, h = image.size
                 if w * h > MAX_PIXELS:
-                    return f"image too large ({w}x{h} pixels)"
+                    return f"image too large ({w}x{h} pixels, at most {MAX_PIXELS:,})"
                 if min(w, h) < MIN_SIDE:
                     return f"image too small ({w}x{h} pixels)"
                 image.load()  # decodes: catches truncated files
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image too large (decompression bomb)"
+    except UnidentifiedImageError:
         return "not a readable image"
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         return f"corrupt image ({error})"
     return None
 

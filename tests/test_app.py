@@ -152,6 +152,14 @@ def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> No
         assert words.count() == len(QUERY.split())
         expect(page.locator("#atom-chart img")).to_be_visible()
         expect(page.locator("#foreground img")).to_be_visible()
+        # Markup in a query is shown as text: no script runs, no element is created.
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.locator("#query textarea").fill("<img src=x onerror=alert(1)> <b>bold</b> man")
+        page.locator("#query textarea").press("Enter")
+        expect(page.locator("#words")).to_contain_text("onerror", timeout=30_000)
+        assert page.locator("img[src='x']").count() == 0 and page.locator("#words b").count() == 0
+        assert dialogs == []
         shot = REPO / "runs" / "screenshots"
         shot.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot / "browser_test.png"), full_page=True)

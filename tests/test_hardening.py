@@ -1,0 +1,377 @@
+"""Hardening: hostile queries and uploads, untrusted model files, concurrency, crash safety, fuzzing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import app as explorer_app
+from lgur.checkpoint import CheckpointError, card_path, load_checkpoint, save_checkpoint
+from lgur.data.readers import DatasetFormatError, read_dataset
+from lgur.index import load_index
+from lgur.model import LGUR
+from lgur.search import QueryError, clean_query
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
+
+HOSTILE_QUERIES = [
+    "",
+    "   \t\n  ",
+    "a " * 5000,  # 10,000 characters
+    "woman 👩‍🦰 with a 🎒 backpack 🔥🔥",
+    "穿红色外套背黑色背包的女人",
+    "امرأة ترتدي معطفا أحمر",  # right-to-left
+    "man\x00 in\x07 a\x1b[31m red\u202e coat\x7f",
+    "<img src=x onerror=alert(1)>",
+    "<script>alert('x')</script> man in black",
+    "' OR 1=1; -- DROP TABLE people",
+    "lone surrogate \udcff in text",
+]
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
+    root = tmp_path_factory.mktemp("hard")
+    torch.manual_seed(4)
+    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "models" / "tiny.safetensors")
+    gallery = root / "gallery"
+    (gallery / "images").mkdir(parents=True)
+    for src in SHIPPED[:16]:
+        shutil.copy(src, gallery / "images" / src.name)
+    return explorer_app.create(checkpoint, gallery, progress=False)
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
+def test_hostile_queries_get_results_or_a_message(explorer: explorer_app.Explorer, query: str) -> None:
+    items, status, response = explorer.search(query, 10)
+    if response is None:
+        assert items == [] and "Type a description" in status
+    else:
+        assert len(items) == 10 and "results" in status
+        panels = explorer.explain(response, 0, "last", "mean", "P1")
+        assert len(panels[0]) == 7
+        assert "<img" not in panels[4] and "<script" not in panels[4]  # nothing echoed unescaped
+    assert explorer.api_search(query, 3)["results"] or explorer.api_search(query, 3)["error"]
+
+
+def test_long_queries_are_truncated_and_flagged(explorer: explorer_app.Explorer) -> None:
+    _, status, response = explorer.search("a man in a red shirt " * 500, 5)
+    assert response.query.truncated and "longer than the model reads" in status
+    assert len(clean_query("x" * 50_000)) == 2000
+
+
+# -- uploads ------------------------------------------------------------------------------------
+
+
+def _png_bomb(path: Path, side: int = 30_000) -> None:
+    """A valid 1-bit PNG of side x side pixels whose compressed data is ~100 KB."""
+    raw = zlib.compressobj(9)
+    row = b"\x00" + b"\x00" * ((side + 7) // 8)
+    data = b"".join(raw.compress(row) for _ in range(side)) + raw.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _upload_batch(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = []
+    ok = folder / "ok.jpg"
+    shutil.copy(SHIPPED[40], ok)
+    good.append(ok)
+    with Image.open(SHIPPED[41]) as image:
+        frames = [image.convert("RGB"), image.convert("RGB").rotate(5)]
+        frames[0].save(folder / "walk.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        image.convert("CMYK").save(folder / "cmyk.jpg")
+        grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(grey).save(folder / "deep16.png")
+    good += [folder / "walk.gif", folder / "cmyk.jpg", folder / "deep16.png"]
+    bad = {}
+    data = SHIPPED[42].read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    bad["cut.jpg"] = "corrupt image"
+    (folder / "zero.jpg").write_bytes(b"")
+    bad["zero.jpg"] = "empty file"
+    (folder / "letter.png").write_text("Dear reader, this is not a picture.")
+    bad["letter.png"] = "not a readable image"
+    _png_bomb(folder / "bomb.png")
+    bad["bomb.png"] = "too large"
+    big = folder / "huge.jpg"
+    big.write_bytes(data + os.urandom(21 * 1024 * 1024))
+    bad["huge.jpg"] = "file too large"
+    (folder / "script.sh").write_text("rm -rf /")
+    bad["script.sh"] = "unsupported file type"
+    return good, bad
+
+
+def test_upload_batch_keeps_good_files_refuses_bad_ones(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+    before = {e.path for e in explorer.engine.index.entries}
+    good, bad = _upload_batch(tmp_path / "incoming")
+    report, _ = explorer.upload([str(p) for p in good] + [str(tmp_path / "incoming" / name) for name in bad])
+    after = {e.path for e in explorer.engine.index.entries}
+    assert before <= after  # nothing already in the gallery is lost
+    assert len(after - before) == len(good), report
+    for name, reason in bad.items():
+        line = next(line for line in report.splitlines() if f"`{name}`" in line)
+        assert reason in line, line
+    # Every accepted image is searchable and renders its explanations.
+    response = explorer.search("a person", 50)[2]
+    files = {r.file for r in response.results}
+    assert {f"uploads/{p.name}" for p in good} <= files
+
+
+# -- untrusted model files ------------------------------------------------------------------
+
+
+def test_untrusted_model_files_are_refused(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    import pickle
+
+    (models / "model.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="never loaded"):
+        load_checkpoint(models / "model.pt", allowed_dirs=[models])
+    assert not marker.exists()
+
+    source = save_checkpoint(explorer.engine.model, models / "ok.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(source))
+    state["pgu.prototypes"] = torch.zeros(3, 3)
+    save_file(state, str(models / "shapes.safetensors"))
+    card = json.loads(card_path(source).read_text())
+    from lgur.checkpoint import sha256_file
+
+    card["weights_sha256"] = sha256_file(models / "shapes.safetensors")
+    card_path(models / "shapes.safetensors").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"pgu\.prototypes: file has \(3, 3\)"):
+        load_checkpoint(models / "shapes.safetensors", allowed_dirs=[models])
+
+    shutil.copy(source, models / "encoder.safetensors")
+    card = json.loads(card_path(source).read_text())
+    card["text_encoder"] = {"name": "bert-base-uncased", "fingerprint": "f" * 64, "source": "hub"}
+    card_path(models / "encoder.safetensors").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="text encoder differs.*bert-base-uncased"):
+        load_checkpoint(models / "encoder.safetensors", allowed_dirs=[models])
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(source, outside / "x.safetensors")
+    shutil.copy(card_path(source), outside / "x.json")
+    with pytest.raises(CheckpointError, match="outside the folders"):
+        load_checkpoint(outside / "x.safetensors", allowed_dirs=[models])
+    (models / "link.safetensors").symlink_to(outside / "x.safetensors")
+    with pytest.raises(CheckpointError, match="outside the folders"):
+        load_checkpoint(models / "link.safetensors", allowed_dirs=[models])
+    with pytest.raises(CheckpointError, match="outside the folders"):
+        load_checkpoint(models / ".." / "elsewhere" / "x.safetensors", allowed_dirs=[models])
+
+
+# -- fuzzing ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=300))
+def test_fuzz_query_path(explorer: explorer_app.Explorer, text: str) -> None:
+    try:
+        cleaned = clean_query(text)
+    except QueryError:
+        return
+    assert cleaned and len(cleaned) <= 2000
+    hits = explorer.engine.search_ids(text, 3)
+    assert len(hits) == 3 and all(np.isfinite(score) for _, score in hits)
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=20,
+)
+ENTRY = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.one_of(st.integers(-5, 20000), st.text(max_size=5), st.none()),
+        "file_path": st.one_of(st.text(max_size=30), st.just("a.jpg"), st.just("../../etc/passwd"), st.integers()),
+        "img_path": st.one_of(st.text(max_size=30), st.just("a.jpg")),
+        "captions": st.one_of(st.lists(st.one_of(st.text(max_size=40), st.integers(), st.none()), max_size=3), JSONISH),
+        "split": st.one_of(st.sampled_from(["train", "val", "test", "bogus"]), JSONISH),
+    },
+)
+
+
+LAYOUTS = st.sampled_from(["reid_raw.json", "ICFG-PEDES.json", "data_captions.json", "captions.json"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(ENTRY, JSONISH), max_size=8), LAYOUTS)
+def test_fuzz_dataset_readers(tmp_path_factory: pytest.TempPathFactory, entries: list, name: str) -> None:
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "imgs").mkdir()
+    Image.new("RGB", (8, 16)).save(root / "imgs" / "a.jpg")
+    (root / name).write_text(json.dumps(entries))
+    try:
+        records, report = read_dataset(root)
+    except DatasetFormatError:
+        return
+    assert len(records) + report.skipped_total <= len(entries)
+    for r in records:
+        assert r.captions and r.image_path.is_file() and r.split in {"train", "val", "test", "test-paraphrase"}
+
+
+# -- crash safety -------------------------------------------------------------------------------
+
+UPLOAD_SCRIPT = """
+import sys, time
+from pathlib import Path
+import app as A
+explorer = A.create(Path(sys.argv[1]), Path(sys.argv[2]), progress=False)
+import lgur.index as I
+original = I.embed_images
+def slow(*args, **kwargs):
+    print("EMBEDDING", flush=True)
+    time.sleep(0.3)
+    return original(*args, **kwargs)
+I.embed_images = slow
+files = sorted(Path(sys.argv[3]).iterdir())
+explorer.upload([str(f) for f in files])
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+    gallery = tmp_path / "gallery"
+    (gallery / "images").mkdir(parents=True)
+    for src in SHIPPED[:20]:
+        shutil.copy(src, gallery / "images" / src.name)
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(explorer.engine.model, checkpoint)
+    explorer_app.create(checkpoint, gallery, progress=False)  # a built, consistent index
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for src in SHIPPED[100:300]:  # 200 uploads: several embedding batches
+        shutil.copy(src, incoming / src.name)
+    before = {p.relative_to(gallery).as_posix() for p in gallery.rglob("*.jpg")}
+
+    proc = subprocess.Popen([sys.executable, "-c", UPLOAD_SCRIPT, str(checkpoint), str(gallery), str(incoming)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    embedded = 0
+    for line in proc.stdout:
+        embedded += line.startswith("EMBEDDING")
+        if embedded == 2:  # in the middle of indexing the batch
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    accepted = {p.relative_to(gallery).as_posix() for p in (gallery / "uploads").glob("*.jpg")}
+    assert len(accepted) == 200  # all copies had finished; indexing was interrupted
+    restarted = explorer_app.create(checkpoint, gallery, progress=False)
+    indexed = {e.path for e in restarted.engine.index.entries}
+    assert before <= indexed and accepted <= indexed  # nothing lost
+    fresh = load_index(gallery.resolve(), gallery / ".lgur-index", restarted.engine.index.checkpoint)
+    assert len(fresh) == len(indexed)  # what is on disk verifies and matches
+    assert not list(gallery.rglob(".*.part"))
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    gallery = explorer.engine.index.gallery
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(explorer.engine.model, checkpoint)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--checkpoint",
+                             str(checkpoint), "--gallery", str(gallery)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                client = Client(url, verbose=False, download_files=False)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        colours = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
+        garments = ["coat", "t-shirt", "jacket", "hoodie"]
+        queries = [[f"{colours[(c + i) % 8]} {garments[(c * 3 + i) % 4]} person {c}-{i}" for i in range(25)]
+                   for c in range(16)]  # fmt: skip
+        for q in queries[0][:5]:  # warm-up
+            client.predict(q, 5, api_name="/search")
+        rss_warm = _rss_mib(proc.pid)
+
+        def session(mine: list[str]) -> list[tuple[str, dict, float]]:
+            own = Client(url, verbose=False, download_files=False)
+            out = []
+            for q in mine:
+                start = time.perf_counter()
+                out.append((q, own.predict(q, 5, api_name="/search"), time.perf_counter() - start))
+            return out
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = [a for chunk in pool.map(session, queries) for a in chunk]
+        rss_after = _rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    errors = [a for a in answers if "error" in a[1]]
+    assert not errors and len(answers) == 400
+    for query, result, _ in answers:  # each answer belongs to its own query
+        assert result["query"] == clean_query(query)
+        expected = [f for f, _ in explorer.engine.search_ids(query, 5)]
+        assert [r["file"] for r in result["results"]] == expected
+    latencies = sorted(t for *_, t in answers)
+    report = {
+        "clients": 16, "queries": len(answers), "errors": len(errors),
+        "p50_ms": 1000 * latencies[len(latencies) // 2], "p95_ms": 1000 * latencies[int(0.95 * len(latencies))],
+        "rss_after_warmup_mib": rss_warm, "rss_after_run_mib": rss_after,
+    }  # fmt: skip
+    out = REPO / "runs" / "concurrency.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    assert rss_after <= 1.10 * rss_warm, report
