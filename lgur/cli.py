@@ -185,11 +185,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Write an inference checkpoint; with --data, evaluate *it* and record those metrics in its card."""
+    from pathlib import Path
+
     from .checkpoint import load_checkpoint, save_checkpoint
 
     model, card = load_checkpoint(args.checkpoint)
-    keep = {k: v for k, v in card.items() if k in ("training", "data", "metrics", "cmc")}
+    keep = {k: v for k, v in card.items() if k in ("training", "data")}
+    run = Path(args.checkpoint).parent / "result.json"
+    if run.is_file():
+        result = json.loads(run.read_text())
+        keep.setdefault("training", {}).update(
+            {k: result[k] for k in ("train_seconds", "total_seconds", "best_epoch") if k in result}
+        )
+    if args.command:
+        keep.setdefault("training", {})["command"] = args.command
+    world = Path(args.data or "") / "world.json"
+    if args.data and world.is_file():  # the synthetic world's recipe: seed, sizes, vocabulary
+        keep.setdefault("data", {})["world"] = json.loads(world.read_text())
+    if card.get("metrics"):
+        keep["metrics_before_export"] = card["metrics"]
     path = save_checkpoint(model, args.out, keep, half=args.half)
+    if args.data:
+        from .data.readers import read_dataset
+        from .train import score_test_splits, split_records
+
+        records, _ = read_dataset(args.data)
+        splits = split_records(records, seed=0)
+        score_test_splits(path, args.data, splits, Path(args.cache), None, path.parent)
+        metrics = json.loads(path.with_suffix(".json").read_text())["metrics"]
+        for name, m in metrics.items():
+            print(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
     print(path)
     return 0
 
@@ -327,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.add_argument("--half", action="store_true")
+    export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
+    export.add_argument("--cache", default="cache", help="folder for cached text features")
+    export.add_argument("--command", help="the training command, recorded in the card")
     export.set_defaults(func=cmd_export)
 
     index = sub.add_parser("index", help="index a gallery folder (incremental; torchrun shards it)")
