@@ -16,9 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
-import numpy as np
-import torch
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home; the Space may be offline
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from lgur.checkpoint import CheckpointError, read_card
 from lgur.explain import (
@@ -283,16 +285,21 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
             summary = gr.Markdown(elem_id="summary")
             maps = gr.Gallery(label="Prototype attention over the image (share of the score per prototype)",
-                              columns=7, height=340, object_fit="contain", elem_id="prototype-maps")  # fmt: skip
+                              columns=7, height=340, object_fit="contain", elem_id="prototype-maps",
+                              format="jpeg")  # fmt: skip
             words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
                                        elem_id="words")  # fmt: skip
             with gr.Row():
                 chart = gr.Image(label="DGA: dictionary atoms of the query vs the image", type="pil",
                                  elem_id="atom-chart", scale=3)  # fmt: skip
-                foreground = gr.Image(label="DGA foreground weight m", type="pil", elem_id="foreground", scale=1)
+                foreground = gr.Image(
+                    label="DGA foreground weight m", type="pil", elem_id="foreground", scale=1, format="jpeg"
+                )
             with gr.Row():
                 word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
-                guidance = gr.Image(label="Regions that read this word", type="pil", scale=1, elem_id="guidance")
+                guidance = gr.Image(
+                    label="Regions that read this word", type="pil", scale=1, elem_id="guidance", format="jpeg"
+                )
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
             explain_outputs = [maps, words, chart, foreground, summary, word]
@@ -342,7 +349,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 atom = gr.Number(value=0, precision=0, label="atom", minimum=0,
                                  maximum=max(explorer.engine.model.config.num_atoms - 1, 0))  # fmt: skip
                 show = gr.Button("Show atom")
-            atlas = gr.Gallery(columns=8, height=320, object_fit="contain", label="patches")
+            atlas = gr.Gallery(columns=8, height=320, object_fit="contain", label="patches", format="jpeg")
             atlas_words = gr.Markdown()
             show.click(explorer.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
 
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         allowed_paths=[str(Path(args.gallery).resolve()), tempfile.gettempdir()],
         show_error=False,
         max_file_size=MAX_FILE_BYTES,
+        ssr_mode=False,  # no Node.js server: faster start, one process
     )
 
 

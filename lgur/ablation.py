@@ -30,7 +30,9 @@ def run_ablation(
     """Train the four variants with identical data, seed, epochs and schedule; resumable per run."""
     out_dir = Path(out)
     results = {}
-    for name, switches in VARIANTS.items():
+    # The decisive pair first, so a cut-short session still has the comparison that matters.
+    for name in ("full LGUR", "global baseline", "+ PGU", "+ DGA"):
+        switches = VARIANTS[name]
         run = out_dir / name.replace("+ ", "plus-").replace(" ", "-")
         done = run / "result.json"
         if done.is_file():
@@ -41,6 +43,8 @@ def run_ablation(
             decay_epochs=(epochs - 1,), decay_reference=epochs, **switches,
         )  # fmt: skip
         results[name] = train(cfg, progress=progress)
+        atomic_write_bytes(out_dir / "ablation.md", ablation_table(results).encode())
+    results = {name: results[name] for name in VARIANTS}
     table = ablation_table(results)
     atomic_write_bytes(out_dir / "ablation.json", json.dumps(results, indent=2).encode())
     atomic_write_bytes(out_dir / "ablation.md", table.encode())

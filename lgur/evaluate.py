@@ -25,7 +25,11 @@ RANKS = (1, 5, 10)
 def embed_images(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
     """uint8 (N, 3, H, W) -> (N, E) unit-norm embeddings."""
     model.eval()
-    out = [model.embed_images(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    device = next(model.parameters()).device
+    out = [
+        model.embed_images(normalize(images[i : i + batch_size]).to(device)).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, model.config.embedding_dim)
 
 
@@ -35,7 +39,9 @@ def embed_captions(model: LGUR, features: TextFeatures, batch_size: int = 256) -
     out = []
     for start in range(0, len(features.lengths), batch_size):
         feats, mask = features.batch(list(range(start, min(start + batch_size, len(features.lengths)))))
-        out.append(model.explain_texts(mask, backbone_features=feats, need_weights=False).embedding)
+        device = next(model.parameters()).device
+        explained = model.explain_texts(mask.to(device), backbone_features=feats.to(device), need_weights=False)
+        out.append(explained.embedding.cpu())
     return torch.cat(out)
 
 

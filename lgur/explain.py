@@ -105,29 +105,37 @@ def shared_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: in
 
 
 def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = 12) -> Image.Image:
-    """Grouped bars of the query's and the image's weight on the atoms that matter most to either."""
-    import matplotlib
+    """Grouped bars of the query's and the image's weight on the atoms that matter most to either.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Drawn directly with PIL (a few milliseconds, against ~80 ms for a plotting library).
+    """
     atoms = list(dict.fromkeys(top_atoms(query_histogram, k // 2) + top_atoms(image_histogram, k // 2)))
     atoms += [a for a in top_atoms(query_histogram + image_histogram, 2 * k) if a not in atoms][: k - len(atoms)]
     shared = set(shared_atoms(query_histogram, image_histogram))
     q, i = query_histogram[atoms], image_histogram[atoms]
-    fig, ax = plt.subplots(figsize=(6.4, 2.6), dpi=100)
-    x = np.arange(len(atoms))
-    ax.bar(x - 0.2, q, 0.4, label="query words", color="#3b75af")
-    ax.bar(x + 0.2, i, 0.4, label="image (foreground-weighted)", color="#ef8636")
-    ax.set_xticks(x, [f"{a}{'*' if a in shared else ''}" for a in atoms], fontsize=8)
-    ax.set_xlabel("dictionary atom (* = in both top-20)", fontsize=8)
-    ax.set_ylabel("mean weight", fontsize=8)
-    ax.tick_params(axis="y", labelsize=7)
-    ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.canvas.draw()
-    chart = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(fig)
+    width, height, left, bottom, top = 640, 260, 48, 44, 28
+    chart = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(chart)
+    font = ImageFont.load_default(size=11)
+    peak = float(max(q.max(), i.max(), 1e-8))
+    plot_h, slot = height - bottom - top, (width - left - 10) / max(len(atoms), 1)
+    blue, orange = (59, 117, 175), (239, 134, 54)
+    for tick in range(5):  # y grid
+        y = top + plot_h * (1 - tick / 4)
+        draw.line([(left, y), (width - 10, y)], fill=(230, 230, 230))
+        draw.text((4, y - 6), f"{peak * tick / 4:.3f}", fill=(90, 90, 90), font=font)
+    for n, atom in enumerate(atoms):
+        x = left + n * slot
+        for value, colour, offset in ((q[n], blue, 0.12), (i[n], orange, 0.5)):
+            h = plot_h * float(value) / peak
+            draw.rectangle([x + offset * slot, top + plot_h - h, x + (offset + 0.38) * slot, top + plot_h], fill=colour)
+        label = f"{atom}*" if atom in shared else str(atom)
+        draw.text((x + slot / 2 - 3 * len(label), top + plot_h + 4), label, fill=(0, 0, 0), font=font)
+    draw.text((left, height - 18), "dictionary atom (* = in both top-20)", fill=(60, 60, 60), font=font)
+    for n, (name, colour) in enumerate((("query words", blue), ("image (foreground-weighted)", orange))):
+        x = left + 10 + n * 170
+        draw.rectangle([x, 8, x + 12, 18], fill=colour)
+        draw.text((x + 16, 6), name, fill=(0, 0, 0), font=font)
     return chart
 
 

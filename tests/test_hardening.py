@@ -317,9 +317,15 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
 
     from gradio_client import Client
 
-    gallery = explorer.engine.index.gallery
-    checkpoint = tmp_path / "tiny.safetensors"
-    save_checkpoint(explorer.engine.model, checkpoint)
+    # The shipped model on a small gallery: real query encoding, quick index.
+    checkpoint = REPO / "assets" / "lgur_cpu.safetensors"
+    if not checkpoint.is_file():
+        pytest.fail("the shipped checkpoint is missing")
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for src in SHIPPED[:64]:
+        shutil.copy(src, gallery / src.name)
+    local = explorer_app.create(checkpoint, gallery, progress=False).engine  # also builds the index
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -363,7 +369,7 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
     assert not errors and len(answers) == 400
     for query, result, _ in answers:  # each answer belongs to its own query
         assert result["query"] == clean_query(query)
-        expected = [f for f, _ in explorer.engine.search_ids(query, 5)]
+        expected = [f for f, _ in local.search_ids(query, 5)]
         assert [r["file"] for r in result["results"]] == expected
     latencies = sorted(t for *_, t in answers)
     report = {

@@ -179,3 +179,23 @@ def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> Non
     with torch.inference_mode():
         fresh = engine.model.embed_images(normalize(torch.from_numpy(images))).numpy()
     assert np.allclose(fresh, engine.index.embeddings[rows], atol=1e-5)
+
+
+def test_large_galleries_switch_to_an_approximate_index_with_measured_recall(monkeypatch) -> None:
+    import lgur.index as index_module
+    from lgur.index import GalleryIndex
+
+    monkeypatch.setattr(index_module, "EXACT_LIMIT", 1000)
+    rng = np.random.default_rng(0)  # clustered, as embeddings of people are
+    centres = rng.standard_normal((60, 64), dtype=np.float32)
+    x = centres[rng.integers(0, 60, 6000)] + 0.3 * rng.standard_normal((6000, 64), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    big = GalleryIndex(Path("."), [], {"embeddings": x}, "fp")
+    big.build_faiss()
+    assert big.kind == "ivf" and len(big) == 6000
+    assert 0.8 <= big.approximate_recall_at_10 <= 1.0
+    scores, rows = big.search(x[:3], 10)
+    assert rows.shape == (3, 10) and (rows[:, 0] == np.arange(3)).all()  # each vector finds itself
+    small = GalleryIndex(Path("."), [], {"embeddings": x[:500]}, "fp")
+    small.build_faiss()
+    assert small.kind == "flat" and small.approximate_recall_at_10 is None
