@@ -276,7 +276,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
             gr.Examples(EXAMPLES, inputs=query)
             status = gr.Markdown(elem_id="status")
-            results = gr.Gallery(label="Results", columns=10, height=230, object_fit="contain", allow_preview=False,
+            results = gr.Gallery(label="Results", columns=10, height=200, object_fit="contain", allow_preview=False,
                                  elem_id="results")  # fmt: skip
             gr.Markdown("## Why this result")
             with gr.Row():
@@ -285,7 +285,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
             summary = gr.Markdown(elem_id="summary")
             maps = gr.Gallery(label="Prototype attention over the image (share of the score per prototype)",
-                              columns=7, height=340, object_fit="contain", elem_id="prototype-maps",
+                              columns=7, height=280, object_fit="contain", elem_id="prototype-maps",
                               format="jpeg")  # fmt: skip
             words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
                                        elem_id="words")  # fmt: skip

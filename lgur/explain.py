@@ -133,7 +133,7 @@ def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int 
         draw.text((x + slot / 2 - 3 * len(label), top + plot_h + 4), label, fill=(0, 0, 0), font=font)
     draw.text((left, height - 18), "dictionary atom (* = in both top-20)", fill=(60, 60, 60), font=font)
     for n, (name, colour) in enumerate((("query words", blue), ("image (foreground-weighted)", orange))):
-        x = left + 10 + n * 170
+        x = width - 330 + n * 120  # top right: the viewer's label badge covers the top left
         draw.rectangle([x, 8, x + 12, 18], fill=colour)
         draw.text((x + 16, 6), name, fill=(0, 0, 0), font=font)
     return chart
