@@ -11,7 +11,6 @@ detected and rebuilt, never served.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.numpy import load_file, save_file
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, sha256_file
 from .data.dataset import normalize
 from .model import LGUR
 
@@ -47,14 +46,6 @@ ARRAYS = ("embeddings", "parts", "prototype_attention", "foreground", "atom_hist
 
 class IndexUnusable(RuntimeError):
     """An index that cannot be used; the message says why."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_image(path: Path) -> str | None:
