@@ -1,0 +1,157 @@
+"""Training and evaluation data: images in memory, frozen text features cached once.
+
+The frozen text encoder's outputs never change during training, so they are
+computed once per (encoder fingerprint, caption list) and stored as safetensors;
+CPU training then spends its time on the trainable parts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .readers import Record
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """-> uint8 (3, H, W), resized to size=(H, W)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(image).transpose(2, 0, 1).copy()
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> float, ImageNet-normalised (what the encoders expect)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def augment(images: Tensor, pad: int, generator: torch.Generator) -> Tensor:
+    """The paper's augmentation: zero-pad, random crop back to size, random horizontal flip."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    out = torch.empty_like(images)
+    for i in range(b):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def load_images(records: list[Record], size: tuple[int, int], progress: bool = False) -> Tensor:
+    """Decode each distinct image once: uint8 (N, 3, H, W) in record order."""
+    from tqdm import tqdm
+
+    arrays = [load_image(r.image_path, size) for r in tqdm(records, desc="images", disable=not progress)]
+    return torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, *size, dtype=torch.uint8)
+
+
+@dataclass
+class TextFeatures:
+    """Frozen-encoder outputs of many captions, stored ragged: features[offsets[i]:offsets[i]+lengths[i]]."""
+
+    features: Tensor  # (total_tokens, hidden) float16
+    offsets: Tensor  # (N,)
+    lengths: Tensor  # (N,)
+
+    def batch(self, indices: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+        """-> padded features (B, T, hidden) float32 and mask (B, T)."""
+        idx = torch.as_tensor(indices)
+        lengths = self.lengths[idx]
+        t = int(lengths.max())
+        out = torch.zeros(len(idx), t, self.features.shape[1])
+        for row, i in enumerate(idx.tolist()):
+            start, n = int(self.offsets[i]), int(self.lengths[i])
+            out[row, :n] = self.features[start : start + n].float()
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+        return out, mask
+
+
+def _captions_key(captions: list[str], fingerprint: str, max_length: int) -> str:
+    digest = hashlib.sha256(f"{fingerprint}|{max_length}".encode())
+    for c in captions:
+        digest.update(c.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+@torch.inference_mode()
+def text_features(
+    text_encoder, captions: list[str], cache_dir: str | Path | None, batch_size: int = 128, progress: bool = False
+) -> TextFeatures:
+    """Run the frozen encoder over every caption once (or read the cached result)."""
+    key = _captions_key(captions, text_encoder.fingerprint, text_encoder.max_length)
+    path = Path(cache_dir) / f"text_features_{key}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        stored = load_file(str(path))
+        return TextFeatures(stored["features"], stored["offsets"], stored["lengths"])
+    from tqdm import tqdm
+
+    chunks, lengths = [], []
+    order = np.argsort([len(c) for c in captions])  # similar lengths together: less padding
+    by_index: dict[int, Tensor] = {}
+    for start in tqdm(range(0, len(captions), batch_size), desc="text features", disable=not progress):
+        idx = order[start : start + batch_size]
+        ids, mask = text_encoder.tokenize([captions[i] for i in idx])
+        device = next(text_encoder.backbone.parameters()).device
+        feats = text_encoder.backbone_features(ids.to(device), mask.to(device)).half().cpu()
+        for row, i in enumerate(idx):
+            by_index[int(i)] = feats[row, : int(mask[row].sum())]
+    for i in range(len(captions)):
+        chunks.append(by_index[i])
+        lengths.append(len(by_index[i]))
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    offsets = torch.cumsum(lengths_t, 0) - lengths_t
+    result = TextFeatures(torch.cat(chunks).contiguous(), offsets, lengths_t)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"features": result.features, "offsets": offsets, "lengths": lengths_t}, str(tmp))
+        tmp.replace(path)
+    return result
+
+
+@dataclass
+class RetrievalSplit:
+    """One split ready for retrieval: images, captions, and which image each caption describes."""
+
+    records: list[Record]
+    images: Tensor  # uint8 (N_images, 3, H, W)
+    image_ids: Tensor  # (N_images,) identity per image
+    captions: list[str]
+    caption_ids: Tensor  # (N_captions,) identity per caption
+    caption_image: Tensor  # (N_captions,) index of the caption's own image
+
+
+def build_split(records: list[Record], size: tuple[int, int], progress: bool = False) -> RetrievalSplit:
+    captions, caption_ids, caption_image = [], [], []
+    for i, r in enumerate(records):
+        for c in r.captions:
+            captions.append(c)
+            caption_ids.append(r.identity)
+            caption_image.append(i)
+    return RetrievalSplit(
+        records=records,
+        images=load_images(records, size, progress),
+        image_ids=torch.tensor([r.identity for r in records]),
+        captions=captions,
+        caption_ids=torch.tensor(caption_ids),
+        caption_image=torch.tensor(caption_image),
+    )
