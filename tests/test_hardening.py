@@ -276,7 +276,7 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
     explorer_app.create(checkpoint, gallery, progress=False)  # a built, consistent index
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    for src in SHIPPED[100:300]:  # 200 uploads: several embedding batches
+    for src in SHIPPED[100:150]:  # one full upload (the per-upload limit is 50 files)
         shutil.copy(src, incoming / src.name)
     before = {p.relative_to(gallery).as_posix() for p in gallery.rglob("*.jpg")}
 
@@ -285,14 +285,18 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
     embedded = 0
     for line in proc.stdout:
         embedded += line.startswith("EMBEDDING")
-        if embedded == 2:  # in the middle of indexing the batch
+        if embedded == 1:  # copies done, embedding under way: kill before the index is written
             os.kill(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
     accepted = {p.relative_to(gallery).as_posix() for p in (gallery / "uploads").glob("*.jpg")}
-    assert len(accepted) == 200  # all copies had finished; indexing was interrupted
+    assert len(accepted) == 50  # all copies had finished; indexing was interrupted
+    from lgur.checkpoint import checkpoint_fingerprint
+
+    stale = load_index(gallery.resolve(), gallery / ".lgur-index", checkpoint_fingerprint(checkpoint))
+    assert not accepted & {e.path for e in stale.entries}  # the kill came before the index was written
     restarted = explorer_app.create(checkpoint, gallery, progress=False)
     indexed = {e.path for e in restarted.engine.index.entries}
     assert before <= indexed and accepted <= indexed  # nothing lost
