@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
+from .data.dataset import normalize
 from .index import GalleryIndex, UpdateReport, read_image, update_index
 from .model import LGUR
 
@@ -221,6 +222,11 @@ class SearchEngine:
         return SearchResponse(query, results, self.grid, time.perf_counter() - start)
 
     # -- on-demand explanations (one image) -------------------------------------------------
+    def _image(self, row: int) -> torch.Tensor:
+        """One gallery image, ready for the model: (1, 3, H, W)."""
+        path = self.index.gallery / self.index.entries[row].path
+        return normalize(torch.from_numpy(read_image(path, self.model.config.image.img_size))[None])
+
     @torch.inference_mode()
     def guidance(self, text: str, row: int) -> np.ndarray:
         """Cross-modality guidance: (N, W) how much each patch reads each query word (heads averaged)."""
@@ -229,11 +235,7 @@ class SearchEngine:
         encoded = tokenizer([query_text], truncation=True, max_length=self.model.text_encoder.max_length)
         ids = torch.tensor(encoded["input_ids"])
         mask = torch.ones_like(ids, dtype=torch.bool)
-        image = torch.from_numpy(read_image(Path(self.index.gallery / self.index.entries[row].path),
-                                            self.model.config.image.img_size))[None]  # fmt: skip
-        from .data.dataset import normalize
-
-        weights = self.model.guidance_attention(normalize(image), ids, mask)[0].mean(0).numpy()  # (N, T)
+        weights = self.model.guidance_attention(self._image(row), ids, mask)[0].mean(0).numpy()  # (N, T)
         word_ids = encoded.word_ids(0)
         columns = sorted({w for w in word_ids if w is not None})
         return np.stack([weights[:, [i for i, w in enumerate(word_ids) if w == c]].sum(-1) for c in columns], -1)
@@ -241,11 +243,7 @@ class SearchEngine:
     @torch.inference_mode()
     def patch_atoms(self, row: int) -> np.ndarray:
         """DGA reconstruction weights of one image: (N, atoms), averaged over heads."""
-        from .data.dataset import normalize
-
-        image = torch.from_numpy(read_image(Path(self.index.gallery / self.index.entries[row].path),
-                                            self.model.config.image.img_size))[None]  # fmt: skip
-        explained = self.model.explain_images(normalize(image))
+        explained = self.model.explain_images(self._image(row))
         if explained.dictionary_weights is None:
             raise ValueError("this model has no DGA module")
         return explained.dictionary_weights[0].mean(0).numpy()

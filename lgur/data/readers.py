@@ -176,9 +176,7 @@ def detect_format(root: str | Path) -> str:
     )
 
 
-def read_dataset(
-    root: str | Path, fmt: str | None = None, check_files: bool = True
-) -> tuple[list[Record], ReadReport]:
+def read_dataset(root: str | Path, fmt: str | None = None, check_files: bool = True) -> tuple[list[Record], ReadReport]:
     """Read any supported dataset (format detected from its annotation file) and log what was skipped."""
     fmt = fmt or detect_format(root)
     if fmt not in READERS:
