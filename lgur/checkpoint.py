@@ -23,6 +23,8 @@ from .model import LGUR
 
 FORMAT = "lgur-checkpoint"
 FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float32", "float16", "int8")
+SCALE_SUFFIX = ":scale"  # int8 storage: `key` holds the codes, `key:scale` one float32 scale per row
 
 
 class CheckpointError(ValueError):
@@ -53,6 +55,53 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row of the last dimension (per output unit for a Linear)."""
+    rows = tensor.float().reshape(-1, tensor.shape[-1])
+    scale = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    codes = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(tensor.shape), scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows = codes.float().reshape(-1, codes.shape[-1])
+    return (rows * scale[:, None]).reshape(codes.shape)
+
+
+def storage_state(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors as stored on disk. int8 applies to matrices (ndim >= 2); vectors stay float16."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if not tensor.is_floating_point() or dtype == "float32":
+            out[key] = tensor
+        elif dtype == "int8" and tensor.ndim >= 2:
+            out[key], out[key + SCALE_SUFFIX] = quantize_rows(tensor)
+        else:
+            out[key] = tensor.half()
+    return out
+
+
+def restore_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Undo storage_state: dequantize int8 matrices; every other tensor is returned as stored."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(SCALE_SUFFIX):
+            if key[: -len(SCALE_SUFFIX)] not in state:
+                raise CheckpointError(f"{name}: scale {key} has no int8 tensor beside it")
+            continue
+        if tensor.dtype == torch.int8:
+            scale = state.get(key + SCALE_SUFFIX)
+            rows = tensor.numel() // max(tensor.shape[-1], 1) if tensor.ndim else 0
+            if scale is None or scale.shape != (rows,) or not scale.is_floating_point():
+                raise CheckpointError(f"{name}: int8 tensor {key} lacks a valid per-row scale ({key}{SCALE_SUFFIX})")
+            tensor = dequantize_rows(tensor, scale)
+        out[key] = tensor
+    return out
+
+
 def card_path(weights: Path) -> Path:
     return Path(weights).with_suffix(".json")
 
@@ -61,17 +110,18 @@ def save_checkpoint(
     model: LGUR,
     path: str | Path,
     card: dict[str, Any] | None = None,
-    half: bool = False,
+    dtype: str = "float32",
     include_classifier: bool = False,
 ) -> Path:
-    """Write `path` (.safetensors) and its card `path.json`, each atomically; returns the weights path."""
+    """Write `path` (.safetensors) and its card `path.json`, each atomically; returns the weights path.
+
+    dtype is the storage precision ("float32", "float16", or "int8": per-row symmetric codes
+    for matrices, float16 vectors); the model always computes in float32 after loading.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path.name}")
-    state = {}
-    for key, tensor in model.trainable_state_dict(include_classifier).items():
-        tensor = tensor.detach().cpu().contiguous()
-        state[key] = tensor.half() if half and tensor.is_floating_point() else tensor
+    state = storage_state(model.trainable_state_dict(include_classifier), dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -89,7 +139,7 @@ def save_checkpoint(
         "config": model.config.to_dict(),
         "num_identities": model.classifier.weight.shape[-1] if model.classifier is not None else 0,
         "includes_classifier": include_classifier and model.classifier is not None,
-        "dtype": "float16" if half else "float32",
+        "dtype": dtype,
         "text_encoder": {"name": model.config.text.name, "source": text.source, "fingerprint": text.fingerprint},
         "parameters": model.parameter_counts(),
         **(card or {}),
@@ -153,6 +203,7 @@ def load_checkpoint(
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path.name} is not a readable safetensors file: {error}") from error
+    state = restore_state(state, path.name)
 
     config = LGURConfig.from_dict(card["config"])
     if text_encoder_path:

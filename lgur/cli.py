@@ -205,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         keep.setdefault("data", {})["world"] = json.loads(world.read_text())
     if card.get("metrics"):
         keep["metrics_before_export"] = card["metrics"]
-    path = save_checkpoint(model, args.out, keep, half=args.half)
+    path = save_checkpoint(model, args.out, keep, dtype=args.dtype)
     if args.data:
         from .data.readers import read_dataset
         from .train import score_test_splits, split_records
@@ -349,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    export = sub.add_parser("export", help="write an inference checkpoint (optionally float16) with its card")
+    export = sub.add_parser("export", help="write an inference checkpoint with its card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
-    export.add_argument("--half", action="store_true")
+    export.add_argument(
+        "--dtype", choices=["float32", "float16", "int8"], default="float32",
+        help="storage precision: int8 = per-row codes for matrices, float16 vectors (about 2x smaller than float16)",
+    )  # fmt: skip
     export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
     export.add_argument("--cache", default="cache", help="folder for cached text features")
     export.add_argument("--command", help="the training command, recorded in the card")

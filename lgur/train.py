@@ -86,7 +86,7 @@ class TrainConfig:
 # starts from scratch, so its encoder and the DGA/PGU modules learn at a higher rate, with warm-up.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
-    "cpu": {"epochs": 9, "lr_backbone": 5e-4, "warmup_steps": 300, "samples": "images"},
+    "cpu": {"epochs": 8, "lr_backbone": 5e-4, "warmup_steps": 300, "samples": "images"},
 }
 
 

@@ -37,13 +37,57 @@ def test_round_trip_is_bit_exact(tiny_model: LGUR, saved: Path) -> None:
     assert card["text_encoder"]["source"] == "package"
 
 
+def resave(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Replace the weights and re-sign the card: a consistent file whose content is what we test."""
+    from lgur.checkpoint import sha256_file
+
+    save_file(state, str(path))
+    card = json.loads(card_path(path).read_text())
+    card["weights_sha256"] = sha256_file(path)
+    card_path(path).write_text(json.dumps(card))
+
+
 def test_half_precision_round_trip(tiny_model: LGUR, tmp_path: Path) -> None:
-    path = save_checkpoint(tiny_model, tmp_path / "half.safetensors", half=True)
+    path = save_checkpoint(tiny_model, tmp_path / "half.safetensors", dtype="float16")
     assert all(t.dtype == torch.float16 for t in load_file(str(path)).values() if t.is_floating_point())
     loaded, card = load_checkpoint(path)
     assert card["dtype"] == "float16"
     for key, value in tiny_model.trainable_state_dict().items():
         assert torch.equal(value.half().float(), loaded.state_dict()[key]), key
+
+
+def test_int8_storage_is_close_and_smaller(tiny_model: LGUR, tmp_path: Path) -> None:
+    half = save_checkpoint(tiny_model, tmp_path / "half.safetensors", dtype="float16")
+    path = save_checkpoint(tiny_model, tmp_path / "int8.safetensors", dtype="int8")
+    stored = load_file(str(path))
+    assert stored["dga.dictionary"].dtype == torch.int8 and stored["dga.dictionary:scale"].dtype == torch.float32
+    assert path.stat().st_size < 0.65 * half.stat().st_size
+    loaded, card = load_checkpoint(path)
+    assert card["dtype"] == "int8"
+    for key, value in tiny_model.trainable_state_dict().items():
+        restored = loaded.state_dict()[key]
+        assert restored.dtype == torch.float32
+        if value.ndim >= 2:  # each element within half a quantisation step of its row
+            step = value.reshape(-1, value.shape[-1]).abs().amax(1) / 127
+            error = (value - restored).reshape(-1, value.shape[-1]).abs()
+            assert (error <= step[:, None] / 2 + 1e-6).all(), key
+        else:
+            assert torch.equal(value.half().float(), restored), key
+    ids, mask = tiny_model.tokenize(CAPTIONS)
+    images = random_images(tiny_model, 2)
+    with torch.no_grad():
+        for a, b in [(tiny_model.embed_texts(ids, mask), loaded.embed_texts(ids, mask)),
+                     (tiny_model.embed_images(images), loaded.embed_images(images))]:  # fmt: skip
+            assert (a * b).sum(-1).min() > 0.99
+
+
+def test_int8_without_its_scale_is_refused(tiny_model: LGUR, tmp_path: Path) -> None:
+    path = save_checkpoint(tiny_model, tmp_path / "int8.safetensors", dtype="int8")
+    state = load_file(str(path))
+    del state["dga.dictionary:scale"]
+    resave(path, state)
+    with pytest.raises(CheckpointError, match=r"int8 tensor dga\.dictionary lacks a valid per-row scale"):
+        load_checkpoint(path)
 
 
 def test_training_heads_stay_out_unless_asked(tiny_model: LGUR, tmp_path: Path) -> None:
@@ -57,12 +101,7 @@ def test_training_heads_stay_out_unless_asked(tiny_model: LGUR, tmp_path: Path) 
 def test_wrong_shape_is_refused(saved: Path) -> None:
     state = load_file(str(saved))
     state["dga.dictionary"] = torch.zeros(7, state["dga.dictionary"].shape[1])
-    save_file(state, str(saved))
-    card = json.loads(card_path(saved).read_text())
-    from lgur.checkpoint import sha256_file
-
-    card["weights_sha256"] = sha256_file(saved)  # a consistent file, just the wrong shape
-    card_path(saved).write_text(json.dumps(card))
+    resave(saved, state)  # a consistent file, just the wrong shape
     with pytest.raises(CheckpointError, match=r"dga\.dictionary: file has \(7, 64\), model expects \(32, 64\)"):
         load_checkpoint(saved)
 

@@ -341,7 +341,7 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
         deadline = time.time() + 180
         while True:
             try:
-                client = Client(url, verbose=False, download_files=False)
+                Client(url, verbose=False, download_files=False)  # the server is up
                 break
             except Exception:
                 if time.time() > deadline or proc.poll() is not None:
@@ -351,9 +351,6 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
         garments = ["coat", "t-shirt", "jacket", "hoodie"]
         queries = [[f"{colours[(c + i) % 8]} {garments[(c * 3 + i) % 4]} person {c}-{i}" for i in range(25)]
                    for c in range(16)]  # fmt: skip
-        for q in queries[0][:5]:  # warm-up
-            client.predict(q, 5, api_name="/search")
-        rss_warm = _rss_mib(proc.pid)
 
         def session(mine: list[str]) -> list[tuple[str, dict, float]]:
             own = Client(url, verbose=False, download_files=False)
@@ -364,6 +361,10 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
             return out
 
         with ThreadPoolExecutor(16) as pool:
+            # Warm-up with the same concurrency: each worker thread's allocator arena and the
+            # server's thread pool grow once; a leak is growth that continues after that.
+            list(pool.map(session, [[f"warm-up {q}" for q in mine[:5]] for mine in queries]))
+            rss_warm = _rss_mib(proc.pid)
             answers = [a for chunk in pool.map(session, queries) for a in chunk]
         rss_after = _rss_mib(proc.pid)
     finally:
