@@ -114,6 +114,36 @@ def cmd_ambiguity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lexical_probe(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .encoders import TextEncoder
+    from .synth.probe import lexical_probe
+
+    config = preset(args.preset)
+    if args.text_encoder:
+        config.text.path = args.text_encoder
+    report = lexical_probe(TextEncoder(config.text, config.dim).eval())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"nearest concept of a form, by the frozen encoder's token features ({config.text.name}):")
+    for kind, r in report["kinds"].items():
+        print(
+            f"  {kind:15s} {r['concepts']:2d} concepts  held-out forms {r['held_out_accuracy']:5.1f}% "
+            f"({r['held_out_forms']})  training forms {r['train_accuracy']:5.1f}% ({r['train_forms_tested']})  "
+            f"chance {r['chance']:.1f}%"
+        )
+    print(
+        f"  all: held-out {report['held_out_accuracy']:.1f}% of {report['held_out_forms']} forms, "
+        f"training {report['train_accuracy']:.1f}%, chance {report['chance']:.1f}%"
+    )
+    misses = [e for e in report["examples"] if e["nearest"] != e["concept"]]
+    for e in misses[: args.show]:
+        own, best = e["cosine_own"], e["cosine_nearest"]
+        print(f"  {e['held_out']!r} ({e['concept']}) -> {e['nearest']}: cosine {best} vs {own} to its own")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import recipe, train
 
@@ -426,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     ambiguity.add_argument("--splits", nargs="+", default=["test", "test-paraphrase"])
     ambiguity.add_argument("--json", action="store_true")
     ambiguity.set_defaults(func=cmd_ambiguity)
+
+    probe = sub.add_parser("lexical-probe", help="does the frozen text encoder map held-out synonyms to their concept?")
+    probe.add_argument("--preset", default="cpu", choices=["cpu", "paper"])
+    probe.add_argument("--text-encoder", help="path of the frozen text encoder (default: the preset's)")
+    probe.add_argument("--show", type=int, default=10, help="print this many misses")
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(func=cmd_lexical_probe)
     return parser
 
 

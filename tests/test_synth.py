@@ -174,3 +174,31 @@ def test_gallery_regenerates_bit_identically(tmp_path: Path) -> None:
         committed = REPO / "gallery" / entry["file"]
         assert committed.read_bytes() == (tmp_path / "a" / entry["file"]).read_bytes(), entry["file"]
     assert manifest["images"][: len(fresh)] == fresh
+
+
+def test_concept_similarity_takes_the_best_form_of_each_concept() -> None:
+    import torch
+
+    from lgur.synth.probe import concept_similarity
+
+    forms = torch.eye(4)  # four forms: concept 0 owns forms 0-1, concept 1 owns forms 2-3
+    owner = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[0.0, 0.9, 0.1, 0.0], [0.2, 0.0, 0.0, 0.7]])
+    sims = concept_similarity(queries, forms, owner, 2)
+    assert torch.allclose(sims, torch.tensor([[0.9, 0.1], [0.2, 0.7]]))
+    forms = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    own = concept_similarity(forms, forms, owner, 2, exclude_self=True)  # a form never matches itself
+    assert torch.allclose(own, torch.tensor([[0.8, 0.6], [0.8, 0.96], [0.6, 0.8], [0.96, 0.8]]))
+
+
+def test_lexical_probe_on_the_frozen_encoder(tiny_model) -> None:
+    from lgur.synth.captions import COLOUR_WORDS
+    from lgur.synth.probe import concepts, lexical_probe
+
+    report = lexical_probe(tiny_model.text_encoder)
+    assert report["held_out_forms"] == sum(len(c.held_out) for c in concepts())
+    assert report["kinds"]["colour"]["concepts"] == len(COLOUR_WORDS)
+    assert {e["held_out"] for e in report["examples"]} >= {"crimson", "rucksack"}
+    # The real MiniLM separates the training words' concepts far above chance.
+    assert report["train_accuracy"] > 2 * report["chance"]
+    assert 0 <= report["held_out_accuracy"] <= 100
