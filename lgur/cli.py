@@ -167,6 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_overrides=overrides,
         use_dga=not args.no_dga,
         use_pgu=not args.no_pgu,
+        prototype_diversity=args.prototype_diversity,
     )
     result = train(cfg, progress=not args.quiet)
     print(json.dumps(result, indent=2))
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int)
     train.add_argument("--no-dga", action="store_true", help="ablation: without DGA")
     train.add_argument("--no-pgu", action="store_true", help="ablation: without PGU (mean pooling)")
+    train.add_argument("--prototype-diversity", type=float,
+                       help="not in the paper: weight of a penalty on overlapping prototype attention")  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=cmd_train)

@@ -40,12 +40,29 @@ def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, ge
     return _one_way_triplet(sim, labels, margin, generator) + _one_way_triplet(sim.t(), labels, margin, generator)
 
 
-class LGURLoss(nn.Module):
-    """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1)."""
+def prototype_overlap(attention: Tensor) -> Tensor:
+    """Mean cosine similarity between different prototypes' attention maps.
 
-    def __init__(self, margin: float = 0.3, seed: int = 0) -> None:
+    attention: (B, H, P, L) of one decoder layer (zero on padding). 0 when every prototype
+    reads disjoint positions, 1 when all read the same ones.
+    """
+    maps = F.normalize(attention.mean(dim=1), dim=-1)  # (B, P, L), heads averaged
+    gram = maps @ maps.transpose(1, 2)  # (B, P, P)
+    p = gram.shape[-1]
+    return (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)).mean() / (p * (p - 1))
+
+
+class LGURLoss(nn.Module):
+    """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1).
+
+    diversity > 0 adds an option that is not in the paper: that weight times the overlap of the
+    prototypes' last-layer attention on the dictionary branches (the ones shown and searched).
+    """
+
+    def __init__(self, margin: float = 0.3, seed: int = 0, diversity: float = 0.0) -> None:
         super().__init__()
         self.margin = margin
+        self.diversity = diversity
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, out: TrainOutputs, labels: Tensor, classifier: IdentityClassifier) -> dict[str, Tensor]:
@@ -65,5 +82,12 @@ class LGURLoss(nn.Module):
             losses[f"rank/{left}-{right}"] = triplet_ranking_loss(
                 branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator
             )
+        if self.diversity > 0:
+            dictionary = out.image_dictionary is not None
+            shown = [out.image_dictionary, out.text_dictionary] if dictionary else [out.image, out.text]
+            for name, parts in zip(("image", "text"), shown, strict=True):
+                if parts.attention is None:
+                    raise ValueError("the diversity term needs prototype attention (PGU, need_weights=True)")
+                losses[f"diversity/{name}"] = self.diversity * prototype_overlap(parts.attention[-1])
         losses["total"] = sum(losses.values())
         return losses

@@ -104,22 +104,30 @@ class LGUR(nn.Module):
 
     # -- training -------------------------------------------------------------------------
     def forward(
-        self, images: Tensor, mask: Tensor, ids: Tensor | None = None, backbone_features: Tensor | None = None
+        self,
+        images: Tensor,
+        mask: Tensor,
+        ids: Tensor | None = None,
+        backbone_features: Tensor | None = None,
+        need_weights: bool = False,
     ) -> TrainOutputs:
-        """images (B, 3, H, W) paired with captions (mask (B, T), ids or cached features)."""
+        """images (B, 3, H, W) paired with captions (mask (B, T), ids or cached features).
+
+        need_weights: also return each branch's prototype attention (for the diversity term).
+        """
         patches = self.image_encoder(images)  # (B, N, D)
         words = self.text_features(mask, ids, backbone_features)  # (B, T, D)
-        text = self.pgu(words, mask)
+        text = self.pgu(words, mask, need_weights)
         if self.dga is None:
-            return TrainOutputs(image=self.pgu(patches), text=text)
+            return TrainOutputs(image=self.pgu(patches, None, need_weights), text=text)
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches)
         text_dictionary = self.dga.reconstruct_text(words, mask)
         return TrainOutputs(
-            image=self.pgu(guided.features),
+            image=self.pgu(guided.features, None, need_weights),
             text=text,
-            image_dictionary=self.pgu(image_dictionary.features),
-            text_dictionary=self.pgu(text_dictionary.features, mask),
+            image_dictionary=self.pgu(image_dictionary.features, None, need_weights),
+            text_dictionary=self.pgu(text_dictionary.features, mask, need_weights),
         )
 
     # -- retrieval and explanations (dictionary branch) -------------------------------------

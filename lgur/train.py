@@ -46,6 +46,7 @@ class TrainConfig:
     decay_reference: int = 60
     warmup_steps: int = 0
     margin: float = 0.3
+    prototype_diversity: float = 0.0  # not in the paper: weight of the prototype-overlap penalty
     seed: int = 0
     pad: int = 10  # augmentation padding at 384-pixel height; scaled with the input size
     samples: str = "captions"  # one sample per caption (paper) or per image (one random caption)
@@ -106,7 +107,7 @@ class TrainingStep(nn.Module):
         self.model, self.criterion = model, criterion
 
     def forward(self, images: Tensor, features: Tensor, mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        out = self.model(images, mask, backbone_features=features)
+        out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0)
         return self.criterion(out, labels, self.model.classifier)
 
 
@@ -199,6 +200,8 @@ def plot_curves(log_path: Path, out: Path) -> None:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    if cfg.prototype_diversity and not cfg.use_pgu:
+        raise ValueError("--prototype-diversity needs PGU (there are no prototypes with --no-pgu)")
     started = time.perf_counter()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -232,7 +235,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     labels_of_caption = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
     pad = max(1, round(cfg.pad * size[0] / 384))
 
-    criterion = LGURLoss(cfg.margin, seed=cfg.seed)
+    criterion = LGURLoss(cfg.margin, seed=cfg.seed, diversity=cfg.prototype_diversity)
     step_module: nn.Module = TrainingStep(model, criterion)
     if distributed:
         step_module = nn.parallel.DistributedDataParallel(

@@ -154,3 +154,35 @@ def test_triplet_loss_is_seeded_and_respects_identities() -> None:
     assert triplet_ranking_loss(separated, separated, labels, 1.5, torch.Generator()) > 0
     same = torch.zeros(8, dtype=torch.long)
     assert triplet_ranking_loss(a, b, same, 0.3, torch.Generator()) == 0
+
+
+def test_prototype_overlap_and_the_diversity_option() -> None:
+    from lgur.losses import prototype_overlap
+
+    same = torch.full((2, 3, 4, 10), 0.1)  # (B, H, P, L): every prototype reads every position alike
+    disjoint = torch.zeros(2, 3, 4, 10)
+    for p in range(4):
+        disjoint[:, :, p, 2 * p : 2 * p + 2] = 0.5
+    assert torch.isclose(prototype_overlap(same), torch.tensor(1.0))
+    assert prototype_overlap(disjoint) == 0
+    # Off by default (the paper's objective); when on, it is a logged term that lowers the overlap.
+    torch.manual_seed(0)
+    model = LGUR(tiny_config(dropout=0.0), num_identities=3).train()
+    ids, mask = model.tokenize(CAPTIONS)
+    images, labels = random_images(model, 3), torch.tensor([0, 1, 2])
+    features = model.text_encoder.backbone_features(ids, mask)
+    assert not any(k.startswith("diversity") for k in LGURLoss()(model(images, mask, backbone_features=features),
+                                                                 labels, model.classifier))  # fmt: skip
+    with pytest.raises(ValueError, match="need_weights"):
+        LGURLoss(diversity=1.0)(model(images, mask, backbone_features=features), labels, model.classifier)
+    criterion = LGURLoss(seed=0, diversity=1.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    overlaps = []
+    for _ in range(15):
+        losses = criterion(model(images, mask, backbone_features=features, need_weights=True), labels,
+                           model.classifier)  # fmt: skip
+        overlaps.append(losses["diversity/image"].item())
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+    assert overlaps[-1] < overlaps[0], overlaps
