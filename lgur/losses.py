@@ -41,7 +41,7 @@ def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, ge
 
 
 def prototype_overlap(attention: Tensor) -> Tensor:
-    """Mean cosine similarity between different prototypes' attention maps.
+    """Mean cosine similarity between different prototypes' attention maps, per sample -> (B,).
 
     attention: (B, H, P, L) of one decoder layer (zero on padding). 0 when every prototype
     reads disjoint positions, 1 when all read the same ones.
@@ -49,7 +49,7 @@ def prototype_overlap(attention: Tensor) -> Tensor:
     maps = F.normalize(attention.mean(dim=1), dim=-1)  # (B, P, L), heads averaged
     gram = maps @ maps.transpose(1, 2)  # (B, P, P)
     p = gram.shape[-1]
-    return (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)).mean() / (p * (p - 1))
+    return (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)) / (p * (p - 1))
 
 
 class LGURLoss(nn.Module):
@@ -88,6 +88,6 @@ class LGURLoss(nn.Module):
             for name, parts in zip(("image", "text"), shown, strict=True):
                 if parts.attention is None:
                     raise ValueError("the diversity term needs prototype attention (PGU, need_weights=True)")
-                losses[f"diversity/{name}"] = self.diversity * prototype_overlap(parts.attention[-1])
+                losses[f"diversity/{name}"] = self.diversity * prototype_overlap(parts.attention[-1]).mean()
         losses["total"] = sum(losses.values())
         return losses

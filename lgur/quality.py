@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .data.dataset import load_image, normalize
+from .losses import prototype_overlap
 from .model import LGUR
 from .synth.render import PARTS
 
@@ -51,13 +52,15 @@ def explanation_quality(
     side = json.loads((data / "synthetic_attributes.json").read_text())
     size, grid = model.config.image.img_size, model.image_encoder.grid
     model.eval()
-    fg_scores, fg_labels = [], []
+    fg_scores, fg_labels, overlaps = [], [], []
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
     for start in range(0, len(annotations), batch_size):
         chunk = annotations[start : start + batch_size]
         images = torch.from_numpy(np.stack([load_image(data / "imgs" / a["file_path"], size) for a in chunk]))
         explained = model.explain_images(normalize(images))
+        if explained.prototype_attention is not None:  # (B, layers, H, P, N) -> last layer
+            overlaps.append(prototype_overlap(explained.prototype_attention[:, -1]))
         for i, a in enumerate(chunk):
             with Image.open(data / side[a["file_path"]]["parts"]) as labels:
                 fractions = patch_part_fractions(np.asarray(labels), grid)  # (N, parts)
@@ -80,6 +83,7 @@ def explanation_quality(
         }
     if explained.prototype_attention is not None:
         result["prototype_part_share"] = (share / n).round(4).tolist()
+        result["prototype_overlap"] = float(torch.cat(overlaps).mean())
     result["part_area_share"] = (area / n).round(4).tolist()
     return result
 
@@ -91,6 +95,11 @@ def format_quality(result: dict[str, Any]) -> str:
         lines.append(
             f"foreground weights: ROC-AUC {result['foreground_auc']:.3f} for person vs background patches "
             f"(mean m {m['person_patches']:.3f} on person, {m['background_patches']:.3f} on background)"
+        )
+    if "prototype_overlap" in result:
+        lines.append(
+            f"prototype overlap: mean cosine between two prototypes' attention maps {result['prototype_overlap']:.3f} "
+            "(1 = all read the same patches, 0 = disjoint)"
         )
     parts = result["parts"]
     header = "| prototype | " + " | ".join(parts) + " |"

@@ -163,8 +163,8 @@ def test_prototype_overlap_and_the_diversity_option() -> None:
     disjoint = torch.zeros(2, 3, 4, 10)
     for p in range(4):
         disjoint[:, :, p, 2 * p : 2 * p + 2] = 0.5
-    assert torch.isclose(prototype_overlap(same), torch.tensor(1.0))
-    assert prototype_overlap(disjoint) == 0
+    assert torch.allclose(prototype_overlap(same), torch.ones(2))
+    assert torch.equal(prototype_overlap(disjoint), torch.zeros(2))
     # Off by default (the paper's objective); when on, it is a logged term that lowers the overlap.
     torch.manual_seed(0)
     model = LGUR(tiny_config(dropout=0.0), num_identities=3).train()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lgur.quality import explanation_quality, patch_part_fractions, roc_auc
+from lgur.quality import explanation_quality, format_quality, patch_part_fractions, roc_auc
 from lgur.synth.world import WorldSpec, generate_world
 
 
@@ -34,3 +34,5 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tmp_path) -> None:
     assert shares.shape == (tiny_model.config.num_prototypes, 8)
     assert np.allclose(shares.sum(1), 1, atol=1e-3)  # each prototype's attention is spread over the parts
     assert sum(result["part_area_share"]) == pytest.approx(1, abs=1e-3)
+    assert 0 <= result["prototype_overlap"] <= 1
+    assert "prototype overlap" in format_quality(result)
