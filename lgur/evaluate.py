@@ -37,9 +37,9 @@ def embed_images(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
 def embed_captions(model: LGUR, features: TextFeatures, batch_size: int = 256) -> Tensor:
     model.eval()
     out = []
+    device = next(model.parameters()).device
     for start in range(0, len(features.lengths), batch_size):
         feats, mask = features.batch(list(range(start, min(start + batch_size, len(features.lengths)))))
-        device = next(model.parameters()).device
         explained = model.explain_texts(mask.to(device), backbone_features=feats.to(device), need_weights=False)
         out.append(explained.embedding.cpu())
     return torch.cat(out)
