@@ -9,11 +9,17 @@ from typing import Any
 
 @dataclass
 class ImageEncoderConfig:
-    """A timm ViT used as a patch-token encoder (class/distillation tokens dropped)."""
+    """A timm image model used as a grid-of-tokens encoder.
 
+    kind "vit": a ViT's patch tokens (class/distillation tokens dropped).
+    kind "cnn": a CNN's feature map at stride `patch_size` (the paper's ResNet-50 variant
+    is of this kind), flattened to tokens with a learned position embedding.
+    """
+
+    kind: str = "vit"
     timm_name: str = "deit_small_distilled_patch16_224"
     img_size: tuple[int, int] = (384, 128)  # (height, width)
-    patch_size: int = 16
+    patch_size: int = 16  # ViT patch size, or the CNN feature stride: the grid is img_size // patch_size
     # Overrides of the timm architecture (None keeps the named model's value).
     embed_dim: int | None = None
     depth: int | None = None
@@ -87,15 +93,17 @@ def paper_preset() -> LGURConfig:
 
 
 def cpu_preset() -> LGURConfig:
-    """A model trainable on 2 CPU cores: a small ViT from scratch and MiniLM-L6 as text encoder."""
+    """A model trainable on 2 CPU cores: a small CNN from scratch and MiniLM-L6 as text encoder.
+
+    The paper also reports a ResNet-50 variant; here ResNet-18's stem and first two stages
+    give a 16x6 grid at stride 8 (a CNN learns from scratch faster than a small ViT).
+    """
     return LGURConfig(
         image=ImageEncoderConfig(
-            timm_name="vit_tiny_patch16_224",
+            kind="cnn",
+            timm_name="resnet18",
             img_size=(128, 48),
-            patch_size=8,  # 16x6 grid of patch tokens
-            embed_dim=192,  # projected to the shared width (256)
-            depth=4,
-            num_heads=3,
+            patch_size=8,  # feature stride: 16x6 grid of tokens
             blocks_used=None,
             pretrained=False,
             drop_path=0.0,
@@ -116,7 +124,24 @@ def cpu_preset() -> LGURConfig:
     )
 
 
-PRESETS = {"paper": paper_preset, "cpu": cpu_preset}
+def cpu_vit_preset() -> LGURConfig:
+    """The earlier CPU model: a 4-block ViT (192-d) from scratch instead of the CNN."""
+    config = cpu_preset()
+    config.image = ImageEncoderConfig(
+        timm_name="vit_tiny_patch16_224",
+        img_size=(128, 48),
+        patch_size=8,
+        embed_dim=192,
+        depth=4,
+        num_heads=3,
+        blocks_used=None,
+        pretrained=False,
+        drop_path=0.0,
+    )
+    return config
+
+
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "cpu-vit": cpu_vit_preset}
 
 
 def preset(name: str) -> LGURConfig:

@@ -1,6 +1,7 @@
 """Image and text encoders.
 
-Image: any timm ViT, used as a patch-token encoder (prefix tokens dropped).
+Image: any timm ViT, used as a patch-token encoder (prefix tokens dropped), or any
+timm CNN, whose feature map at a chosen stride becomes the grid of tokens.
 Text: a frozen Hugging Face encoder, then a trainable one-layer BiLSTM whose two
 directions are averaged. The frozen encoder is resolved offline first: an explicit
 local folder, then a model shipped inside an installed package, then the Hub.
@@ -35,7 +36,7 @@ RANDOM_INIT_TEXT_CONFIGS = {"bert-base-uncased": {}}  # BertConfig defaults are 
 UNCASED_VOCAB_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class ImageEncoder(nn.Module):
+class ViTEncoder(nn.Module):
     """(B, 3, H, W) normalised images -> (B, N, dim) patch tokens, N = grid_h * grid_w."""
 
     def __init__(self, config: ImageEncoderConfig, dim: int, load_pretrained: bool = True) -> None:
@@ -80,6 +81,60 @@ class ImageEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         tokens = self.vit.forward_features(images)  # (B, prefix + N, C)
         return self.proj(tokens[:, self.vit.num_prefix_tokens :])
+
+
+class CNNEncoder(nn.Module):
+    """(B, 3, H, W) -> (B, N, dim): a timm CNN's feature map at stride `patch_size`, as tokens.
+
+    The stages after that stride are not built. A learned position embedding tells
+    the prototypes where on the body a token sits (a convolution only knows its neighbourhood).
+    """
+
+    def __init__(self, config: ImageEncoderConfig, dim: int, load_pretrained: bool = True) -> None:
+        super().__init__()
+        probe = timm.create_model(config.timm_name, pretrained=False, features_only=True)
+        reductions = probe.feature_info.reduction()
+        if config.patch_size not in reductions:
+            raise ValueError(f"{config.timm_name} has feature maps at strides {reductions}, not {config.patch_size}")
+        stage = reductions.index(config.patch_size)
+        del probe
+        from_hub = load_pretrained and config.pretrained and config.pretrained_path is None
+        kwargs = dict(features_only=True, out_indices=(stage,), drop_path_rate=config.drop_path)
+        try:
+            self.cnn = timm.create_model(config.timm_name, pretrained=from_hub, **kwargs)
+        except Exception as error:  # no network
+            warnings.warn(
+                f"ImageNet weights for {config.timm_name} could not be loaded ({type(error).__name__}: {error}); "
+                "the image encoder starts from random initialisation.",
+                stacklevel=2,
+            )
+            self.cnn = timm.create_model(config.timm_name, pretrained=False, **kwargs)
+        if load_pretrained and config.pretrained and config.pretrained_path:
+            from safetensors.torch import load_file
+
+            missing, unexpected = self.cnn.load_state_dict(load_file(config.pretrained_path), strict=False)
+            log.info(
+                "loaded %s (missing %d, unexpected %d keys)", config.pretrained_path, len(missing), len(unexpected)
+            )
+        self.grid = config.grid
+        channels = self.cnn.feature_info.channels()[-1]
+        self.proj = nn.Linear(channels, dim)
+        self.position = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
+        nn.init.trunc_normal_(self.position, std=0.02)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.cnn(images)[-1]  # (B, C, H / stride, W / stride)
+        if tuple(features.shape[-2:]) != self.grid:
+            raise ValueError(f"image size gives a {tuple(features.shape[-2:])} grid, expected {self.grid}")
+        return self.proj(features.flatten(2).transpose(1, 2)) + self.position
+
+
+def build_image_encoder(config: ImageEncoderConfig, dim: int, load_pretrained: bool = True) -> nn.Module:
+    """The image encoder named by config.kind ("vit" or "cnn")."""
+    encoders = {"vit": ViTEncoder, "cnn": CNNEncoder}
+    if config.kind not in encoders:
+        raise ValueError(f"unknown image encoder kind {config.kind!r}; choose from {sorted(encoders)}")
+    return encoders[config.kind](config, dim, load_pretrained)
 
 
 @dataclass

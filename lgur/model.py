@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import LGURConfig
 from .dga import DGA
-from .encoders import ImageEncoder, TextEncoder
+from .encoders import TextEncoder, build_image_encoder
 from .pgu import PGU, GlobalPooling, Parts
 
 
@@ -37,6 +37,14 @@ class ImageExplanation:
     foreground: Tensor | None  # (B, N) foreground weight m per patch
     grid: tuple[int, int]  # (rows, cols) of the patch grid, N = rows * cols
 
+    @property
+    def atom_histogram(self) -> Tensor | None:
+        """(B, atoms): the patches' atom weights (heads averaged), foreground-weighted mean."""
+        if self.dictionary_weights is None:
+            return None
+        weights, fg = self.dictionary_weights.mean(1), self.foreground  # (B, N, atoms), (B, N)
+        return (weights * fg.unsqueeze(-1)).sum(1) / fg.sum(1, keepdim=True).clamp(min=1e-6)
+
 
 @dataclass
 class TextExplanation:
@@ -45,6 +53,14 @@ class TextExplanation:
     prototype_attention: Tensor | None  # (B, layers, H, P, T), zero on padding
     dictionary_weights: Tensor | None  # (B, H, T, atoms), zero on padding
     mask: Tensor  # (B, T) True = real token
+
+    @property
+    def atom_histogram(self) -> Tensor | None:
+        """(B, atoms): the words' atom weights (heads averaged), mean over real tokens."""
+        if self.dictionary_weights is None:
+            return None
+        valid = self.mask.to(self.dictionary_weights.dtype)
+        return self.dictionary_weights.mean(1).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
 def _stack_attention(parts: Parts) -> Tensor | None:
@@ -67,7 +83,7 @@ class LGUR(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.image_encoder = ImageEncoder(c.image, c.dim, load_pretrained)
+        self.image_encoder = build_image_encoder(c.image, c.dim, load_pretrained)
         self.text_encoder = TextEncoder(c.text, c.dim)
         self.dga = (
             DGA(

@@ -1,0 +1,98 @@
+"""The CPU recipe's parts beyond the paper: CNN trunk, identity sampling, SDM loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lgur.config import ImageEncoderConfig
+from lgur.data.dataset import RetrievalSplit
+from lgur.encoders import CNNEncoder, build_image_encoder
+from lgur.losses import similarity_distribution_matching
+from lgur.train import TrainConfig, epoch_order
+
+
+def test_cnn_encoder_gives_the_configured_grid() -> None:
+    config = ImageEncoderConfig(kind="cnn", timm_name="resnet18", img_size=(64, 24), patch_size=8, pretrained=False)
+    encoder = build_image_encoder(config, dim=32)
+    assert isinstance(encoder, CNNEncoder) and encoder.grid == (8, 3)
+    tokens = encoder(torch.randn(2, 3, 64, 24))
+    assert tokens.shape == (2, 24, 32)
+    with pytest.raises(ValueError, match="strides"):
+        build_image_encoder(ImageEncoderConfig(kind="cnn", timm_name="resnet18", patch_size=12, pretrained=False), 32)
+    with pytest.raises(ValueError, match="kind"):
+        build_image_encoder(ImageEncoderConfig(kind="rnn"), 32)
+
+
+def _brute_force_sdm(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, scale: float) -> float:
+    total = 0.0
+    for x, y in ((a, b), (b, a)):
+        rows = []
+        for i in range(len(x)):
+            logits = [scale * float(x[i] @ y[j]) for j in range(len(y))]
+            z = math.log(sum(math.exp(v) for v in logits))
+            positives = sum(int(labels[j] == labels[i]) for j in range(len(y)))
+            kl = 0.0
+            for j, v in enumerate(logits):
+                p = math.exp(v - z)
+                q = (1.0 / positives if labels[j] == labels[i] else 0.0) + 1e-8
+                kl += p * ((v - z) - math.log(q))
+            rows.append(kl)
+        total += sum(rows) / len(rows)
+    return total
+
+
+def test_sdm_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    got = similarity_distribution_matching(a, b, labels, scale).item()
+    assert got == pytest.approx(_brute_force_sdm(a, b, labels, 10.0), rel=1e-6)
+    # perfectly separated identities at a sharp temperature: almost no loss
+    e = torch.eye(3, dtype=torch.float64)[labels]
+    assert similarity_distribution_matching(e, e, labels, torch.tensor(math.log(100.0))).item() < 0.05
+
+
+def _split(images_per_identity: list[int], captions_per_image: int = 2) -> RetrievalSplit:
+    image_ids, caption_image, caption_ids = [], [], []
+    for identity, n in enumerate(images_per_identity):
+        for _ in range(n):
+            image_ids.append(identity)
+            caption_image += [len(image_ids) - 1] * captions_per_image
+            caption_ids += [identity] * captions_per_image
+    return RetrievalSplit(
+        records=[None] * len(image_ids),
+        images=torch.zeros(len(image_ids), 3, 1, 1, dtype=torch.uint8),
+        image_ids=torch.tensor(image_ids),
+        captions=[""] * len(caption_ids),
+        caption_ids=torch.tensor(caption_ids),
+        caption_image=torch.tensor(caption_image),
+    )
+
+
+def test_identity_sampling_puts_instances_side_by_side() -> None:
+    split = _split([3, 2, 1, 2, 3])
+    cfg = TrainConfig(data="", out="", samples="identities", instances=2)
+    order = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0))
+    assert len(order) == 5 * 2
+    ids = split.caption_ids[order].view(-1, 2)
+    assert torch.all(ids[:, 0] == ids[:, 1])  # each identity's instances are neighbours
+    assert sorted(ids[:, 0].tolist()) == [0, 1, 2, 3, 4]  # every identity once per epoch
+    images = split.caption_image[order].view(-1, 2)
+    several = [row for row, i in zip(images, ids[:, 0]) if i != 2]  # identity 2 has one image only
+    assert all(row[0] != row[1] for row in several)  # two different images when there are two
+    again = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0))
+    assert torch.equal(order, again)
+
+
+@pytest.mark.parametrize("samples, length", [("captions", 22), ("images", 11)])
+def test_caption_and_image_sampling_cover_the_split(samples: str, length: int) -> None:
+    split = _split([3, 2, 1, 2, 3])
+    order = epoch_order(split, TrainConfig(data="", out="", samples=samples), split.caption_ids, torch.Generator())
+    assert len(order) == length
+    if samples == "images":
+        assert sorted(split.caption_image[order].tolist()) == list(range(11))  # one caption of each image
