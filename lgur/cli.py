@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .config import PRESETS
+
 
 def _print_table(rows: list[dict], keys: list[str]) -> None:
     widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
@@ -160,6 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         stop_after=args.stop_after,
         samples=args.samples,
+        instances=args.instances,
+        sdm=args.sdm,
         text_encoder_path=args.text_encoder,
         image_pretrained_path=args.image_weights,
         cache_dir=args.cache,
@@ -244,9 +248,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         records, _ = read_dataset(args.data)
         splits = split_records(records, seed=0)
         score_test_splits(path, args.data, splits, Path(args.cache), None, path.parent)
-        metrics = json.loads(path.with_suffix(".json").read_text())["metrics"]
-        for name, m in metrics.items():
+        card = json.loads(path.with_suffix(".json").read_text())
+        for name, m in card["metrics"].items():
             print(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
+        if (Path(args.data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations
+            from .checkpoint import atomic_write_bytes
+            from .quality import explanation_quality, format_quality
+
+            exported, _ = load_checkpoint(path)
+            quality = explanation_quality(exported, args.data, "test")
+            card["explanations"] = {k: v for k, v in quality.items() if k != "prototype_part_share"} | {
+                "prototype_part_share": quality.get("prototype_part_share")
+            }
+            atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
+            print(format_quality(quality))
     print(path)
     return 0
 
@@ -332,6 +347,20 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query_bench(args: argparse.Namespace) -> int:
+    from .querybench import format_query_bench, run_query_bench
+
+    result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_query_bench(result))
+    if args.out:
+        from pathlib import Path
+
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     train = sub.add_parser("train", help="train LGUR (seeded, resumable; torchrun for several processes)")
-    train.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     train.add_argument("--data", required=True, help="dataset folder (CUHK-PEDES, ICFG-PEDES, RSTPReid or synthetic)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs, curves")
     train.add_argument("--epochs", type=int)
@@ -357,7 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="LSTM, projections and classifiers")
     train.add_argument("--lr-backbone", type=float, help="image encoder, DGA and PGU")
     train.add_argument("--seed", type=int)
-    train.add_argument("--samples", choices=["captions", "images"], help="an epoch visits every caption or image")
+    train.add_argument(
+        "--samples",
+        choices=["captions", "images", "identities"],
+        help="an epoch visits every caption, every image, or every identity (--instances images each, in one batch)",
+    )
+    train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
+    train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
     train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
     train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")
     train.add_argument("--text-encoder", help="local folder of the frozen text encoder")
@@ -427,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", action="store_true")
     quality.add_argument("--out", help="also write the JSON here")
     quality.set_defaults(func=cmd_explain_quality)
+
+    qb = sub.add_parser("query-bench", help="short typed queries: attribute precision@10 against the gallery")
+    qb.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    qb.add_argument("--gallery", default=DEFAULT_GALLERY, help="a gallery folder with manifest.json attributes")
+    qb.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
+    qb.add_argument("--count", type=int, default=200)
+    qb.add_argument("--seed", type=int, default=0)
+    qb.add_argument("--json", action="store_true")
+    qb.add_argument("--out", help="also write the JSON here")
+    qb.set_defaults(func=cmd_query_bench)
 
     synth = sub.add_parser("synth", help="generate a synthetic pedestrian world (CUHK-PEDES layout)")
     synth.add_argument("--out", required=True, help="output folder")

@@ -7,6 +7,8 @@ so a seeded run is reproducible.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +42,23 @@ def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, ge
     return _one_way_triplet(sim, labels, margin, generator) + _one_way_triplet(sim.t(), labels, margin, generator)
 
 
+def similarity_distribution_matching(a: Tensor, b: Tensor, labels: Tensor, logit_scale: Tensor) -> Tensor:
+    """SDM (IRRA, Jiang et al. CVPR 2023), both directions: KL divergence from the softmax over
+    every in-batch similarity to the distribution of true matches (same identity, uniform).
+
+    a, b: (B, E) unit vectors, a[i] paired with b[i]; logit_scale: log of 1 / temperature.
+    """
+    logits = (a @ b.t()) * logit_scale.exp()
+    match = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    target = torch.log(match / match.sum(dim=1, keepdim=True) + 1e-8)  # rows and columns alike: symmetric
+
+    def one_way(x: Tensor) -> Tensor:
+        log_p = x.log_softmax(dim=1)
+        return (log_p.exp() * (log_p - target)).sum(dim=1).mean()
+
+    return one_way(logits) + one_way(logits.t())
+
+
 def prototype_overlap(attention: Tensor) -> Tensor:
     """Mean cosine similarity between different prototypes' attention maps, per sample -> (B,).
 
@@ -55,15 +74,23 @@ def prototype_overlap(attention: Tensor) -> Tensor:
 class LGURLoss(nn.Module):
     """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1).
 
-    diversity > 0 adds an option that is not in the paper: that weight times the overlap of the
-    prototypes' last-layer attention on the dictionary branches (the ones shown and searched).
+    Two options that are not in the paper:
+    - diversity > 0: that weight times the overlap of the prototypes' last-layer attention on the
+      dictionary branches (the ones shown and searched);
+    - sdm > 0: that weight times the similarity distribution matching loss on the cross-modal
+      pairs (guided image vs raw text, dictionary image vs dictionary text), with a learned
+      temperature starting at `temperature`.
     """
 
-    def __init__(self, margin: float = 0.3, seed: int = 0, diversity: float = 0.0) -> None:
+    def __init__(
+        self, margin: float = 0.3, seed: int = 0, diversity: float = 0.0, sdm: float = 0.0, temperature: float = 0.07
+    ) -> None:
         super().__init__()
         self.margin = margin
         self.diversity = diversity
+        self.sdm = sdm
         self.generator = torch.Generator().manual_seed(seed)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
 
     def forward(self, out: TrainOutputs, labels: Tensor, classifier: IdentityClassifier) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
@@ -82,6 +109,12 @@ class LGURLoss(nn.Module):
             losses[f"rank/{left}-{right}"] = triplet_ranking_loss(
                 branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator
             )
+        if self.logit_scale is not None:
+            scale = self.logit_scale.clamp(max=math.log(100.0))  # temperature >= 0.01
+            for left, right in pairs[:2]:  # the cross-modal pairs
+                losses[f"sdm/{left}-{right}"] = self.sdm * similarity_distribution_matching(
+                    branches[left].embedding, branches[right].embedding, labels, scale
+                )
         if self.diversity > 0:
             dictionary = out.image_dictionary is not None
             shown = [out.image_dictionary, out.text_dictionary] if dictionary else [out.image, out.text]
