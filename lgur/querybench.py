@@ -1,0 +1,256 @@
+"""Short queries as people type them into a search box, scored against the gallery's attributes.
+
+`python -m lgur query-bench` draws queries of 1 to 4 attributes from the gallery itself
+(a random person, a random subset of what they wear), writes them the way people type
+("guy in red jacket", "lady with a black backpack", "blue jeans white sneakers") with
+everyday words, and scores the model's top 10 by whether each result has every attribute
+the query names (from the gallery manifest). Chance is the share of the gallery that has
+them. Two query sets with different phrasings exist: `default` and `check`; a model is
+tuned on neither.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Everyday words per attribute value. A query names (kind, value) pairs; ANY matches every
+# value but "none" (e.g. "with a bag").
+ANY = "*"
+COLOUR_FORMS = {
+    "black": ["black"],
+    "white": ["white"],
+    "grey": ["grey", "gray"],
+    "red": ["red"],
+    "blue": ["blue", "light blue"],
+    "navy": ["navy", "dark blue"],
+    "green": ["green"],
+    "yellow": ["yellow"],
+    "pink": ["pink"],
+    "purple": ["purple"],
+    "orange": ["orange"],
+    "brown": ["brown"],
+    "beige": ["beige", "khaki"],
+}
+HAIR_COLOUR_FORMS = {
+    "black": ["black", "dark"],
+    "brown": ["brown"],
+    "blonde": ["blonde", "blond"],
+    "grey": ["grey", "gray", "white"],
+    "red": ["red", "ginger"],
+}
+TYPE_FORMS = {
+    "top_type": {
+        "t-shirt": ["t-shirt", "tshirt", "t shirt", "tee"],
+        "shirt": ["shirt", "button up shirt"],
+        "sweater": ["sweater", "jumper"],
+        "jacket": ["jacket"],
+        "coat": ["coat"],
+        "hoodie": ["hoodie"],
+    },
+    "bottom_type": {
+        "trousers": ["pants", "trousers"],
+        "jeans": ["jeans"],
+        "shorts": ["shorts"],
+        "skirt": ["skirt"],
+    },
+    "shoe_type": {"sneakers": ["sneakers", "trainers"], "boots": ["boots"], "sandals": ["sandals"]},
+    "bag_type": {
+        "backpack": ["backpack"],
+        "shoulder bag": ["shoulder bag", "side bag"],
+        "handbag": ["handbag", "purse"],
+        ANY: ["bag"],
+    },
+    "headwear": {"cap": ["cap", "baseball cap"], "beanie": ["beanie"], "hat": ["hat"]},
+    "glasses": {"glasses": ["glasses"], "sunglasses": ["sunglasses"]},
+    "carried_object": {"umbrella": ["umbrella"], "phone": ["phone"], "bottle": ["water bottle", "bottle"]},
+    "hair_style": {
+        "long": ["long hair"],
+        "short": ["short hair"],
+        "ponytail": ["ponytail"],
+        "bun": ["bun", "hair bun"],
+        "bald": ["bald head", "shaved head"],
+    },
+}
+GENERIC = {"top_type": ["top"], "shoe_type": ["shoes"]}  # a colour with no garment type
+PERSON_FORMS = {
+    # set name -> gender -> forms
+    "default": {"male": ["man", "guy", "male"], "female": ["woman", "lady", "female"], None: ["person", "someone"]},
+    "check": {"male": ["dude", "gentleman", "boy"], "female": ["girl", "gal", "women"], None: ["somebody", "anyone"]},
+}
+# Phrasings per set. Worn things follow "in"/"wearing"; bags, objects and hair follow "with".
+TEMPLATES = {
+    "default": {
+        "worn": ["{person} in {worn}", "{person} wearing {worn}", "{worn}"],
+        "held": ["{person} with {held}", "{held}"],
+        "both": ["{person} in {worn} with {held}", "{worn}, {held}", "{person} wearing {worn} and {held}"],
+        "and": [" and ", ", ", " "],
+    },
+    "check": {
+        "worn": ["{worn} {person}", "looking for {person} in {worn}", "{person} dressed in {worn}"],
+        "held": ["{person} w/ {held}", "{held}, {person}"],
+        "both": ["{person}, {worn}, {held}", "{worn} {person} with {held}", "{person} in {worn} + {held}"],
+        "and": [" + ", " with ", " & "],
+    },
+}
+WORN = {"top_type", "bottom_type", "shoe_type", "headwear", "glasses"}
+COLOUR_KIND = {"top_type": "top_colour", "bottom_type": "bottom_colour", "shoe_type": "shoe_colour",
+               "bag_type": "bag_colour", "headwear": "headwear_colour"}  # fmt: skip
+
+
+@dataclass
+class Query:
+    text: str
+    attributes: dict[str, str]  # kind -> value (or ANY)
+
+
+def matches(attributes: dict[str, Any], wanted: dict[str, str]) -> bool:
+    """Does a person with these attributes have everything the query names?"""
+    for kind, value in wanted.items():
+        have = attributes.get(kind)
+        if value == ANY:
+            if have in (None, "none"):
+                return False
+        elif have != value:
+            return False
+    return True
+
+
+def _phrase(person: dict[str, Any], kind: str, rng: np.random.Generator) -> tuple[str, dict[str, str]] | None:
+    """One garment/accessory phrase this person fits, e.g. 'red jacket', with what it names."""
+    value = person.get(kind)
+    if value in (None, "none"):
+        return None
+    forms = TYPE_FORMS[kind]
+    named: dict[str, str] = {}
+    use_generic = kind in GENERIC and rng.random() < 0.2
+    if kind == "bag_type" and rng.random() < 0.2:
+        noun, named[kind] = str(rng.choice(forms[ANY])), ANY
+    elif use_generic:
+        noun = str(rng.choice(GENERIC[kind]))
+    else:
+        noun, named[kind] = str(rng.choice(forms[value])), value
+    colour_kind = COLOUR_KIND.get(kind)
+    if kind == "hair_style":
+        colour = person.get("hair_colour")
+        if value != "bald" and colour not in (None, "none") and rng.random() < 0.6:
+            named["hair_colour"] = colour
+            noun = f"{rng.choice(HAIR_COLOUR_FORMS[colour])} {noun}"
+        return noun, named
+    if colour_kind and (use_generic or rng.random() < 0.8):
+        colour = person[colour_kind]
+        named[colour_kind] = colour
+        noun = f"{rng.choice(COLOUR_FORMS[colour])} {noun}"
+    if kind in ("bag_type", "carried_object", "headwear") and rng.random() < 0.5:
+        noun = ("an " if noun[0] in "aeiou" else "a ") + noun
+    return noun, named
+
+
+def make_queries(people: list[dict[str, Any]], count: int = 200, seed: int = 0, style: str = "default") -> list[Query]:
+    """`count` distinct queries of 1-4 attributes, each fitting at least one person of `people`."""
+    if style not in TEMPLATES:
+        raise ValueError(f"unknown query set {style!r}; choose from {sorted(TEMPLATES)}")
+    rng = np.random.default_rng([seed, sorted(TEMPLATES).index(style)])  # each set draws its own people
+    kinds = ["top_type", "bottom_type", "shoe_type", "bag_type", "headwear", "glasses", "carried_object", "hair_style"]
+    weights = np.array([6, 5, 2, 3, 1, 1, 1, 1.5])
+    queries: dict[str, Query] = {}
+    attempts = 0
+    while len(queries) < count and attempts < count * 100:
+        attempts += 1
+        person = people[int(rng.integers(len(people)))]
+        phrases, chosen = [], []
+        for kind in rng.choice(kinds, size=int(rng.integers(1, 3)), replace=False, p=weights / weights.sum()):
+            phrase = _phrase(person, str(kind), rng)
+            if phrase:
+                phrases.append(phrase)
+                chosen.append(str(kind))
+        if not phrases:
+            continue
+        named: dict[str, str] = {}
+        for _, n in phrases:
+            named |= n
+        gender = person["gender"] if rng.random() < 0.6 else None
+        if gender:
+            named["gender"] = gender
+        if not 1 <= len(named) <= 4:
+            continue
+        t = TEMPLATES[style]
+        worn = str(rng.choice(t["and"])).join(p for (p, _), k in zip(phrases, chosen) if k in WORN)
+        held = " and ".join(p for (p, _), k in zip(phrases, chosen) if k not in WORN)
+        shape = "both" if worn and held else "worn" if worn else "held"
+        template = str(rng.choice(t[shape]))
+        if "{person}" not in template and gender:
+            template = t[shape][0]
+        person_word = str(rng.choice(PERSON_FORMS[style][gender]))
+        text = template.format(person=person_word, worn=worn, held=held)
+        if text not in queries:
+            queries[text] = Query(text, named)
+    return list(queries.values())
+
+
+def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Query], k: int = 10) -> dict[str, Any]:
+    """rankings: (Q, >=k) gallery rows, best first. Attribute precision@k, top-1 correctness, chance."""
+    rows = []
+    for q, ranking in zip(queries, rankings):
+        hit = np.array([matches(people[i], q.attributes) for i in ranking[:k]])
+        chance = float(np.mean([matches(p, q.attributes) for p in people]))
+        rows.append({"query": q.text, "attributes": q.attributes, "precision": float(hit.mean()),
+                     "top1": bool(hit[0]), "chance": chance})  # fmt: skip
+    by_size: dict[int, list[float]] = {}
+    for r in rows:
+        by_size.setdefault(len(r["attributes"]), []).append(r["precision"])
+    return {
+        "queries": len(rows),
+        f"precision@{k}": 100 * float(np.mean([r["precision"] for r in rows])),
+        "top1": 100 * float(np.mean([r["top1"] for r in rows])),
+        "chance": 100 * float(np.mean([r["chance"] for r in rows])),
+        "by_attribute_count": {n: 100 * float(np.mean(v)) for n, v in sorted(by_size.items())},
+        "rows": rows,
+    }
+
+
+@torch.inference_mode()
+def run_query_bench(
+    checkpoint: str | Path, gallery: str | Path, style: str = "default", count: int = 200, seed: int = 0
+) -> dict[str, Any]:
+    """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them."""
+    from .checkpoint import load_checkpoint
+    from .data.dataset import load_image
+    from .evaluate import embed_images
+
+    gallery = Path(gallery)
+    manifest = json.loads((gallery / "manifest.json").read_text())["images"]
+    people = [m["attributes"] for m in manifest]
+    queries = make_queries(people, count, seed, style)
+    model, _ = load_checkpoint(checkpoint)
+    size = model.config.image.img_size
+    images = torch.from_numpy(np.stack([load_image(gallery / m["file"], size) for m in manifest]))
+    image_embeddings = embed_images(model, images)
+    ids, mask = model.tokenize([q.text for q in queries])
+    text_embeddings = model.embed_texts(ids, mask)
+    rankings = (text_embeddings @ image_embeddings.t()).argsort(dim=1, descending=True)[:, :10].numpy()
+    result = score(rankings, people, queries)
+    for row, ranking in zip(result["rows"], rankings):
+        row["top10"] = [manifest[i]["file"] for i in ranking]
+    return {"checkpoint": str(checkpoint), "gallery": str(gallery), "set": style, "seed": seed} | result
+
+
+def format_query_bench(result: dict[str, Any], show: int = 8) -> str:
+    lines = [
+        f"query set {result['set']!r} (seed {result['seed']}): {result['queries']} queries, "
+        f"gallery {result['gallery']}",
+        f"attribute precision@10 {result['precision@10']:.1f}%   top-1 correct {result['top1']:.1f}%   "
+        f"chance {result['chance']:.1f}%",
+        "by number of attributes named: "
+        + ", ".join(f"{n}: {p:.1f}%" for n, p in result["by_attribute_count"].items()),
+    ]
+    worst = sorted(result["rows"], key=lambda r: r["precision"])[:show]
+    if worst:
+        lines.append("hardest queries:")
+        lines += [f"  {r['precision'] * 10:.0f}/10  {r['query']!r}  {r['attributes']}" for r in worst]
+    return "\n".join(lines)

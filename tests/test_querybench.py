@@ -1,0 +1,57 @@
+"""The short-query benchmark: query generation and scoring against gallery attributes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lgur.querybench import ANY, Query, make_queries, matches, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def people() -> list[dict]:
+    return [m["attributes"] for m in json.loads((ROOT / "gallery" / "manifest.json").read_text())["images"]]
+
+
+def test_matches_needs_every_named_attribute() -> None:
+    person = {"gender": "male", "top_type": "jacket", "top_colour": "red", "bag_type": "none"}
+    assert matches(person, {"top_type": "jacket", "top_colour": "red"})
+    assert not matches(person, {"top_type": "jacket", "top_colour": "blue"})
+    assert not matches(person, {"top_colour": "red", "gender": "female"})
+    assert not matches(person, {"bag_type": ANY})  # "with a bag": having none is a miss
+    assert matches({"bag_type": "handbag"}, {"bag_type": ANY})
+
+
+def test_score_on_a_hand_made_ranking() -> None:
+    people = [{"top_colour": "red"}, {"top_colour": "red"}, {"top_colour": "blue"}, {"top_colour": "green"}]
+    queries = [Query("red top", {"top_colour": "red"}), Query("blue top", {"top_colour": "blue"})]
+    rankings = np.array([[0, 2, 1, 3], [0, 1, 3, 2]])
+    result = score(rankings, people, queries, k=2)
+    # query 1: top-2 = red, blue -> 1/2, top-1 right; query 2: red, red -> 0/2, top-1 wrong
+    assert result["precision@2"] == pytest.approx(25.0)
+    assert result["top1"] == pytest.approx(50.0)
+    assert result["chance"] == pytest.approx(100 * (2 / 4 + 1 / 4) / 2)
+    assert [r["precision"] for r in result["rows"]] == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("style", ["default", "check"])
+def test_queries_are_short_grounded_and_distinct(people: list[dict], style: str) -> None:
+    queries = make_queries(people, 200, seed=0, style=style)
+    assert len(queries) == 200 and len({q.text for q in queries}) == 200
+    for q in queries:
+        assert 1 <= len(q.attributes) <= 4, q
+        assert len(q.text.split()) <= 12, q.text  # search-box length, not a caption
+        assert any(matches(p, q.attributes) for p in people), q  # someone in the gallery fits
+    assert make_queries(people, 50, seed=0, style=style) == queries[:50]  # seeded
+
+
+def test_the_two_sets_are_phrased_differently(people: list[dict]) -> None:
+    default = {q.text for q in make_queries(people, 200, style="default")}
+    check = {q.text for q in make_queries(people, 200, style="check")}
+    assert len(default & check) < 20  # a few one-word queries ("jeans") may coincide
+    assert any("looking for" in t or "+" in t for t in check) and not any("looking for" in t for t in default)
