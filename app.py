@@ -27,6 +27,7 @@ from lgur.explain import (
     atom_chart,
     open_image,
     overlay,
+    prototype_names,
     prototype_overlays,
     shared_atoms,
     word_highlights,
@@ -58,7 +59,7 @@ def _head_index(head: str) -> int | None:
 
 
 def _prototype_index(prototype: str) -> int:
-    return int(str(prototype).lstrip("P")) - 1 if prototype else 0
+    return int(str(prototype).split()[0].lstrip("P")) - 1 if prototype else 0  # "P3 upper body" -> 2
 
 
 class Explorer:
@@ -71,7 +72,7 @@ class Explorer:
         model = engine.model.config
         self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
         self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
-        self.prototypes = [f"P{i + 1}" for i in range(model.num_prototypes if model.use_pgu else 1)]
+        self.prototypes = prototype_names(self.card, model.num_prototypes if model.use_pgu else 1)
         self._atlas_words: np.ndarray | None = None
         for stale in self.uploads.glob(".*.part") if self.uploads.is_dir() else []:
             stale.unlink(missing_ok=True)  # a copy cut short by a crash; the upload was never accepted
@@ -98,17 +99,17 @@ class Explorer:
             return [], [], None, None, "", gr.update(choices=[], value=None)
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
-        maps = prototype_overlays(result, response.grid, li, hi)
+        maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
         words = word_highlights(response.query, pi, li, hi)
         chart = atom_chart(response.query.atom_histogram, result.atom_histogram)
         foreground = overlay(open_image(result.path), result.foreground, response.grid, alpha=0.55)
         shared = shared_atoms(response.query.atom_histogram, result.atom_histogram)
         best = int(np.argmax(result.part_contribution))
+        best_share = 100 * result.part_contribution[best] / max(result.score, 1e-8)
         meta = result.metadata
         lines = [
             f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
-            f"Strongest part: **P{best + 1}** ({100 * result.part_contribution[best] / max(result.score, 1e-8):.0f}% "
-            "of the score).",
+            f"Strongest part: **{self.prototypes[best]}** ({best_share:.0f}% of the score).",
             f"Atoms shared by the query's and the image's top 20: {', '.join(map(str, shared)) or 'none'}.",
         ]
         if meta.get("captions"):
@@ -211,6 +212,25 @@ class Explorer:
             lines.append(
                 f"| {split} | R@1 {m.get('R@1')} · R@5 {m.get('R@5')} · R@10 {m.get('R@10')} · mAP {m.get('mAP')} |"
             )
+        quality = card.get("explanations", {})
+        if "prototype_overlap" in quality:
+            regions = quality.get("prototype_regions", {})
+            lines.append(
+                f"| prototypes | {', '.join(self.prototypes)}; overlap {quality['prototype_overlap']:.2f} "
+                f"(0 = disjoint maps); {regions.get('distinct_regions', '?')} on distinct body parts |"
+            )
+        if "pointing_game" in quality:
+            pg = quality["pointing_game"]
+            lines.append(
+                f"| guidance pointing game | {pg['accuracy']:.1f}% of garment words peak on their part "
+                f"({pg['energy_inside']:.1f}% of the energy inside) |"
+            )
+        if "shared_atoms" in quality:
+            sa = quality["shared_atoms"]
+            lines.append(
+                f"| shared dictionary | top-{sa['top']} atoms in common: {sa['matching_pairs']['mean_shared']:.1f} "
+                f"for a caption and its image, {sa['non_matching_pairs']['mean_shared']:.1f} for another person |"
+            )
         return "\n".join(lines)
 
     def atom_atlas(self, atom: float, top: int = 8) -> tuple[list[tuple[Any, str]], str]:
@@ -282,7 +302,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             with gr.Row():
                 layer = gr.Dropdown(explorer.layers, value="last", label="PGU layer")
                 head = gr.Dropdown(explorer.heads, value="mean", label="attention head")
-                prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
+                prototype = gr.Dropdown(
+                    explorer.prototypes, value=explorer.prototypes[0], label="prototype for the words"
+                )
             summary = gr.Markdown(elem_id="summary")
             maps = gr.Gallery(label="Prototype attention over the image (share of the score per prototype)",
                               columns=7, height=280, object_fit="contain", elem_id="prototype-maps",

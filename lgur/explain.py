@@ -49,15 +49,27 @@ def open_image(path: str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
+def prototype_names(card: dict, count: int) -> list[str]:
+    """'P3 upper body': each prototype with the body region it attends to most, as measured on the
+    world's part labels when the checkpoint was exported (just 'P3' when not measured)."""
+    labels = card.get("explanations", {}).get("prototype_regions", {}).get("labels", [])
+    return [f"P{p + 1} {labels[p]}" if p < len(labels) else f"P{p + 1}" for p in range(count)]
+
+
 def prototype_overlays(
-    result: SearchResult, grid: tuple[int, int], layer: int = -1, head: int | None = None
+    result: SearchResult,
+    grid: tuple[int, int],
+    layer: int = -1,
+    head: int | None = None,
+    names: list[str] | None = None,
 ) -> list[tuple[Image.Image, str]]:
-    """One overlay per prototype, captioned with its share of the score, plus a combined view."""
+    """One overlay per prototype, captioned with its name and share of the score, plus a combined view."""
     image = open_image(result.path)
     items = []
     for p in range(result.prototype_attention.shape[2]):
         share = result.part_contribution[p] / result.score if result.score else 0.0
-        caption = f"P{p + 1}: {100 * share:.0f}% of score (cos {result.part_similarity[p]:+.2f})"
+        name = names[p] if names else f"P{p + 1}"
+        caption = f"{name}: {100 * share:.0f}% (cos {result.part_similarity[p]:+.2f})"
         items.append((overlay(image, select_map(result.prototype_attention, p, layer, head), grid), caption))
     items.append((combined_overlay(image, result, grid, layer, head), "all prototypes (colour = strongest)"))
     return items

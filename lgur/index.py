@@ -176,10 +176,7 @@ def embed_images(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
     attention = explained.prototype_attention  # (B, L, H, P, N) or None without PGU
     b, n = images.shape[0], explained.grid[0] * explained.grid[1]
     if explained.dictionary_weights is not None:
-        weights = explained.dictionary_weights.mean(1)  # (B, N, atoms), averaged over heads
-        fg = explained.foreground  # (B, N)
-        histogram = (weights * fg.unsqueeze(-1)).sum(1) / fg.sum(1, keepdim=True).clamp(min=1e-6)
-        foreground = fg
+        histogram, foreground = explained.atom_histogram, explained.foreground
     else:
         histogram = torch.zeros(b, 1)
         foreground = torch.ones(b, n)

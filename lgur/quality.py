@@ -3,7 +3,13 @@
 - Foreground weights: ROC-AUC of the per-patch weight m for "this patch is mostly person".
 - Prototypes: the share of each prototype's attention that falls on each body part,
   next to the share a uniform attention would give (the parts' area), so specialisation
-  shows as a departure from area.
+  shows as a departure from area; each prototype's region label; their overlap.
+- Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
+  word that names a garment or accessory of one part, does the peak of its guidance map
+  (which patches read that word) fall on that part, with one patch of tolerance? Also the
+  share of the map's energy inside the part.
+- Shared dictionary: how many of their top-20 atoms a caption and an image share, for
+  matching and for non-matching pairs.
 """
 
 from __future__ import annotations
@@ -15,11 +21,75 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from .data.dataset import load_image, normalize
 from .losses import prototype_overlap
 from .model import LGUR
-from .synth.render import PARTS
+from .synth.render import BAG, HAIR, LOWER, PARTS, SHOES, UPPER
+
+# Words that name one part (garments and accessories of the caption lexicon, held-out forms too).
+PART_WORDS = {
+    UPPER: "shirt tee sweater jumper jacket coat hoodie blouse pullover windbreaker anorak overcoat trenchcoat "
+    "sweatshirt top",
+    LOWER: "trousers pants jeans shorts skirt slacks denims bermudas miniskirt",
+    SHOES: "sneakers shoes boots sandals trainers booties",
+    BAG: "backpack bag handbag purse rucksack knapsack satchel bookbag clutch tote",
+    HAIR: "hair ponytail bun haircut cap beanie hat topknot pigtail visor toque fedora",
+}
+WORD_PART = {word: part for part, words in PART_WORDS.items() for word in words.split()}
+REGION_NAMES = {"background": "background", "hair/head": "head", "skin": "skin", "upper": "upper body",
+                "lower": "lower body", "shoes": "feet", "bag": "bag", "accessory": "accessories"}  # fmt: skip
+TOP_ATOMS = 20
+
+
+def pointing_hit(word_map: np.ndarray, part_mask: np.ndarray, tolerance: int = 1) -> bool:
+    """Does the peak of word_map (rows, cols) fall within `tolerance` patches of part_mask (rows, cols)?"""
+    r, c = np.unravel_index(int(np.argmax(word_map)), word_map.shape)
+    window = part_mask[max(0, r - tolerance) : r + tolerance + 1, max(0, c - tolerance) : c + tolerance + 1]
+    return bool(window.any())
+
+
+def energy_inside(word_map: np.ndarray, part_fraction: np.ndarray) -> float:
+    """Share of the map's mass on the part's pixels (patches weighted by their part fraction)."""
+    total = float(word_map.sum())
+    return float((word_map * part_fraction).sum() / total) if total > 0 else 0.0
+
+
+def top_atom_overlap(a: Tensor, b: Tensor, k: int = TOP_ATOMS) -> Tensor:
+    """(B, atoms) x (B, atoms) -> (B,) share of the k strongest atoms the two have in common."""
+    top_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
+    top_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
+    return (top_a & top_b).sum(1).float() / k
+
+
+def region_labels(share: np.ndarray, area: np.ndarray, min_ratio: float = 2.0) -> dict[str, Any]:
+    """Each prototype's region (the body part it over-attends most, relative to area), and the
+    largest set of prototypes that each concentrate (>= min_ratio x area) on a different part."""
+    ratio = share / np.maximum(area, 1e-9)  # (P, parts)
+    body = ratio.copy()
+    body[:, 0] = 0  # a region label names a body part, not the background
+    labels = [REGION_NAMES[PARTS[int(np.argmax(row))]] if row.max() >= min_ratio else "mixed" for row in body]
+    # Maximum matching prototypes -> distinct parts over the edges ratio >= min_ratio (augmenting paths).
+    owner: dict[int, int] = {}
+
+    def assign(p: int, seen: set[int]) -> bool:
+        for part in np.flatnonzero(body[p] >= min_ratio):
+            if part in seen:
+                continue
+            seen.add(int(part))
+            if part not in owner or assign(owner[part], seen):
+                owner[int(part)] = p
+                return True
+        return False
+
+    distinct = sum(assign(p, set()) for p in range(len(body)))
+    return {
+        "labels": labels,
+        "ratio_to_area": ratio.round(2).tolist(),
+        "distinct_regions": int(distinct),
+        "assignment": {f"P{p + 1}": PARTS[part] for part, p in sorted(owner.items(), key=lambda x: x[1])},
+    }
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -52,7 +122,11 @@ def explanation_quality(
     side = json.loads((data / "synthetic_attributes.json").read_text())
     size, grid = model.config.image.img_size, model.image_encoder.grid
     model.eval()
+    tokenizer = model.text_encoder.tokenizer
     fg_scores, fg_labels, overlaps = [], [], []
+    pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
+    atoms_match, atoms_other = [], []
+    rng = np.random.default_rng(0)
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
     for start in range(0, len(annotations), batch_size):
@@ -61,9 +135,27 @@ def explanation_quality(
         explained = model.explain_images(normalize(images))
         if explained.prototype_attention is not None:  # (B, layers, H, P, N) -> last layer
             overlaps.append(prototype_overlap(explained.prototype_attention[:, -1]))
+        # every caption of the chunk with its own image
+        captions = [(i, c) for i, a in enumerate(chunk) for c in a["captions"]]
+        encoded = tokenizer([c for _, c in captions], padding=True, truncation=True,
+                            max_length=model.text_encoder.max_length, return_tensors="pt")  # fmt: skip
+        ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
+        owner = torch.tensor([i for i, _ in captions])
+        guidance = None
+        if model.dga is not None:
+            guidance = model.guidance_attention(normalize(images[owner]), ids, mask).mean(1)  # (C, N, T)
+            texts = model.explain_texts(mask, ids)
+            image_atoms = explained.atom_histogram  # (B, atoms)
+            atoms_match.append(top_atom_overlap(texts.atom_histogram, image_atoms[owner]))
+            other = torch.from_numpy((owner.numpy() + rng.integers(1, len(chunk), len(owner))) % len(chunk))
+            different = torch.tensor([chunk[o]["id"] != chunk[i]["id"] for o, i in zip(other.tolist(), owner.tolist())])
+            if different.any():
+                atoms_other.append(top_atom_overlap(texts.atom_histogram[different], image_atoms[other[different]]))
+        fractions_of = {}
         for i, a in enumerate(chunk):
             with Image.open(data / side[a["file_path"]]["parts"]) as labels:
                 fractions = patch_part_fractions(np.asarray(labels), grid)  # (N, parts)
+            fractions_of[i] = fractions
             person = 1.0 - fractions[:, 0]
             area += fractions.mean(0)
             if explained.foreground is not None:
@@ -72,6 +164,20 @@ def explanation_quality(
             if explained.prototype_attention is not None:
                 attention = explained.prototype_attention[i, -1].mean(0).numpy()  # (P, N), last layer
                 share += attention @ fractions
+        if guidance is not None:
+            for row, (i, _) in enumerate(captions):
+                fractions = fractions_of[i]
+                word_ids = encoded.word_ids(row)
+                for word in sorted({w for w in word_ids if w is not None}):
+                    positions = [t for t, w in enumerate(word_ids) if w == word]
+                    start, end = encoded.word_to_chars(row, word)
+                    part = WORD_PART.get(captions[row][1][start:end].lower())
+                    if part is None or fractions[:, part].sum() < 0.5:  # not named, or hardly visible
+                        continue
+                    word_map = guidance[row][:, positions].sum(1).numpy()  # (N,)
+                    in_part = fractions[:, part] >= 0.1
+                    hit = pointing_hit(word_map.reshape(grid), in_part.reshape(grid))
+                    pointing[PARTS[part]].append((hit, energy_inside(word_map, fractions[:, part])))
     n = len(annotations)
     result: dict[str, Any] = {"split": split, "images": n, "parts": PARTS}
     if fg_scores:
@@ -84,7 +190,39 @@ def explanation_quality(
     if explained.prototype_attention is not None:
         result["prototype_part_share"] = (share / n).round(4).tolist()
         result["prototype_overlap"] = float(torch.cat(overlaps).mean())
+        result["prototype_regions"] = region_labels(share / n, area / n)
     result["part_area_share"] = (area / n).round(4).tolist()
+    words = [x for v in pointing.values() for x in v]
+    if words:
+        result["pointing_game"] = {
+            "accuracy": 100 * float(np.mean([h for h, _ in words])),
+            "energy_inside": 100 * float(np.mean([e for _, e in words])),
+            "words": len(words),
+            "by_part": {
+                part: {
+                    "accuracy": 100 * float(np.mean([h for h, _ in v])),
+                    "energy_inside": 100 * float(np.mean([e for _, e in v])),
+                    "words": len(v),
+                }  # fmt: skip
+                for part, v in pointing.items()
+                if v
+            },
+        }
+    if atoms_match:
+        match, other = torch.cat(atoms_match), torch.cat(atoms_other)
+        result["shared_atoms"] = {
+            "top": TOP_ATOMS,
+            "matching_pairs": {
+                "mean_shared": float(match.mean() * TOP_ATOMS),
+                "any_shared": 100 * float((match > 0).float().mean()),
+                "pairs": len(match),
+            },
+            "non_matching_pairs": {
+                "mean_shared": float(other.mean() * TOP_ATOMS),
+                "any_shared": 100 * float((other > 0).float().mean()),
+                "pairs": len(other),
+            },
+        }
     return result
 
 
@@ -100,6 +238,28 @@ def format_quality(result: dict[str, Any]) -> str:
         lines.append(
             f"prototype overlap: mean cosine between two prototypes' attention maps {result['prototype_overlap']:.3f} "
             "(1 = all read the same patches, 0 = disjoint)"
+        )
+    if "prototype_regions" in result:
+        regions = result["prototype_regions"]
+        lines.append(
+            "prototype regions: "
+            + ", ".join(f"P{p + 1} {label}" for p, label in enumerate(regions["labels"]))
+            + f"; {regions['distinct_regions']} prototypes each on a different part (>= 2x its area share)"
+        )
+    if "pointing_game" in result:
+        pg = result["pointing_game"]
+        lines.append(
+            f"pointing game (guidance maps of {pg['words']} part words): {pg['accuracy']:.1f}% hit, "
+            f"{pg['energy_inside']:.1f}% of the energy inside the part; "
+            + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
+        )
+    if "shared_atoms" in result:
+        sa = result["shared_atoms"]
+        m, o = sa["matching_pairs"], sa["non_matching_pairs"]
+        lines.append(
+            f"shared dictionary: top-{sa['top']} atoms in common, caption vs its image {m['mean_shared']:.2f} "
+            f"({m['any_shared']:.0f}% share any), vs another identity's image {o['mean_shared']:.2f} "
+            f"({o['any_shared']:.0f}%)"
         )
     parts = result["parts"]
     header = "| prototype | " + " | ".join(parts) + " |"

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
-from lgur.quality import explanation_quality, format_quality, patch_part_fractions, roc_auc
+from lgur.quality import (
+    energy_inside,
+    explanation_quality,
+    format_quality,
+    patch_part_fractions,
+    pointing_hit,
+    region_labels,
+    roc_auc,
+    top_atom_overlap,
+)
 from lgur.synth.world import WorldSpec, generate_world
 
 
@@ -35,4 +47,52 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tmp_path) -> None:
     assert np.allclose(shares.sum(1), 1, atol=1e-3)  # each prototype's attention is spread over the parts
     assert sum(result["part_area_share"]) == pytest.approx(1, abs=1e-3)
     assert 0 <= result["prototype_overlap"] <= 1
-    assert "prototype overlap" in format_quality(result)
+    assert result["pointing_game"]["words"] > 0  # captions name garments; their guidance maps are scored
+    matching, other = result["shared_atoms"]["matching_pairs"], result["shared_atoms"]["non_matching_pairs"]
+    test = [a for a in json.loads((tmp_path / "reid_raw.json").read_text()) if a["split"] == "test"]
+    assert matching["pairs"] == sum(len(a["captions"]) for a in test)  # every caption with its own image
+    assert 0 <= matching["mean_shared"] <= 20 and other["pairs"] > 0
+    text = format_quality(result)
+    assert "prototype overlap" in text and "pointing game" in text and "shared dictionary" in text
+
+
+def test_pointing_game_on_a_hand_made_map() -> None:
+    mask = np.zeros((6, 4), dtype=bool)
+    mask[1:3, 1:3] = True  # the part covers rows 1-2, columns 1-2
+    word_map = np.zeros((6, 4))
+    word_map[2, 2] = 1.0
+    assert pointing_hit(word_map, mask)  # peak on the part
+    word_map[:] = 0
+    word_map[3, 3] = 1.0
+    assert pointing_hit(word_map, mask)  # one patch off: within tolerance
+    assert not pointing_hit(word_map, mask, tolerance=0)
+    word_map[:] = 0
+    word_map[5, 0] = 1.0
+    assert not pointing_hit(word_map, mask)  # far away
+    fractions = mask.astype(float).reshape(-1)
+    spread = np.full(24, 1.0)
+    assert energy_inside(spread, fractions) == pytest.approx(4 / 24)
+    assert energy_inside(mask.reshape(-1) * 2.0, fractions) == pytest.approx(1.0)
+
+
+def test_top_atom_overlap_against_sets() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 50, generator=g), torch.rand(5, 50, generator=g)
+    got = top_atom_overlap(a, b, k=10)
+    for i in range(5):
+        top_a, top_b = set(a[i].topk(10).indices.tolist()), set(b[i].topk(10).indices.tolist())
+        assert got[i].item() == pytest.approx(len(top_a & top_b) / 10)
+    assert torch.all(top_atom_overlap(a, a, k=10) == 1)
+
+
+def test_region_labels_and_distinct_regions() -> None:
+    area = np.array([0.6, 0.05, 0.05, 0.15, 0.1, 0.02, 0.02, 0.01])
+    share = np.tile(area, (4, 1))  # uniform attention: no region
+    share[0] = [0.1, 0.5, 0.05, 0.2, 0.1, 0.02, 0.02, 0.01]  # head (10x)
+    share[1] = [0.1, 0.45, 0.05, 0.2, 0.1, 0.05, 0.04, 0.01]  # head too (9x): the same region
+    share[2] = [0.1, 0.05, 0.05, 0.2, 0.5, 0.05, 0.04, 0.01]  # lower (5x)
+    regions = region_labels(share, area)
+    assert regions["labels"] == ["head", "head", "lower body", "mixed"]
+    # P2 also exceeds 2x on shoes (2.5x), so a matching gives three distinct parts
+    assert regions["distinct_regions"] == 3
+    assert len(set(regions["assignment"].values())) == 3
