@@ -212,6 +212,11 @@ class Explorer:
             lines.append(
                 f"| {split} | R@1 {m.get('R@1')} · R@5 {m.get('R@5')} · R@10 {m.get('R@10')} · mAP {m.get('mAP')} |"
             )
+        for style, qb in card.get("query_bench", {}).items():
+            lines.append(
+                f"| short queries ({style} set) | attribute precision@10 {qb['precision@10']:.1f}% · top-1 right "
+                f"{qb['top1']:.1f}% · chance {qb['chance']:.1f}% ({qb['queries']} queries) |"
+            )
         quality = card.get("explanations", {})
         if "prototype_overlap" in quality:
             regions = quality.get("prototype_regions", {})

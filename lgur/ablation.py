@@ -38,9 +38,10 @@ def run_ablation(
         if done.is_file():
             results[name] = json.loads(done.read_text())
             continue
+        no_prototypes = {} if switches["use_pgu"] else {"prototype_diversity": 0.0}  # nothing to diversify
         cfg = recipe(
             "cpu", data=data, out=str(run), epochs=epochs, seed=seed, cache_dir=cache,
-            decay_epochs=(epochs - 1,), decay_reference=epochs, **switches,
+            decay_epochs=(epochs - 1,), decay_reference=epochs, **switches, **no_prototypes,
         )  # fmt: skip
         results[name] = train(cfg, progress=progress)
         atomic_write_bytes(out_dir / "ablation.md", ablation_table(results).encode())

@@ -164,6 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         samples=args.samples,
         instances=args.instances,
         sdm=args.sdm,
+        caption_crops=args.caption_crops,
+        crops_from_epoch=args.crops_from_epoch,
         text_encoder_path=args.text_encoder,
         image_pretrained_path=args.image_weights,
         cache_dir=args.cache,
@@ -262,6 +264,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             }
             atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
             print(format_quality(quality))
+    if args.gallery:  # short typed queries against the gallery the app ships
+        from .checkpoint import atomic_write_bytes
+        from .querybench import format_query_bench, run_query_bench
+
+        card = json.loads(path.with_suffix(".json").read_text())
+        card["query_bench"] = {}
+        for style in ("default", "check"):
+            bench = run_query_bench(path, args.gallery, style)
+            print(format_query_bench(bench, show=0))
+            card["query_bench"][style] = {k: bench[k] for k in ("queries", "precision@10", "top1", "chance")}
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
     print(path)
     return 0
 
@@ -392,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an epoch visits every caption, every image, or every identity (--instances images each, in one batch)",
     )
     train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
+    train.add_argument("--caption-crops", type=float, help="share of samples whose caption is cut to a few clauses")
+    train.add_argument("--crops-from-epoch", type=int, help="first epoch (0-based) that uses caption crops")
     train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
     train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
     train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")
@@ -425,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage precision: int8 = per-row codes for matrices, float16 vectors (about 2x smaller than float16)",
     )  # fmt: skip
     export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
+    export.add_argument("--gallery", help="run query-bench on this gallery (into its card)")
     export.add_argument("--cache", default="cache", help="folder for cached text features")
     export.add_argument("--command", help="the training command, recorded in the card")
     export.set_defaults(func=cmd_export)

@@ -64,31 +64,30 @@ def top_atom_overlap(a: Tensor, b: Tensor, k: int = TOP_ATOMS) -> Tensor:
 
 
 def region_labels(share: np.ndarray, area: np.ndarray, min_ratio: float = 2.0) -> dict[str, Any]:
-    """Each prototype's region (the body part it over-attends most, relative to area), and the
-    largest set of prototypes that each concentrate (>= min_ratio x area) on a different part."""
+    """Name each prototype by a body part it concentrates on (>= min_ratio x the part's area share).
+
+    Prototypes are matched to distinct parts (as many as possible, then the strongest
+    concentrations: a linear assignment), so two prototypes that both over-attend the small
+    head are not both called "head" when one of them also stands out on the lower body.
+    Unmatched prototypes take their strongest part if it passes min_ratio, else "mixed".
+    """
+    from scipy.optimize import linear_sum_assignment
+
     ratio = share / np.maximum(area, 1e-9)  # (P, parts)
-    body = ratio.copy()
-    body[:, 0] = 0  # a region label names a body part, not the background
-    labels = [REGION_NAMES[PARTS[int(np.argmax(row))]] if row.max() >= min_ratio else "mixed" for row in body]
-    # Maximum matching prototypes -> distinct parts over the edges ratio >= min_ratio (augmenting paths).
-    owner: dict[int, int] = {}
-
-    def assign(p: int, seen: set[int]) -> bool:
-        for part in np.flatnonzero(body[p] >= min_ratio):
-            if part in seen:
-                continue
-            seen.add(int(part))
-            if part not in owner or assign(owner[part], seen):
-                owner[int(part)] = p
-                return True
-        return False
-
-    distinct = sum(assign(p, set()) for p in range(len(body)))
+    body = ratio[:, 1:]  # a region names a body part, not the background
+    valid = body >= min_ratio
+    gain = np.where(valid, 1000.0 + np.log(np.maximum(body, 1e-9)), 0.0)
+    rows, cols = linear_sum_assignment(-gain)
+    assignment = {int(p): int(c) + 1 for p, c in zip(rows, cols) if valid[p, c]}
+    labels = []
+    for p in range(len(ratio)):
+        part = assignment.get(p, int(np.argmax(body[p])) + 1 if valid[p].any() else None)
+        labels.append(REGION_NAMES[PARTS[part]] if part is not None else "mixed")
     return {
         "labels": labels,
         "ratio_to_area": ratio.round(2).tolist(),
-        "distinct_regions": int(distinct),
-        "assignment": {f"P{p + 1}": PARTS[part] for part, p in sorted(owner.items(), key=lambda x: x[1])},
+        "distinct_regions": len(assignment),
+        "assignment": {f"P{p + 1}": PARTS[part] for p, part in sorted(assignment.items())},
     }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import LGURConfig, preset
-from .data.dataset import RetrievalSplit, augment, build_split, normalize, text_features
+from .data.dataset import RetrievalSplit, augment, build_split, caption_crops, normalize, text_features
 from .data.readers import Record, read_dataset
 from .evaluate import attribute_breakdown, evaluate_split, plot_cmc
 from .losses import LGURLoss
@@ -55,6 +56,10 @@ class TrainConfig:
     # identity with `instances` images each, side by side in one batch (so a batch holds positives).
     samples: str = "captions"
     instances: int = 2
+    # Not in the paper: with this probability a sample's caption is replaced by a crop of it (a few
+    # of its clauses: a shorter, still true description, like a typed query), from this epoch on.
+    caption_crops: float = 0.0
+    crops_from_epoch: int = 0
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
     stop_after: int | None = None  # end this invocation after N epochs; run again to resume
     use_dga: bool = True
@@ -101,6 +106,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "samples": "identities",
         "sdm": 1.0,
         "prototype_diversity": 0.5,
+        "caption_crops": 0.5,  # full captions first, then half the samples as crops (a curriculum)
+        "crops_from_epoch": 11,
     },
     "cpu-vit": {"epochs": 8, "lr_backbone": 5e-4, "warmup_steps": 300, "samples": "images"},
 }
@@ -279,6 +286,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     train_text = text_features(model.text_encoder, train_split.captions, cache, progress=progress and main)
     val_text = text_features(model.text_encoder, val_split.captions, cache, progress=progress and main)
     labels_of_caption = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
+    crops_per_caption = 2
+    if cfg.caption_crops > 0:  # crop j of caption i is text number n + i * crops_per_caption + j
+        crop_rng = np.random.default_rng(cfg.seed)
+        crops = [c for caption in train_split.captions for c in caption_crops(caption, crops_per_caption, crop_rng)]
+        train_text = train_text.concat(text_features(model.text_encoder, crops, cache, progress=progress and main))
     pad = max(1, round(cfg.pad * size[0] / 384))
 
     criterion = LGURLoss(
@@ -333,12 +345,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             order = order[:whole].view(-1, world, cfg.batch_size)[:, rank].flatten()
         criterion.generator.manual_seed(cfg.seed * 7919 + epoch * 131 + rank)
         aug = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + rank)
+        crop_draws = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 53 + rank)
         batches = len(order) // cfg.batch_size
         bar = tqdm(range(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and main))
         for b in bar:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             images = normalize(augment(train_split.images[train_split.caption_image[idx]], pad, aug)).to(device)
-            feats, mask = train_text.batch(idx)
+            text = idx
+            if cfg.caption_crops > 0 and epoch >= cfg.crops_from_epoch:
+                use = torch.rand(len(idx), generator=crop_draws) < cfg.caption_crops
+                which = torch.randint(0, crops_per_caption, (len(idx),), generator=crop_draws)
+                text = torch.where(use, len(train_split.captions) + idx * crops_per_caption + which, idx)
+            feats, mask = train_text.batch(text)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(state["step"], epoch, cfg)
             losses = step_module(images, feats.to(device), mask.to(device), labels_of_caption[idx].to(device))

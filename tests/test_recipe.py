@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lgur.config import ImageEncoderConfig
-from lgur.data.dataset import RetrievalSplit
+from lgur.data.dataset import RetrievalSplit, caption_crops
 from lgur.encoders import CNNEncoder, build_image_encoder
 from lgur.losses import similarity_distribution_matching
 from lgur.train import TrainConfig, epoch_order
@@ -96,3 +97,17 @@ def test_caption_and_image_sampling_cover_the_split(samples: str, length: int) -
     assert len(order) == length
     if samples == "images":
         assert sorted(split.caption_image[order].tolist()) == list(range(11))  # one caption of each image
+
+
+def test_caption_crops_are_ordered_subsets_of_clauses() -> None:
+    caption = "A woman in a red coat, black trousers and white sneakers. She carries a brown handbag."
+    clauses = ["A woman in a red coat", "black trousers", "white sneakers", "She carries a brown handbag"]
+    crops = caption_crops(caption, 50, np.random.default_rng(0))
+    assert len(crops) == 50
+    for crop in crops:
+        parts = crop.split(", ")
+        assert 1 <= len(parts) <= 3 and all(p in clauses for p in parts)
+        assert [clauses.index(p) for p in parts] == sorted(clauses.index(p) for p in parts)  # order kept
+    assert len(set(crops)) > 5  # varied
+    assert caption_crops("a man in black", 2, np.random.default_rng(0)) == ["a man in black"] * 2
+    assert crops == caption_crops(caption, 50, np.random.default_rng(0))  # seeded

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,34 @@ class TextFeatures:
             out[row, :n] = self.features[start : start + n].float()
         mask = torch.arange(t)[None, :] < lengths[:, None]
         return out, mask
+
+    def concat(self, other: TextFeatures) -> TextFeatures:
+        """Both caption lists in one: other's captions are numbered after self's."""
+        return TextFeatures(
+            torch.cat([self.features, other.features]),
+            torch.cat([self.offsets, other.offsets + len(self.features)]),
+            torch.cat([self.lengths, other.lengths]),
+        )
+
+
+_CLAUSE = re.compile(r"[.,;!]|\band\b|\bwith\b|\bwhile\b", re.IGNORECASE)
+
+
+def caption_crops(caption: str, count: int, rng: np.random.Generator, max_clauses: int = 3) -> list[str]:
+    """`count` shorter descriptions that are still true: 1 to max_clauses of the caption's clauses, in order.
+
+    Training on them teaches the model that a description naming a few things (as people type
+    into a search box) matches the images that have those things. A caption of one clause is its own crop.
+    """
+    clauses = [c.strip() for c in _CLAUSE.split(caption) if c and c.strip()]
+    if len(clauses) < 2:
+        return [caption] * count
+    crops = []
+    for _ in range(count):
+        k = int(rng.integers(1, min(max_clauses, len(clauses) - 1) + 1))
+        keep = np.sort(rng.choice(len(clauses), size=k, replace=False))
+        crops.append(", ".join(clauses[i] for i in keep))
+    return crops
 
 
 def _captions_key(captions: list[str], fingerprint: str, max_length: int) -> str:
