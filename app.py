@@ -402,15 +402,27 @@ def create(checkpoint: Path, gallery: Path, progress: bool = True) -> Explorer:
     return Explorer(engine, read_card(checkpoint))
 
 
+def server_address(host: str | None, port: int | None, environ: dict[str, str]) -> tuple[str, int]:
+    """Where to listen: explicit flags, then LGUR_HOST/LGUR_PORT, then Gradio's own
+    GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (what Hugging Face Spaces sets), then 127.0.0.1:7860."""
+    host = host or environ.get("LGUR_HOST") or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    port_text = port or environ.get("LGUR_PORT") or environ.get("GRADIO_SERVER_PORT") or 7860
+    try:
+        return host, int(port_text)
+    except ValueError:
+        raise SystemExit(f"cannot start: the port must be a number, got {port_text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default=os.environ.get("LGUR_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("LGUR_PORT", "7860")))
+    parser.add_argument("--host", help="default: LGUR_HOST, GRADIO_SERVER_NAME or 127.0.0.1")
+    parser.add_argument("--port", type=int, help="default: LGUR_PORT, GRADIO_SERVER_PORT or 7860")
     parser.add_argument("--checkpoint", default=os.environ.get("LGUR_CHECKPOINT"))
     parser.add_argument("--gallery", default=os.environ.get("LGUR_GALLERY", str(DEFAULT_GALLERY)))
     parser.add_argument("--hub-repo", default=os.environ.get("LGUR_HUB_REPO"), help="fetch the checkpoint from here")
     parser.add_argument("--hub-file", default=os.environ.get("LGUR_HUB_FILE"))
     args = parser.parse_args(argv)
+    host, port = server_address(args.host, args.port, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
@@ -421,8 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(explorer)
     demo.queue(default_concurrency_limit=4)
     demo.launch(
-        server_name=args.host,
-        server_port=args.port,
+        server_name=host,
+        server_port=port,
         allowed_paths=[str(Path(args.gallery).resolve()), tempfile.gettempdir()],
         show_error=False,
         max_file_size=MAX_FILE_BYTES,

@@ -164,3 +164,60 @@ def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> No
         shot.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot / "browser_test.png"), full_page=True)
         browser.close()
+
+
+def test_server_address_precedence() -> None:
+    spaces = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
+    assert explorer_app.server_address(None, None, {}) == ("127.0.0.1", 7860)
+    assert explorer_app.server_address(None, None, spaces) == ("0.0.0.0", 7861)
+    assert explorer_app.server_address(None, None, spaces | {"LGUR_PORT": "9000"}) == ("0.0.0.0", 9000)
+    assert explorer_app.server_address("127.0.0.1", 8000, spaces | {"LGUR_HOST": "::"}) == ("127.0.0.1", 8000)
+    with pytest.raises(SystemExit, match="port must be a number"):
+        explorer_app.server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) listening on this port."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+def test_starts_as_a_space_would(explorer: explorer_app.Explorer) -> None:
+    """`python app.py` with only Spaces' variables listens on every interface at the given port."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    if not Path("/proc/net/tcp").is_file():
+        pytest.skip("reads the listening sockets from /proc (Linux)")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LGUR_", "GRADIO_SERVER"))}
+    env |= {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port)}
+    gallery = explorer.engine.index.gallery
+    checkpoint = next(gallery.parent.glob("*.safetensors"))
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", str(checkpoint),
+                             "--gallery", str(gallery)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                    assert page.status == 200
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        addresses = _listening(port)
+        assert addresses and all(set(a) == {"0"} for a in addresses), addresses  # 0.0.0.0 (or ::), not loopback
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
