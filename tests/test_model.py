@@ -107,9 +107,16 @@ def test_gradients_reach_trainable_parameters_only() -> None:
     torch.manual_seed(0)
     model = LGUR(tiny_config(dropout=0.0), num_identities=3).train()
     ids, mask = model.tokenize(CAPTIONS)
-    out = model(random_images(model, 3), mask, ids)
-    losses = LGURLoss(margin=10.0)(out, torch.tensor([0, 1, 2]), model.classifier)  # big margin: all active
-    losses["total"].backward()
+    # One step first: the CNN's residual branches start closed (zero-initialised last norm), so
+    # their first convolutions get gradient only once a step has opened them.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(2):
+        optimizer.zero_grad()
+        out = model(random_images(model, 3), mask, ids)
+        losses = LGURLoss(margin=10.0)(out, torch.tensor([0, 1, 2]), model.classifier)  # big margin: all active
+        losses["total"].backward()
+        if step == 0:
+            optimizer.step()
     for name, param in model.named_parameters():
         if name.startswith("text_encoder.backbone."):
             assert not param.requires_grad and param.grad is None, name
@@ -176,7 +183,7 @@ def test_prototype_overlap_and_the_diversity_option() -> None:
     with pytest.raises(ValueError, match="need_weights"):
         LGURLoss(diversity=1.0)(model(images, mask, backbone_features=features), labels, model.classifier)
     criterion = LGURLoss(seed=0, diversity=1.0)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     overlaps = []
     for _ in range(15):
         losses = criterion(model(images, mask, backbone_features=features, need_weights=True), labels,
@@ -185,4 +192,4 @@ def test_prototype_overlap_and_the_diversity_option() -> None:
         optimizer.zero_grad()
         losses["total"].backward()
         optimizer.step()
-    assert overlaps[-1] < overlaps[0], overlaps
+    assert overlaps[-1] < overlaps[0] - 0.05, overlaps
