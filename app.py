@@ -33,6 +33,7 @@ from lgur.explain import (
     word_highlights,
 )
 from lgur.index import IMAGE_SUFFIXES, MAX_FILE_BYTES, check_image, update_index
+from lgur.quality import summary_rows
 from lgur.search import QueryError, SearchEngine, SearchResponse
 
 log = logging.getLogger("lgur.app")
@@ -217,25 +218,8 @@ class Explorer:
                 f"| short queries ({style} set) | attribute precision@10 {qb['precision@10']:.1f}% · top-1 right "
                 f"{qb['top1']:.1f}% · chance {qb['chance']:.1f}% ({qb['queries']} queries) |"
             )
-        quality = card.get("explanations", {})
-        if "prototype_overlap" in quality:
-            regions = quality.get("prototype_regions", {})
-            lines.append(
-                f"| prototypes | {', '.join(self.prototypes)}; overlap {quality['prototype_overlap']:.2f} "
-                f"(0 = disjoint maps); {regions.get('distinct_regions', '?')} on distinct body parts |"
-            )
-        if "pointing_game" in quality:
-            pg = quality["pointing_game"]
-            lines.append(
-                f"| guidance pointing game | {pg['accuracy']:.1f}% of garment words peak on their part "
-                f"({pg['energy_inside']:.1f}% of the energy inside) |"
-            )
-        if "shared_atoms" in quality:
-            sa = quality["shared_atoms"]
-            lines.append(
-                f"| shared dictionary | top-{sa['top']} atoms in common: {sa['matching_pairs']['mean_shared']:.1f} "
-                f"for a caption and its image, {sa['non_matching_pairs']['mean_shared']:.1f} for another person |"
-            )
+        names = ", ".join(self.prototypes)
+        lines += [f"| {k} | {v} |" for k, v in summary_rows(card.get("explanations", {}), names)]
         return "\n".join(lines)
 
     def atom_atlas(self, atom: float, top: int = 8) -> tuple[list[tuple[Any, str]], str]:

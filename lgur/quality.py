@@ -225,6 +225,25 @@ def explanation_quality(
     return result
 
 
+def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tuple[str, str]]:
+    """The headline figures of an explanation_quality result, as (what, figure) rows for a model card."""
+    rows = []
+    if "prototype_overlap" in result:
+        distinct = result.get("prototype_regions", {}).get("distinct_regions", "?")
+        overlap = f"overlap {result['prototype_overlap']:.2f} (0 = disjoint maps)"
+        rows.append(("prototypes", f"{prototype_names}; {overlap}; {distinct} on distinct body parts"))
+    if "pointing_game" in result:
+        pg = result["pointing_game"]
+        energy = f"{pg['energy_inside']:.1f}% of the energy inside"
+        rows.append(("guidance pointing game", f"{pg['accuracy']:.1f}% of garment words peak on their part ({energy})"))
+    if "shared_atoms" in result:
+        sa = result["shared_atoms"]
+        match, other = sa["matching_pairs"]["mean_shared"], sa["non_matching_pairs"]["mean_shared"]
+        shared = f"{match:.1f} for a caption and its image, {other:.1f} for another person"
+        rows.append(("shared dictionary", f"top-{sa['top']} atoms in common: {shared}"))
+    return rows
+
+
 def format_quality(result: dict[str, Any]) -> str:
     lines = []
     if "foreground_auc" in result:

@@ -146,7 +146,7 @@ def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> No
         maps = page.locator("#prototype-maps img")
         expect(maps.first).to_be_visible()
         assert maps.count() == 7
-        expect(page.locator("#prototype-maps")).to_contain_text("% of score")
+        expect(page.locator("#prototype-maps")).to_contain_text("P1")  # each map is named, with its share
         expect(page.locator("#words")).to_contain_text("backpack")
         words = page.locator("#words .score-token")  # one coloured token per query word
         assert words.count() == len(QUERY.split())
