@@ -16,6 +16,7 @@ from lgur.quality import (
     pointing_hit,
     region_labels,
     roc_auc,
+    summary_rows,
     top_atom_overlap,
 )
 from lgur.synth.world import WorldSpec, generate_world
@@ -52,6 +53,9 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tmp_path) -> None:
     test = [a for a in json.loads((tmp_path / "reid_raw.json").read_text()) if a["split"] == "test"]
     assert matching["pairs"] == sum(len(a["captions"]) for a in test)  # every caption with its own image
     assert 0 <= matching["mean_shared"] <= 20 and other["pairs"] > 0
+    rows = dict(summary_rows(result, "P1 head, P2"))  # what the app's Model tab shows
+    assert set(rows) == {"prototypes", "guidance pointing game", "shared dictionary"}
+    assert rows["prototypes"].startswith("P1 head, P2; overlap")
     text = format_quality(result)
     assert "prototype overlap" in text and "pointing game" in text and "shared dictionary" in text
 
