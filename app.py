@@ -60,7 +60,7 @@ def _head_index(head: str) -> int | None:
 
 
 def _prototype_index(prototype: str) -> int:
-    return int(str(prototype).split()[0].lstrip("P")) - 1 if prototype else 0  # "P3 upper body" -> 2
+    return int(str(prototype).split()[0].lstrip("P")) - 1 if prototype else 0  # "P3" or "P3 upper body" -> 2
 
 
 class Explorer:
@@ -292,7 +292,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 layer = gr.Dropdown(explorer.layers, value="last", label="PGU layer")
                 head = gr.Dropdown(explorer.heads, value="mean", label="attention head")
                 prototype = gr.Dropdown(
-                    explorer.prototypes, value=explorer.prototypes[0], label="prototype for the words"
+                    [(name, f"P{i + 1}") for i, name in enumerate(explorer.prototypes)],  # shown: "P3 upper body"
+                    value="P1",
+                    label="prototype for the words",
                 )
             summary = gr.Markdown(elem_id="summary")
             maps = gr.Gallery(label="Prototype attention over the image (share of the score per prototype)",
