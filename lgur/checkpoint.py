@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -55,16 +56,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def row_count(shape: torch.Size | tuple[int, ...]) -> int:
+    """Rows that get one int8 scale each: per output channel of a convolution kernel (its last
+    dimensions are only the kernel's width), else per row of the last dimension (per output unit
+    of a Linear)."""
+    if len(shape) == 4:
+        return shape[0]
+    return math.prod(shape[:-1])
+
+
 def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per row of the last dimension (per output unit for a Linear)."""
-    rows = tensor.float().reshape(-1, tensor.shape[-1])
+    """Symmetric int8 with one scale per row (see row_count)."""
+    rows = tensor.float().reshape(row_count(tensor.shape), -1)
     scale = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
     codes = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return codes.reshape(tensor.shape), scale
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows = codes.float().reshape(-1, codes.shape[-1])
+    rows = codes.float().reshape(len(scale), -1)
     return (rows * scale[:, None]).reshape(codes.shape)
 
 
@@ -94,7 +104,7 @@ def restore_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.
             continue
         if tensor.dtype == torch.int8:
             scale = state.get(key + SCALE_SUFFIX)
-            rows = tensor.numel() // max(tensor.shape[-1], 1) if tensor.ndim else 0
+            rows = row_count(tensor.shape) if tensor.ndim >= 2 else -1
             if scale is None or scale.shape != (rows,) or not scale.is_floating_point():
                 raise CheckpointError(f"{name}: int8 tensor {key} lacks a valid per-row scale ({key}{SCALE_SUFFIX})")
             tensor = dequantize_rows(tensor, scale)
