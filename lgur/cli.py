@@ -243,6 +243,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if card.get("metrics"):
         keep["metrics_before_export"] = card["metrics"]
     path = save_checkpoint(model, args.out, keep, dtype=args.dtype)
+    card = None  # the exported card, once measurements are added to it
     if args.data:
         from .data.readers import read_dataset
         from .train import score_test_splits, split_records
@@ -254,26 +255,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         for name, m in card["metrics"].items():
             print(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
         if (Path(args.data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations
-            from .checkpoint import atomic_write_bytes
             from .quality import explanation_quality, format_quality
 
             exported, _ = load_checkpoint(path)
-            quality = explanation_quality(exported, args.data, "test")
-            card["explanations"] = {k: v for k, v in quality.items() if k != "prototype_part_share"} | {
-                "prototype_part_share": quality.get("prototype_part_share")
-            }
-            atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
-            print(format_quality(quality))
+            card["explanations"] = explanation_quality(exported, args.data, "test")
+            print(format_quality(card["explanations"]))
     if args.gallery:  # short typed queries against the gallery the app ships
-        from .checkpoint import atomic_write_bytes
         from .querybench import format_query_bench, run_query_bench
 
-        card = json.loads(path.with_suffix(".json").read_text())
+        card = card or json.loads(path.with_suffix(".json").read_text())
         card["query_bench"] = {}
         for style in ("default", "check"):
             bench = run_query_bench(path, args.gallery, style)
             print(format_query_bench(bench, show=0))
             card["query_bench"][style] = {k: bench[k] for k in ("queries", "precision@10", "top1", "chance")}
+    if card is not None:
+        from .checkpoint import atomic_write_bytes
+
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
     print(path)
     return 0

@@ -102,7 +102,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr_backbone": 5e-4,
         "warmup_steps": 300,
         "decay_epochs": (40, 52),  # late decays: the encoder learns from scratch
-        # beyond the paper (each measured alone in the README's experiment table):
+        # beyond the paper (options; not yet measured one at a time, see the README's experiment table):
         "samples": "identities",
         "sdm": 1.0,
         "prototype_diversity": 0.5,
@@ -287,7 +287,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     val_text = text_features(model.text_encoder, val_split.captions, cache, progress=progress and main)
     labels_of_caption = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
     crops_per_caption = 2
-    if cfg.caption_crops > 0:  # crop j of caption i is text number n + i * crops_per_caption + j
+    use_crops = cfg.caption_crops > 0 and cfg.crops_from_epoch < cfg.epochs
+    if use_crops:  # crop j of caption i is text number n + i * crops_per_caption + j
         crop_rng = np.random.default_rng(cfg.seed)
         crops = [c for caption in train_split.captions for c in caption_crops(caption, crops_per_caption, crop_rng)]
         train_text = train_text.concat(text_features(model.text_encoder, crops, cache, progress=progress and main))
@@ -352,7 +353,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             images = normalize(augment(train_split.images[train_split.caption_image[idx]], pad, aug)).to(device)
             text = idx
-            if cfg.caption_crops > 0 and epoch >= cfg.crops_from_epoch:
+            if use_crops and epoch >= cfg.crops_from_epoch:
                 use = torch.rand(len(idx), generator=crop_draws) < cfg.caption_crops
                 which = torch.randint(0, crops_per_caption, (len(idx),), generator=crop_draws)
                 text = torch.where(use, len(train_split.captions) + idx * crops_per_caption + which, idx)
