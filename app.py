@@ -10,37 +10,30 @@ from __future__ import annotations
 import argparse
 import html
 import logging
+import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home; the Space may be offline
 
 import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lgur.checkpoint import CheckpointError, read_card
-from lgur.explain import (
-    atom_chart,
-    open_image,
-    overlay,
-    prototype_names,
-    prototype_overlays,
-    shared_atoms,
-    word_highlights,
-)
-from lgur.index import IMAGE_SUFFIXES, MAX_FILE_BYTES, check_image, update_index
+from lgur import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
+from lgur.checkpoint import CheckpointError
+from lgur.explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
+from lgur.files import MAX_FILE_BYTES, open_rgb, remove_temporaries
+from lgur.gallery import add_images
 from lgur.quality import summary_rows
 from lgur.search import QueryError, SearchEngine, SearchResponse
 
 log = logging.getLogger("lgur.app")
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = ROOT / "assets" / "lgur_cpu.safetensors"
-DEFAULT_GALLERY = ROOT / "gallery"
-MAX_UPLOAD_FILES = 50
+MAX_RESULTS = 50
+SESSION_SECONDS = 3600
+MAX_SESSIONS = 1000  # sessions whose state is kept (oldest dropped first)
+MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
 
 EXAMPLES = [
     "a woman in a red coat with a black backpack",
@@ -63,26 +56,33 @@ def _prototype_index(prototype: str) -> int:
     return int(str(prototype).split()[0].lstrip("P")) - 1 if prototype else 0  # "P3" or "P3 upper body" -> 2
 
 
+def result_count(k: Any) -> int:
+    """The number of results asked for, as a whole number from 1 to MAX_RESULTS (else QueryError)."""
+    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) or k != int(k):
+        raise QueryError(f"The number of results must be a whole number from 1 to {MAX_RESULTS}.")
+    if not 1 <= k <= MAX_RESULTS:
+        raise QueryError(f"The number of results must be from 1 to {MAX_RESULTS}.")
+    return int(k)
+
+
 class Explorer:
     """The app's behaviour: every event handler is a method over plain values."""
 
-    def __init__(self, engine: SearchEngine, card: dict[str, Any] | None = None, uploads: Path | None = None):
+    def __init__(self, engine: SearchEngine, uploads: str = "uploads"):
         self.engine = engine
-        self.card = card or {}
-        self.uploads = uploads or engine.index.gallery / "uploads"
+        self.card = engine.card
+        self.uploads = uploads  # gallery sub-folder that receives uploads
         model = engine.model.config
         self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
         self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
         self.prototypes = prototype_names(self.card, model.num_prototypes if model.use_pgu else 1)
-        self._atlas_words: np.ndarray | None = None
-        for stale in self.uploads.glob(".*.part") if self.uploads.is_dir() else []:
-            stale.unlink(missing_ok=True)  # a copy cut short by a crash; the upload was never accepted
+        remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
 
     # -- search -------------------------------------------------------------------------------
     def search(self, query: str, k: float) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
         """-> results gallery (file, caption), a status line, the response (kept per session)."""
         try:
-            response = self.engine.search(query, int(k))
+            response = self.engine.search(query, result_count(k))
         except QueryError as error:
             return [], f"⚠️ {html.escape(str(error))}", None
         items = [(r.path, f"#{r.rank}  score {r.score:.3f}") for r in response.results]
@@ -102,16 +102,15 @@ class Explorer:
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
         maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
         words = word_highlights(response.query, pi, li, hi)
-        chart = atom_chart(response.query.atom_histogram, result.atom_histogram)
-        foreground = overlay(open_image(result.path), result.foreground, response.grid, alpha=0.55)
-        shared = shared_atoms(response.query.atom_histogram, result.atom_histogram)
-        best = int(np.argmax(result.part_contribution))
-        best_share = 100 * result.part_contribution[best] / max(result.score, 1e-8)
+        chart = atom_chart(response.query.atom_histogram, result.atom_histogram, result.shared_atoms)
+        foreground = overlay(open_rgb(result.path), result.foreground, response.grid, alpha=0.55)
+        best = result.strongest_part
         meta = result.metadata
         lines = [
             f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
-            f"Strongest part: **{self.prototypes[best]}** ({best_share:.0f}% of the score).",
-            f"Atoms shared by the query's and the image's top 20: {', '.join(map(str, shared)) or 'none'}.",
+            f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the score).",
+            "Atoms shared by the query's and the image's top 20: "
+            f"{', '.join(map(str, result.shared_atoms)) or 'none'}.",
         ]
         if meta.get("captions"):
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
@@ -125,71 +124,37 @@ class Explorer:
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         try:
             column = int(str(word).split(":", 1)[0]) - 1
-            weights = self.engine.guidance(response.query.text, result.row)
-        except (ValueError, QueryError):
+        except ValueError:
             return None
-        if not 0 <= column < weights.shape[1]:
+        if not 0 <= column < len(response.query.words):
             return None
-        return overlay(open_image(result.path), weights[:, column], response.grid)
+        weights = self.engine.guidance(response.query, result.row)
+        return overlay(open_rgb(result.path), weights[:, column], response.grid)
 
     def api_search(self, query: str, k: float = 10) -> dict[str, Any]:
-        """The /search endpoint: plain JSON (paths, scores, per-prototype similarities)."""
+        """The /search endpoint: plain JSON (gallery file names, scores, per-prototype similarities).
+
+        An error answer names the problem without echoing the input back."""
         try:
-            response = self.engine.search(query, int(k))
+            response = self.engine.search(query, result_count(k))
         except QueryError as error:
-            return {"query": query, "error": str(error), "results": []}
+            return {"error": str(error), "results": []}
         return response.to_json()
 
     # -- gallery ------------------------------------------------------------------------------
     def browse(self, limit: int = 300) -> list[tuple[str, str]]:
-        entries = self.engine.index.entries[:limit]
-        return [(str(self.engine.index.gallery / e.path), e.path) for e in entries]
+        """(image file, name) of the gallery, uploads first."""
+        files = sorted(self.engine.files(), key=lambda f: not f.startswith(f"{self.uploads}/"))[:limit]
+        return [(str(self.engine.gallery / f), f) for f in files]
 
-    def upload(self, files: list[Any] | None, progress: Any = None) -> tuple[str, list[tuple[str, str]]]:
-        """Validate uploads, copy the good ones into the gallery, index them incrementally."""
+    def upload(self, files: list[Any] | None) -> tuple[str, list[tuple[str, str]]]:
+        """Add uploaded files to the gallery (validated, indexed at once); report what was refused."""
         paths = [Path(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
             return "No files were given.", self.browse()
-        rejected: list[tuple[str, str]] = []
-        if len(paths) > MAX_UPLOAD_FILES:
-            rejected += [
-                (p.name, f"more than {MAX_UPLOAD_FILES} files in one upload") for p in paths[MAX_UPLOAD_FILES:]
-            ]
-            paths = paths[:MAX_UPLOAD_FILES]
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        accepted = []
-        for path in paths:
-            name = Path(path.name).name
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                rejected.append((name, f"unsupported file type {path.suffix or '(none)'}"))
-                continue
-            problem = check_image(path)
-            if problem:
-                rejected.append((name, problem))
-                continue
-            target = self.uploads / name
-            stem, n = target.stem, 1
-            while target.exists():
-                target = self.uploads / f"{stem}-{n}{target.suffix}"
-                n += 1
-            tmp = target.with_name(f".{target.name}.part")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)  # a file appears whole or not at all
-            accepted.append(target)
-        if accepted:
-            engine = self.engine
-            index, report = update_index(
-                engine.model, engine.index.checkpoint, engine.index.gallery, _index_dir(engine), progress=False
-            )
-            engine.index = index
-            mine = {p.relative_to(engine.index.gallery).as_posix() for p in accepted}
-            for item in report.rejected:  # refused on decoding after all: take the file out again
-                if item["path"] in mine:
-                    (engine.index.gallery / item["path"]).unlink(missing_ok=True)
-                    rejected.append((Path(item["path"]).name, item["reason"]))
-                    accepted = [p for p in accepted if p.relative_to(engine.index.gallery).as_posix() != item["path"]]
-        lines = [f"Added {len(accepted)} image(s); the gallery now holds {len(self.engine.index)}."]
-        lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in rejected]
+        report = add_images(self.engine, paths, self.uploads)
+        lines = [f"Added {len(report.added)} image(s); the gallery now holds {report.gallery_size}."]
+        lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
         return "\n".join(lines), self.browse()
 
     # -- model --------------------------------------------------------------------------------
@@ -222,45 +187,22 @@ class Explorer:
         lines += [f"| {k} | {v} |" for k, v in summary_rows(card.get("explanations", {}), names)]
         return "\n".join(lines)
 
-    def atom_atlas(self, atom: float, top: int = 8) -> tuple[list[tuple[Any, str]], str]:
+    def atom_atlas(self, atom: float) -> tuple[list[tuple[Any, str]], str]:
         """For one atom: the gallery patches and the vocabulary words that use it most."""
-        atoms = self.engine.index.arrays["atom_histogram"]
-        if atoms.shape[1] <= 1:
-            return [], "This model has no dictionary."
-        a = int(np.clip(int(atom), 0, atoms.shape[1] - 1))
-        rows = np.argsort(-atoms[:, a].astype(np.float32))[:top]
-        items = []
-        for row in rows:
-            patch_weights = self.engine.patch_atoms(int(row))[:, a]
-            image = overlay(open_image(self.engine.index.gallery / self.engine.index.entries[row].path),
-                            patch_weights, self.engine.grid)  # fmt: skip
-            items.append((image, f"{self.engine.index.entries[row].path} ({patch_weights.max():.3f})"))
-        words, table = self._word_atoms()
-        best = np.argsort(-table[:, a])[:15]
-        text = f"**Atom {a}**: words that use it most: " + ", ".join(
-            f"{html.escape(words[i])} ({table[i, a]:.3f})" for i in best
-        )
-        return items, text
-
-    def _word_atoms(self, captions: int = 300) -> tuple[list[str], np.ndarray]:
-        """Mean atom weights of each word over a sample of gallery captions (computed once)."""
-        if self._atlas_words is None:
-            sums: dict[str, np.ndarray] = {}
-            counts: dict[str, int] = {}
-            texts = [c for m in self.engine.manifest.values() for c in m.get("captions", [])][:captions] or EXAMPLES
-            for text in texts:
-                q = self.engine.encode_query(text)
-                for word, weights in zip(q.words, q.word_atoms):
-                    key = word.lower()
-                    sums[key] = sums.get(key, 0) + weights
-                    counts[key] = counts.get(key, 0) + 1
-            words = sorted(sums)
-            self._atlas_words = (words, np.stack([sums[w] / counts[w] for w in words]))
-        return self._atlas_words
-
-
-def _index_dir(engine: SearchEngine) -> Path:
-    return engine.index.gallery / ".lgur-index"
+        try:
+            number = int(atom)
+        except (TypeError, ValueError, OverflowError):
+            return [], "Pick an atom by its number."
+        try:
+            atlas = self.engine.atom_atlas(number)
+        except ValueError as error:  # no dictionary, or no such atom
+            return [], html.escape(str(error))
+        items = [
+            (overlay(open_rgb(path), weights, self.engine.grid), f"{path.name} ({weights.max():.3f})")
+            for path, weights in atlas.images
+        ]
+        words = ", ".join(f"{html.escape(w)} ({v:.3f})" for w, v in atlas.words)
+        return items, f"**Atom {atlas.atom}**: words that use it most: {words or 'none (no gallery captions)'}"
 
 
 def read_extra(name: str) -> str:
@@ -269,19 +211,21 @@ def read_extra(name: str) -> str:
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
-    with gr.Blocks(title="LGUR Explorer") as demo:
+    # Uploaded files in Gradio's cache are deleted an hour after they arrive.
+    with gr.Blocks(title="LGUR Explorer", delete_cache=(600, SESSION_SECONDS)) as demo:
         gr.Markdown(
             "# LGUR Explorer\nDescribe a pedestrian; the model ranks the gallery and shows **why**: the PGU "
             "prototypes' attention over the image and your words, and the DGA dictionary atoms both sides were "
             "rebuilt from."
         )
-        response_state = gr.State(None)
-        selected_state = gr.State(0)
+        # Per visitor, kept an hour at most (and launch() caps how many sessions are kept).
+        response_state = gr.State(None, time_to_live=SESSION_SECONDS)
+        selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
         with gr.Tab("Search"):
             with gr.Row():
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,
                                    elem_id="query")  # fmt: skip
-                k = gr.Slider(1, 50, value=10, step=1, label="results", scale=1)
+                k = gr.Slider(1, MAX_RESULTS, value=10, step=1, label="results", scale=1)
                 go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
             gr.Examples(EXAMPLES, inputs=query)
             status = gr.Markdown(elem_id="status")
@@ -370,22 +314,45 @@ def build_app(explorer: Explorer) -> gr.Blocks:
     return demo
 
 
-def resolve_checkpoint(value: str | None, hub_repo: str | None, hub_file: str | None) -> Path:
-    """A local path, or a file fetched from a Hugging Face Hub repository (with its card)."""
-    if hub_repo:
-        from huggingface_hub import hf_hub_download
+def resolve_checkpoint(
+    value: str | None, hub_repo: str | None, hub_file: str | None, hub_revision: str | None = None
+) -> Path:
+    """A local path, or a file fetched from a Hugging Face Hub repository (with its card), at a
+    pinned revision (a commit hash) when given. Raises ValueError or OSError saying what failed."""
+    if not hub_repo:
+        return Path(value) if value else DEFAULT_CHECKPOINT
+    from huggingface_hub import hf_hub_download
 
-        name = hub_file or "lgur_cpu.safetensors"
-        path = Path(hf_hub_download(hub_repo, name))
-        hf_hub_download(hub_repo, str(Path(name).with_suffix(".json")))
-        return path
-    return Path(value) if value else DEFAULT_CHECKPOINT
+    name = hub_file or "lgur_cpu.safetensors"
+    if not name.endswith(".safetensors") or name.startswith(("/", "..")) or "/../" in name:
+        raise ValueError(f"the hub file must be a .safetensors path inside the repository, got {name!r}")
+    if not hub_revision:
+        log.warning("fetching %s from %s unpinned: pass --hub-revision COMMIT to pin it", name, hub_repo)
+    try:
+        path = Path(hf_hub_download(hub_repo, name, revision=hub_revision))
+        hf_hub_download(hub_repo, str(Path(name).with_suffix(".json")), revision=hub_revision)
+    except Exception as error:  # the hub client raises many types (HTTP, validation, offline)
+        raise OSError(f"could not fetch {name} from {hub_repo}: {type(error).__name__}: {error}") from None
+    return path
 
 
 def create(checkpoint: Path, gallery: Path, progress: bool = True) -> Explorer:
     engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
     log.info("gallery %s: %s", gallery, report.summary())
-    return Explorer(engine, read_card(checkpoint))
+    return Explorer(engine)
+
+
+def launch_options(explorer: Explorer) -> dict[str, Any]:
+    """How the app is served (also by the tests): image files from the gallery folder and Gradio's
+    own outputs only, no error details, uploads and kept sessions capped."""
+    return {
+        "allowed_paths": [str(explorer.engine.gallery)],
+        "blocked_paths": [str(explorer.engine.index_dir)],  # the index may sit inside the gallery
+        "show_error": False,
+        "max_file_size": MAX_FILE_BYTES,
+        "state_session_capacity": MAX_SESSIONS,
+        "ssr_mode": False,  # no Node.js server: faster start, one process
+    }
 
 
 def server_address(host: str | None, port: int | None, environ: dict[str, str]) -> tuple[str, int]:
@@ -407,25 +374,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", default=os.environ.get("LGUR_GALLERY", str(DEFAULT_GALLERY)))
     parser.add_argument("--hub-repo", default=os.environ.get("LGUR_HUB_REPO"), help="fetch the checkpoint from here")
     parser.add_argument("--hub-file", default=os.environ.get("LGUR_HUB_FILE"))
+    parser.add_argument("--hub-revision", default=os.environ.get("LGUR_HUB_REVISION"), help="commit to pin")
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file)
+        checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
         explorer = create(checkpoint, Path(args.gallery))
-    except (CheckpointError, FileNotFoundError, OSError) as error:
+    except (CheckpointError, OSError, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from error
     demo = build_app(explorer)
-    demo.queue(default_concurrency_limit=4)
-    demo.launch(
-        server_name=host,
-        server_port=port,
-        allowed_paths=[str(Path(args.gallery).resolve()), tempfile.gettempdir()],
-        show_error=False,
-        max_file_size=MAX_FILE_BYTES,
-        ssr_mode=False,  # no Node.js server: faster start, one process
-    )
+    demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
+    demo.launch(server_name=host, server_port=port, **launch_options(explorer))
 
 
 if __name__ == "__main__":

@@ -111,13 +111,13 @@ def bench_search(
     from .search import SearchEngine, read_manifest
 
     repeats = repeats or 50
-    model, _ = load_checkpoint(checkpoint)
-    fingerprint = checkpoint_fingerprint(checkpoint)
+    model, card = load_checkpoint(checkpoint)
+    fingerprint = checkpoint_fingerprint(card)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         index, report = update_index(model, fingerprint, gallery, tmp)
         indexing_seconds = time.perf_counter() - start
-    engine = SearchEngine(model, index, read_manifest(Path(gallery)))
+    engine = SearchEngine(model, index, card, read_manifest(Path(gallery)))
     manifest = list(engine.manifest.values())
     rng = np.random.default_rng(seed)
     captions = [c for m in manifest for c in m.get("captions", [])] or [SAMPLE_CAPTION]
@@ -210,7 +210,8 @@ def format_search(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rss_mib(pid: int) -> float:
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -218,9 +219,15 @@ def _rss_mib(pid: int) -> float:
 
 
 def bench_app(
-    checkpoint: str, gallery: str, repeats: int | None = None, port: int = 7899, seed: int = 0
+    checkpoint: str,
+    gallery: str,
+    repeats: int | None = None,
+    port: int = 7899,
+    seed: int = 0,
+    app: str | Path = "app.py",
 ) -> dict[str, Any]:
-    """Start `python app.py` as a user would, then time full queries through its API.
+    """Start `python app.py` (the repository's, by default from the current folder) as a user would,
+    then time full queries through its API.
 
     Reports cold start to ready (index already built), resident memory, and p50/p95 of a query
     answered with 10 results and every explanation panel (`/explore`), and of `/search` (JSON).
@@ -236,7 +243,9 @@ def bench_app(
     from .search import read_manifest
 
     repeats = repeats or 30
-    app = Path(__file__).resolve().parents[1] / "app.py"
+    app = Path(app)
+    if not app.is_file():
+        raise SystemExit(f"no app at {app}: run from the repository root or pass --app PATH")
     cmd = [sys.executable, str(app), "--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
@@ -254,7 +263,7 @@ def bench_app(
             if time.perf_counter() - start > 600:
                 raise RuntimeError("app did not start within 10 minutes")
         ready = time.perf_counter() - start
-        rss_ready = _rss_mib(proc.pid)
+        rss_ready = rss_mib(proc.pid)
         client = Client(url, verbose=False, download_files=False)
         captions = [c for m in read_manifest(Path(gallery)).values() for c in m.get("captions", [])] or [SAMPLE_CAPTION]
         rng = np.random.default_rng(seed)
@@ -263,7 +272,7 @@ def bench_app(
             client.predict(q, 10, "last", "mean", "P1", api_name="/explore")
         full = _timed(lambda q: client.predict(q, 10, "last", "mean", "P1", api_name="/explore"), queries[3:])
         plain = _timed(lambda q: client.predict(q, 10, api_name="/search"), queries[3:])
-        rss_after = _rss_mib(proc.pid)
+        rss_after = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -277,3 +286,23 @@ def bench_app(
         "search_json_10": percentiles(plain),
         "targets": {"explore_full_response_10_p50_ms": "<= 300", "cold_start_s": "<= 20", "rss_mib": "<= 2048"},
     }
+
+
+MODEL_COLUMNS = ["preset", "patch_grid", "atoms", "prototypes", "embedding_dim", "params_trainable",
+                 "params_frozen", "ms_per_image", "ms_per_caption"]  # fmt: skip
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def format_model(rows: list[dict[str, Any]], keys: list[str] = MODEL_COLUMNS) -> str:
+    """The model benchmark as an aligned table."""
+    widths = {k: max(len(k), *(len(_cell(r.get(k))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
+    lines += ["  ".join(_cell(r.get(k)).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)

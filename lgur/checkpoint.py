@@ -7,19 +7,17 @@ weights file. Loading verifies all of it and never unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .config import LGURConfig
+from .files import atomic_output, atomic_write_bytes, sha256_file
 from .model import LGUR
 
 FORMAT = "lgur-checkpoint"
@@ -30,30 +28,6 @@ SCALE_SUFFIX = ":scale"  # int8 storage: `key` holds the codes, `key:scale` one 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def row_count(shape: torch.Size | tuple[int, ...]) -> int:
@@ -236,6 +210,28 @@ def load_checkpoint(
     return model.to(device).eval(), card
 
 
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """The identity of a checkpoint's weights (as recorded, and verified on load)."""
-    return read_card(path)["weights_sha256"]
+def checkpoint_fingerprint(card: dict[str, Any]) -> str:
+    """The identity of a checkpoint's weights (as recorded in its card, and verified on load)."""
+    return card["weights_sha256"]
+
+
+# -- optimiser state (resuming a run) ------------------------------------------------------------
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Optimiser state as safetensors (+ JSON scalars in its metadata): resumable without pickle."""
+    state = optimizer.state_dict()
+    tensors = {f"{pid}.{k}": v.contiguous() for pid, s in state["state"].items() for k, v in s.items()}
+    groups = [dict(g) for g in state["param_groups"]]
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(save(tensors, metadata={"param_groups": json.dumps(groups)}))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

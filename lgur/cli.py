@@ -5,23 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
+from . import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
 from .config import PRESETS
 
 
-def _print_table(rows: list[dict], keys: list[str]) -> None:
-    widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
-    print("  ".join(k.ljust(widths[k]) for k in keys))
-    for r in rows:
-        print("  ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys))
+def _write_json(result: dict, out: str | None) -> None:
+    if out:
+        from .files import atomic_write_bytes
 
-
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    if isinstance(v, int) and abs(v) >= 10_000:
-        return f"{v:,}"
-    return str(v)
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -29,42 +23,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what == "search":
         result = bench.bench_search(args.checkpoint, args.gallery, repeats=args.repeats, big=args.big)
-        print(json.dumps(result, indent=2) if args.json else bench.format_search(result))
-        bench.write_json(result, args.out)
-        return 0
-    if args.what == "app":
-        result = bench.bench_app(args.checkpoint, args.gallery, repeats=args.repeats)
-        print(json.dumps(result, indent=2))
-        bench.write_json(result, args.out)
-        return 0
-    if args.what == "model":
+        text = bench.format_search(result)
+    elif args.what == "app":
+        result = bench.bench_app(args.checkpoint, args.gallery, repeats=args.repeats, app=args.app)
+        text = json.dumps(result, indent=2)
+    else:
         rows = [bench.bench_model(p, batch=args.batch, repeats=args.repeats or 5) for p in args.presets]
         result = {"benchmark": "model", "environment": bench.environment(), "presets": rows}
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            _print_table(
-                rows,
-                [
-                    "preset",
-                    "patch_grid",
-                    "atoms",
-                    "prototypes",
-                    "embedding_dim",
-                    "params_trainable",
-                    "params_frozen",
-                    "ms_per_image",
-                    "ms_per_caption",
-                ],
-            )
-        bench.write_json(result, args.out)
-        return 0
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+        text = bench.format_model(rows)
+    print(json.dumps(result, indent=2) if args.json else text)
+    _write_json(result, args.out)
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    import time
-
     from .synth.world import WorldSpec, generate_world
 
     spec = WorldSpec(
@@ -77,8 +49,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     summary = generate_world(spec, args.out, workers=args.workers, progress=not args.quiet)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary | {"seconds": round(time.perf_counter() - start, 1)}, indent=2))
     return 0
 
 
@@ -98,228 +69,99 @@ def cmd_contact_sheet(args: argparse.Namespace) -> int:
 
 
 def cmd_ambiguity(args: argparse.Namespace) -> int:
-    from .synth.world import ambiguity_report
+    from .synth.world import ambiguity_report, format_ambiguity
 
     reports = [ambiguity_report(args.data, split) for split in args.splits]
-    if args.json:
-        print(json.dumps(reports, indent=2))
-    else:
-        for r in reports:
-            ceiling = r["perfect_reader"]
-            print(
-                f"{r['split']}: {r['captions']} captions over {r['identities']} identities; consistent identities "
-                f"per caption mean {r['consistent_identities_mean']:.2f}, "
-                f"median {r['consistent_identities_median']:.0f}, "
-                f"unique {100 * r['unique_share']:.1f}%; perfect attribute reader R@1 {ceiling['R@1']:.1f} "
-                f"R@5 {ceiling['R@5']:.1f} R@10 {ceiling['R@10']:.1f}"
-            )
+    print(json.dumps(reports, indent=2) if args.json else format_ambiguity(reports))
     return 0
 
 
 def cmd_lexical_probe(args: argparse.Namespace) -> int:
     from .config import preset
     from .encoders import TextEncoder
-    from .synth.probe import lexical_probe
+    from .synth.probe import format_lexical_probe, lexical_probe
 
     config = preset(args.preset)
     if args.text_encoder:
         config.text.path = args.text_encoder
     report = lexical_probe(TextEncoder(config.text, config.dim).eval())
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"nearest concept of a form, by the frozen encoder's token features ({config.text.name}):")
-    for kind, r in report["kinds"].items():
-        print(
-            f"  {kind:15s} {r['concepts']:2d} concepts  held-out forms {r['held_out_accuracy']:5.1f}% "
-            f"({r['held_out_forms']})  training forms {r['train_accuracy']:5.1f}% ({r['train_forms_tested']})  "
-            f"chance {r['chance']:.1f}%"
-        )
-    print(
-        f"  all: held-out {report['held_out_accuracy']:.1f}% of {report['held_out_forms']} forms, "
-        f"training {report['train_accuracy']:.1f}%, chance {report['chance']:.1f}%"
-    )
-    misses = [e for e in report["examples"] if e["nearest"] != e["concept"]]
-    for e in misses[: args.show]:
-        own, best = e["cosine_own"], e["cosine_nearest"]
-        print(f"  {e['held_out']!r} ({e['concept']}) -> {e['nearest']}: cosine {best} vs {own} to its own")
+    print(json.dumps(report, indent=2) if args.json else format_lexical_probe(report, config.text.name, args.show))
     return 0
+
+
+TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
+                 "instances", "sdm", "caption_crops", "crops_from_epoch", "threads", "prototype_diversity")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import recipe, train
 
-    overrides = dict(item.split("=", 1) for item in args.set or [])
     cfg = recipe(
         args.preset,
         data=args.data,
         out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_backbone=args.lr_backbone,
-        seed=args.seed,
-        max_minutes=args.max_minutes,
-        stop_after=args.stop_after,
-        samples=args.samples,
-        instances=args.instances,
-        sdm=args.sdm,
-        caption_crops=args.caption_crops,
-        crops_from_epoch=args.crops_from_epoch,
         text_encoder_path=args.text_encoder,
         image_pretrained_path=args.image_weights,
         cache_dir=args.cache,
-        threads=args.threads,
-        model_overrides=overrides,
+        model_overrides=dict(item.split("=", 1) for item in args.set or []),
         use_dga=not args.no_dga,
         use_pgu=not args.no_pgu,
-        prototype_diversity=args.prototype_diversity,
+        **{name: getattr(args, name) for name in TRAIN_OPTIONS},
     )
-    result = train(cfg, progress=not args.quiet)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(train(cfg, progress=not args.quiet), indent=2))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .checkpoint import load_checkpoint
-    from .data.dataset import build_split, text_features
     from .data.readers import read_dataset
-    from .evaluate import attribute_breakdown, evaluate_split, plot_cmc
+    from .evaluate import format_metrics, plot_cmc, split_metrics
 
-    model, card = load_checkpoint(args.checkpoint, args.text_encoder)
-    records, _ = read_dataset(args.data)
-    split_records = [r for r in records if r.split == args.split]
-    if not split_records:
+    model, _ = load_checkpoint(args.checkpoint, args.text_encoder)
+    records = [r for r in read_dataset(args.data)[0] if r.split == args.split]
+    if not records:
         raise SystemExit(f"no entries in split {args.split!r} of {args.data}")
-    split = build_split(split_records, model.config.image.img_size)
-    result = evaluate_split(model, split, text_features(model.text_encoder, split.captions, args.cache))
-    report = {
-        "checkpoint": str(args.checkpoint),
-        "split": args.split,
-        "standard": {k: round(v, 2) for k, v in result["standard"].items() if k != "cmc"},
-        "exclude_own_image": {k: round(v, 2) for k, v in result["exclude_own_image"].items() if k != "cmc"},
-    }
-    side = Path(args.data) / "synthetic_attributes.json"
-    if side.is_file():
-        key = "paraphrase_mentions" if args.split == "test-paraphrase" else "mentions"
-        report["by_attribute"] = attribute_breakdown(result["similarity"], split, side, key)
+    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache)
     if args.cmc:
-        plot_cmc({args.split: result["standard"]["cmc"]}, args.cmc)
+        plot_cmc({args.split: cmc}, args.cmc)
     if args.json:
+        standard = {k: v for k, v in metrics.items() if k not in ("exclude_own_image", "by_attribute")}
+        report = {"checkpoint": str(args.checkpoint), "split": args.split, "standard": standard}
+        report |= {k: metrics[k] for k in ("exclude_own_image", "by_attribute") if k in metrics}
         print(json.dumps(report, indent=2))
     else:
-        for name in ("standard", "exclude_own_image"):
-            m = report[name]
-            print(
-                f"{name:18s} R@1 {m['R@1']:.2f}  R@5 {m['R@5']:.2f}  R@10 {m['R@10']:.2f}  mAP {m['mAP']:.2f}"
-                f"  ({m['queries']} queries)"
-            )
-        for kind, m in report.get("by_attribute", {}).items():
-            print(f"  captions mentioning {kind:16s} R@1 {m['R@1']:.2f} ({m['captions']})")
+        print(format_metrics(metrics))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an inference checkpoint; with --data, evaluate *it* and record those metrics in its card."""
-    from pathlib import Path
+    from .export import export_checkpoint
 
-    from .checkpoint import load_checkpoint, save_checkpoint
-
-    model, card = load_checkpoint(args.checkpoint)
-    keep = {k: v for k, v in card.items() if k in ("training", "data")}
-    run = Path(args.checkpoint).parent / "result.json"
-    if run.is_file():
-        result = json.loads(run.read_text())
-        keep.setdefault("training", {}).update(
-            {k: result[k] for k in ("train_seconds", "total_seconds", "best_epoch") if k in result}
-        )
-    if args.command:
-        keep.setdefault("training", {})["command"] = args.command
-    world = Path(args.data or "") / "world.json"
-    if args.data and world.is_file():  # the synthetic world's recipe: seed, sizes, vocabulary
-        keep.setdefault("data", {})["world"] = json.loads(world.read_text())
-    if card.get("metrics"):
-        keep["metrics_before_export"] = card["metrics"]
-    path = save_checkpoint(model, args.out, keep, dtype=args.dtype)
-    card = None  # the exported card, once measurements are added to it
-    if args.data:
-        from .data.readers import read_dataset
-        from .train import score_test_splits, split_records
-
-        records, _ = read_dataset(args.data)
-        splits = split_records(records, seed=0)
-        score_test_splits(path, args.data, splits, Path(args.cache), None, path.parent)
-        card = json.loads(path.with_suffix(".json").read_text())
-        for name, m in card["metrics"].items():
-            print(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
-        if (Path(args.data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations
-            from .quality import explanation_quality, format_quality
-
-            exported, _ = load_checkpoint(path)
-            card["explanations"] = explanation_quality(exported, args.data, "test")
-            print(format_quality(card["explanations"]))
-    if args.gallery:  # short typed queries against the gallery the app ships
-        from .querybench import format_query_bench, run_query_bench
-
-        card = card or json.loads(path.with_suffix(".json").read_text())
-        card["query_bench"] = {}
-        for style in ("default", "check"):
-            bench = run_query_bench(path, args.gallery, style)
-            print(format_query_bench(bench, show=0))
-            card["query_bench"][style] = {k: bench[k] for k in ("queries", "precision@10", "top1", "chance")}
-    if card is not None:
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
+    path = export_checkpoint(args.checkpoint, args.out, args.dtype, args.data, args.gallery, args.cache, args.command)
     print(path)
     return 0
 
 
-DEFAULT_CHECKPOINT = "assets/lgur_cpu.safetensors"
-DEFAULT_GALLERY = "gallery"
-
-
 def cmd_index(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from .checkpoint import checkpoint_fingerprint, load_checkpoint
-    from .index import load_index, merge_shards, save_index, scan_gallery, update_index
+    from .index import default_index_dir, index_gallery
 
     gallery = Path(args.gallery).resolve()
     if not gallery.is_dir():
         raise SystemExit(f"gallery folder {gallery} does not exist")
-    index_dir = Path(args.index_dir).resolve() if args.index_dir else gallery / ".lgur-index"
-    model, _ = load_checkpoint(args.checkpoint)
-    fingerprint = checkpoint_fingerprint(args.checkpoint)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # torchrun: each process embeds one shard, the first merges them
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-        rank = dist.get_rank()
-        files = scan_gallery(gallery, index_dir)[rank::world]
-        shard_dir = index_dir / f"shard-{rank}"
-        _, report = update_index(model, fingerprint, gallery, shard_dir, files=files, progress=rank == 0)
-        dist.barrier()
-        if rank == 0:
-            shards = [load_index(gallery, index_dir / f"shard-{r}", fingerprint) for r in range(world)]
-            merged = merge_shards(shards, gallery)
-            save_index(merged, index_dir)
-            print(f"merged {world} shards: {len(merged)} images indexed in {index_dir}")
-        dist.destroy_process_group()
-        return 0
-    index, report = update_index(model, fingerprint, gallery, index_dir, progress=not args.quiet)
-    print(f"{len(index)} images indexed in {index_dir} ({index.kind}); {report.summary()}")
-    for item in report.rejected:
-        print(f"  rejected {item['path']}: {item['reason']}")
+    index_dir = Path(args.index_dir).resolve() if args.index_dir else default_index_dir(gallery)
+    model, card = load_checkpoint(args.checkpoint)
+    text = index_gallery(model, checkpoint_fingerprint(card), gallery, index_dir, progress=not args.quiet)
+    if text:
+        print(text)
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import QueryError, SearchEngine
+    from .search import QueryError, SearchEngine, format_results
 
     engine, _ = SearchEngine.open(args.checkpoint, args.gallery, args.index_dir)
     try:
@@ -327,12 +169,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     except QueryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(response.to_json(), indent=2))
-        return 0
-    for r in response.results:
-        parts = " ".join(f"{x:+.2f}" for x in r.part_similarity)
-        print(f"{r.rank:3d}  {r.score:.4f}  {r.file}  parts [{parts}]")
+    print(json.dumps(response.to_json(), indent=2) if args.json else format_results(response))
     return 0
 
 
@@ -343,10 +180,7 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
     model, _ = load_checkpoint(args.checkpoint)
     result = explanation_quality(model, args.data, args.split, args.limit)
     print(json.dumps(result, indent=2) if args.json else format_quality(result))
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    _write_json(result, args.out)
     return 0
 
 
@@ -363,12 +197,7 @@ def cmd_query_bench(args: argparse.Namespace) -> int:
 
     result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed)
     print(json.dumps(result, indent=2) if args.json else format_query_bench(result))
-    if args.out:
-        from pathlib import Path
-
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode())
+    _write_json(result, args.out)
     return 0
 
 
@@ -381,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     bench.add_argument("--gallery", default=DEFAULT_GALLERY)
     bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
-    bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=["cpu", "paper"])
+    bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS))
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 5 model, 50 search)")
+    bench.add_argument("--app", default="app.py", help="with `app`: the app to start (default ./app.py)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--out", help="also write the JSON result to this file")
     bench.set_defaults(func=cmd_bench)
@@ -520,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     ambiguity.set_defaults(func=cmd_ambiguity)
 
     probe = sub.add_parser("lexical-probe", help="does the frozen text encoder map held-out synonyms to their concept?")
-    probe.add_argument("--preset", default="cpu", choices=["cpu", "paper"])
+    probe.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     probe.add_argument("--text-encoder", help="path of the frozen text encoder (default: the preset's)")
     probe.add_argument("--show", type=int, default=10, help="print this many misses")
     probe.add_argument("--json", action="store_true")

@@ -15,14 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data.dataset import RetrievalSplit, TextFeatures, normalize
+from .checkpoint import card_path
+from .data.dataset import RetrievalSplit, TextFeatures, build_split, frozen_text_features, normalize
+from .data.readers import Record
+from .files import atomic_write_bytes
 from .model import LGUR
 
 RANKS = (1, 5, 10)
 
 
 @torch.inference_mode()
-def embed_images(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
+def image_embeddings(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
     """uint8 (N, 3, H, W) -> (N, E) unit-norm embeddings."""
     model.eval()
     device = next(model.parameters()).device
@@ -34,7 +37,7 @@ def embed_images(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
 
 
 @torch.inference_mode()
-def embed_captions(model: LGUR, features: TextFeatures, batch_size: int = 256) -> Tensor:
+def caption_embeddings(model: LGUR, features: TextFeatures, batch_size: int = 256) -> Tensor:
     model.eval()
     out = []
     device = next(model.parameters()).device
@@ -72,8 +75,8 @@ def retrieval_metrics(
 
 
 def evaluate_split(model: LGUR, split: RetrievalSplit, features: TextFeatures) -> dict[str, Any]:
-    image_emb = embed_images(model, split.images)
-    text_emb = embed_captions(model, features)
+    image_emb = image_embeddings(model, split.images)
+    text_emb = caption_embeddings(model, features)
     similarity = text_emb @ image_emb.t()
     standard = retrieval_metrics(similarity, split.caption_ids, split.image_ids)
     cross = retrieval_metrics(similarity, split.caption_ids, split.image_ids, exclude=split.caption_image)
@@ -124,3 +127,60 @@ def plot_cmc(curves: dict[str, list[float]], out: str | Path, title: str = "CMC 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+# -- a checkpoint on a dataset's splits ------------------------------------------------------
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if k != "cmc"}
+
+
+def split_metrics(
+    model: LGUR, records: list[Record], name: str, data: str | Path, cache: str | Path | None
+) -> tuple[dict[str, Any], list[float]]:
+    """R@k and mAP of one split (own image excluded too; per attribute kind on the synthetic world)
+    -> (metrics as recorded in a card, the CMC curve)."""
+    split = build_split(records, model.config.image.img_size)
+    result = evaluate_split(model, split, frozen_text_features(model.text_encoder, split.captions, cache))
+    metrics = _rounded(result["standard"]) | {"exclude_own_image": _rounded(result["exclude_own_image"])}
+    side = Path(data) / "synthetic_attributes.json"
+    if side.is_file():
+        key = "paraphrase_mentions" if name == "test-paraphrase" else "mentions"
+        metrics["by_attribute"] = attribute_breakdown(result["similarity"], split, side, key)
+    return metrics, result["standard"]["cmc"]
+
+
+def score_test_splits(
+    model: LGUR,
+    data: str | Path,
+    splits: dict[str, list[Record]],
+    cache: str | Path | None,
+    cmc_plot: Path | None = None,
+) -> dict[str, Any]:
+    """The test splits' metrics and CMC curves, as a card records them: {"metrics", "cmc"}."""
+    metrics: dict[str, Any] = {}
+    curves = {}
+    for name in ("test", "test-paraphrase"):
+        if splits.get(name):
+            metrics[name], curves[name] = split_metrics(model, splits[name], name, data, cache)
+    if curves and cmc_plot:
+        plot_cmc(curves, cmc_plot)
+    return {"metrics": metrics, "cmc": {k: [round(x, 2) for x in v] for k, v in curves.items()}}
+
+
+def record_in_card(checkpoint: Path, card: dict[str, Any]) -> None:
+    atomic_write_bytes(card_path(checkpoint), json.dumps(card, indent=2).encode())
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One split's metrics (as `split_metrics` returns them), as printed by `evaluate`."""
+    lines = []
+    for name, m in (("standard", metrics), ("exclude_own_image", metrics["exclude_own_image"])):
+        lines.append(
+            f"{name:18s} R@1 {m['R@1']:.2f}  R@5 {m['R@5']:.2f}  R@10 {m['R@10']:.2f}  mAP {m['mAP']:.2f}"
+            f"  ({m['queries']} queries)"
+        )
+    for kind, m in metrics.get("by_attribute", {}).items():
+        lines.append(f"  captions mentioning {kind:16s} R@1 {m['R@1']:.2f} ({m['captions']})")
+    return "\n".join(lines)

@@ -1,17 +1,16 @@
 """Pictures of the explanations: attention maps over images, word highlights, atom charts.
 
-Everything here turns arrays from the search engine into images and plain data;
-nothing here runs the model.
+Everything here turns the numbers the search engine computed into images and plain
+data; nothing here runs the model or computes an explanation.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .search import QueryEncoding, SearchResult
+from .files import open_rgb
+from .search import QueryEncoding, SearchResult, top_atoms
 
 DISPLAY_SIZE = (192, 512)  # (width, height) of an overlay, twice the stored images
 PROTOTYPE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -44,11 +43,6 @@ def overlay(image: Image.Image, values: np.ndarray, grid: tuple[int, int], alpha
     return Image.blend(base, coloured, alpha)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 def prototype_names(card: dict, count: int) -> list[str]:
     """'P3 upper body': each prototype with the body region it attends to most, as measured on the
     world's part labels when the checkpoint was exported (just 'P3' when not measured)."""
@@ -64,14 +58,13 @@ def prototype_overlays(
     names: list[str] | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """One overlay per prototype, captioned with its name and share of the score, plus a combined view."""
-    image = open_image(result.path)
+    image = open_rgb(result.path)
     items = []
-    for p in range(result.prototype_attention.shape[2]):
-        share = result.part_contribution[p] / result.score if result.score else 0.0
+    for p, share in enumerate(result.score_share):
         name = names[p] if names else f"P{p + 1}"
         caption = f"{name}: {100 * share:.0f}% (cos {result.part_similarity[p]:+.2f})"
         items.append((overlay(image, select_map(result.prototype_attention, p, layer, head), grid), caption))
-    items.append((combined_overlay(image, result, grid, layer, head), "all prototypes (colour = strongest)"))
+    items.append((combined_overlay(image, result, grid, layer, head), "all (colour = strongest)"))
     return items
 
 
@@ -107,53 +100,50 @@ def word_highlights(
     return [(word, round(float(w), 3)) for word, w in zip(query.words, weights)]
 
 
-def top_atoms(histogram: np.ndarray, k: int) -> list[int]:
-    return [int(i) for i in np.argsort(-histogram)[:k]]
+def nice_step(peak: float, ticks: int = 4) -> float:
+    """A round tick step (1, 2, 2.5 or 5 times a power of ten) that covers `peak` in about `ticks` steps."""
+    raw = max(peak, 1e-12) / ticks
+    power = 10 ** np.floor(np.log10(raw))
+    return float(next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw))
 
 
-def shared_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = 20) -> list[int]:
-    """Atoms among the top k of both the query and the image."""
-    return sorted(set(top_atoms(query_histogram, k)) & set(top_atoms(image_histogram, k)))
-
-
-def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = 12) -> Image.Image:
-    """Grouped bars of the query's and the image's weight on the atoms that matter most to either.
+def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, shared: list[int], k: int = 12) -> Image.Image:
+    """Grouped bars of the query's and the image's weight on the atoms that matter most to either;
+    `shared` atoms (in both top-20s) are starred.
 
     Drawn directly with PIL (a few milliseconds, against ~80 ms for a plotting library).
     """
     atoms = list(dict.fromkeys(top_atoms(query_histogram, k // 2) + top_atoms(image_histogram, k // 2)))
     atoms += [a for a in top_atoms(query_histogram + image_histogram, 2 * k) if a not in atoms][: k - len(atoms)]
-    shared = set(shared_atoms(query_histogram, image_histogram))
     q, i = query_histogram[atoms], image_histogram[atoms]
-    width, height, left, bottom, top = 640, 260, 48, 44, 28
+    width, height, left, bottom, top = 640, 290, 70, 44, 52  # top: room for the viewer's label badge
     chart = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(chart)
-    font = ImageFont.load_default(size=11)
-    peak = float(max(q.max(), i.max(), 1e-8))
+    font = ImageFont.load_default(size=12)
+    step = nice_step(float(max(q.max(), i.max(), 1e-8)))
+    ticks = int(np.ceil(float(max(q.max(), i.max(), 1e-8)) / step))
+    peak = step * ticks
+    decimals = max(0, int(-np.floor(np.log10(step))) + (1 if step / 10 ** np.floor(np.log10(step)) == 2.5 else 0))
     plot_h, slot = height - bottom - top, (width - left - 10) / max(len(atoms), 1)
     blue, orange = (59, 117, 175), (239, 134, 54)
-    for tick in range(5):  # y grid
-        y = top + plot_h * (1 - tick / 4)
+    for tick in range(ticks + 1):  # y grid at round values
+        y = top + plot_h * (1 - tick / ticks)
         draw.line([(left, y), (width - 10, y)], fill=(230, 230, 230))
-        draw.text((4, y - 6), f"{peak * tick / 4:.3f}", fill=(90, 90, 90), font=font)
+        label = f"{step * tick:.{decimals}f}"
+        draw.text((left - 6 - 7 * len(label), y - 7), label, fill=(90, 90, 90), font=font)
+    axis = Image.new("RGB", (plot_h, 16), (255, 255, 255))
+    ImageDraw.Draw(axis).text((plot_h // 2 - 60, 1), "mean atom weight", fill=(60, 60, 60), font=font)
+    chart.paste(axis.rotate(90, expand=True), (2, top))
     for n, atom in enumerate(atoms):
         x = left + n * slot
         for value, colour, offset in ((q[n], blue, 0.12), (i[n], orange, 0.5)):
             h = plot_h * float(value) / peak
             draw.rectangle([x + offset * slot, top + plot_h - h, x + (offset + 0.38) * slot, top + plot_h], fill=colour)
         label = f"{atom}*" if atom in shared else str(atom)
-        draw.text((x + slot / 2 - 3 * len(label), top + plot_h + 4), label, fill=(0, 0, 0), font=font)
-    draw.text((left, height - 18), "dictionary atom (* = in both top-20)", fill=(60, 60, 60), font=font)
+        draw.text((x + slot / 2 - 3.5 * len(label), top + plot_h + 4), label, fill=(0, 0, 0), font=font)
+    draw.text((left, height - 18), "dictionary atom (* = in both top-20s)", fill=(60, 60, 60), font=font)
     for n, (name, colour) in enumerate((("query words", blue), ("image (foreground-weighted)", orange))):
         x = width - 330 + n * 120  # top right: the viewer's label badge covers the top left
-        draw.rectangle([x, 8, x + 12, 18], fill=colour)
-        draw.text((x + 16, 6), name, fill=(0, 0, 0), font=font)
+        draw.rectangle([x, 30, x + 12, 40], fill=colour)
+        draw.text((x + 16, 28), name, fill=(0, 0, 0), font=font)
     return chart
-
-
-def label_image(image: Image.Image, text: str) -> Image.Image:
-    """A caption bar under an image (for exported panels)."""
-    out = Image.new("RGB", (image.width, image.height + 18), (255, 255, 255))
-    out.paste(image, (0, 0))
-    ImageDraw.Draw(out).text((4, image.height + 3), text, fill=(0, 0, 0), font=ImageFont.load_default(size=11))
-    return out

@@ -5,16 +5,20 @@ the dictionary-branch embeddings and part vectors, an explanation cache (PGU
 prototype attention per layer and head, foreground weights, foreground-weighted
 atom histogram) and a faiss index. It is incremental (only new or changed files are
 embedded), tied to the checkpoint's fingerprint (a different model rebuilds it), and
-written atomically with a checksum, so a truncated, corrupt or stale index is
-detected and rebuilt, never served.
+one file written atomically (arrays, manifest and a checksum together), so a
+truncated, corrupt or stale index is detected and rebuilt, never served. Updates of
+one index are serialised by a file lock (threads and processes alike).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
-import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,21 +26,18 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
 
-from .checkpoint import atomic_write_bytes, sha256_file
 from .data.dataset import normalize
+from .files import IMAGE_SUFFIXES, atomic_output, check_image, read_image, remove_temporaries, sha256_file
 from .model import LGUR
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lgur-index"
-FORMAT_VERSION = 1
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
-MIN_SIDE = 8
-MAX_FILE_BYTES = 20 * 1024 * 1024
+FORMAT_VERSION = 2  # 2: arrays and manifest in one file
+INDEX_FOLDER = ".lgur-index"  # inside the gallery unless told otherwise; hidden, so never indexed itself
 # Exact inner-product search up to this many images, IVF beyond. Measured on 2 cores with
 # 1536-d embeddings: exact search costs ~0.5 ms per 1,000 images per query, so past ~50k it
 # dominates the query time (`python -m lgur bench search`).
@@ -48,44 +49,20 @@ class IndexUnusable(RuntimeError):
     """An index that cannot be used; the message says why."""
 
 
-def check_image(path: Path) -> str | None:
-    """None if the file is a usable image, else the reason it is not."""
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        return f"cannot read file: {error.strerror}"
-    if size == 0:
-        return "empty file"
-    if size > MAX_FILE_BYTES:
-        return f"file too large ({size / 1e6:.1f} MB > {MAX_FILE_BYTES / 1e6:.0f} MB)"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                w, h = image.size
-                if w * h > MAX_PIXELS:
-                    return f"image too large ({w}x{h} pixels, at most {MAX_PIXELS:,})"
-                if min(w, h) < MIN_SIDE:
-                    return f"image too small ({w}x{h} pixels)"
-                image.load()  # decodes: catches truncated files
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "image too large (decompression bomb)"
-    except UnidentifiedImageError:
-        return "not a readable image"
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        return f"corrupt image ({error})"
-    return None
+def default_index_dir(gallery: str | Path) -> Path:
+    return Path(gallery).resolve() / INDEX_FOLDER
 
 
-def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """-> uint8 (3, H, W): first frame, any mode (CMYK, 16-bit, palette...) converted to RGB."""
-    with Image.open(path) as image:
-        image.seek(0)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float32)
-            image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
-        rgb = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(rgb).transpose(2, 0, 1).copy()
+@contextlib.contextmanager
+def index_lock(index_dir: Path) -> Iterator[None]:
+    """Exclusive while held: one update of this index at a time, across threads and processes."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with open(index_dir / ".lock", "a") as handle:  # a new open file per holder: flock excludes each
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -158,6 +135,7 @@ def measure_recall(index: Any, x: np.ndarray, rng: np.random.Generator, queries:
 
 
 def scan_gallery(gallery: Path, index_dir: Path | None = None) -> list[Path]:
+    """Image files under the gallery by suffix, sorted; hidden names and the index folder skipped."""
     files = []
     for path in sorted(gallery.rglob("*")):
         rel = path.relative_to(gallery)
@@ -169,7 +147,7 @@ def scan_gallery(gallery: Path, index_dir: Path | None = None) -> list[Path]:
 
 
 @torch.inference_mode()
-def embed_images(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
+def index_arrays(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
     """uint8 (B, 3, H, W) -> the arrays the index stores for each image."""
     explained = model.explain_images(normalize(torch.from_numpy(images)))
     parts = explained.parts
@@ -191,51 +169,59 @@ def embed_images(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def index_paths(index_dir: Path) -> tuple[Path, Path]:
-    return index_dir / "index.safetensors", index_dir / "index.json"
+def index_file(index_dir: Path) -> Path:
+    return index_dir / "index.safetensors"
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in ARRAYS:
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
 
 
 def save_index(index: GalleryIndex, index_dir: Path) -> None:
-    """Atomic: arrays first (new name), then the manifest that names their checksum."""
-    index_dir.mkdir(parents=True, exist_ok=True)
-    data_path, meta_path = index_paths(index_dir)
-    tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in index.arrays.items()}, str(tmp))
-    data_sha = sha256_file(tmp)
-    os.replace(tmp, data_path)
-    meta = {
+    """One file, one rename: the arrays with the manifest and their checksum in its header."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in index.arrays.items()}
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "checkpoint": index.checkpoint,
         "entries": [e.__dict__ for e in index.entries],
         "rejected": index.rejected,
-        "data_sha256": data_sha,
+        "arrays_sha256": _arrays_digest(arrays),
     }
-    atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    with atomic_output(index_file(index_dir)) as tmp:
+        tmp.write_bytes(save(arrays, metadata={"manifest": json.dumps(manifest)}))
 
 
 def load_index(gallery: Path, index_dir: Path, checkpoint: str) -> GalleryIndex:
     """Load and verify; raises IndexUnusable saying what is wrong (missing, corrupt, other model)."""
-    data_path, meta_path = index_paths(index_dir)
-    if not meta_path.is_file() or not data_path.is_file():
+    path = index_file(index_dir)
+    if not path.is_file():
         raise IndexUnusable("no index yet")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
-        raise IndexUnusable(f"index manifest unreadable ({error})") from error
+        raw = path.read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # safetensors: length, JSON
+        meta = json.loads(header["__metadata__"]["manifest"])
+    except (ValueError, UnicodeDecodeError, OSError, KeyError, TypeError) as error:
+        raise IndexUnusable(f"index unreadable ({type(error).__name__}: {error})") from error
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise IndexUnusable("not an index of this version")
     if meta.get("checkpoint") != checkpoint:
         raise IndexUnusable("index was built with a different checkpoint")
-    if sha256_file(data_path) != meta.get("data_sha256"):
-        raise IndexUnusable("index data does not match its checksum (truncated or corrupt)")
     try:
-        arrays = load_file(str(data_path))
-    except Exception as error:  # safetensors raises its own error types
-        raise IndexUnusable(f"index data unreadable ({error})") from error
-    entries = [Entry(**e) for e in meta["entries"]]
+        arrays = load(raw)
+    except (SafetensorError, ValueError) as error:
+        raise IndexUnusable(f"index data unreadable, truncated or corrupt ({error})") from error
+    try:
+        entries = [Entry(**e) for e in meta["entries"]]
+    except (KeyError, TypeError) as error:
+        raise IndexUnusable(f"index manifest unreadable ({error})") from error
     if set(arrays) != set(ARRAYS) or any(len(arrays[k]) != len(entries) for k in ARRAYS):
         raise IndexUnusable("index arrays do not match its manifest")
+    if _arrays_digest(arrays) != meta.get("arrays_sha256"):
+        raise IndexUnusable("index data does not match its checksum (corrupt)")
     return GalleryIndex(gallery, entries, arrays, checkpoint, meta.get("rejected", []))
 
 
@@ -266,9 +252,28 @@ def update_index(
     progress: bool = False,
     files: list[Path] | None = None,
 ) -> tuple[GalleryIndex, UpdateReport]:
-    """Bring the index of `gallery` in step with its files, embedding only what is new or changed."""
+    """Bring the index of `gallery` in step with its files, embedding only what is new or changed.
+
+    Holds the index's lock throughout, so concurrent updates run one after the other and the
+    later one starts from what the earlier one saved.
+    """
     gallery = Path(gallery).resolve()
-    index_dir = Path(index_dir).resolve() if index_dir else gallery / ".lgur-index"
+    index_dir = Path(index_dir).resolve() if index_dir else default_index_dir(gallery)
+    with index_lock(index_dir):
+        for stale in remove_temporaries(index_dir):  # what a killed writer left behind
+            log.warning("removed an interrupted write: %s", stale.name)
+        return _update_index(model, checkpoint, gallery, index_dir, batch_size, progress, files)
+
+
+def _update_index(
+    model: LGUR,
+    checkpoint: str,
+    gallery: Path,
+    index_dir: Path,
+    batch_size: int,
+    progress: bool,
+    files: list[Path] | None,
+) -> tuple[GalleryIndex, UpdateReport]:
     report = UpdateReport()
     try:
         old = load_index(gallery, index_dir, checkpoint)
@@ -322,7 +327,7 @@ def update_index(
             except (OSError, ValueError) as error:
                 report.rejected.append({"path": entry.path, "reason": f"corrupt image ({error})"})
         if batch:
-            for k, v in embed_images(model, np.stack(batch)).items():
+            for k, v in index_arrays(model, np.stack(batch)).items():
                 new_parts[k].append(v)
             done_entries += ok
         bar.update(len(chunk))
@@ -376,4 +381,44 @@ def merge_shards(shards: list[GalleryIndex], gallery: Path) -> GalleryIndex:
         [r for s in shards for r in s.rejected],
     )
     merged.build_faiss()
+    return merged
+
+
+def index_gallery(model: LGUR, checkpoint: str, gallery: Path, index_dir: Path, progress: bool = False) -> str:
+    """`python -m lgur index`: update the index in this process, or under torchrun (WORLD_SIZE > 1)
+    in shards merged by the first process. -> a report of what was done."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        index, report = update_index(model, checkpoint, gallery, index_dir, progress=progress)
+        lines = [f"{len(index)} images indexed in {index_dir} ({index.kind}); {report.summary()}"]
+        return "\n".join(lines + [f"  rejected {r['path']}: {r['reason']}" for r in report.rejected])
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        merged = build_index_sharded(model, checkpoint, gallery, index_dir, rank, world, progress and rank == 0)
+    finally:
+        dist.destroy_process_group()
+    return f"merged {world} shards: {len(merged)} images indexed in {index_dir}" if merged is not None else ""
+
+
+def build_index_sharded(
+    model: LGUR, checkpoint: str, gallery: Path, index_dir: Path, rank: int, world: int, progress: bool = False
+) -> GalleryIndex | None:
+    """Each of `world` processes embeds every `world`-th file, the first merges the shards.
+
+    Needs an initialised process group; returns the merged index on rank 0, None elsewhere.
+    """
+    import torch.distributed as dist
+
+    files = scan_gallery(gallery, index_dir)[rank::world]
+    update_index(model, checkpoint, gallery, index_dir / f"shard-{rank}", files=files, progress=progress)
+    dist.barrier()
+    if rank != 0:
+        return None
+    shards = [load_index(gallery, index_dir / f"shard-{r}", checkpoint) for r in range(world)]
+    merged = merge_shards(shards, gallery)
+    with index_lock(index_dir):
+        save_index(merged, index_dir)
     return merged

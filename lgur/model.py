@@ -110,7 +110,7 @@ class LGUR(nn.Module):
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         return self.text_encoder.tokenize(texts)
 
-    def text_features(self, mask: Tensor, ids: Tensor | None = None, backbone_features: Tensor | None = None) -> Tensor:
+    def word_features(self, mask: Tensor, ids: Tensor | None = None, backbone_features: Tensor | None = None) -> Tensor:
         """Word features (B, T, dim) from token ids, or from cached frozen-encoder outputs."""
         if backbone_features is None:
             if ids is None:
@@ -132,7 +132,7 @@ class LGUR(nn.Module):
         need_weights: also return each branch's prototype attention (for the diversity term).
         """
         patches = self.image_encoder(images)  # (B, N, D)
-        words = self.text_features(mask, ids, backbone_features)  # (B, T, D)
+        words = self.word_features(mask, ids, backbone_features)  # (B, T, D)
         text = self.pgu(words, mask, need_weights)
         if self.dga is None:
             return TrainOutputs(image=self.pgu(patches, None, need_weights), text=text)
@@ -170,7 +170,7 @@ class LGUR(nn.Module):
         backbone_features: Tensor | None = None,
         need_weights: bool = True,
     ) -> TextExplanation:
-        words = self.text_features(mask, ids, backbone_features)
+        words = self.word_features(mask, ids, backbone_features)
         dictionary_weights = None
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_text(words, mask, need_weights)
@@ -197,7 +197,7 @@ class LGUR(nn.Module):
         if self.dga is None:
             raise ValueError("this model has no DGA module, so no cross-modality guidance")
         patches = self.image_encoder(images)
-        words = self.text_features(mask, ids)
+        words = self.word_features(mask, ids)
         return self.dga.guide_image(patches, words, mask, need_weights=True).weights  # masked softmax
 
     # -- bookkeeping ----------------------------------------------------------------------

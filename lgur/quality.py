@@ -23,9 +23,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .data.dataset import load_image, normalize
+from .data.dataset import normalize
+from .files import read_image
 from .losses import prototype_overlap
 from .model import LGUR
+from .search import TOP_ATOMS
 from .synth.render import BAG, HAIR, LOWER, PARTS, SHOES, UPPER
 
 # Words that name one part (garments and accessories of the caption lexicon, held-out forms too).
@@ -40,7 +42,6 @@ PART_WORDS = {
 WORD_PART = {word: part for part, words in PART_WORDS.items() for word in words.split()}
 REGION_NAMES = {"background": "background", "hair/head": "head", "skin": "skin", "upper": "upper body",
                 "lower": "lower body", "shoes": "feet", "bag": "bag", "accessory": "accessories"}  # fmt: skip
-TOP_ATOMS = 20
 
 
 def pointing_hit(word_map: np.ndarray, part_mask: np.ndarray, tolerance: int = 1) -> bool:
@@ -130,7 +131,7 @@ def explanation_quality(
     area = np.zeros(len(PARTS))
     for start in range(0, len(annotations), batch_size):
         chunk = annotations[start : start + batch_size]
-        images = torch.from_numpy(np.stack([load_image(data / "imgs" / a["file_path"], size) for a in chunk]))
+        images = torch.from_numpy(np.stack([read_image(data / "imgs" / a["file_path"], size) for a in chunk]))
         explained = model.explain_images(normalize(images))
         if explained.prototype_attention is not None:  # (B, layers, H, P, N) -> last layer
             overlaps.append(prototype_overlap(explained.prototype_attention[:, -1]))

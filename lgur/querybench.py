@@ -220,8 +220,8 @@ def run_query_bench(
 ) -> dict[str, Any]:
     """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them."""
     from .checkpoint import load_checkpoint
-    from .data.dataset import load_image
-    from .evaluate import embed_images
+    from .evaluate import image_embeddings
+    from .files import read_image
 
     gallery = Path(gallery)
     manifest = json.loads((gallery / "manifest.json").read_text())["images"]
@@ -229,11 +229,11 @@ def run_query_bench(
     queries = make_queries(people, count, seed, style)
     model, _ = load_checkpoint(checkpoint)
     size = model.config.image.img_size
-    images = torch.from_numpy(np.stack([load_image(gallery / m["file"], size) for m in manifest]))
-    image_embeddings = embed_images(model, images)
+    images = torch.from_numpy(np.stack([read_image(gallery / m["file"], size) for m in manifest]))
+    gallery_embeddings = image_embeddings(model, images)
     ids, mask = model.tokenize([q.text for q in queries])
     text_embeddings = model.embed_texts(ids, mask)
-    rankings = (text_embeddings @ image_embeddings.t()).argsort(dim=1, descending=True)[:, :10].numpy()
+    rankings = (text_embeddings @ gallery_embeddings.t()).argsort(dim=1, descending=True)[:, :10].numpy()
     result = score(rankings, people, queries)
     for row, ranking in zip(result["rows"], rankings):
         row["top10"] = [manifest[i]["file"] for i in ranking]

@@ -1,8 +1,10 @@
 """Search: a description in, ranked gallery images out, with everything needed to explain them.
 
-The query side (embedding, part vectors, PGU attention over words, DGA atom weights)
-is computed per query and cached; the image side comes from the index's
-explanation cache, so a full response for 10 results needs one text forward pass.
+This is the one place where the numbers of an explanation are put together: the query
+side (embedding, part vectors, PGU attention over words, DGA atom weights) is computed
+once per query and cached; the image side comes from the index's explanation cache;
+each result carries its part similarities, score shares and shared atoms. explain.py
+only draws them. A full response for 10 results needs one text forward pass.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch
 
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
 from .data.dataset import normalize
-from .index import GalleryIndex, UpdateReport, read_image, update_index
+from .files import read_image
+from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
 
 MAX_QUERY_CHARS = 2000
+TOP_ATOMS = 20  # "shared atoms": in the top 20 of both the query and the image
 
 
 class QueryError(ValueError):
@@ -35,7 +39,8 @@ def clean_query(text: str) -> str:
     """Normalise a user's query: NFKC, control characters out, whitespace collapsed, length capped."""
     if not isinstance(text, str):
         raise QueryError("The query must be text.")
-    text = unicodedata.normalize("NFKC", text)
+    # Cut before normalising too: NFKC can turn one character into 18.
+    text = unicodedata.normalize("NFKC", text[: 2 * MAX_QUERY_CHARS])
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
     text = re.sub(r"\s+", " ", text).strip()[:MAX_QUERY_CHARS]
     if not text:
@@ -43,10 +48,34 @@ def clean_query(text: str) -> str:
     return text
 
 
+def word_spans(word_ids: list[int | None]) -> list[list[int]]:
+    """Token positions of each word (a tokenizer's word_ids; None = special token)."""
+    spans: list[list[int]] = []
+    for position, word in enumerate(word_ids):
+        if word is None:
+            continue
+        if spans and word_ids[spans[-1][-1]] == word:
+            spans[-1].append(position)
+        else:
+            spans.append([position])
+    return spans
+
+
+def top_atoms(histogram: np.ndarray, k: int) -> list[int]:
+    return [int(i) for i in np.argsort(-histogram)[:k]]
+
+
+def shared_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = TOP_ATOMS) -> list[int]:
+    """Atoms among the top k of both the query and the image."""
+    return sorted(set(top_atoms(query_histogram, k)) & set(top_atoms(image_histogram, k)))
+
+
 @dataclass
 class QueryEncoding:
     text: str
     words: list[str]  # the query's words (word pieces merged), as typed
+    token_ids: np.ndarray  # (T,) what the model read (so later explanations need no second tokenising)
+    spans: list[list[int]]  # token positions of each word
     embedding: np.ndarray  # (E,)
     parts: np.ndarray  # (P, part_dim)
     word_attention: np.ndarray  # (L, H, P, W) PGU prototype attention summed over each word's pieces
@@ -64,16 +93,26 @@ class SearchResult:
     score: float  # cosine similarity
     part_similarity: np.ndarray  # (P,) cosine of each prototype's part vectors
     part_contribution: np.ndarray  # (P,) each part's share of the score (sums to score)
-    prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid
-    foreground: np.ndarray  # (N,)
+    prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid (float16)
+    foreground: np.ndarray  # (N,) (float16)
     atom_histogram: np.ndarray  # (atoms,) foreground-weighted
+    shared_atoms: list[int]  # atoms in the top 20 of both this image and the query
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def score_share(self) -> np.ndarray:
+        """(P,) each prototype's fraction of the score."""
+        return self.part_contribution / self.score if self.score else np.zeros_like(self.part_contribution)
+
+    @property
+    def strongest_part(self) -> int:
+        return int(np.argmax(self.part_contribution))
+
     def to_json(self) -> dict[str, Any]:
+        """What an API client gets: the gallery-relative file name, never a server path."""
         return {
             "rank": self.rank,
             "file": self.file,
-            "path": self.path,
             "score": round(self.score, 6),
             "part_similarity": [round(float(x), 6) for x in self.part_similarity],
             "part_contribution": [round(float(x), 6) for x in self.part_contribution],
@@ -92,14 +131,35 @@ class SearchResponse:
         return {"query": self.query.text, "results": [r.to_json() for r in self.results]}
 
 
+@dataclass
+class AtomAtlas:
+    """What one dictionary atom stands for: the gallery images whose patches use it most, and the
+    words (over the gallery's captions) that use it most."""
+
+    atom: int
+    images: list[tuple[Path, np.ndarray]]  # (image file, (N,) the atom's weight on each patch)
+    words: list[tuple[str, float]]
+
+
 class SearchEngine:
-    def __init__(self, model: LGUR, index: GalleryIndex, manifest: dict[str, dict] | None = None, cache: int = 256):
+    def __init__(
+        self,
+        model: LGUR,
+        index: GalleryIndex,
+        card: dict[str, Any] | None = None,
+        manifest: dict[str, dict] | None = None,
+        index_dir: Path | None = None,
+        cache: int = 256,
+    ):
         self.model = model.eval()
         self.index = index
+        self.card = card or {}
         self.manifest = manifest or {}
+        self.index_dir = index_dir or default_index_dir(index.gallery)
         self._cache: OrderedDict[str, QueryEncoding] = OrderedDict()
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache
+        self._word_atoms: tuple[list[str], np.ndarray] | None = None
         self.grid = model.image_encoder.grid
 
     @classmethod
@@ -112,9 +172,29 @@ class SearchEngine:
         text_encoder_path: str | None = None,
     ) -> tuple[SearchEngine, UpdateReport]:
         """Load the model and bring the gallery's index up to date (building it if needed)."""
-        model, _ = load_checkpoint(checkpoint, text_encoder_path)
-        index, report = update_index(model, checkpoint_fingerprint(checkpoint), gallery, index_dir, progress=progress)
-        return cls(model, index, read_manifest(Path(gallery))), report
+        model, card = load_checkpoint(checkpoint, text_encoder_path)
+        index_dir = Path(index_dir).resolve() if index_dir else default_index_dir(gallery)
+        index, report = update_index(model, checkpoint_fingerprint(card), gallery, index_dir, progress=progress)
+        return cls(model, index, card, read_manifest(Path(gallery)), index_dir), report
+
+    # -- the gallery ---------------------------------------------------------------------------
+    @property
+    def gallery(self) -> Path:
+        return self.index.gallery
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def files(self) -> list[str]:
+        """Every indexed file, gallery-relative, in index order."""
+        return [e.path for e in self.index.entries]
+
+    def refresh(self, progress: bool = False) -> UpdateReport:
+        """Re-read the gallery folder: embed new or changed files, drop removed ones."""
+        self.index, report = update_index(
+            self.model, self.index.checkpoint, self.gallery, self.index_dir, progress=progress
+        )
+        return report
 
     # -- query side ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -125,22 +205,17 @@ class SearchEngine:
             return self._cache[text]
         tokenizer = self.model.text_encoder.tokenizer
         max_length = self.model.text_encoder.max_length
-        encoded = tokenizer([text], truncation=True, max_length=max_length, return_offsets_mapping=True)
-        ids = torch.tensor(encoded["input_ids"])
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        explained = self.model.explain_texts(mask, ids)
-        word_ids = encoded.word_ids(0)
-        offsets = encoded["offset_mapping"][0]
-        words, spans = [], []
-        for position, word in enumerate(word_ids):
-            if word is None:
-                continue
-            if not spans or word_ids[spans[-1][-1]] != word:
-                spans.append([position])
-            else:
-                spans[-1].append(position)
-        for span in spans:
-            words.append(text[offsets[span[0]][0] : offsets[span[-1]][1]])
+        # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
+        encoded = tokenizer([text], truncation=False, return_offsets_mapping=True, verbose=False)
+        token_ids, word_ids, offsets = encoded["input_ids"][0], encoded.word_ids(0), encoded["offset_mapping"][0]
+        truncated = len(token_ids) > max_length
+        if truncated:
+            keep = [*range(max_length - 1), len(token_ids) - 1]
+            token_ids, word_ids, offsets = ([x[i] for i in keep] for x in (token_ids, word_ids, offsets))
+        ids = torch.tensor([token_ids])
+        explained = self.model.explain_texts(torch.ones_like(ids, dtype=torch.bool), ids)
+        spans = word_spans(word_ids)
+        words = [text[offsets[span[0]][0] : offsets[span[-1]][1]] for span in spans]
         attention = explained.prototype_attention
         attention = attention[0].numpy() if attention is not None else np.zeros((1, 1, 1, ids.shape[1]))
         word_attention = np.stack([attention[..., s].sum(-1) for s in spans], -1) if spans else attention[..., :0]
@@ -149,10 +224,11 @@ class SearchEngine:
             word_atoms = np.stack([per_token[s].mean(0) for s in spans]) if spans else per_token[:0]
         else:
             word_atoms = np.zeros((len(spans), 1), np.float32)
-        truncated = len(tokenizer([text], truncation=False)["input_ids"][0]) > max_length
         result = QueryEncoding(
             text=text,
             words=words,
+            token_ids=ids[0].numpy(),
+            spans=spans,
             embedding=explained.embedding[0].numpy(),
             parts=explained.parts[0].numpy(),
             word_attention=word_attention,
@@ -204,49 +280,97 @@ class SearchEngine:
             cosine = dots / (np.linalg.norm(q_parts, axis=-1) * np.linalg.norm(parts, axis=-1) + 1e-8)
             contribution = dots / (q_norm * np.linalg.norm(parts.reshape(-1)) + 1e-8)
             entry = self.index.entries[row]
+            atoms = self.index.arrays["atom_histogram"][row].astype(np.float32)
             results.append(
                 SearchResult(
                     rank=rank,
                     row=int(row),
                     file=entry.path,
-                    path=str(self.index.gallery / entry.path),
+                    path=str(self.gallery / entry.path),
                     score=float(score),
                     part_similarity=cosine,
                     part_contribution=contribution,
-                    prototype_attention=self.index.arrays["prototype_attention"][row].astype(np.float32),
-                    foreground=self.index.arrays["foreground"][row].astype(np.float32),
-                    atom_histogram=self.index.arrays["atom_histogram"][row].astype(np.float32),
+                    # views into the index (float16), not copies: a kept response stays small
+                    prototype_attention=self.index.arrays["prototype_attention"][row],
+                    foreground=self.index.arrays["foreground"][row],
+                    atom_histogram=atoms,
+                    shared_atoms=shared_atoms(query.atom_histogram, atoms),
                     metadata=self.manifest.get(entry.path, {}),
                 )
             )
         return SearchResponse(query, results, self.grid, time.perf_counter() - start)
 
     # -- on-demand explanations (one image) -------------------------------------------------
-    def _image(self, row: int) -> torch.Tensor:
-        """One gallery image, ready for the model: (1, 3, H, W)."""
-        path = self.index.gallery / self.index.entries[row].path
-        return normalize(torch.from_numpy(read_image(path, self.model.config.image.img_size))[None])
+    def _images(self, rows: list[int]) -> torch.Tensor:
+        """Gallery images, ready for the model: (B, 3, H, W)."""
+        size = self.model.config.image.img_size
+        return normalize(torch.from_numpy(np.stack([read_image(self.gallery / self.index.entries[r].path, size)
+                                                    for r in rows])))  # fmt: skip
 
     @torch.inference_mode()
-    def guidance(self, text: str, row: int) -> np.ndarray:
+    def guidance(self, query: QueryEncoding, row: int) -> np.ndarray:
         """Cross-modality guidance: (N, W) how much each patch reads each query word (heads averaged)."""
-        query_text = clean_query(text)
-        tokenizer = self.model.text_encoder.tokenizer
-        encoded = tokenizer([query_text], truncation=True, max_length=self.model.text_encoder.max_length)
-        ids = torch.tensor(encoded["input_ids"])
+        ids = torch.from_numpy(query.token_ids)[None]
         mask = torch.ones_like(ids, dtype=torch.bool)
-        weights = self.model.guidance_attention(self._image(row), ids, mask)[0].mean(0).numpy()  # (N, T)
-        word_ids = encoded.word_ids(0)
-        columns = sorted({w for w in word_ids if w is not None})
-        return np.stack([weights[:, [i for i, w in enumerate(word_ids) if w == c]].sum(-1) for c in columns], -1)
+        weights = self.model.guidance_attention(self._images([row]), ids, mask)[0].mean(0).numpy()  # (N, T)
+        return np.stack([weights[:, span].sum(-1) for span in query.spans], -1) if query.spans else weights[:, :0]
 
     @torch.inference_mode()
-    def patch_atoms(self, row: int) -> np.ndarray:
-        """DGA reconstruction weights of one image: (N, atoms), averaged over heads."""
-        explained = self.model.explain_images(self._image(row))
+    def patch_atoms(self, rows: list[int]) -> np.ndarray:
+        """DGA reconstruction weights of gallery images: (B, N, atoms), averaged over heads."""
+        explained = self.model.explain_images(self._images(rows))
         if explained.dictionary_weights is None:
             raise ValueError("this model has no DGA module")
-        return explained.dictionary_weights[0].mean(0).numpy()
+        return explained.dictionary_weights.mean(1).numpy()
+
+    def atom_atlas(self, atom: int, top_images: int = 8, top_words: int = 15) -> AtomAtlas:
+        """The images and words that use one atom most (the word table is computed once)."""
+        atoms = self.index.arrays["atom_histogram"]
+        if self.model.dga is None:
+            raise ValueError("this model has no dictionary")
+        if not 0 <= atom < self.model.config.num_atoms:
+            raise ValueError(f"atoms are numbered 0 to {self.model.config.num_atoms - 1}")
+        rows = [int(r) for r in np.argsort(-atoms[:, atom].astype(np.float32))[:top_images]]
+        weights = self.patch_atoms(rows)[..., atom] if rows else []
+        images = [(self.gallery / self.index.entries[r].path, w) for r, w in zip(rows, weights)]
+        words, table = self.word_atoms()
+        best = np.argsort(-table[:, atom])[:top_words] if len(words) else []
+        return AtomAtlas(atom, images, [(words[i], float(table[i, atom])) for i in best])
+
+    @torch.inference_mode()
+    def word_atoms(self, captions: int = 300, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+        """Mean DGA atom weights of each (lower-cased) word over the gallery's first captions."""
+        if self._word_atoms is not None:
+            return self._word_atoms
+        texts = [c for m in self.manifest.values() for c in m.get("captions", [])][:captions]
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        tokenizer = self.model.text_encoder.tokenizer
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            encoded = tokenizer(batch, truncation=True, max_length=self.model.text_encoder.max_length,
+                                padding=True, return_offsets_mapping=True)  # fmt: skip
+            ids = torch.tensor(encoded["input_ids"])
+            mask = torch.tensor(encoded["attention_mask"], dtype=torch.bool)
+            weights = self.model.explain_texts(mask, ids).dictionary_weights.mean(1).numpy()  # (B, T, atoms)
+            for b, text in enumerate(batch):
+                offsets = encoded["offset_mapping"][b]
+                for span in word_spans(encoded.word_ids(b)):
+                    word = text[offsets[span[0]][0] : offsets[span[-1]][1]].lower()
+                    sums[word] = sums.get(word, 0) + weights[b, span].mean(0)
+                    counts[word] = counts.get(word, 0) + 1
+        words = sorted(sums)
+        table = np.stack([sums[w] / counts[w] for w in words]) if words else np.zeros((0, self.model.config.num_atoms))
+        self._word_atoms = (words, table)
+        return self._word_atoms
+
+
+def format_results(response: SearchResponse) -> str:
+    lines = []
+    for r in response.results:
+        parts = " ".join(f"{x:+.2f}" for x in r.part_similarity)
+        lines.append(f"{r.rank:3d}  {r.score:.4f}  {r.file}  parts [{parts}]")
+    return "\n".join(lines)
 
 
 def read_manifest(gallery: Path) -> dict[str, dict]:

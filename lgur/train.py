@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_optimizer_state
 from .config import LGURConfig, preset
-from .data.dataset import RetrievalSplit, augment, build_split, caption_crops, normalize, text_features
+from .data.dataset import RetrievalSplit, augment, build_split, caption_crops, frozen_text_features, normalize
 from .data.readers import Record, read_dataset
-from .evaluate import attribute_breakdown, evaluate_split, plot_cmc
+from .evaluate import evaluate_split, record_in_card, score_test_splits
+from .files import atomic_write_bytes
 from .losses import LGURLoss
 from .model import LGUR
 
@@ -160,29 +160,6 @@ def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
     return factor
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Optimiser state as safetensors (+ JSON scalars): resumable without pickle."""
-    state = optimizer.state_dict()
-    tensors = {f"{pid}.{k}": v.contiguous() for pid, s in state["state"].items() for k, v in s.items()}
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(groups)})
-    tmp.replace(path)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        groups = json.loads(f.metadata()["param_groups"])
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
 def epoch_order(split: RetrievalSplit, cfg: TrainConfig, labels: Tensor, g: torch.Generator) -> Tensor:
     """Caption indices of one epoch, in batch order (see TrainConfig.samples)."""
     counts = torch.bincount(split.caption_image, minlength=len(split.records))
@@ -283,15 +260,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     size = model_config.image.img_size
     train_split = build_split(splits["train"], size, progress and main)
     val_split = build_split(splits["val"], size, progress and main)
-    train_text = text_features(model.text_encoder, train_split.captions, cache, progress=progress and main)
-    val_text = text_features(model.text_encoder, val_split.captions, cache, progress=progress and main)
+    train_text = frozen_text_features(model.text_encoder, train_split.captions, cache, progress=progress and main)
+    val_text = frozen_text_features(model.text_encoder, val_split.captions, cache, progress=progress and main)
     labels_of_caption = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
     crops_per_caption = 2
     use_crops = cfg.caption_crops > 0 and cfg.crops_from_epoch < cfg.epochs
     if use_crops:  # crop j of caption i is text number n + i * crops_per_caption + j
         crop_rng = np.random.default_rng(cfg.seed)
         crops = [c for caption in train_split.captions for c in caption_crops(caption, crops_per_caption, crop_rng)]
-        train_text = train_text.concat(text_features(model.text_encoder, crops, cache, progress=progress and main))
+        crop_text = frozen_text_features(model.text_encoder, crops, cache, progress=progress and main)
+        train_text = train_text.concat(crop_text)
     pad = max(1, round(cfg.pad * size[0] / 384))
 
     criterion = LGURLoss(
@@ -312,7 +290,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if last.is_file() and (out / "last_optimizer.safetensors").is_file():
         resumed, card = load_checkpoint(last, cfg.text_encoder_path)
         model.load_state_dict(resumed.state_dict())
-        _load_optimizer(optimizer, out / "last_optimizer.safetensors")
+        load_optimizer_state(optimizer, out / "last_optimizer.safetensors")
         state = card["training_state"]
         if criterion.logit_scale is not None:
             criterion.logit_scale.data.fill_(state["logit_scale"])
@@ -388,7 +366,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 state["best"], state["best_epoch"] = metrics["R@1"] + metrics["mAP"], epoch
                 save_checkpoint(model, out / "best.safetensors", card({"epoch": epoch, "val": metrics | {"cmc": None}}))
             save_checkpoint(model, last, card() | {"training_state": state}, include_classifier=True)
-            _save_optimizer(optimizer, out / "last_optimizer.safetensors")
+            save_optimizer_state(optimizer, out / "last_optimizer.safetensors")
             plot_curves(log_path, out / "curves.png")
         if distributed:
             dist.barrier()
@@ -399,42 +377,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     result: dict[str, Any] = {"run": str(out), "best_epoch": state["best_epoch"], "train_seconds": state["seconds"]}
     if main:
-        result |= score_test_splits(out / "best.safetensors", cfg.data, splits, cache, cfg.text_encoder_path, out)
+        best, card = load_checkpoint(out / "best.safetensors", cfg.text_encoder_path)
+        scores = score_test_splits(best, cfg.data, splits, cache, out / "cmc.png")
+        record_in_card(out / "best.safetensors", card | scores)
+        result["metrics"] = scores["metrics"]
         result["total_seconds"] = time.perf_counter() - started
         atomic_write_bytes(out / "result.json", json.dumps(result, indent=2).encode())
     if distributed:
         dist.destroy_process_group()
     return result
-
-
-def score_test_splits(
-    checkpoint: Path, data: str, splits: dict[str, list[Record]], cache: Path, text_path: str | None, out: Path
-) -> dict[str, Any]:
-    """Evaluate the chosen (best-on-val) model on the test splits and record it in its card."""
-    model, card = load_checkpoint(checkpoint, text_path)
-    metrics: dict[str, Any] = {}
-    curves = {}
-    for name in ("test", "test-paraphrase"):
-        if not splits.get(name):
-            continue
-        split = build_split(splits[name], model.config.image.img_size)
-        result = evaluate_split(model, split, text_features(model.text_encoder, split.captions, cache))
-        metrics[name] = {k: _round(v) for k, v in result["standard"].items() if k != "cmc"}
-        metrics[name]["exclude_own_image"] = {
-            k: _round(v) for k, v in result["exclude_own_image"].items() if k != "cmc"
-        }
-        curves[name] = result["standard"]["cmc"]
-        side = Path(data) / "synthetic_attributes.json"
-        if side.is_file():
-            key = "paraphrase_mentions" if name == "test-paraphrase" else "mentions"
-            metrics[name]["by_attribute"] = attribute_breakdown(result["similarity"], split, side, key)
-    if curves:
-        plot_cmc(curves, out / "cmc.png")
-    card["metrics"] = metrics
-    card["cmc"] = {k: [round(x, 2) for x in v] for k, v in curves.items()}
-    atomic_write_bytes(checkpoint.with_suffix(".json"), json.dumps(card, indent=2).encode())
-    return {"metrics": metrics}
-
-
-def _round(v: Any) -> Any:
-    return round(v, 2) if isinstance(v, float) else v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -20,16 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 QUERY = "a woman in a red coat with a black backpack"
 
 
-@pytest.fixture(scope="module")
-def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
-    root = tmp_path_factory.mktemp("app")
+def tiny_explorer(root: Path, images: int = 24) -> explorer_app.Explorer:
+    """A tiny model over a copy of the first shipped gallery images (its own copy: tests may add files)."""
     torch.manual_seed(3)
     checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "tiny.safetensors")
     gallery = root / "gallery"
     (gallery / "images").mkdir(parents=True)
-    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:24]:
+    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:images]:
         shutil.copy(src, gallery / "images" / src.name)
+    manifest = json.loads((REPO / "gallery" / "manifest.json").read_text())
+    manifest["images"] = [m for m in manifest["images"] if (gallery / m["file"]).is_file()]
+    (gallery / "manifest.json").write_text(json.dumps(manifest))  # captions: the atlas's words
     return explorer_app.create(checkpoint, gallery, progress=False)
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
+    return tiny_explorer(tmp_path_factory.mktemp("app"))
 
 
 def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
@@ -68,10 +76,21 @@ def test_api_search_is_plain_json(explorer: explorer_app.Explorer) -> None:
     scores = [r["score"] for r in result["results"]]
     assert scores == sorted(scores, reverse=True)
     assert all(len(r["part_similarity"]) == 6 for r in result["results"])
+    assert all("path" not in r and not Path(r["file"]).is_absolute() for r in result["results"])  # no server paths
     assert explorer.api_search("  ", 4)["error"]
 
 
-def test_upload_adds_good_files_and_reports_bad_ones(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("k", [0, -1, 51, 1e9, 2.5, float("nan"), float("inf"), "abc", None, True, [1] * 1000])
+def test_result_count_is_checked_and_never_echoed(explorer: explorer_app.Explorer, k) -> None:
+    answer = explorer.api_search(QUERY, k)
+    assert answer["results"] == [] and "from 1 to 50" in answer["error"]
+    assert "abc" not in json.dumps(answer) and len(json.dumps(answer)) < 300
+    items, status, response = explorer.search(QUERY, k)
+    assert items == [] and response is None and "from 1 to 50" in status
+
+
+def test_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> None:
+    explorer = tiny_explorer(tmp_path / "own", images=8)
     good = tmp_path / "walker.jpg"
     shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], good)
     text = tmp_path / "notes.png"
@@ -82,14 +101,21 @@ def test_upload_adds_good_files_and_reports_bad_ones(explorer: explorer_app.Expl
     report, browse = explorer.upload([str(good), str(text), str(empty)])
     assert len(explorer.engine.index) == before + 1
     assert "Added 1 image" in report and "notes.png" in report and "empty.jpg" in report
-    assert any(caption.endswith("walker.jpg") for _, caption in browse)
-    assert explorer.engine.search_ids("walker", 50)  # the new image is searchable
+    assert browse[0][1] == "uploads/walker.jpg"  # uploads are listed first
+    assert "uploads/walker.jpg" in [f for f, _ in explorer.engine.search_ids("walker", 50)]  # and searchable
 
 
 def test_model_tab(explorer: explorer_app.Explorer) -> None:
     assert "dictionary atoms" in explorer.model_card()
     items, text = explorer.atom_atlas(3)
     assert len(items) == 8 and text.startswith("**Atom 3**")
+    atlas = explorer.engine.atom_atlas(3)
+    weights = explorer.engine.index.arrays["atom_histogram"][:, 3].astype(np.float32)
+    expected = {explorer.engine.index.entries[i].path for i in np.argsort(-weights)[:8]}
+    assert {p.relative_to(explorer.engine.gallery).as_posix() for p, _ in atlas.images} == expected
+    assert atlas.words and all(w == w.lower() for w, _ in atlas.words)
+    assert [v for _, v in atlas.words] == sorted((v for _, v in atlas.words), reverse=True)
+    assert "numbered 0 to" in explorer.atom_atlas(10_000)[1] and explorer.atom_atlas(float("nan"))[0] == []
 
 
 def _free_port() -> int:
@@ -104,12 +130,13 @@ def served(explorer: explorer_app.Explorer):
     port = _free_port()
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(explorer.engine.index.gallery)])  # fmt: skip
+                **explorer_app.launch_options(explorer))  # fmt: skip
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
 
-def test_gradio_client_search_endpoint(served: str) -> None:
+def test_gradio_client_search_endpoint(served: str, explorer: explorer_app.Explorer) -> None:
+    served_gallery = explorer.engine.gallery
     from gradio_client import Client
 
     client = Client(served, verbose=False, download_files=False)  # paths stay plain strings
@@ -117,7 +144,27 @@ def test_gradio_client_search_endpoint(served: str) -> None:
     assert len(result["results"]) == 7
     scores = [r["score"] for r in result["results"]]
     assert scores == sorted(scores, reverse=True)
-    assert all(Path(r["path"]).is_file() for r in result["results"])
+    assert all((Path(served_gallery) / r["file"]).is_file() for r in result["results"])
+
+
+def test_only_gallery_images_are_served(served: str, explorer: explorer_app.Explorer) -> None:
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    def status(path: Path) -> int:
+        try:
+            with urllib.request.urlopen(f"{served}gradio_api/file={path}", timeout=10) as reply:
+                return reply.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status(explorer.engine.gallery / explorer.engine.files()[0]) == 200
+    with tempfile.NamedTemporaryFile(suffix=".json") as secret:  # anything in the temp folder
+        assert status(Path(secret.name)) in (403, 404)
+    checkpoint = next(explorer.engine.gallery.parent.glob("*.safetensors"))
+    assert status(checkpoint) in (403, 404)
+    assert status(explorer.engine.index_dir / "index.safetensors") in (403, 404)
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -127,7 +174,7 @@ BROWSER_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-qu
 
 def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> None:
     if not CHROMIUM.is_file():
-        pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)")
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -160,10 +207,14 @@ def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> No
         expect(page.locator("#words")).to_contain_text("onerror", timeout=30_000)
         assert page.locator("img[src='x']").count() == 0 and page.locator("#words b").count() == 0
         assert dialogs == []
-        shot = REPO / "runs" / "screenshots"
-        shot.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(shot / "browser_test.png"), full_page=True)
+        page.screenshot(path=str(tmp_path / "browser_test.png"), full_page=True)
         browser.close()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "model.pt", "/abs/x.safetensors"])
+def test_bad_hub_file_is_a_clean_start_error(name: str) -> None:
+    with pytest.raises(ValueError, match="must be a .safetensors path"):
+        explorer_app.resolve_checkpoint(None, "someone/lgur", name, "0" * 40)
 
 
 def test_server_address_precedence() -> None:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import app as explorer_app
+from lgur.bench import rss_mib
 from lgur.checkpoint import CheckpointError, card_path, load_checkpoint, save_checkpoint
 from lgur.data.readers import DatasetFormatError, read_dataset
 from lgur.index import load_index
@@ -49,14 +50,7 @@ HOSTILE_QUERIES = [
 
 @pytest.fixture(scope="module")
 def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
-    root = tmp_path_factory.mktemp("hard")
-    torch.manual_seed(4)
-    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "models" / "tiny.safetensors")
-    gallery = root / "gallery"
-    (gallery / "images").mkdir(parents=True)
-    for src in SHIPPED[:16]:
-        shutil.copy(src, gallery / "images" / src.name)
-    return explorer_app.create(checkpoint, gallery, progress=False)
+    return _own_explorer(tmp_path_factory.mktemp("hard"))
 
 
 @pytest.mark.parametrize("query", HOSTILE_QUERIES)
@@ -114,7 +108,10 @@ def _upload_batch(folder: Path) -> tuple[list[Path], dict[str, str]]:
     (folder / "zero.jpg").write_bytes(b"")
     bad["zero.jpg"] = "empty file"
     (folder / "letter.png").write_text("Dear reader, this is not a picture.")
-    bad["letter.png"] = "not a readable image"
+    bad["letter.png"] = "not a JPEG, PNG, WebP, BMP or GIF image"
+    with Image.open(SHIPPED[43]) as image:
+        image.save(folder / "tiff.png", format="TIFF")  # a format we do not serve, under a .png name
+    bad["tiff.png"] = "not a JPEG, PNG, WebP, BMP or GIF image"
     _png_bomb(folder / "bomb.png")
     bad["bomb.png"] = "too large"
     big = folder / "huge.jpg"
@@ -125,7 +122,19 @@ def _upload_batch(folder: Path) -> tuple[list[Path], dict[str, str]]:
     return good, bad
 
 
-def test_upload_batch_keeps_good_files_refuses_bad_ones(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+def _own_explorer(root: Path, images: int = 16) -> explorer_app.Explorer:
+    """A tiny explorer on its own gallery copy, for tests that add files."""
+    torch.manual_seed(4)
+    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "models" / "tiny.safetensors")
+    gallery = root / "gallery"
+    (gallery / "images").mkdir(parents=True)
+    for src in SHIPPED[:images]:
+        shutil.copy(src, gallery / "images" / src.name)
+    return explorer_app.create(checkpoint, gallery, progress=False)
+
+
+def test_upload_batch_keeps_good_files_refuses_bad_ones(tmp_path: Path) -> None:
+    explorer = _own_explorer(tmp_path / "own")
     before = {e.path for e in explorer.engine.index.entries}
     good, bad = _upload_batch(tmp_path / "incoming")
     report, _ = explorer.upload([str(p) for p in good] + [str(tmp_path / "incoming" / name) for name in bad])
@@ -139,6 +148,60 @@ def test_upload_batch_keeps_good_files_refuses_bad_ones(explorer: explorer_app.E
     response = explorer.search("a person", 50)[2]
     files = {r.file for r in response.results}
     assert {f"uploads/{p.name}" for p in good} <= files
+
+
+def test_odd_upload_names_are_stored_visibly_and_indexed(tmp_path: Path) -> None:
+    explorer = _own_explorer(tmp_path / "own", images=4)
+    incoming = tmp_path / "incoming"
+    names = [".hidden.png", "..png", "....png", "..\\..\\evil3.png", "name with spaces;rm.png"]
+    sources = []
+    for i, name in enumerate(names):
+        (incoming / str(i)).mkdir(parents=True)
+        with Image.open(SHIPPED[60 + i]) as image:
+            image.save(incoming / str(i) / name, format="PNG")
+        sources.append(incoming / str(i) / name)
+    report, _ = explorer.upload([str(p) for p in sources])
+    assert f"Added {len(names)} image(s)" in report, report
+    stored = sorted(f for f in explorer.engine.files() if f.startswith("uploads/"))
+    assert len(stored) == len(names)
+    assert all(not Path(f).name.startswith(".") and "\\" not in f and " " not in f for f in stored), stored
+    assert "uploads/evil3.png" in stored and (explorer.engine.gallery / "uploads" / "evil3.png").is_file()
+
+
+def test_concurrent_uploads_of_one_name_lose_nothing(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lgur.checkpoint import checkpoint_fingerprint
+
+    explorer = _own_explorer(tmp_path / "own", images=4)
+    clients = []
+    for i in range(8):  # eight visitors upload different pictures, all called hb.png
+        folder = tmp_path / f"client{i}"
+        folder.mkdir()
+        with Image.open(SHIPPED[80 + i]) as image:
+            image.save(folder / "hb.png")
+        clients.append(folder / "hb.png")
+    with ThreadPoolExecutor(8) as pool:
+        reports = list(pool.map(lambda p: explorer.upload([str(p)])[0], clients))
+    assert all(r.startswith("Added 1 image(s)") for r in reports), reports
+    stored = sorted((explorer.engine.gallery / "uploads").iterdir())
+    assert len(stored) == 8
+    stored_bytes = sorted(p.read_bytes() for p in stored)
+    assert stored_bytes == sorted(p.read_bytes() for p in clients)  # every client's bytes, each once
+    engine = explorer.engine
+    on_disk = load_index(engine.gallery, engine.index_dir, checkpoint_fingerprint(engine.card))
+    assert len(on_disk) == 12 and {f"uploads/{p.name}" for p in stored} <= {e.path for e in on_disk.entries}
+    assert not [p for p in engine.gallery.rglob(".*") if p.is_file() and p.name != ".lock"]  # no temporaries
+
+
+def test_a_huge_query_is_cut_before_it_is_expanded() -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    cleaned = clean_query("\ufdfa" * 1_000_000)  # 1 character, 18 after NFKC
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(cleaned) == 2000 and peak < 64 * 2**20, peak
 
 
 # -- untrusted model files ------------------------------------------------------------------
@@ -253,12 +316,12 @@ from pathlib import Path
 import app as A
 explorer = A.create(Path(sys.argv[1]), Path(sys.argv[2]), progress=False)
 import lgur.index as I
-original = I.embed_images
+original = I.index_arrays
 def slow(*args, **kwargs):
     print("EMBEDDING", flush=True)
     time.sleep(0.3)
     return original(*args, **kwargs)
-I.embed_images = slow
+I.index_arrays = slow
 files = sorted(Path(sys.argv[3]).iterdir())
 explorer.upload([str(f) for f in files])
 print("DONE", flush=True)
@@ -293,26 +356,19 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 
     accepted = {p.relative_to(gallery).as_posix() for p in (gallery / "uploads").glob("*.jpg")}
     assert len(accepted) == 50  # all copies had finished; indexing was interrupted
-    from lgur.checkpoint import checkpoint_fingerprint
+    from lgur.checkpoint import checkpoint_fingerprint, read_card
 
-    stale = load_index(gallery.resolve(), gallery / ".lgur-index", checkpoint_fingerprint(checkpoint))
+    stale = load_index(gallery.resolve(), gallery / ".lgur-index", checkpoint_fingerprint(read_card(checkpoint)))
     assert not accepted & {e.path for e in stale.entries}  # the kill came before the index was written
     restarted = explorer_app.create(checkpoint, gallery, progress=False)
     indexed = {e.path for e in restarted.engine.index.entries}
     assert before <= indexed and accepted <= indexed  # nothing lost
     fresh = load_index(gallery.resolve(), gallery / ".lgur-index", restarted.engine.index.checkpoint)
     assert len(fresh) == len(indexed)  # what is on disk verifies and matches
-    assert not list(gallery.rglob(".*.part"))
+    assert not [p for p in gallery.rglob(".*") if p.is_file() and p.name != ".lock"]  # no temporaries left
 
 
 # -- concurrency ----------------------------------------------------------------------------------
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @pytest.mark.slow
@@ -364,9 +420,9 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
             # Warm-up with the same concurrency: each worker thread's allocator arena and the
             # server's thread pool grow once; a leak is growth that continues after that.
             list(pool.map(session, [[f"warm-up {q}" for q in mine[:5]] for mine in queries]))
-            rss_warm = _rss_mib(proc.pid)
+            rss_warm = rss_mib(proc.pid)
             answers = [a for chunk in pool.map(session, queries) for a in chunk]
-        rss_after = _rss_mib(proc.pid)
+        rss_after = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -382,7 +438,6 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
         "p50_ms": 1000 * latencies[len(latencies) // 2], "p95_ms": 1000 * latencies[int(0.95 * len(latencies))],
         "rss_after_warmup_mib": rss_warm, "rss_after_run_mib": rss_after,
     }  # fmt: skip
-    out = REPO / "runs" / "concurrency.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    (tmp_path / "concurrency.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))  # pytest -s shows the figures
     assert rss_after <= 1.10 * rss_warm, report

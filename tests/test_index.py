@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from lgur.checkpoint import checkpoint_fingerprint, save_checkpoint
-from lgur.index import index_paths, load_index, merge_shards, scan_gallery, update_index
+from lgur.checkpoint import checkpoint_fingerprint, read_card, save_checkpoint
+from lgur.files import read_image
+from lgur.index import index_file, load_index, merge_shards, scan_gallery, update_index
 from lgur.model import LGUR
 from lgur.search import QueryError, SearchEngine
 from tests.conftest import tiny_config
@@ -42,8 +44,8 @@ def gallery(tmp_path: Path) -> Path:
 def _open(checkpoint: Path, gallery: Path):
     from lgur.checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(checkpoint)
-    return model, checkpoint_fingerprint(checkpoint)
+    model, card = load_checkpoint(checkpoint)
+    return model, checkpoint_fingerprint(card)
 
 
 def test_incremental_update_touches_only_changed_files(tiny_checkpoint: Path, gallery: Path) -> None:
@@ -75,16 +77,40 @@ def test_incremental_update_touches_only_changed_files(tiny_checkpoint: Path, ga
 def test_truncated_index_is_rebuilt_not_served(tiny_checkpoint: Path, gallery: Path) -> None:
     model, fp = _open(tiny_checkpoint, gallery)
     index, _ = update_index(model, fp, gallery)
-    data, meta = index_paths(gallery / ".lgur-index")
-    data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(Exception, match="checksum"):
+    data = index_file(gallery / ".lgur-index")
+    whole = data.read_bytes()
+    data.write_bytes(whole[: len(whole) - 100])  # cut short
+    with pytest.raises(Exception, match="unreadable"):
         load_index(gallery, gallery / ".lgur-index", fp)
     rebuilt, report = update_index(model, fp, gallery)
-    assert "checksum" in report.rebuilt_because and report.embedded == 8
+    assert "unreadable" in report.rebuilt_because and report.embedded == 8
     assert np.allclose(rebuilt.embeddings, index.embeddings, atol=1e-6)
-    meta.write_text("{broken")
+    flipped = bytearray(data.read_bytes())
+    flipped[-5] ^= 0xFF  # one bit pattern changed inside the arrays
+    data.write_bytes(bytes(flipped))
+    _, report = update_index(model, fp, gallery)
+    assert "checksum" in report.rebuilt_because and report.embedded == 8
+    data.write_text("{broken")
     _, report = update_index(model, fp, gallery)
     assert "unreadable" in report.rebuilt_because and report.embedded == 8
+
+
+def test_interrupted_writes_are_cleaned_and_updates_are_serialised(tiny_checkpoint: Path, gallery: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, fp = _open(tiny_checkpoint, gallery)
+    update_index(model, fp, gallery)
+    leftover = gallery / ".lgur-index" / ".index.safetensors.x1y2.tmp"  # a writer killed mid-save
+    leftover.write_bytes(b"half an index")
+    extra = sorted(gallery.rglob("*.jpg"))
+    for i in range(4):  # new files, then four updates at once: each must see a consistent index
+        shutil.copy(extra[i], gallery / f"new-{i}.jpg")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: update_index(model, fp, gallery), range(4)))
+    assert not leftover.exists()
+    assert sum(report.embedded for _, report in results) == 4  # each new file embedded once, by one update
+    assert all(len(index) == 12 for index, _ in results)
+    assert len(load_index(gallery, gallery / ".lgur-index", fp)) == 12
 
 
 def test_changed_checkpoint_rebuilds(tiny_checkpoint: Path, gallery: Path, tmp_path: Path) -> None:
@@ -104,11 +130,13 @@ def test_unreadable_images_are_reported_and_skipped(tiny_checkpoint: Path, galle
     (gallery / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (gallery / "empty.jpg").write_bytes(b"")
     (gallery / "text.png").write_text("not an image at all")
+    Image.new("RGB", (32, 64)).save(gallery / "tiff.png", format="TIFF")
     model, fp = _open(tiny_checkpoint, gallery)
     index, report = update_index(model, fp, gallery)
     reasons = {r["path"]: r["reason"] for r in report.rejected}
     assert reasons["empty.jpg"] == "empty file"
-    assert reasons["text.png"] == "not a readable image"
+    assert reasons["text.png"] == "not a JPEG, PNG, WebP, BMP or GIF image"
+    assert reasons["tiff.png"] == "not a JPEG, PNG, WebP, BMP or GIF image"  # the bytes decide, not the name
     assert reasons["truncated.jpg"].startswith("corrupt image")
     assert len(index) == 8
     assert {r["path"] for r in load_index(gallery, gallery / ".lgur-index", fp).rejected} == set(reasons)
@@ -133,7 +161,7 @@ def test_torchrun_index_two_shards(tiny_checkpoint: Path, gallery: Path, tmp_pat
            str(tmp_path / "idx")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    merged = load_index(gallery.resolve(), tmp_path / "idx", checkpoint_fingerprint(tiny_checkpoint))
+    merged = load_index(gallery.resolve(), tmp_path / "idx", checkpoint_fingerprint(read_card(tiny_checkpoint)))
     assert len(merged) == 8
 
 
@@ -153,7 +181,7 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
     assert again is response.query  # normalised text hits the cache
     with pytest.raises(QueryError):
         engine.search("   \n\t ", k=5)
-    guidance = engine.guidance(response.query.text, response.results[0].row)
+    guidance = engine.guidance(response.query, response.results[0].row)
     assert guidance.shape == (engine.grid[0] * engine.grid[1], len(response.query.words))
 
 
@@ -171,7 +199,6 @@ def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> Non
         assert np.allclose([s for _, s in top], brute[order], atol=1e-5)
     # The index holds what the model computes for those files.
     from lgur.data.dataset import normalize
-    from lgur.index import read_image
 
     rows = [0, len(engine.index) // 2]
     size = engine.model.config.image.img_size

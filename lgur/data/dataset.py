@@ -16,23 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from ..files import atomic_output, read_image
 from .readers import Record
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """-> uint8 (3, H, W), resized to size=(H, W)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(image).transpose(2, 0, 1).copy()
 
 
 def normalize(images: Tensor) -> Tensor:
@@ -60,7 +53,7 @@ def load_images(records: list[Record], size: tuple[int, int], progress: bool = F
     """Decode each distinct image once: uint8 (N, 3, H, W) in record order."""
     from tqdm import tqdm
 
-    arrays = [load_image(r.image_path, size) for r in tqdm(records, desc="images", disable=not progress)]
+    arrays = [read_image(r.image_path, size) for r in tqdm(records, desc="images", disable=not progress)]
     return torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, *size, dtype=torch.uint8)
 
 
@@ -122,7 +115,7 @@ def _captions_key(captions: list[str], fingerprint: str, max_length: int) -> str
 
 
 @torch.inference_mode()
-def text_features(
+def frozen_text_features(
     text_encoder, captions: list[str], cache_dir: str | Path | None, batch_size: int = 128, progress: bool = False
 ) -> TextFeatures:
     """Run the frozen encoder over every caption once (or read the cached result)."""
@@ -150,10 +143,8 @@ def text_features(
     offsets = torch.cumsum(lengths_t, 0) - lengths_t
     result = TextFeatures(torch.cat(chunks).contiguous(), offsets, lengths_t)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": result.features, "offsets": offsets, "lengths": lengths_t}, str(tmp))
-        tmp.replace(path)
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(save({"features": result.features, "offsets": offsets, "lengths": lengths_t}))
     return result
 
 

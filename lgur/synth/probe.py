@@ -121,3 +121,22 @@ def lexical_probe(encoder: TextEncoder) -> dict:
     report["chance"] = sum(totals["chance"]) / len(totals["chance"])
     report["held_out_forms"] = totals["held_out"][1]
     return report
+
+
+def format_lexical_probe(report: dict, encoder_name: str, show: int = 10) -> str:
+    lines = [f"nearest concept of a form, by the frozen encoder's token features ({encoder_name}):"]
+    for kind, r in report["kinds"].items():
+        lines.append(
+            f"  {kind:15s} {r['concepts']:2d} concepts  held-out forms {r['held_out_accuracy']:5.1f}% "
+            f"({r['held_out_forms']})  training forms {r['train_accuracy']:5.1f}% ({r['train_forms_tested']})  "
+            f"chance {r['chance']:.1f}%"
+        )
+    lines.append(
+        f"  all: held-out {report['held_out_accuracy']:.1f}% of {report['held_out_forms']} forms, "
+        f"training {report['train_accuracy']:.1f}%, chance {report['chance']:.1f}%"
+    )
+    misses = [e for e in report["examples"] if e["nearest"] != e["concept"]]
+    for e in misses[:show]:
+        own, best = e["cosine_own"], e["cosine_nearest"]
+        lines.append(f"  {e['held_out']!r} ({e['concept']}) -> {e['nearest']}: cosine {best} vs {own} to its own")
+    return "\n".join(lines)

@@ -248,3 +248,17 @@ def ambiguity_report(data: str | Path, split: str = "test") -> dict[str, Any]:
         "unique_share": float((c == 1).mean()),
         "perfect_reader": {f"R@{k}": 100.0 * float(np.mean(v)) for k, v in recall.items()},
     }
+
+
+def format_ambiguity(reports: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in reports:
+        ceiling = r["perfect_reader"]
+        lines.append(
+            f"{r['split']}: {r['captions']} captions over {r['identities']} identities; consistent identities "
+            f"per caption mean {r['consistent_identities_mean']:.2f}, "
+            f"median {r['consistent_identities_median']:.0f}, "
+            f"unique {100 * r['unique_share']:.1f}%; perfect attribute reader R@1 {ceiling['R@1']:.1f} "
+            f"R@5 {ceiling['R@5']:.1f} R@10 {ceiling['R@10']:.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Export: a training run's best checkpoint -> the inference checkpoint users get, with its card
+holding what was measured on *that* file (test metrics, explanation quality, short queries)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    data: str | Path | None = None,
+    gallery: str | Path | None = None,
+    cache: str | Path | None = "cache",
+    command: str | None = None,
+    report: Callable[[str], None] = print,
+) -> Path:
+    """Write the inference checkpoint; with `data`, evaluate it on the test splits (and, on the
+    synthetic world, measure its explanations); with `gallery`, run query-bench on it. Each
+    measurement is reported as a line and stored in the card, which is written once at the end."""
+    from .data.readers import read_dataset
+    from .evaluate import record_in_card, score_test_splits
+    from .quality import explanation_quality, format_quality
+    from .querybench import format_query_bench, run_query_bench
+    from .train import split_records
+
+    model, card = load_checkpoint(checkpoint)
+    keep: dict[str, Any] = {k: v for k, v in card.items() if k in ("training", "data")}
+    run = Path(checkpoint).parent / "result.json"
+    if run.is_file():
+        result = json.loads(run.read_text())
+        keep.setdefault("training", {}).update(
+            {k: result[k] for k in ("train_seconds", "total_seconds", "best_epoch") if k in result}
+        )
+    if command:
+        keep.setdefault("training", {})["command"] = command
+    world = Path(data or "") / "world.json"
+    if data and world.is_file():  # the synthetic world's recipe: seed, sizes, vocabulary
+        keep.setdefault("data", {})["world"] = json.loads(world.read_text())
+    if card.get("metrics"):
+        keep["metrics_before_export"] = card["metrics"]
+    path = save_checkpoint(model, out, keep, dtype=dtype)
+    if not data and not gallery:
+        return path
+    exported, card = load_checkpoint(path)  # measure what users get, not the training weights
+    if data:
+        records, _ = read_dataset(data)
+        card |= score_test_splits(exported, data, split_records(records, seed=0), cache, path.parent / "cmc.png")
+        for name, m in card["metrics"].items():
+            report(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
+        if (Path(data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations
+            card["explanations"] = explanation_quality(exported, data, "test")
+            report(format_quality(card["explanations"]))
+    if gallery:  # short typed queries against the gallery the app ships
+        card["query_bench"] = {}
+        for style in ("default", "check"):
+            bench = run_query_bench(path, gallery, style)
+            report(format_query_bench(bench, show=0))
+            card["query_bench"][style] = {k: bench[k] for k in ("queries", "precision@10", "top1", "chance")}
+    record_in_card(path, card)
+    return path

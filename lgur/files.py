@@ -1,0 +1,124 @@
+"""Files: atomic writes, hashing, and the one image decoder.
+
+Training, indexing, uploads and the app all read images through `read_image` /
+`open_rgb`, so a picture is decoded the same way wherever it is seen (no
+training/serving skew), and every write that others may read goes through
+`atomic_output`, so a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}  # what the bytes must be, whatever the name says
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
+MIN_SIDE = 8
+MAX_FILE_BYTES = 20 * 1024 * 1024
+TEMPORARY_SUFFIX = ".tmp"  # an `atomic_output` that never finished: safe to delete
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path next to `path`; on success it replaces `path` in one rename.
+
+    The temporary name is unique per write (not per process), so concurrent writers never
+    share one; on any error it is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete what interrupted atomic writes left in `folder` (not recursive)."""
+    removed = []
+    for stale in folder.glob(f".*{TEMPORARY_SUFFIX}") if folder.is_dir() else []:
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
+# -- images ----------------------------------------------------------------------------------
+
+
+def check_image(path: Path) -> str | None:
+    """None if the file is an image we serve, else the reason it is not (for the user).
+
+    Reads the header first (size limits, the real format), then decodes once to catch
+    truncated files; the file name's suffix is not trusted.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        return f"cannot read file: {error.strerror}"
+    if size == 0:
+        return "empty file"
+    if size > MAX_FILE_BYTES:
+        return f"file too large ({size / 1e6:.1f} MB > {MAX_FILE_BYTES / 1e6:.0f} MB)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=sorted(IMAGE_FORMATS)) as image:  # reads the header only
+                w, h = image.size
+                if w * h > MAX_PIXELS:
+                    return f"image too large ({w}x{h} pixels, at most {MAX_PIXELS:,})"
+                if min(w, h) < MIN_SIDE:
+                    return f"image too small ({w}x{h} pixels)"
+                image.load()  # decodes: catches truncated files
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image too large (decompression bomb)"
+    except UnidentifiedImageError:
+        return "not a JPEG, PNG, WebP, BMP or GIF image"
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        return f"corrupt image ({error})"
+    return None
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image as 8-bit RGB: first frame; 16-bit and 32-bit grey scaled by their maximum
+    (a plain convert would clip them to white); CMYK, palette and alpha converted."""
+    with Image.open(path) as image:
+        image.seek(0)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            return Image.fromarray((array / max(float(array.max()), 1.0) * 255).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
+
+
+def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """-> uint8 (3, H, W), resized to size=(H, W): what the model reads, in training and in serving."""
+    rgb = open_rgb(path).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(rgb).transpose(2, 0, 1).copy()
