@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 from .train import recipe, train
 
 VARIANTS = {

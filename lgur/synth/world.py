@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .attributes import CAPTIONED_KINDS, Attributes, sample_attributes
 from .captions import CaptionWriter, words
 from .render import encode_jpeg, encode_png, render, sample_camera
