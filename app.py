@@ -12,8 +12,11 @@ import html
 import logging
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home; the Space may be offline
 
@@ -24,13 +27,15 @@ from lgur import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
 from lgur.checkpoint import CheckpointError
 from lgur.explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
 from lgur.files import MAX_FILE_BYTES, open_rgb, remove_temporaries
-from lgur.gallery import add_images
+from lgur.gallery import PrivateGallery, add_images
 from lgur.quality import summary_rows
 from lgur.search import QueryError, SearchEngine, SearchResponse
 
 log = logging.getLogger("lgur.app")
 ROOT = Path(__file__).resolve().parent
 MAX_RESULTS = 50
+PER_PAGE = 120  # gallery tab
+GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
 SESSION_SECONDS = 3600
 MAX_SESSIONS = 1000  # sessions whose state is kept (oldest dropped first)
 MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
@@ -68,10 +73,20 @@ def result_count(k: Any) -> int:
 class Explorer:
     """The app's behaviour: every event handler is a method over plain values."""
 
-    def __init__(self, engine: SearchEngine, uploads: str = "uploads"):
+    def __init__(
+        self,
+        engine: SearchEngine,
+        shared_uploads: bool = False,
+        sessions: Path | None = None,
+        uploads: str = "uploads",
+    ):
+        """shared_uploads: uploads go into the gallery for everyone (local use); otherwise each
+        visitor's uploads stay private to their session, in their own folder under `sessions`."""
         self.engine = engine
         self.card = engine.card
-        self.uploads = uploads  # gallery sub-folder that receives uploads
+        self.shared_uploads = shared_uploads
+        self.sessions = sessions or private_sessions_root()
+        self.uploads = uploads  # gallery sub-folder that receives shared uploads
         model = engine.model.config
         self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
         self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
@@ -79,30 +94,38 @@ class Explorer:
         remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
 
     # -- search -------------------------------------------------------------------------------
-    def search(self, query: str, k: float) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
+    def search(
+        self, query: str, k: float, private: PrivateGallery | None = None
+    ) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
         """-> results gallery (file, caption), a status line, the response (kept per session)."""
         try:
-            response = self.engine.search(query, result_count(k))
+            response = self.engine.search(query, result_count(k), private.index if private else None)
         except QueryError as error:
             return [], f"⚠️ {html.escape(str(error))}", None
-        items = [(r.path, f"#{r.rank}  score {r.score:.3f}") for r in response.results]
+        items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
         note = " (the query was longer than the model reads; the end was ignored)" if response.query.truncated else ""
         status = f"{len(items)} results in {1000 * response.seconds:.0f} ms{note}. Select one to see why it matched."
+        if response.warning:
+            status = f"⚠️ {html.escape(response.warning)}\n\n{status}"
         if not items:
             status = "The gallery is empty: add images in the Gallery tab."
         return items, status, response
 
     def explain(
         self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
-    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any]:
-        """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes."""
+    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any]:
+        """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
+        the query's words (for the guidance map) and the chart's atoms (for the atlas)."""
         if response is None or not response.results:
-            return [], [], None, None, "", gr.update(choices=[], value=None)
+            empty = gr.update(choices=[], value=None)
+            return [], [], None, None, "", empty, empty
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
         maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
         words = word_highlights(response.query, pi, li, hi)
-        chart = atom_chart(response.query.atom_histogram, result.atom_histogram, result.shared_atoms)
+        chart = atom_chart(
+            response.query.atom_histogram, result.atom_histogram, result.salient_atoms, result.shared_atoms
+        )
         foreground = overlay(open_rgb(result.path), result.foreground, response.grid, alpha=0.55)
         best = result.strongest_part
         meta = result.metadata
@@ -115,7 +138,18 @@ class Explorer:
         if meta.get("captions"):
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
         word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
-        return maps, words, chart, foreground, "\n\n".join(lines), gr.update(choices=word_choices, value=None)
+        shared = [a for a in result.salient_atoms if a in result.shared_atoms]
+        atom_choices = [(f"{a} (shared)", str(a)) for a in shared]
+        atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in shared]
+        return (
+            maps,
+            words,
+            chart,
+            foreground,
+            "\n\n".join(lines),
+            gr.update(choices=word_choices, value=None),
+            gr.update(choices=atom_choices, value=None),
+        )
 
     def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
         """Which regions of the selected image read the chosen query word (cross-modality guidance)."""
@@ -128,7 +162,7 @@ class Explorer:
             return None
         if not 0 <= column < len(response.query.words):
             return None
-        weights = self.engine.guidance(response.query, result.row)
+        weights = self.engine.guidance(response.query, result.path)
         return overlay(open_rgb(result.path), weights[:, column], response.grid)
 
     def api_search(self, query: str, k: float = 10) -> dict[str, Any]:
@@ -139,23 +173,46 @@ class Explorer:
             response = self.engine.search(query, result_count(k))
         except QueryError as error:
             return {"error": str(error), "results": []}
-        return response.to_json()
+        body = response.to_json()
+        for result in body["results"]:
+            result["url"] = f"{GALLERY_ROUTE}/{quote(result['file'])}"
+        return body
+
+    def gallery_image(self, file: str) -> Path | None:
+        """The image behind GET /gallery/<file>: indexed gallery files only, by gallery-relative name."""
+        return self.engine.image_path(file)
 
     # -- gallery ------------------------------------------------------------------------------
-    def browse(self, limit: int = 300) -> list[tuple[str, str]]:
-        """(image file, name) of the gallery, uploads first."""
-        files = sorted(self.engine.files(), key=lambda f: not f.startswith(f"{self.uploads}/"))[:limit]
-        return [(str(self.engine.gallery / f), f) for f in files]
+    def browse(
+        self, page: float = 1, private: PrivateGallery | None = None, per_page: int = PER_PAGE
+    ) -> tuple[list[tuple[str, str]], str]:
+        """One page of the gallery, uploads first (the visitor's own, then shared ones): (image file,
+        name) items and a line saying where we are."""
+        mine = [private.images / f for f in private.files()] if private else []
+        shared = sorted(self.engine.files(), key=lambda f: (not f.startswith(f"{self.uploads}/"), f))
+        files = mine + [self.engine.gallery / f for f in shared]
+        pages = max(1, math.ceil(len(files) / per_page))
+        page = min(max(int(page) if isinstance(page, int | float) and math.isfinite(page) else 1, 1), pages)
+        shown = files[(page - 1) * per_page : page * per_page]
+        uploads = len(mine) + sum(f.startswith(f"{self.uploads}/") for f in shared)
+        where = f"Page {page} of {pages}: {len(files)} images ({uploads} uploaded, listed first)."
+        return [(str(f), f.name) for f in shown], where
 
-    def upload(self, files: list[Any] | None) -> tuple[str, list[tuple[str, str]]]:
-        """Add uploaded files to the gallery (validated, indexed at once); report what was refused."""
+    def upload(
+        self, files: list[Any] | None, private: PrivateGallery | None = None
+    ) -> tuple[str, list[tuple[str, str]], PrivateGallery | None]:
+        """Add uploaded files (validated, indexed at once) to the visitor's private gallery, or to
+        the shared one with `shared_uploads`; report what was refused."""
         paths = [Path(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
-            return "No files were given.", self.browse()
-        report = add_images(self.engine, paths, self.uploads)
-        lines = [f"Added {len(report.added)} image(s); the gallery now holds {report.gallery_size}."]
+            return "No files were given.", self.browse(1, private)[0], private
+        if not self.shared_uploads and private is None:
+            private = PrivateGallery.create(self.sessions)
+        report = add_images(self.engine, paths, self.uploads, None if self.shared_uploads else private)
+        whose = "the gallery now holds" if self.shared_uploads else "only you see them; your search covers"
+        lines = [f"Added {len(report.added)} image(s); {whose} {report.gallery_size}."]
         lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
-        return "\n".join(lines), self.browse()
+        return "\n".join(lines), self.browse(1, private)[0], private
 
     # -- model --------------------------------------------------------------------------------
     def model_card(self) -> str:
@@ -221,6 +278,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         # Per visitor, kept an hour at most (and launch() caps how many sessions are kept).
         response_state = gr.State(None, time_to_live=SESSION_SECONDS)
         selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
+        # The visitor's own uploads: their files are deleted with the session.
+        private_state = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=_remove_private)
         with gr.Tab("Search"):
             with gr.Row():
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,
@@ -241,14 +300,15 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     label="prototype for the words",
                 )
             summary = gr.Markdown(elem_id="summary")
-            maps = gr.Gallery(label="Prototype attention over the image (share of the score per prototype)",
+            maps = gr.Gallery(label="Prototype attention (share of the score)",
                               columns=7, height=280, object_fit="contain", elem_id="prototype-maps",
                               format="jpeg")  # fmt: skip
             words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
                                        elem_id="words")  # fmt: skip
             with gr.Row():
-                chart = gr.Image(label="DGA: dictionary atoms of the query vs the image", type="pil",
-                                 elem_id="atom-chart", scale=3)  # fmt: skip
+                with gr.Column(scale=3):
+                    gr.Markdown("**DGA: the dictionary atoms the query and the image were rebuilt from**")
+                    chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart")
                 foreground = gr.Image(
                     label="DGA foreground weight m", type="pil", elem_id="foreground", scale=1, format="jpeg"
                 )
@@ -257,16 +317,24 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 guidance = gr.Image(
                     label="Regions that read this word", type="pil", scale=1, elem_id="guidance", format="jpeg"
                 )
+            with gr.Row():
+                chart_atom = gr.Dropdown([], label="What is an atom of the chart? Pick one (shared ones first)",
+                                         elem_id="chart-atom", scale=1)  # fmt: skip
+                chart_atom_words = gr.Markdown(elem_id="chart-atom-words")
+            chart_atom_patches = gr.Gallery(label="Gallery images whose patches use this atom most", columns=8,
+                                            height=300, object_fit="contain", format="jpeg",
+                                            elem_id="chart-atom-patches")  # fmt: skip
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
-            explain_outputs = [maps, words, chart, foreground, summary, word]
+            explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]
 
-            def on_search(q, n, la, he, pr):
-                items, text, response = explorer.search(q, n)
-                return (items, text, response, 0, *explorer.explain(response, 0, la, he, pr))
+            def on_search(q, n, la, he, pr, private):
+                items, text, response = explorer.search(q, n, private)
+                fresh = gr.Gallery(value=items, selected_index=None)  # no stale highlight from the last search
+                return (fresh, text, response, 0, *explorer.explain(response, 0, la, he, pr))
 
             search_outputs = [results, status, response_state, selected_state, *explain_outputs]
-            search_inputs = [query, k, layer, head, prototype]
+            search_inputs = [query, k, layer, head, prototype, private_state]
             # The full response (results and every panel) is callable too, for benchmarks and scripts.
             go.click(on_search, search_inputs, search_outputs, api_name="explore", api_visibility="undocumented")
             query.submit(on_search, search_inputs, search_outputs, api_visibility="private")
@@ -280,18 +348,36 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 control.change(explorer.explain, explain_inputs, explain_outputs, api_visibility="private")
             word.change(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 
+            def on_chart_atom(choice):
+                return explorer.atom_atlas(choice) if choice not in (None, "") else ([], "")
+
+            chart_atom.change(on_chart_atom, chart_atom, [chart_atom_patches, chart_atom_words],
+                              api_visibility="private")  # fmt: skip
+
         with gr.Tab("Gallery"):
-            gr.Markdown("Browse the gallery, or add images (JPEG/PNG/WebP/BMP/GIF, up to "
-                        f"{MAX_FILE_BYTES // 2**20} MB each); they are indexed at once.")  # fmt: skip
+            whose = ("they join the gallery for everyone" if explorer.shared_uploads else
+                     "only you see them, they are searched with the gallery and deleted when you leave "
+                     f"(or after {SESSION_SECONDS // 60} minutes)")  # fmt: skip
+            gr.Markdown(f"Browse the gallery, or add images (JPEG/PNG/WebP/BMP/GIF, up to "
+                        f"{MAX_FILE_BYTES // 2**20} MB each): they are indexed at once; {whose}.")  # fmt: skip
             uploads = gr.File(file_count="multiple", label="Add images", elem_id="upload")
             upload_report = gr.Markdown()
-            browse = gr.Gallery(value=explorer.browse(), columns=12, height=520, object_fit="contain", label="Gallery")
+            first_page, where = explorer.browse(1)
+            with gr.Row():
+                page = gr.Number(value=1, precision=0, minimum=1, label="page", scale=1, elem_id="page")
+                page_info = gr.Markdown(where, elem_id="page-info")
+            browse = gr.Gallery(value=first_page, columns=12, height=520, object_fit="contain", label="Gallery",
+                                elem_id="browse")  # fmt: skip
 
-            def on_upload(files, progress=gr.Progress()):  # noqa: B008
+            def on_upload(files, private, progress=gr.Progress()):  # noqa: B008
                 progress(0, desc="indexing")
-                return explorer.upload(files)
+                report, _, private = explorer.upload(files, private)
+                items, text = explorer.browse(1, private)
+                return report, items, text, 1, private
 
-            uploads.upload(on_upload, uploads, [upload_report, browse], api_visibility="private")
+            uploads.upload(on_upload, [uploads, private_state], [upload_report, browse, page_info, page, private_state],
+                           api_visibility="private")  # fmt: skip
+            page.change(explorer.browse, [page, private_state], [browse, page_info], api_visibility="private")
 
         with gr.Tab("Model"):
             gr.Markdown(explorer.model_card())
@@ -336,23 +422,70 @@ def resolve_checkpoint(
     return path
 
 
-def create(checkpoint: Path, gallery: Path, progress: bool = True) -> Explorer:
+def create(checkpoint: Path, gallery: Path, progress: bool = True, shared_uploads: bool = False) -> Explorer:
     engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
     log.info("gallery %s: %s", gallery, report.summary())
-    return Explorer(engine)
+    return Explorer(engine, shared_uploads=shared_uploads)
+
+
+# Phones (390 px): image grids wrap instead of scrolling sideways, tables scroll inside their box,
+# tall maps and the atom chart keep a readable size.
+CSS = """
+@media (max-width: 720px) {
+  #results .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+  #prototype-maps .grid-container, #chart-atom-patches .grid-container,
+  #browse .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
+  #results, #prototype-maps, #chart-atom-patches, #results .grid-wrap, #prototype-maps .grid-wrap,
+  #chart-atom-patches .grid-wrap { height: auto !important; max-height: none !important; overflow: visible !important; }
+  #foreground img, #guidance img { max-height: 360px; object-fit: contain; }
+  .prose table { display: block; overflow-x: auto; }
+  .prose td, .prose th { white-space: nowrap; }
+}
+"""
+
+
+def private_sessions_root() -> Path:
+    """Where visitors' private uploads live: one folder per server process; folders of processes
+    that are gone (a crash, a restart) are removed."""
+    root = Path(tempfile.gettempdir()) / "lgur-sessions"
+    for folder in root.glob("*") if root.is_dir() else []:
+        try:
+            os.kill(int(folder.name), 0)  # still running: not ours to touch
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass
+    return root / str(os.getpid())
+
+
+def _remove_private(private: PrivateGallery | None) -> None:
+    if private is not None:
+        private.remove()
 
 
 def launch_options(explorer: Explorer) -> dict[str, Any]:
     """How the app is served (also by the tests): image files from the gallery folder and Gradio's
     own outputs only, no error details, uploads and kept sessions capped."""
     return {
-        "allowed_paths": [str(explorer.engine.gallery)],
+        "allowed_paths": [str(explorer.engine.gallery), str(explorer.sessions / "images")],
         "blocked_paths": [str(explorer.engine.index_dir)],  # the index may sit inside the gallery
         "show_error": False,
         "max_file_size": MAX_FILE_BYTES,
         "state_session_capacity": MAX_SESSIONS,
+        "css": CSS,
         "ssr_mode": False,  # no Node.js server: faster start, one process
     }
+
+
+def add_gallery_route(demo: gr.Blocks, explorer: Explorer) -> None:
+    """GET /gallery/<file>: an indexed gallery image by the name /search answers with (after launch)."""
+    from fastapi.responses import FileResponse, PlainTextResponse
+
+    def gallery_file(file: str) -> Any:
+        path = explorer.gallery_image(file)
+        return FileResponse(path) if path else PlainTextResponse("no such gallery image", status_code=404)
+
+    demo.app.add_api_route(GALLERY_ROUTE + "/{file:path}", gallery_file, methods=["GET"])
 
 
 def server_address(host: str | None, port: int | None, environ: dict[str, str]) -> tuple[str, int]:
@@ -375,18 +508,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hub-repo", default=os.environ.get("LGUR_HUB_REPO"), help="fetch the checkpoint from here")
     parser.add_argument("--hub-file", default=os.environ.get("LGUR_HUB_FILE"))
     parser.add_argument("--hub-revision", default=os.environ.get("LGUR_HUB_REVISION"), help="commit to pin")
+    parser.add_argument(
+        "--shared-uploads",
+        action="store_true",
+        default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
+        help="uploads go into the gallery for every visitor (local use; default: private to each session)",
+    )
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
-        explorer = create(checkpoint, Path(args.gallery))
+        explorer = create(checkpoint, Path(args.gallery), shared_uploads=args.shared_uploads)
     except (CheckpointError, OSError, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from error
     demo = build_app(explorer)
     demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
-    demo.launch(server_name=host, server_port=port, **launch_options(explorer))
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, **launch_options(explorer))
+    add_gallery_route(demo, explorer)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import open_rgb
-from .search import QueryEncoding, SearchResult, top_atoms
+from .search import QueryEncoding, SearchResult
 
 DISPLAY_SIZE = (192, 512)  # (width, height) of an overlay, twice the stored images
 PROTOTYPE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -62,9 +62,9 @@ def prototype_overlays(
     items = []
     for p, share in enumerate(result.score_share):
         name = names[p] if names else f"P{p + 1}"
-        caption = f"{name}: {100 * share:.0f}% (cos {result.part_similarity[p]:+.2f})"
+        caption = f"{name} {100 * share:.0f}%"  # short: the viewer truncates long captions
         items.append((overlay(image, select_map(result.prototype_attention, p, layer, head), grid), caption))
-    items.append((combined_overlay(image, result, grid, layer, head), "all (colour = strongest)"))
+    items.append((combined_overlay(image, result, grid, layer, head), "all"))  # colour = strongest
     return items
 
 
@@ -107,19 +107,19 @@ def nice_step(peak: float, ticks: int = 4) -> float:
     return float(next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw))
 
 
-def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, shared: list[int], k: int = 12) -> Image.Image:
-    """Grouped bars of the query's and the image's weight on the atoms that matter most to either;
-    `shared` atoms (in both top-20s) are starred.
+def atom_chart(
+    query_histogram: np.ndarray, image_histogram: np.ndarray, atoms: list[int], shared: list[int]
+) -> Image.Image:
+    """Grouped bars of the query's and the image's weight on `atoms`; `shared` ones (in both top-20s)
+    are starred.
 
     Drawn directly with PIL (a few milliseconds, against ~80 ms for a plotting library).
     """
-    atoms = list(dict.fromkeys(top_atoms(query_histogram, k // 2) + top_atoms(image_histogram, k // 2)))
-    atoms += [a for a in top_atoms(query_histogram + image_histogram, 2 * k) if a not in atoms][: k - len(atoms)]
     q, i = query_histogram[atoms], image_histogram[atoms]
-    width, height, left, bottom, top = 640, 290, 70, 44, 52  # top: room for the viewer's label badge
+    width, height, left, bottom, top = 520, 300, 74, 48, 40  # large type: still legible at phone width
     chart = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(chart)
-    font = ImageFont.load_default(size=12)
+    font = ImageFont.load_default(size=15)
     step = nice_step(float(max(q.max(), i.max(), 1e-8)))
     ticks = int(np.ceil(float(max(q.max(), i.max(), 1e-8)) / step))
     peak = step * ticks
@@ -130,9 +130,12 @@ def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, shared:
         y = top + plot_h * (1 - tick / ticks)
         draw.line([(left, y), (width - 10, y)], fill=(230, 230, 230))
         label = f"{step * tick:.{decimals}f}"
-        draw.text((left - 6 - 7 * len(label), y - 7), label, fill=(90, 90, 90), font=font)
-    axis = Image.new("RGB", (plot_h, 16), (255, 255, 255))
-    ImageDraw.Draw(axis).text((plot_h // 2 - 60, 1), "mean atom weight", fill=(60, 60, 60), font=font)
+        draw.text((left - 6 - draw.textlength(label, font=font), y - 8), label, fill=(90, 90, 90), font=font)
+    axis = Image.new("RGB", (plot_h, 18), (255, 255, 255))
+    title = "mean atom weight"
+    ImageDraw.Draw(axis).text(
+        ((plot_h - draw.textlength(title, font=font)) / 2, 1), title, fill=(60, 60, 60), font=font
+    )
     chart.paste(axis.rotate(90, expand=True), (2, top))
     for n, atom in enumerate(atoms):
         x = left + n * slot
@@ -140,10 +143,12 @@ def atom_chart(query_histogram: np.ndarray, image_histogram: np.ndarray, shared:
             h = plot_h * float(value) / peak
             draw.rectangle([x + offset * slot, top + plot_h - h, x + (offset + 0.38) * slot, top + plot_h], fill=colour)
         label = f"{atom}*" if atom in shared else str(atom)
-        draw.text((x + slot / 2 - 3.5 * len(label), top + plot_h + 4), label, fill=(0, 0, 0), font=font)
-    draw.text((left, height - 18), "dictionary atom (* = in both top-20s)", fill=(60, 60, 60), font=font)
-    for n, (name, colour) in enumerate((("query words", blue), ("image (foreground-weighted)", orange))):
-        x = width - 330 + n * 120  # top right: the viewer's label badge covers the top left
-        draw.rectangle([x, 30, x + 12, 40], fill=colour)
-        draw.text((x + 16, 28), name, fill=(0, 0, 0), font=font)
+        draw.text((x + (slot - draw.textlength(label, font=font)) / 2, top + plot_h + 4), label, fill=(0, 0, 0),
+                  font=font)  # fmt: skip
+    draw.text((left, height - 20), "dictionary atom (* = in both top-20s)", fill=(60, 60, 60), font=font)
+    x = left
+    for name, colour in (("query", blue), ("image (foreground-weighted)", orange)):
+        draw.rectangle([x, 12, x + 14, 26], fill=colour)
+        draw.text((x + 20, 10), name, fill=(0, 0, 0), font=font)
+        x += 40 + draw.textlength(name, font=font)
     return chart

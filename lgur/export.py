@@ -24,6 +24,7 @@ def export_checkpoint(
     """Write the inference checkpoint; with `data`, evaluate it on the test splits (and, on the
     synthetic world, measure its explanations); with `gallery`, run query-bench on it. Each
     measurement is reported as a line and stored in the card, which is written once at the end."""
+    from .data.dataset import caption_vocabulary
     from .data.readers import read_dataset
     from .evaluate import record_in_card, score_test_splits
     from .quality import explanation_quality, format_quality
@@ -31,7 +32,7 @@ def export_checkpoint(
     from .train import split_records
 
     model, card = load_checkpoint(checkpoint)
-    keep: dict[str, Any] = {k: v for k, v in card.items() if k in ("training", "data")}
+    keep: dict[str, Any] = {k: v for k, v in card.items() if k in ("training", "data", "vocabulary")}
     run = Path(checkpoint).parent / "result.json"
     if run.is_file():
         result = json.loads(run.read_text())
@@ -51,6 +52,8 @@ def export_checkpoint(
     exported, card = load_checkpoint(path)  # measure what users get, not the training weights
     if data:
         records, _ = read_dataset(data)
+        if "vocabulary" not in card:  # older runs: the words of the training captions
+            card["vocabulary"] = caption_vocabulary([c for r in records if r.split == "train" for c in r.captions])
         card |= score_test_splits(exported, data, split_records(records, seed=0), cache, path.parent / "cmc.png")
         for name, m in card["metrics"].items():
             report(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")

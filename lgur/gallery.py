@@ -4,11 +4,16 @@ back what the model could not read.
 The app's upload box and a script call `add_images` the same way. Concurrent calls are
 safe: each file is published under a name nobody else holds (a hard link that fails if
 the name exists), and index updates are serialised by the index's lock.
+
+Images go either into the shared gallery (the command line, or the app with its explicit
+flag) or into a visitor's `PrivateGallery`: their own folder and index, searched together
+with the shared gallery, deleted when their session ends.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import unicodedata
@@ -16,10 +21,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import IMAGE_SUFFIXES, TEMPORARY_SUFFIX, check_image
-from .search import SearchEngine
+from .index import GalleryIndex, update_index
+from .search import PRIVATE_PREFIX, SearchEngine
 
 MAX_FILES_PER_CALL = 50
+MAX_PRIVATE_IMAGES = 200  # per visitor
 MAX_NAME_CHARS = 120
+
+
+@dataclass
+class PrivateGallery:
+    """One visitor's uploads: a folder of images (served to them) and its index (not served)."""
+
+    images: Path
+    index_dir: Path
+    index: GalleryIndex | None = None
+
+    @classmethod
+    def create(cls, root: Path) -> PrivateGallery:
+        token = secrets.token_hex(16)  # unguessable: the folder name is part of the image URLs
+        return cls(root / "images" / token, root / "index" / token)
+
+    def __len__(self) -> int:
+        return len(self.index) if self.index is not None else 0
+
+    def files(self) -> list[str]:
+        return [e.path for e in self.index.entries] if self.index is not None else []
+
+    def remove(self) -> None:
+        shutil.rmtree(self.images, ignore_errors=True)
+        shutil.rmtree(self.index_dir, ignore_errors=True)
 
 
 @dataclass
@@ -62,18 +93,25 @@ def publish(source: Path, folder: Path, name: str) -> Path:
     raise OSError(f"no free name for {name} in {folder}")
 
 
-def add_images(engine: SearchEngine, files: list[str | Path], folder: str = "uploads") -> AddReport:
-    """Validate `files`, copy the good ones into `engine`'s gallery (under `folder`), index them.
+def add_images(
+    engine: SearchEngine, files: list[str | Path], folder: str = "uploads", private: PrivateGallery | None = None
+) -> AddReport:
+    """Validate `files`, copy the good ones into `engine`'s gallery (under `folder`), or into the
+    visitor's `private` gallery, and index them.
 
     Files the index then refuses (decoding failed after all) are removed again and reported.
     """
     report = AddReport()
     paths = [Path(f) for f in files]
-    for path in paths[MAX_FILES_PER_CALL:]:
-        report.rejected.append((path.name, f"more than {MAX_FILES_PER_CALL} files in one upload"))
-    target_folder = engine.gallery / folder
+    room = MAX_FILES_PER_CALL if private is None else min(MAX_FILES_PER_CALL, MAX_PRIVATE_IMAGES - len(private))
+    for path in paths[max(room, 0) :]:
+        limit = f"more than {MAX_FILES_PER_CALL} files in one upload"
+        report.rejected.append((path.name, limit if room == MAX_FILES_PER_CALL else f"your {MAX_PRIVATE_IMAGES} "
+                                "uploads are used up for this session"))  # fmt: skip
+    root = engine.gallery if private is None else private.images
+    target_folder = root / folder if private is None else root
     published: dict[str, str] = {}  # stored relative name -> name as given
-    for path in paths[:MAX_FILES_PER_CALL]:
+    for path in paths[: max(room, 0)]:
         given = path.name
         name = safe_file_name(given)
         if Path(name).suffix not in IMAGE_SUFFIXES:
@@ -84,15 +122,19 @@ def add_images(engine: SearchEngine, files: list[str | Path], folder: str = "upl
             report.rejected.append((given, problem))
             continue
         stored = publish(path, target_folder, name)
-        published[stored.relative_to(engine.gallery).as_posix()] = given
+        published[stored.relative_to(root).as_posix()] = given
     if published:
-        update = engine.refresh()
+        if private is None:
+            update = engine.refresh()
+        else:
+            private.index, update = update_index(engine.model, engine.index.checkpoint, root, private.index_dir)
         for item in update.rejected:  # refused on decoding after all: take the file out again
             if item["path"] in published:
-                (engine.gallery / item["path"]).unlink(missing_ok=True)
+                (root / item["path"]).unlink(missing_ok=True)
                 report.rejected.append((published.pop(item["path"]), item["reason"]))
-    indexed = set(engine.files())
-    report.added = [name for name in published if name in indexed]
+    indexed = set(engine.files() if private is None else private.files())
+    prefix = "" if private is None else PRIVATE_PREFIX
+    report.added = [prefix + name for name in published if name in indexed]
     report.rejected += [(given, "not indexed") for name, given in published.items() if name not in indexed]
-    report.gallery_size = len(engine)
+    report.gallery_size = len(engine) + (len(private) if private is not None else 0)
     return report

@@ -83,9 +83,16 @@ class GalleryIndex:
     kind: str = "flat"
     faiss_index: Any = None
     approximate_recall_at_10: float | None = None
+    _rows: dict[str, int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.arrays["embeddings"])
+
+    def row(self, path: str) -> int | None:
+        """The row of a gallery-relative file name, None if it is not indexed."""
+        if self._rows is None:
+            self._rows = {e.path: i for i, e in enumerate(self.entries)}
+        return self._rows.get(path)
 
     @property
     def embeddings(self) -> np.ndarray:

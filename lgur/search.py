@@ -29,6 +29,7 @@ from .model import LGUR
 
 MAX_QUERY_CHARS = 2000
 TOP_ATOMS = 20  # "shared atoms": in the top 20 of both the query and the image
+PRIVATE_PREFIX = "your uploads/"  # how a result from a visitor's own uploads is named
 
 
 class QueryError(ValueError):
@@ -70,6 +71,13 @@ def shared_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: in
     return sorted(set(top_atoms(query_histogram, k)) & set(top_atoms(image_histogram, k)))
 
 
+def salient_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: int = 10) -> list[int]:
+    """The k atoms that matter most to either side: each side's top k/2, then their joint top."""
+    atoms = list(dict.fromkeys(top_atoms(query_histogram, k // 2) + top_atoms(image_histogram, k // 2)))
+    joint = top_atoms(query_histogram + image_histogram, 2 * k)
+    return atoms + [a for a in joint if a not in atoms][: k - len(atoms)]
+
+
 @dataclass
 class QueryEncoding:
     text: str
@@ -87,7 +95,7 @@ class QueryEncoding:
 @dataclass
 class SearchResult:
     rank: int
-    row: int  # row in the index
+    row: int  # row in the gallery's index (-1 for a visitor's private upload)
     file: str  # relative to the gallery
     path: str  # absolute path of the image file
     score: float  # cosine similarity
@@ -97,6 +105,7 @@ class SearchResult:
     foreground: np.ndarray  # (N,) (float16)
     atom_histogram: np.ndarray  # (atoms,) foreground-weighted
     shared_atoms: list[int]  # atoms in the top 20 of both this image and the query
+    salient_atoms: list[int]  # the atoms that matter most to either (what the atom chart shows)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,9 +135,21 @@ class SearchResponse:
     results: list[SearchResult]
     grid: tuple[int, int]
     seconds: float
+    unknown_words: list[str] = field(default_factory=list)  # not in the training captions' vocabulary
+    known_words: int | None = None  # how many of the query's words it has (None: no vocabulary recorded)
+
+    @property
+    def warning(self) -> str | None:
+        """For the user, when the model cannot have understood the query (or parts of it)."""
+        if self.known_words == 0:
+            return "None of these words appear in the descriptions the model learned from: the ranking is a guess."
+        if self.unknown_words:
+            return "Words the model never learned (ignored in effect): " + ", ".join(self.unknown_words[:10]) + "."
+        return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"query": self.query.text, "results": [r.to_json() for r in self.results]}
+        body: dict[str, Any] = {"query": self.query.text, "results": [r.to_json() for r in self.results]}
+        return body | ({"warning": self.warning} if self.warning else {})
 
 
 @dataclass
@@ -160,6 +181,7 @@ class SearchEngine:
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache
         self._word_atoms: tuple[list[str], np.ndarray] | None = None
+        self.vocabulary = frozenset(self.card.get("vocabulary", []))
         self.grid = model.image_encoder.grid
 
     @classmethod
@@ -184,6 +206,10 @@ class SearchEngine:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def image_path(self, file: str) -> Path | None:
+        """The image file behind an indexed gallery-relative name; None for anything else."""
+        return self.gallery / file if isinstance(file, str) and self.index.row(file) is not None else None
 
     def files(self) -> list[str]:
         """Every indexed file, gallery-relative, in index order."""
@@ -265,60 +291,70 @@ class SearchEngine:
         scores, rows = self.index.search(self.embed_query(text)[None], k)
         return [(self.index.entries[r].path, float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
 
-    def search(self, text: str, k: int = 10) -> SearchResponse:
+    def search(self, text: str, k: int = 10, private: GalleryIndex | None = None) -> SearchResponse:
+        """The top k of the gallery (and of a visitor's `private` uploads, if given), explained."""
         start = time.perf_counter()
         query = self.encode_query(text)
-        scores, rows = self.index.search(query.embedding[None], k)
+        hits = []  # (score, index, row)
+        for index in (self.index, private) if private is not None else (self.index,):
+            scores, rows = index.search(query.embedding[None], k)
+            hits += [(float(s), index, int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+        hits = sorted(hits, key=lambda hit: -hit[0])[:k]
         q_parts = query.parts.astype(np.float32)
         q_norm = np.linalg.norm(q_parts.reshape(-1))
         results = []
-        for rank, (score, row) in enumerate(zip(scores[0], rows[0]), 1):
-            if row < 0:
-                continue
-            parts = self.index.arrays["parts"][row].astype(np.float32)
+        for rank, (score, index, row) in enumerate(hits, 1):
+            parts = index.arrays["parts"][row].astype(np.float32)
             dots = (q_parts * parts).sum(-1)
             cosine = dots / (np.linalg.norm(q_parts, axis=-1) * np.linalg.norm(parts, axis=-1) + 1e-8)
             contribution = dots / (q_norm * np.linalg.norm(parts.reshape(-1)) + 1e-8)
-            entry = self.index.entries[row]
-            atoms = self.index.arrays["atom_histogram"][row].astype(np.float32)
+            entry = index.entries[row]
+            atoms = index.arrays["atom_histogram"][row].astype(np.float32)
+            shared = index is self.index
             results.append(
                 SearchResult(
                     rank=rank,
-                    row=int(row),
-                    file=entry.path,
-                    path=str(self.gallery / entry.path),
-                    score=float(score),
+                    row=row if shared else -1,
+                    file=entry.path if shared else f"{PRIVATE_PREFIX}{entry.path}",
+                    path=str(index.gallery / entry.path),
+                    score=score,
                     part_similarity=cosine,
                     part_contribution=contribution,
                     # views into the index (float16), not copies: a kept response stays small
-                    prototype_attention=self.index.arrays["prototype_attention"][row],
-                    foreground=self.index.arrays["foreground"][row],
+                    prototype_attention=index.arrays["prototype_attention"][row],
+                    foreground=index.arrays["foreground"][row],
                     atom_histogram=atoms,
                     shared_atoms=shared_atoms(query.atom_histogram, atoms),
-                    metadata=self.manifest.get(entry.path, {}),
+                    salient_atoms=salient_atoms(query.atom_histogram, atoms),
+                    metadata=self.manifest.get(entry.path, {}) if shared else {},
                 )
             )
-        return SearchResponse(query, results, self.grid, time.perf_counter() - start)
+        response = SearchResponse(query, results, self.grid, time.perf_counter() - start)
+        if self.vocabulary:
+            words = [w for w in re.findall(r"[a-z]+", query.text.lower())]
+            response.unknown_words = list(dict.fromkeys(w for w in words if w not in self.vocabulary))
+            response.known_words = sum(w in self.vocabulary for w in words)
+        return response
 
     # -- on-demand explanations (one image) -------------------------------------------------
-    def _images(self, rows: list[int]) -> torch.Tensor:
-        """Gallery images, ready for the model: (B, 3, H, W)."""
+    def _images(self, paths: list[str | Path]) -> torch.Tensor:
+        """Image files, ready for the model: (B, 3, H, W)."""
         size = self.model.config.image.img_size
-        return normalize(torch.from_numpy(np.stack([read_image(self.gallery / self.index.entries[r].path, size)
-                                                    for r in rows])))  # fmt: skip
+        return normalize(torch.from_numpy(np.stack([read_image(p, size) for p in paths])))
 
     @torch.inference_mode()
-    def guidance(self, query: QueryEncoding, row: int) -> np.ndarray:
-        """Cross-modality guidance: (N, W) how much each patch reads each query word (heads averaged)."""
+    def guidance(self, query: QueryEncoding, image: str | Path) -> np.ndarray:
+        """Cross-modality guidance: (N, W) how much each patch of `image` (a result's path) reads each
+        query word (heads averaged)."""
         ids = torch.from_numpy(query.token_ids)[None]
         mask = torch.ones_like(ids, dtype=torch.bool)
-        weights = self.model.guidance_attention(self._images([row]), ids, mask)[0].mean(0).numpy()  # (N, T)
+        weights = self.model.guidance_attention(self._images([image]), ids, mask)[0].mean(0).numpy()  # (N, T)
         return np.stack([weights[:, span].sum(-1) for span in query.spans], -1) if query.spans else weights[:, :0]
 
     @torch.inference_mode()
     def patch_atoms(self, rows: list[int]) -> np.ndarray:
         """DGA reconstruction weights of gallery images: (B, N, atoms), averaged over heads."""
-        explained = self.model.explain_images(self._images(rows))
+        explained = self.model.explain_images(self._images([self.gallery / self.index.entries[r].path for r in rows]))
         if explained.dictionary_weights is None:
             raise ValueError("this model has no DGA module")
         return explained.dictionary_weights.mean(1).numpy()

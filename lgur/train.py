@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_optimizer_state
 from .config import LGURConfig, preset
-from .data.dataset import RetrievalSplit, augment, build_split, caption_crops, frozen_text_features, normalize
+from .data.dataset import (
+    RetrievalSplit,
+    augment,
+    build_split,
+    caption_crops,
+    caption_vocabulary,
+    frozen_text_features,
+    normalize,
+)
 from .data.readers import Record, read_dataset
 from .evaluate import evaluate_split, record_in_card, score_test_splits
 from .files import atomic_write_bytes
@@ -303,10 +311,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    vocabulary = caption_vocabulary(train_split.captions)
+
     def card(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "training": {"config": dataclasses.asdict(cfg), "identities": len(identities), **(extra or {})},
             "data": {"path": str(cfg.data), "format_report": report.summary(), "train_images": len(splits["train"])},
+            "vocabulary": vocabulary,
         }
 
     from tqdm import tqdm

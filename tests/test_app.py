@@ -44,7 +44,9 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     items, status, response = explorer.search(QUERY, 5)
     assert len(items) == 5 and all(Path(path).is_file() for path, _ in items)
     assert "5 results" in status
-    maps, words, chart, foreground, summary, word_choices = explorer.explain(response, 1, "last", "mean", "P2")
+    maps, words, chart, foreground, summary, word_choices, atom_choices = explorer.explain(
+        response, 1, "last", "mean", "P2"
+    )
     assert len(maps) == explorer.engine.model.config.num_prototypes + 1
     assert all(isinstance(image, Image.Image) and caption.startswith(("P", "all")) for image, caption in maps)
     assert [w for w, _ in words] == response.query.words and max(v for _, v in words) == pytest.approx(1.0)
@@ -52,6 +54,10 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert isinstance(foreground, Image.Image)
     assert "Result #2" in summary
     assert word_choices["choices"][0] == "1: a"
+    result = response.results[1]
+    assert [int(v) for _, v in atom_choices["choices"]] == [
+        a for a in result.salient_atoms if a in result.shared_atoms
+    ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
     # Another layer and a single head give different maps.
     other = explorer.explain(response, 1, "1", "2", "P2")[0]
     assert not np.array_equal(np.asarray(maps[0][0]), np.asarray(other[0][0]))
@@ -89,8 +95,9 @@ def test_result_count_is_checked_and_never_echoed(explorer: explorer_app.Explore
     assert items == [] and response is None and "from 1 to 50" in status
 
 
-def test_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> None:
+def test_shared_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> None:
     explorer = tiny_explorer(tmp_path / "own", images=8)
+    explorer.shared_uploads = True  # `python app.py --shared-uploads`: local use
     good = tmp_path / "walker.jpg"
     shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], good)
     text = tmp_path / "notes.png"
@@ -98,11 +105,34 @@ def test_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     before = len(explorer.engine.index)
-    report, browse = explorer.upload([str(good), str(text), str(empty)])
+    report, browse, private = explorer.upload([str(good), str(text), str(empty)])
+    assert private is None
     assert len(explorer.engine.index) == before + 1
     assert "Added 1 image" in report and "notes.png" in report and "empty.jpg" in report
-    assert browse[0][1] == "uploads/walker.jpg"  # uploads are listed first
+    assert browse[0][1] == "walker.jpg" and "uploads/" in browse[0][0]  # uploads are listed first
     assert "uploads/walker.jpg" in [f for f, _ in explorer.engine.search_ids("walker", 50)]  # and searchable
+
+
+def test_private_uploads_are_seen_only_by_their_session(tmp_path: Path) -> None:
+    explorer = tiny_explorer(tmp_path / "own", images=8)
+    explorer.sessions = tmp_path / "sessions"
+    shared_before = explorer.engine.files()
+    mine = tmp_path / "mine.jpg"
+    shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], mine)
+    report, browse, private = explorer.upload([str(mine)], None)  # a new session's first upload
+    assert "Added 1 image" in report and "only you see them" in report
+    assert explorer.engine.files() == shared_before  # the shared gallery did not change
+    assert browse[0][1] == "mine.jpg" and len(browse) == 9  # theirs first, then the gallery
+    _, _, a = explorer.search("someone", 50, private)
+    _, _, b = explorer.search("someone", 50, None)  # another visitor
+    assert "your uploads/mine.jpg" in [r.file for r in a.results] and len(a.results) == 9
+    assert all(not r.file.startswith("your uploads/") for r in b.results) and len(b.results) == 8
+    theirs = next(r for r in a.results if r.file == "your uploads/mine.jpg")
+    assert explorer.explain(a, theirs.rank - 1, "last", "mean", "P1")[4].count("your uploads/mine.jpg") == 1
+    assert isinstance(explorer.guidance(a, theirs.rank - 1, "1: someone"), Image.Image)
+    assert private.images.is_dir() and str(private.images).startswith(str(explorer.sessions))
+    private.remove()  # what the session's end does
+    assert not private.images.exists() and not private.index_dir.exists()
 
 
 def test_model_tab(explorer: explorer_app.Explorer) -> None:
@@ -131,6 +161,7 @@ def served(explorer: explorer_app.Explorer):
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **explorer_app.launch_options(explorer))  # fmt: skip
+    explorer_app.add_gallery_route(demo, explorer)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -145,6 +176,15 @@ def test_gradio_client_search_endpoint(served: str, explorer: explorer_app.Explo
     scores = [r["score"] for r in result["results"]]
     assert scores == sorted(scores, reverse=True)
     assert all((Path(served_gallery) / r["file"]).is_file() for r in result["results"])
+    import urllib.error
+    import urllib.request
+
+    first = result["results"][0]
+    with urllib.request.urlopen(served.rstrip("/") + first["url"], timeout=10) as reply:  # the image, by its URL
+        assert reply.read() == (Path(served_gallery) / first["file"]).read_bytes()
+    for bad in ("/gallery/../tiny.safetensors", "/gallery/.lgur-index/index.safetensors", "/gallery/nope.jpg"):
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(served.rstrip("/") + bad, timeout=10)
 
 
 def test_only_gallery_images_are_served(served: str, explorer: explorer_app.Explorer) -> None:

@@ -181,7 +181,7 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
     assert again is response.query  # normalised text hits the cache
     with pytest.raises(QueryError):
         engine.search("   \n\t ", k=5)
-    guidance = engine.guidance(response.query, response.results[0].row)
+    guidance = engine.guidance(response.query, response.results[0].path)
     assert guidance.shape == (engine.grid[0] * engine.grid[1], len(response.query.words))
 
 

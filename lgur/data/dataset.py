@@ -28,6 +28,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def caption_vocabulary(captions: list[str], min_count: int = 2) -> list[str]:
+    """The words (lower case, letters only) used at least `min_count` times: what a model trained on
+    these captions has seen, so a query without any of them can be flagged."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for word in re.findall(r"[a-z]+", caption.lower()):
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(w for w, n in counts.items() if n >= min_count)
+
+
 def normalize(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float, ImageNet-normalised (what the encoders expect)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
