@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -175,12 +176,13 @@ def test_concurrent_uploads_of_one_name_lose_nothing(tmp_path: Path) -> None:
 
     explorer = _own_explorer(tmp_path / "own", images=4)
     clients = []
-    for i in range(8):  # eight visitors upload different pictures, all called hb.png
+    for i in range(8):  # eight visitors upload different pictures, six of them called hb.png
         folder = tmp_path / f"client{i}"
         folder.mkdir()
+        name = "hb.png" if i < 6 else f"own-{i}.png"
         with Image.open(SHIPPED[80 + i]) as image:
-            image.save(folder / "hb.png")
-        clients.append(folder / "hb.png")
+            image.save(folder / name)
+        clients.append(folder / name)
     with ThreadPoolExecutor(8) as pool:
         reports = list(pool.map(lambda p: explorer.upload([str(p)])[0], clients))
     assert all(r.startswith("Added 1 image(s)") for r in reports), reports
@@ -192,6 +194,8 @@ def test_concurrent_uploads_of_one_name_lose_nothing(tmp_path: Path) -> None:
     on_disk = load_index(engine.gallery, engine.index_dir, checkpoint_fingerprint(engine.card))
     assert len(on_disk) == 12 and {f"uploads/{p.name}" for p in stored} <= {e.path for e in on_disk.entries}
     assert not [p for p in engine.gallery.rglob(".*") if p.is_file() and p.name != ".lock"]  # no temporaries
+    found = {f for f, _ in engine.search_ids("a person", 50)}
+    assert {f"uploads/{p.name}" for p in stored} <= found  # every added file is searchable
 
 
 def test_a_huge_query_is_cut_before_it_is_expanded() -> None:
@@ -369,6 +373,70 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 
 
 # -- concurrency ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _served(checkpoint: Path, gallery: Path, *extra: str):
+    """`python app.py` on a free loopback port; yields (url, pid) once it answers."""
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--checkpoint",
+                             str(checkpoint), "--gallery", str(gallery), *extra], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                Client(url, verbose=False, download_files=False)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_memory_after_1000_sessions_is_bounded(explorer: explorer_app.Explorer) -> None:
+    from gradio_client import Client
+
+    engine = explorer.engine
+    checkpoint = next(engine.gallery.parent.glob("models/*.safetensors"))
+    with _served(checkpoint, engine.gallery) as (url, pid):
+        client = Client(url, verbose=False, download_files=False)
+        rss = {}
+        for n in range(1, 1001):
+            client.reset_session()  # a new visitor each time
+            client.predict(f"person number {n} in a red coat", 50, "last", "mean", "P1", api_name="/explore")
+            if n in (100, 1000):
+                rss[n] = rss_mib(pid)
+    assert rss[1000] <= 1.10 * rss[100], rss
+
+
+@pytest.mark.slow
+def test_a_flood_from_one_client_does_not_stall_another(explorer: explorer_app.Explorer) -> None:
+    from gradio_client import Client
+
+    engine = explorer.engine
+    checkpoint = next(engine.gallery.parent.glob("models/*.safetensors"))
+    with _served(checkpoint, engine.gallery) as (url, _):
+        flooder = Client(url, verbose=False, download_files=False)
+        jobs = [flooder.submit(f"flood {i}", 50, api_name="/search") for i in range(300)]  # never read
+        time.sleep(1.0)
+        other = Client(url, verbose=False, download_files=False)
+        start = time.perf_counter()
+        answer = other.predict("a woman in a red coat", 5, api_name="/search")
+        waited = time.perf_counter() - start
+        for job in jobs:
+            job.cancel()
+    assert len(answer["results"]) == 5 and waited < 5.0, waited
 
 
 @pytest.mark.slow
