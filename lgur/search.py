@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import unicodedata
 from collections import OrderedDict
@@ -180,6 +181,7 @@ class SearchEngine:
         self._cache: OrderedDict[str, QueryEncoding] = OrderedDict()
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache
+        self._cache_lock = threading.Lock()  # the app serves several requests at once
         self._word_atoms: tuple[list[str], np.ndarray] | None = None
         self.vocabulary = frozenset(self.card.get("vocabulary", []))
         self.grid = model.image_encoder.grid
@@ -226,9 +228,10 @@ class SearchEngine:
     @torch.inference_mode()
     def encode_query(self, text: str) -> QueryEncoding:
         text = clean_query(text)
-        if text in self._cache:
-            self._cache.move_to_end(text)
-            return self._cache[text]
+        with self._cache_lock:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                return self._cache[text]
         tokenizer = self.model.text_encoder.tokenizer
         max_length = self.model.text_encoder.max_length
         # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
@@ -262,9 +265,10 @@ class SearchEngine:
             atom_histogram=word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32),
             truncated=truncated,
         )
-        self._cache[text] = result
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[text] = result
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return result
 
     # -- search ----------------------------------------------------------------------------
@@ -272,19 +276,24 @@ class SearchEngine:
     def embed_query(self, text: str) -> np.ndarray:
         """The query's embedding alone (no attention kept): the fast path, cached too."""
         text = clean_query(text)
-        if text in self._cache:
-            return self._cache[text].embedding
-        if text not in self._embeddings:
-            ids, mask = self.model.tokenize([text])
-            self._embeddings[text] = self.model.embed_texts(ids, mask)[0].numpy()
+        with self._cache_lock:
+            if text in self._cache:
+                return self._cache[text].embedding
+            if text in self._embeddings:
+                self._embeddings.move_to_end(text)
+                return self._embeddings[text]
+        ids, mask = self.model.tokenize([text])
+        embedding = self.model.embed_texts(ids, mask)[0].numpy()
+        with self._cache_lock:
+            self._embeddings[text] = embedding
             if len(self._embeddings) > self._cache_size:
                 self._embeddings.popitem(last=False)
-        self._embeddings.move_to_end(text)
-        return self._embeddings[text]
+        return embedding
 
     def clear_cache(self) -> None:
-        self._cache.clear()
-        self._embeddings.clear()
+        with self._cache_lock:
+            self._cache.clear()
+            self._embeddings.clear()
 
     def search_ids(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """The fast path: (relative file, score) of the top k."""
