@@ -145,7 +145,11 @@ class SearchResponse:
         if self.known_words == 0:
             return "None of these words appear in the descriptions the model learned from: the ranking is a guess."
         if self.unknown_words:
-            return "Words the model never learned (ignored in effect): " + ", ".join(self.unknown_words[:10]) + "."
+            return (
+                "Not in the descriptions the model learned from (it may misread them): "
+                + ", ".join(self.unknown_words[:10])
+                + "."
+            )
         return None
 
     def to_json(self) -> dict[str, Any]:

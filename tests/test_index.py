@@ -185,6 +185,18 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
     assert guidance.shape == (engine.grid[0] * engine.grid[1], len(response.query.words))
 
 
+def test_queries_outside_the_training_vocabulary_are_flagged(tiny_checkpoint: Path, gallery: Path) -> None:
+    engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
+    assert engine.search("x" * 100 + " 🎒🎒", k=3).warning is None  # no vocabulary recorded: no claim made
+    engine.vocabulary = frozenset("a man in red coat with black backpack".split())
+    assert engine.search("a man in a red coat", k=3).warning is None
+    nonsense = engine.search("x" * 10_000 + " 🎒🎒", k=3)
+    assert nonsense.known_words == 0 and "ranking is a guess" in nonsense.warning
+    assert "ranking is a guess" in nonsense.to_json()["warning"]
+    partly = engine.search("a man in a crimson anorak", k=3)
+    assert partly.unknown_words == ["crimson", "anorak"] and "crimson, anorak" in partly.warning
+
+
 def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> None:
     if not SHIPPED_CHECKPOINT.is_file():
         pytest.fail("the shipped checkpoint assets/lgur_cpu.safetensors is missing")
