@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -425,6 +426,8 @@ def resolve_checkpoint(
 def create(checkpoint: Path, gallery: Path, progress: bool = True, shared_uploads: bool = False) -> Explorer:
     engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
     log.info("gallery %s: %s", gallery, report.summary())
+    # The atom atlas's word table (about 3 s on 2 cores), made in the background after start.
+    threading.Thread(target=engine.word_atoms, name="atlas-words", daemon=True).start()
     return Explorer(engine, shared_uploads=shared_uploads)
 
 
