@@ -38,7 +38,7 @@ MAX_RESULTS = 50
 PER_PAGE = 120  # gallery tab
 GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
 SESSION_SECONDS = 3600
-MAX_SESSIONS = 1000  # sessions whose state is kept (oldest dropped first)
+MAX_SESSIONS = 200  # sessions whose state is kept (oldest dropped first): bounds memory
 MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
 
 EXAMPLES = [

@@ -115,7 +115,7 @@ def atom_chart(
 
     Drawn directly with PIL (a few milliseconds, against ~80 ms for a plotting library).
     """
-    q, i = query_histogram[atoms], image_histogram[atoms]
+    q, i = query_histogram[atoms].astype(np.float32), image_histogram[atoms].astype(np.float32)
     width, height, left, bottom, top = 520, 300, 74, 48, 40  # large type: still legible at phone width
     chart = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(chart)

@@ -104,7 +104,7 @@ class SearchResult:
     part_contribution: np.ndarray  # (P,) each part's share of the score (sums to score)
     prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid (float16)
     foreground: np.ndarray  # (N,) (float16)
-    atom_histogram: np.ndarray  # (atoms,) foreground-weighted
+    atom_histogram: np.ndarray  # (atoms,) foreground-weighted (float16)
     shared_atoms: list[int]  # atoms in the top 20 of both this image and the query
     salient_atoms: list[int]  # the atoms that matter most to either (what the atom chart shows)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -322,7 +322,7 @@ class SearchEngine:
             cosine = dots / (np.linalg.norm(q_parts, axis=-1) * np.linalg.norm(parts, axis=-1) + 1e-8)
             contribution = dots / (q_norm * np.linalg.norm(parts.reshape(-1)) + 1e-8)
             entry = index.entries[row]
-            atoms = index.arrays["atom_histogram"][row].astype(np.float32)
+            atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
             shared = index is self.index
             results.append(
                 SearchResult(
@@ -337,8 +337,8 @@ class SearchEngine:
                     prototype_attention=index.arrays["prototype_attention"][row],
                     foreground=index.arrays["foreground"][row],
                     atom_histogram=atoms,
-                    shared_atoms=shared_atoms(query.atom_histogram, atoms),
-                    salient_atoms=salient_atoms(query.atom_histogram, atoms),
+                    shared_atoms=shared_atoms(query.atom_histogram, atoms.astype(np.float32)),
+                    salient_atoms=salient_atoms(query.atom_histogram, atoms.astype(np.float32)),
                     metadata=self.manifest.get(entry.path, {}) if shared else {},
                 )
             )

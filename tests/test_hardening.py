@@ -417,6 +417,7 @@ def test_memory_after_1000_sessions_is_bounded(explorer: explorer_app.Explorer) 
             client.predict(f"person number {n} in a red coat", 50, "last", "mean", "P1", api_name="/explore")
             if n in (100, 1000):
                 rss[n] = rss_mib(pid)
+    print(f"resident memory after 100 / 1,000 sessions: {rss[100]:.0f} / {rss[1000]:.0f} MiB")
     assert rss[1000] <= 1.10 * rss[100], rss
 
 
@@ -436,6 +437,7 @@ def test_a_flood_from_one_client_does_not_stall_another(explorer: explorer_app.E
         waited = time.perf_counter() - start
         for job in jobs:
             job.cancel()
+    print(f"a search behind a 300-request flood answered in {waited:.2f} s")
     assert len(answer["results"]) == 5 and waited < 5.0, waited
 
 
