@@ -384,7 +384,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             gr.Markdown(explorer.model_card())
             ablation = read_extra("ablation.md")
             if ablation:
-                gr.Markdown("### Ablation on the synthetic world\n" + ablation)
+                gr.Markdown(
+                    "### Ablation on the synthetic world\n(the earlier recipe: ViT trunk, the paper's objective, "
+                    "3 epochs each; not yet rerun with the shipped recipe)\n\n" + ablation
+                )
             if (ROOT / "assets" / "cmc.png").is_file():
                 gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
             gr.Markdown("### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "
