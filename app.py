@@ -367,7 +367,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             with gr.Row():
                 page = gr.Number(value=1, precision=0, minimum=1, label="page", scale=1, elem_id="page")
                 page_info = gr.Markdown(where, elem_id="page-info")
-            browse = gr.Gallery(value=first_page, columns=12, height=520, object_fit="contain", label="Gallery",
+            browse = gr.Gallery(value=first_page, columns=10, height=520, object_fit="contain", label="Gallery",
                                 elem_id="browse")  # fmt: skip
 
             def on_upload(files, private, progress=gr.Progress()):  # noqa: B008
