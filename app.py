@@ -12,8 +12,6 @@ import html
 import logging
 import math
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from lgur import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
 from lgur.checkpoint import CheckpointError
 from lgur.explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
 from lgur.files import MAX_FILE_BYTES, open_rgb, remove_temporaries
-from lgur.gallery import PrivateGallery, add_images
+from lgur.gallery import PrivateGallery, add_images, private_sessions_root
 from lgur.quality import summary_rows
 from lgur.search import QueryError, SearchEngine, SearchResponse
 
@@ -448,20 +446,6 @@ CSS = """
   .prose td, .prose th { white-space: nowrap; }
 }
 """
-
-
-def private_sessions_root() -> Path:
-    """Where visitors' private uploads live: one folder per server process; folders of processes
-    that are gone (a crash, a restart) are removed."""
-    root = Path(tempfile.gettempdir()) / "lgur-sessions"
-    for folder in root.glob("*") if root.is_dir() else []:
-        try:
-            os.kill(int(folder.name), 0)  # still running: not ours to touch
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass
-    return root / str(os.getpid())
 
 
 def _remove_private(private: PrivateGallery | None) -> None:

@@ -138,3 +138,17 @@ def add_images(
     report.rejected += [(given, "not indexed") for name, given in published.items() if name not in indexed]
     report.gallery_size = len(engine) + (len(private) if private is not None else 0)
     return report
+
+
+def private_sessions_root() -> Path:
+    """Where visitors' private uploads live: one folder per server process; folders of processes
+    that are gone (a crash, a restart) are removed."""
+    root = Path(tempfile.gettempdir()) / "lgur-sessions"
+    for folder in root.glob("*") if root.is_dir() else []:
+        try:
+            os.kill(int(folder.name), 0)  # still running: not ours to touch
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass
+    return root / str(os.getpid())

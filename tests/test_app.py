@@ -135,6 +135,18 @@ def test_private_uploads_are_seen_only_by_their_session(tmp_path: Path) -> None:
     assert not private.images.exists() and not private.index_dir.exists()
 
 
+def test_upload_folders_of_dead_servers_are_removed() -> None:
+    import os
+    import tempfile
+
+    from lgur.gallery import private_sessions_root
+
+    dead = Path(tempfile.gettempdir()) / "lgur-sessions" / "999999999"  # above any pid_max
+    (dead / "images" / "x").mkdir(parents=True, exist_ok=True)
+    mine = private_sessions_root()
+    assert not dead.exists() and mine.name == str(os.getpid())
+
+
 def test_model_tab(explorer: explorer_app.Explorer) -> None:
     assert "dictionary atoms" in explorer.model_card()
     items, text = explorer.atom_atlas(3)
