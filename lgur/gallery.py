@@ -103,15 +103,15 @@ def add_images(
     """
     report = AddReport()
     paths = [Path(f) for f in files]
-    room = MAX_FILES_PER_CALL if private is None else min(MAX_FILES_PER_CALL, MAX_PRIVATE_IMAGES - len(private))
-    for path in paths[max(room, 0) :]:
-        limit = f"more than {MAX_FILES_PER_CALL} files in one upload"
-        report.rejected.append((path.name, limit if room == MAX_FILES_PER_CALL else f"your {MAX_PRIVATE_IMAGES} "
-                                "uploads are used up for this session"))  # fmt: skip
+    room, limit = MAX_FILES_PER_CALL, f"more than {MAX_FILES_PER_CALL} files in one upload"
+    if private is not None and MAX_PRIVATE_IMAGES - len(private) < room:
+        room, limit = max(MAX_PRIVATE_IMAGES - len(private), 0), f"your {MAX_PRIVATE_IMAGES} uploads are used up"
+    for path in paths[room:]:
+        report.rejected.append((path.name, limit))
     root = engine.gallery if private is None else private.images
     target_folder = root / folder if private is None else root
     published: dict[str, str] = {}  # stored relative name -> name as given
-    for path in paths[: max(room, 0)]:
+    for path in paths[:room]:
         given = path.name
         name = safe_file_name(given)
         if Path(name).suffix not in IMAGE_SUFFIXES:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
-from .data.dataset import normalize
+from .data.dataset import normalize, vocabulary_words
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
@@ -323,6 +323,7 @@ class SearchEngine:
             contribution = dots / (q_norm * np.linalg.norm(parts.reshape(-1)) + 1e-8)
             entry = index.entries[row]
             atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
+            weights = atoms.astype(np.float32)
             shared = index is self.index
             results.append(
                 SearchResult(
@@ -337,14 +338,14 @@ class SearchEngine:
                     prototype_attention=index.arrays["prototype_attention"][row],
                     foreground=index.arrays["foreground"][row],
                     atom_histogram=atoms,
-                    shared_atoms=shared_atoms(query.atom_histogram, atoms.astype(np.float32)),
-                    salient_atoms=salient_atoms(query.atom_histogram, atoms.astype(np.float32)),
+                    shared_atoms=shared_atoms(query.atom_histogram, weights),
+                    salient_atoms=salient_atoms(query.atom_histogram, weights),
                     metadata=self.manifest.get(entry.path, {}) if shared else {},
                 )
             )
         response = SearchResponse(query, results, self.grid, time.perf_counter() - start)
         if self.vocabulary:
-            words = [w for w in re.findall(r"[a-z]+", query.text.lower())]
+            words = vocabulary_words(query.text)
             response.unknown_words = list(dict.fromkeys(w for w in words if w not in self.vocabulary))
             response.known_words = sum(w in self.vocabulary for w in words)
         return response

@@ -403,13 +403,16 @@ def _served(checkpoint: Path, gallery: Path, *extra: str):
         proc.wait(timeout=30)
 
 
+def _served_explorer(explorer: explorer_app.Explorer):
+    """The module's tiny model and gallery, served by `python app.py`."""
+    return _served(next(explorer.engine.gallery.parent.glob("models/*.safetensors")), explorer.engine.gallery)
+
+
 @pytest.mark.slow
 def test_memory_after_1000_sessions_is_bounded(explorer: explorer_app.Explorer) -> None:
     from gradio_client import Client
 
-    engine = explorer.engine
-    checkpoint = next(engine.gallery.parent.glob("models/*.safetensors"))
-    with _served(checkpoint, engine.gallery) as (url, pid):
+    with _served_explorer(explorer) as (url, pid):
         client = Client(url, verbose=False, download_files=False)
         rss = {}
         for n in range(1, 1001):
@@ -425,9 +428,7 @@ def test_memory_after_1000_sessions_is_bounded(explorer: explorer_app.Explorer) 
 def test_a_flood_from_one_client_does_not_stall_another(explorer: explorer_app.Explorer) -> None:
     from gradio_client import Client
 
-    engine = explorer.engine
-    checkpoint = next(engine.gallery.parent.glob("models/*.safetensors"))
-    with _served(checkpoint, engine.gallery) as (url, _):
+    with _served_explorer(explorer) as (url, _):
         flooder = Client(url, verbose=False, download_files=False)
         jobs = [flooder.submit(f"flood {i}", 50, api_name="/search") for i in range(300)]  # never read
         time.sleep(1.0)
@@ -456,23 +457,7 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
     for src in SHIPPED[:64]:
         shutil.copy(src, gallery / src.name)
     local = explorer_app.create(checkpoint, gallery, progress=False).engine  # also builds the index
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--checkpoint",
-                             str(checkpoint), "--gallery", str(gallery)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                Client(url, verbose=False, download_files=False)  # the server is up
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
+    with _served(checkpoint, gallery) as (url, pid):
         colours = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
         garments = ["coat", "t-shirt", "jacket", "hoodie"]
         queries = [[f"{colours[(c + i) % 8]} {garments[(c * 3 + i) % 4]} person {c}-{i}" for i in range(25)]
@@ -490,12 +475,9 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
             # Warm-up with the same concurrency: each worker thread's allocator arena and the
             # server's thread pool grow once; a leak is growth that continues after that.
             list(pool.map(session, [[f"warm-up {q}" for q in mine[:5]] for mine in queries]))
-            rss_warm = rss_mib(proc.pid)
+            rss_warm = rss_mib(pid)
             answers = [a for chunk in pool.map(session, queries) for a in chunk]
-        rss_after = rss_mib(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        rss_after = rss_mib(pid)
     errors = [a for a in answers if "error" in a[1]]
     assert not errors and len(answers) == 400
     for query, result, _ in answers:  # each answer belongs to its own query

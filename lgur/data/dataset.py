@@ -28,12 +28,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def vocabulary_words(text: str) -> list[str]:
+    """A text's words as the vocabulary counts them: lower case, letters only."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
 def caption_vocabulary(captions: list[str], min_count: int = 2) -> list[str]:
-    """The words (lower case, letters only) used at least `min_count` times: what a model trained on
-    these captions has seen, so a query without any of them can be flagged."""
+    """The words used at least `min_count` times: what a model trained on these captions has seen,
+    so a query without any of them can be flagged."""
     counts: dict[str, int] = {}
     for caption in captions:
-        for word in re.findall(r"[a-z]+", caption.lower()):
+        for word in vocabulary_words(caption):
             counts[word] = counts.get(word, 0) + 1
     return sorted(w for w, n in counts.items() if n >= min_count)
 
