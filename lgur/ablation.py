@@ -1,9 +1,13 @@
-"""The ablation: does each LGUR module earn its keep? Four models, one training budget.
+"""The ablation and the recipe's experiments: one training budget, one seed, one world.
 
+The ablation asks whether each LGUR module earns its keep:
 - global baseline: the same encoders, mean-pooled features, the same losses (no DGA, no PGU)
 - + DGA: dictionary reconstruction, foreground weights, cross-modality guidance; mean pooling
 - + PGU: shared prototypes; no dictionary
 - full LGUR
+
+The experiments take the CPU recipe (full LGUR) and change one option beyond the paper at a
+time. Both share the run folder, so the recipe's row is trained once for both tables.
 """
 
 from __future__ import annotations
@@ -22,6 +26,36 @@ VARIANTS = {
     "full LGUR": {"use_dga": True, "use_pgu": True},
 }
 KEYS = ("R@1", "R@5", "R@10", "mAP")
+# One change each against the CPU recipe ("beyond the paper": options the paper does not have).
+OPTIONS = {
+    "CPU recipe": {},
+    "without SDM": {"sdm": 0.0},
+    "without identity sampling (one caption per image)": {"samples": "images"},
+    "without prototype diversity": {"prototype_diversity": 0.0},
+    "without caption crops": {"caption_crops": 0.0},
+    "with neighbour batches": {"samples": "neighbours"},
+}
+QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)
+
+
+def run_folder(out: str | Path, name: str) -> Path:
+    if name in ("full LGUR", "CPU recipe"):
+        return Path(out) / "full-LGUR"  # the same run
+    return Path(out) / name.replace("+ ", "plus-").replace(" ", "-").replace("(", "").replace(")", "")
+
+
+def train_at_budget(
+    data: str, run: Path, epochs: int, cache: str | None, seed: int, progress: bool, **overrides: Any
+) -> dict[str, Any]:
+    """One run of the CPU recipe at the shared budget (x0.1 for the last epoch); resumable."""
+    done = run / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = recipe(
+        "cpu", data=data, out=str(run), epochs=epochs, seed=seed, cache_dir=cache,
+        decay_epochs=(epochs - 1,), decay_reference=epochs, **overrides,
+    )  # fmt: skip
+    return train(cfg, progress=progress)
 
 
 def run_ablation(
@@ -33,17 +67,9 @@ def run_ablation(
     # The decisive pair first, so a cut-short session still has the comparison that matters.
     for name in ("full LGUR", "global baseline", "+ PGU", "+ DGA"):
         switches = VARIANTS[name]
-        run = out_dir / name.replace("+ ", "plus-").replace(" ", "-")
-        done = run / "result.json"
-        if done.is_file():
-            results[name] = json.loads(done.read_text())
-            continue
         no_prototypes = {} if switches["use_pgu"] else {"prototype_diversity": 0.0}  # nothing to diversify
-        cfg = recipe(
-            "cpu", data=data, out=str(run), epochs=epochs, seed=seed, cache_dir=cache,
-            decay_epochs=(epochs - 1,), decay_reference=epochs, **switches, **no_prototypes,
-        )  # fmt: skip
-        results[name] = train(cfg, progress=progress)
+        run = run_folder(out_dir, name)
+        results[name] = train_at_budget(data, run, epochs, cache, seed, progress, **switches, **no_prototypes)
         atomic_write_bytes(out_dir / "ablation.md", ablation_table(results).encode())
     results = {name: results[name] for name in VARIANTS}
     table = ablation_table(results)
@@ -61,4 +87,65 @@ def ablation_table(results: dict[str, Any]) -> str:
         m = result["metrics"]
         cells = [f"{m[s][k]:.2f}" for s in ("test", "test-paraphrase") for k in KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_experiments(
+    data: str, out: str, gallery: str, epochs: int = 3, cache: str | None = None, seed: int = 0,
+    only: list[str] | None = None, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Train the recipe and each one-option change; score test, query-bench and explanations."""
+    from .checkpoint import load_checkpoint
+    from .quality import explanation_quality
+    from .querybench import run_query_bench
+
+    unknown = set(only or []) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {sorted(OPTIONS)}")
+    out_dir = Path(out)
+    rows = {}
+    for name, overrides in OPTIONS.items():
+        run = run_folder(out_dir, name)
+        if only and name not in only and not (run / "result.json").is_file():
+            continue
+        result = train_at_budget(data, run, epochs, cache, seed, progress, **overrides)
+        scored = run / "experiment.json"
+        if scored.is_file():
+            rows[name] = json.loads(scored.read_text())
+        else:
+            best = run / "best.safetensors"
+            model, _ = load_checkpoint(best)
+            quality = explanation_quality(model, data, "test", QUALITY_IMAGES)
+            bench = run_query_bench(best, gallery)
+            rows[name] = {
+                "overrides": overrides,
+                "epochs": epochs,
+                "train_minutes": result["train_seconds"] / 60,
+                "metrics": result["metrics"],
+                "query_bench": {k: bench[k] for k in ("precision@10", "top1", "chance")},
+                "prototype_overlap": quality.get("prototype_overlap"),
+                "pointing_game": quality.get("pointing_game", {}).get("accuracy"),
+                "shared_atoms": quality.get("shared_atoms"),
+            }
+            atomic_write_bytes(scored, json.dumps(rows[name], indent=2).encode())
+        atomic_write_bytes(out_dir / "experiments.md", experiments_table(rows).encode())
+    table = experiments_table(rows)
+    atomic_write_bytes(out_dir / "experiments.json", json.dumps(rows, indent=2).encode())
+    return {"results": rows, "table": table}
+
+
+def experiments_table(rows: dict[str, Any]) -> str:
+    lines = [
+        "| setting | budget | test R@1 | mAP | paraphrase R@1 | query-bench P@10 | overlap | pointing game |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        m = row["metrics"]
+        overlap = "-" if row["prototype_overlap"] is None else f"{row['prototype_overlap']:.3f}"
+        pointing = "-" if row["pointing_game"] is None else f"{row['pointing_game']:.1f}%"
+        lines.append(
+            f"| {name} | {row['epochs']} epochs, {row['train_minutes']:.0f} min | {m['test']['R@1']:.2f} "
+            f"| {m['test']['mAP']:.2f} | {m['test-paraphrase']['R@1']:.2f} "
+            f"| {row['query_bench']['precision@10']:.1f}% | {overlap} | {pointing} |"
+        )
     return "\n".join(lines) + "\n"

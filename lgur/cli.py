@@ -90,7 +90,8 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
-                 "instances", "sdm", "caption_crops", "crops_from_epoch", "threads", "prototype_diversity")  # fmt: skip
+                 "instances", "group_size", "sdm", "caption_crops", "crops_from_epoch", "threads",
+                 "prototype_diversity")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -192,6 +193,16 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiments(args: argparse.Namespace) -> int:
+    from .ablation import run_experiments
+
+    result = run_experiments(
+        args.data, args.out, args.gallery, args.epochs, args.cache, args.seed, args.only, progress=not args.quiet
+    )
+    print(result["table"])
+    return 0
+
+
 def cmd_query_bench(args: argparse.Namespace) -> int:
     from .querybench import format_query_bench, run_query_bench
 
@@ -229,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument(
         "--samples",
-        choices=["captions", "images", "identities"],
-        help="an epoch visits every caption, every image, or every identity (--instances images each, in one batch)",
+        choices=["captions", "images", "identities", "neighbours"],
+        help="an epoch visits every caption, every image, or every identity (--instances images each, in one "
+        "batch); neighbours: identities in groups described with the same words (--group-size)",
     )
+    train.add_argument("--group-size", type=int, help="identities per group of look-alikes, with --samples neighbours")
     train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
     train.add_argument("--caption-crops", type=float, help="share of samples whose caption is cut to a few clauses")
     train.add_argument("--crops-from-epoch", type=int, help="first epoch (0-based) that uses caption crops")
@@ -297,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--seed", type=int, default=0)
     ablation.add_argument("--quiet", action="store_true")
     ablation.set_defaults(func=cmd_ablation)
+
+    experiments = sub.add_parser(
+        "experiments", help="the CPU recipe and one change of each option beyond the paper, at the ablation's budget"
+    )
+    experiments.add_argument("--data", required=True)
+    experiments.add_argument("--out", default="runs/ablation", help="shared with `ablation` (its full-LGUR run)")
+    experiments.add_argument("--gallery", default=DEFAULT_GALLERY, help="for query-bench")
+    experiments.add_argument("--epochs", type=int, default=3)
+    experiments.add_argument("--cache", help="shared folder for cached text features")
+    experiments.add_argument("--seed", type=int, default=0)
+    experiments.add_argument("--only", nargs="+", metavar="NAME", help="train only these rows (finished ones show)")
+    experiments.add_argument("--quiet", action="store_true")
+    experiments.set_defaults(func=cmd_experiments)
 
     quality = sub.add_parser("explain-quality", help="foreground AUC and prototype part shares vs part labels")
     quality.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_optimizer_state
@@ -32,6 +33,7 @@ from .data.dataset import (
     caption_vocabulary,
     frozen_text_features,
     normalize,
+    vocabulary_words,
 )
 from .data.readers import Record, read_dataset
 from .evaluate import evaluate_split, record_in_card, score_test_splits
@@ -62,8 +64,11 @@ class TrainConfig:
     pad: int = 10  # augmentation padding at 384-pixel height; scaled with the input size
     # An epoch visits every caption (paper), every image (one random caption each), or every
     # identity with `instances` images each, side by side in one batch (so a batch holds positives).
+    # "neighbours" (not in the paper) is "identities" in groups of `group_size` identities whose
+    # captions use the same words, so a batch holds look-alikes that only details tell apart.
     samples: str = "captions"
     instances: int = 2
+    group_size: int = 8
     # Not in the paper: with this probability a sample's caption is replaced by a crop of it (a few
     # of its clauses: a shorter, still true description, like a typed query), from this epoch on.
     caption_crops: float = 0.0
@@ -168,7 +173,50 @@ def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
     return factor
 
 
-def epoch_order(split: RetrievalSplit, cfg: TrainConfig, labels: Tensor, g: torch.Generator) -> Tensor:
+def caption_neighbours(captions: list[str], labels: Tensor, k: int = 32) -> Tensor:
+    """(identities, k): each identity's k nearest others by the words of its captions.
+
+    Cosine of tf-idf word counts over all of an identity's captions: identities described with
+    the same colours and garments are neighbours. Captions and identities only, no attributes.
+    """
+    vocabulary: dict[str, int] = {}
+    rows, cols = [], []
+    for label, caption in zip(labels.tolist(), captions):
+        for word in vocabulary_words(caption):
+            rows.append(label)
+            cols.append(vocabulary.setdefault(word, len(vocabulary)))
+    n = int(labels.max()) + 1
+    counts = torch.zeros(n, len(vocabulary))
+    counts.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.ones(len(rows)), accumulate=True)
+    idf = torch.log(n / (counts > 0).sum(0).clamp(min=1))
+    x = F.normalize(counts * idf, dim=1)
+    similarity = x @ x.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.topk(min(k, n - 1), dim=1).indices
+
+
+def neighbour_groups(neighbours: Tensor, group_size: int, g: torch.Generator) -> list[int]:
+    """Identities in a random order, each followed by up to group_size - 1 of its unvisited neighbours."""
+    taken = torch.zeros(len(neighbours), dtype=torch.bool)
+    order = []
+    for i in torch.randperm(len(neighbours), generator=g).tolist():
+        if taken[i]:
+            continue
+        group = [i]
+        for j in neighbours[i].tolist():
+            if len(group) == group_size:
+                break
+            if not taken[j]:
+                group.append(j)
+                taken[j] = True
+        taken[i] = True
+        order += group
+    return order
+
+
+def epoch_order(
+    split: RetrievalSplit, cfg: TrainConfig, labels: Tensor, g: torch.Generator, neighbours: Tensor | None = None
+) -> Tensor:
     """Caption indices of one epoch, in batch order (see TrainConfig.samples)."""
     counts = torch.bincount(split.caption_image, minlength=len(split.records))
     starts = torch.cumsum(counts, 0) - counts
@@ -180,12 +228,18 @@ def epoch_order(split: RetrievalSplit, cfg: TrainConfig, labels: Tensor, g: torc
         return torch.randperm(len(split.captions), generator=g)
     if cfg.samples == "images":
         return random_caption(torch.randperm(len(split.records), generator=g))
-    if cfg.samples != "identities":
-        raise ValueError(f"unknown sampling {cfg.samples!r}: captions, images or identities")
+    if cfg.samples not in ("identities", "neighbours"):
+        raise ValueError(f"unknown sampling {cfg.samples!r}: captions, images, identities or neighbours")
     image_label = labels[starts]  # (N_images,) training label of each image
     by_identity = [torch.nonzero(image_label == i).flatten() for i in range(int(image_label.max()) + 1)]
+    if cfg.samples == "neighbours":
+        if neighbours is None:
+            raise ValueError("sampling by neighbours needs caption_neighbours()")
+        identities = neighbour_groups(neighbours, cfg.group_size, g)
+    else:
+        identities = torch.randperm(len(by_identity), generator=g).tolist()
     picks = []
-    for i in torch.randperm(len(by_identity), generator=g).tolist():
+    for i in identities:
         images = by_identity[i][torch.randperm(len(by_identity[i]), generator=g)]
         picks.append(images.repeat(cfg.instances)[: cfg.instances])  # fewer images: one repeats
     return random_caption(torch.cat(picks))
@@ -279,6 +333,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         crop_text = frozen_text_features(model.text_encoder, crops, cache, progress=progress and main)
         train_text = train_text.concat(crop_text)
     pad = max(1, round(cfg.pad * size[0] / 384))
+    neighbours = caption_neighbours(train_split.captions, labels_of_caption) if cfg.samples == "neighbours" else None
 
     criterion = LGURLoss(
         cfg.margin, seed=cfg.seed, diversity=cfg.prototype_diversity, sdm=cfg.sdm, temperature=cfg.temperature
@@ -329,7 +384,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         step_module.train()
         torch.manual_seed(cfg.seed * 65_537 + epoch * 97 + rank)  # dropout: reproducible after a resume
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = epoch_order(train_split, cfg, labels_of_caption, g)
+        order = epoch_order(train_split, cfg, labels_of_caption, g, neighbours)
         if world > 1:  # equal shards of whole batches, so identity groups stay together
             whole = len(order) // (cfg.batch_size * world) * cfg.batch_size * world
             order = order[:whole].view(-1, world, cfg.batch_size)[:, rank].flatten()

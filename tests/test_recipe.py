@@ -12,7 +12,7 @@ from lgur.config import ImageEncoderConfig
 from lgur.data.dataset import RetrievalSplit, caption_crops
 from lgur.encoders import CNNEncoder, build_image_encoder
 from lgur.losses import similarity_distribution_matching
-from lgur.train import TrainConfig, epoch_order
+from lgur.train import TrainConfig, caption_neighbours, epoch_order, neighbour_groups
 
 
 def test_cnn_encoder_gives_the_configured_grid() -> None:
@@ -111,3 +111,48 @@ def test_caption_crops_are_ordered_subsets_of_clauses() -> None:
     assert len(set(crops)) > 5  # varied
     assert caption_crops("a man in black", 2, np.random.default_rng(0)) == ["a man in black"] * 2
     assert crops == caption_crops(caption, 50, np.random.default_rng(0))  # seeded
+
+
+def test_neighbour_sampling_groups_identities_described_alike() -> None:
+    captions = {
+        0: "a man in a red jacket and blue jeans",
+        1: "a man wearing a red jacket with blue jeans",
+        2: "a woman in a yellow skirt with a black bag",
+        3: "woman, yellow skirt, black bag",
+        4: "a man in a red jacket, blue jeans",
+        5: "a woman in a yellow skirt and a black bag",
+    }
+    split = _split([2] * 6)
+    split.captions = [captions[int(i)] for i in split.caption_ids]
+    neighbours = caption_neighbours(split.captions, split.caption_ids, k=5)
+    assert set(neighbours[0, :2].tolist()) == {1, 4}  # the other two red-jacket men come first
+    assert set(neighbours[2, :2].tolist()) == {3, 5}
+    cfg = TrainConfig(data="", out="", samples="neighbours", instances=2, group_size=3)
+    order = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0), neighbours)
+    ids = split.caption_ids[order].view(-1, 2)
+    assert torch.all(ids[:, 0] == ids[:, 1])  # instances side by side, as with identity sampling
+    groups = ids[:, 0].view(2, 3).tolist()
+    assert sorted(sorted(g) for g in groups) == [[0, 1, 4], [2, 3, 5]]  # every identity once, with its look-alikes
+    with pytest.raises(ValueError, match="caption_neighbours"):
+        epoch_order(split, cfg, split.caption_ids, torch.Generator())
+
+
+def test_neighbour_groups_visit_every_identity_once() -> None:
+    neighbours = torch.tensor([[1, 2], [0, 2], [1, 0], [2, 1]])  # identity 3's neighbours are taken first
+    for seed in range(5):
+        order = neighbour_groups(neighbours, 3, torch.Generator().manual_seed(seed))
+        assert sorted(order) == [0, 1, 2, 3]
+
+
+def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
+    from lgur.ablation import OPTIONS, experiments_table, run_experiments, run_folder
+
+    assert run_folder(tmp_path, "CPU recipe") == run_folder(tmp_path, "full LGUR")  # trained once for both
+    assert len({run_folder(tmp_path, name) for name in OPTIONS}) == len(OPTIONS)
+    with pytest.raises(ValueError, match="unknown experiments"):
+        run_experiments("data", str(tmp_path), "gallery", only=["with magic"])
+    row = {"epochs": 3, "train_minutes": 12.4, "prototype_overlap": None, "pointing_game": 41.25,
+           "metrics": {"test": {"R@1": 30.0, "mAP": 33.3}, "test-paraphrase": {"R@1": 2.5}},
+           "query_bench": {"precision@10": 28.75}}  # fmt: skip
+    line = experiments_table({"without SDM": row}).splitlines()[-1]
+    assert line == "| without SDM | 3 epochs, 12 min | 30.00 | 33.30 | 2.50 | 28.8% | - | 41.2% |"
