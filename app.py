@@ -380,12 +380,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
         with gr.Tab("Model"):
             gr.Markdown(explorer.model_card())
-            ablation = read_extra("ablation.md")
-            if ablation:
-                gr.Markdown(
-                    "### Ablation on the synthetic world\n(the earlier recipe: ViT trunk, the paper's objective, "
-                    "3 epochs each; not yet rerun with the shipped recipe)\n\n" + ablation
-                )
+            for name, title in (("ablation.md", "Ablation"), ("experiments.md", "The recipe's options, one at a time")):
+                table = read_extra(name)  # each file says how it was measured
+                if table:
+                    gr.Markdown(f"### {title} (synthetic world)\n\n{table}")
             if (ROOT / "assets" / "cmc.png").is_file():
                 gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
             gr.Markdown("### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "

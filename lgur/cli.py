@@ -206,7 +206,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 def cmd_query_bench(args: argparse.Namespace) -> int:
     from .querybench import format_query_bench, run_query_bench
 
-    result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed)
+    result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed, args.probe)
     print(json.dumps(result, indent=2) if args.json else format_query_bench(result))
     _write_json(result, args.out)
     return 0
@@ -339,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
     qb.add_argument("--count", type=int, default=200)
     qb.add_argument("--seed", type=int, default=0)
+    qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry (linear probe)")
     qb.add_argument("--json", action="store_true")
     qb.add_argument("--out", help="also write the JSON here")
     qb.set_defaults(func=cmd_query_bench)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 # Everyday words per attribute value. A query names (kind, value) pairs; ANY matches every
 # value but "none" (e.g. "with a bag").
@@ -204,21 +206,82 @@ def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Quer
     by_size: dict[int, list[float]] = {}
     for r in rows:
         by_size.setdefault(len(r["attributes"]), []).append(r["precision"])
+    # Each named attribute on its own: which kinds the model finds, and which it does not.
+    by_kind: dict[str, list[tuple[float, float]]] = {}
+    for q, ranking in zip(queries, rankings):
+        for kind, value in q.attributes.items():
+            one = {kind: value}
+            hit = np.mean([matches(people[i], one) for i in ranking[:k]])
+            by_kind.setdefault(kind, []).append((hit, np.mean([matches(p, one) for p in people])))
     return {
         "queries": len(rows),
         f"precision@{k}": 100 * float(np.mean([r["precision"] for r in rows])),
         "top1": 100 * float(np.mean([r["top1"] for r in rows])),
         "chance": 100 * float(np.mean([r["chance"] for r in rows])),
         "by_attribute_count": {n: 100 * float(np.mean(v)) for n, v in sorted(by_size.items())},
+        "by_kind": {
+            kind: {
+                "precision": 100 * float(np.mean([h for h, _ in v])),
+                "chance": 100 * float(np.mean([c for _, c in v])),
+                "queries": len(v),
+            }  # fmt: skip
+            for kind, v in sorted(by_kind.items())
+        },
         "rows": rows,
     }
 
 
+def embedding_probe(
+    embeddings: Tensor, people: list[dict[str, Any]], identities: list[int], kinds: list[str], steps: int = 300
+) -> dict[str, dict[str, float]]:
+    """What the gallery embeddings encode: per attribute kind, the test accuracy of a linear
+    classifier trained on two thirds of the identities, next to always guessing the majority value.
+
+    Labels are used only to measure; an attribute the embedding does not carry cannot be found
+    by any query, however it is phrased.
+    """
+    rng = np.random.default_rng(0)
+    unique = np.unique(identities)
+    held = set(rng.choice(unique, len(unique) // 3, replace=False).tolist())
+    test = torch.tensor([i in held for i in identities])
+    x = embeddings.float()
+    x = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)
+    result = {}
+    for kind in kinds:
+        values = sorted({str(p.get(kind)) for p in people})
+        y = torch.tensor([values.index(str(p.get(kind))) for p in people])
+        weight = torch.zeros(x.shape[1], len(values), requires_grad=True)
+        bias = torch.zeros(len(values), requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.cross_entropy(x[~test] @ weight + bias, y[~test]) + 1e-3 * weight.pow(2).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        predicted = (x[test] @ weight + bias).argmax(1)
+        majority = torch.bincount(y[~test], minlength=len(values)).argmax()
+        result[kind] = {
+            "accuracy": 100 * float((predicted == y[test]).float().mean()),
+            "majority": 100 * float((y[test] == majority).float().mean()),
+            "values": len(values),
+        }
+    return result
+
+
 @torch.inference_mode()
 def run_query_bench(
-    checkpoint: str | Path, gallery: str | Path, style: str = "default", count: int = 200, seed: int = 0
+    checkpoint: str | Path,
+    gallery: str | Path,
+    style: str = "default",
+    count: int = 200,
+    seed: int = 0,
+    probe: bool = False,
 ) -> dict[str, Any]:
-    """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them."""
+    """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them.
+
+    probe: also measure which attribute kinds the gallery embeddings carry (embedding_probe).
+    """
     from .checkpoint import load_checkpoint
     from .evaluate import image_embeddings
     from .files import read_image
@@ -237,6 +300,10 @@ def run_query_bench(
     result = score(rankings, people, queries)
     for row, ranking in zip(result["rows"], rankings):
         row["top10"] = [manifest[i]["file"] for i in ranking]
+    if probe:
+        kinds = sorted({kind for q in queries for kind in q.attributes})
+        identities = [int(m["identity"]) for m in manifest]
+        result["embedding_probe"] = embedding_probe(gallery_embeddings, people, identities, kinds)
     return {"checkpoint": str(checkpoint), "gallery": str(gallery), "set": style, "seed": seed} | result
 
 
@@ -248,7 +315,15 @@ def format_query_bench(result: dict[str, Any], show: int = 8) -> str:
         f"chance {result['chance']:.1f}%",
         "by number of attributes named: "
         + ", ".join(f"{n}: {p:.1f}%" for n, p in result["by_attribute_count"].items()),
+        "each named attribute alone, share of the top 10 that has it (chance):",
     ]
+    probe = result.get("embedding_probe", {})
+    for kind, v in result.get("by_kind", {}).items():
+        line = f"  {kind:16s} {v['precision']:5.1f}% ({v['chance']:4.1f}%)  {v['queries']:3d} queries"
+        if kind in probe:
+            p = probe[kind]
+            line += f"   linear probe of the embeddings {p['accuracy']:5.1f}% (majority {p['majority']:.1f}%)"
+        lines.append(line)
     worst = sorted(result["rows"], key=lambda r: r["precision"])[:show]
     if worst:
         lines.append("hardest queries:")

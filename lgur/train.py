@@ -33,7 +33,6 @@ from .data.dataset import (
     caption_vocabulary,
     frozen_text_features,
     normalize,
-    vocabulary_words,
 )
 from .data.readers import Record, read_dataset
 from .evaluate import evaluate_split, record_in_card, score_test_splits
@@ -64,8 +63,9 @@ class TrainConfig:
     pad: int = 10  # augmentation padding at 384-pixel height; scaled with the input size
     # An epoch visits every caption (paper), every image (one random caption each), or every
     # identity with `instances` images each, side by side in one batch (so a batch holds positives).
-    # "neighbours" (not in the paper) is "identities" in groups of `group_size` identities whose
-    # captions use the same words, so a batch holds look-alikes that only details tell apart.
+    # "neighbours" (not in the paper) is "identities" in groups of `group_size` identities that the
+    # model itself finds alike (its image embeddings from the previous epoch), so a batch holds
+    # look-alikes that only details tell apart: hard negatives. The first epoch is "identities".
     samples: str = "captions"
     instances: int = 2
     group_size: int = 8
@@ -141,9 +141,13 @@ class TrainingStep(nn.Module):
         super().__init__()
         self.model, self.criterion = model, criterion
 
-    def forward(self, images: Tensor, features: Tensor, mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, features: Tensor, mask: Tensor, labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """-> losses, and the images' retrieval embeddings (B, E), detached (for neighbour batches)."""
         out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0)
-        return self.criterion(out, labels, self.model.classifier)
+        retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
+        return self.criterion(out, labels, self.model.classifier), retrieval.embedding.detach()
 
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -173,26 +177,15 @@ def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
     return factor
 
 
-def caption_neighbours(captions: list[str], labels: Tensor, k: int = 32) -> Tensor:
-    """(identities, k): each identity's k nearest others by the words of its captions.
-
-    Cosine of tf-idf word counts over all of an identity's captions: identities described with
-    the same colours and garments are neighbours. Captions and identities only, no attributes.
-    """
-    vocabulary: dict[str, int] = {}
-    rows, cols = [], []
-    for label, caption in zip(labels.tolist(), captions):
-        for word in vocabulary_words(caption):
-            rows.append(label)
-            cols.append(vocabulary.setdefault(word, len(vocabulary)))
-    n = int(labels.max()) + 1
-    counts = torch.zeros(n, len(vocabulary))
-    counts.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.ones(len(rows)), accumulate=True)
-    idf = torch.log(n / (counts > 0).sum(0).clamp(min=1))
-    x = F.normalize(counts * idf, dim=1)
-    similarity = x @ x.T
-    similarity.fill_diagonal_(-float("inf"))
-    return similarity.topk(min(k, n - 1), dim=1).indices
+def embedding_neighbours(bank: Tensor, k: int = 32, chunk: int = 1024) -> Tensor:
+    """(identities, k): each identity's k nearest others by cosine of their embeddings (bank (N, E))."""
+    x = F.normalize(bank, dim=1)
+    rows = []
+    for start in range(0, len(x), chunk):
+        similarity = x[start : start + chunk] @ x.T
+        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -float("inf")
+        rows.append(similarity.topk(min(k, len(x) - 1), dim=1).indices)
+    return torch.cat(rows)
 
 
 def neighbour_groups(neighbours: Tensor, group_size: int, g: torch.Generator) -> list[int]:
@@ -232,9 +225,7 @@ def epoch_order(
         raise ValueError(f"unknown sampling {cfg.samples!r}: captions, images, identities or neighbours")
     image_label = labels[starts]  # (N_images,) training label of each image
     by_identity = [torch.nonzero(image_label == i).flatten() for i in range(int(image_label.max()) + 1)]
-    if cfg.samples == "neighbours":
-        if neighbours is None:
-            raise ValueError("sampling by neighbours needs caption_neighbours()")
+    if cfg.samples == "neighbours" and neighbours is not None:
         identities = neighbour_groups(neighbours, cfg.group_size, g)
     else:
         identities = torch.randperm(len(by_identity), generator=g).tolist()
@@ -333,7 +324,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         crop_text = frozen_text_features(model.text_encoder, crops, cache, progress=progress and main)
         train_text = train_text.concat(crop_text)
     pad = max(1, round(cfg.pad * size[0] / 384))
-    neighbours = caption_neighbours(train_split.captions, labels_of_caption) if cfg.samples == "neighbours" else None
 
     criterion = LGURLoss(
         cfg.margin, seed=cfg.seed, diversity=cfg.prototype_diversity, sdm=cfg.sdm, temperature=cfg.temperature
@@ -377,6 +367,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     from tqdm import tqdm
 
+    # The latest training embedding of each identity (neighbour batches; rebuilt after a resume).
+    bank = torch.zeros(len(identities), model_config.embedding_dim)
+    seen = torch.zeros(len(identities), dtype=torch.bool)
     stop = False
     first_epoch = state["epoch"]
     for epoch in range(first_epoch, cfg.epochs):
@@ -384,6 +377,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         step_module.train()
         torch.manual_seed(cfg.seed * 65_537 + epoch * 97 + rank)  # dropout: reproducible after a resume
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        if distributed and cfg.samples == "neighbours":  # each rank saw its own shard: share them
+            shared = torch.cat([bank * seen[:, None], seen[:, None].float()], dim=1).to(device)
+            dist.all_reduce(shared)
+            bank, seen = shared[:, :-1].cpu() / shared[:, -1:].cpu().clamp(min=1), shared[:, -1].cpu() > 0
+        neighbours = embedding_neighbours(bank) if cfg.samples == "neighbours" and seen.all() else None
         order = epoch_order(train_split, cfg, labels_of_caption, g, neighbours)
         if world > 1:  # equal shards of whole batches, so identity groups stay together
             whole = len(order) // (cfg.batch_size * world) * cfg.batch_size * world
@@ -404,7 +402,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             feats, mask = train_text.batch(text)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(state["step"], epoch, cfg)
-            losses = step_module(images, feats.to(device), mask.to(device), labels_of_caption[idx].to(device))
+            labels = labels_of_caption[idx]
+            losses, embeddings = step_module(images, feats.to(device), mask.to(device), labels.to(device))
+            bank[labels], seen[labels] = embeddings.float().cpu(), True
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()

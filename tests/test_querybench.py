@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from lgur.querybench import ANY, Query, make_queries, matches, score
+from lgur.querybench import ANY, Query, embedding_probe, make_queries, matches, score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,31 @@ def test_score_on_a_hand_made_ranking() -> None:
     assert result["top1"] == pytest.approx(50.0)
     assert result["chance"] == pytest.approx(100 * (2 / 4 + 1 / 4) / 2)
     assert [r["precision"] for r in result["rows"]] == [0.5, 0.0]
+    assert result["by_kind"]["top_colour"] == {"precision": 25.0, "chance": 100 * (2 / 4 + 1 / 4) / 2, "queries": 2}
+
+
+def test_score_by_kind_credits_each_named_attribute_on_its_own() -> None:
+    people = [{"top_colour": "red", "shoe_colour": "black"}, {"top_colour": "red", "shoe_colour": "white"}]
+    queries = [Query("red top, white shoes", {"top_colour": "red", "shoe_colour": "white"})]
+    result = score(np.array([[0, 1]]), people, queries, k=1)
+    assert result["precision@1"] == 0.0  # the first result has a red top but black shoes
+    assert result["by_kind"]["top_colour"]["precision"] == 100.0
+    assert result["by_kind"]["shoe_colour"] == {"precision": 0.0, "chance": 50.0, "queries": 1}
+
+
+def test_embedding_probe_finds_what_the_embeddings_carry() -> None:
+    rng = np.random.default_rng(0)
+    n = 300
+    identities = list(range(n))
+    people = [{"top_colour": str(rng.choice(["red", "blue", "green"])), "glasses": str(rng.choice(["none", "glasses"]))}
+              for _ in range(n)]  # fmt: skip
+    colour = np.array([["red", "blue", "green"].index(p["top_colour"]) for p in people])
+    embeddings = torch.from_numpy(np.eye(3)[colour] * 2 + rng.normal(0, 0.3, (n, 3))).float()
+    embeddings = torch.cat([embeddings, torch.randn(n, 13)], dim=1)  # glasses are not in there
+    probe = embedding_probe(embeddings, people, identities, ["top_colour", "glasses"])
+    assert probe["top_colour"]["accuracy"] > 95
+    assert probe["top_colour"]["values"] == 3 and probe["glasses"]["values"] == 2
+    assert abs(probe["glasses"]["accuracy"] - probe["glasses"]["majority"]) < 15  # no better than guessing
 
 
 @pytest.mark.parametrize("style", ["default", "check"])

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lgur.config import ImageEncoderConfig
 from lgur.data.dataset import RetrievalSplit, caption_crops
 from lgur.encoders import CNNEncoder, build_image_encoder
 from lgur.losses import similarity_distribution_matching
-from lgur.train import TrainConfig, caption_neighbours, epoch_order, neighbour_groups
+from lgur.train import TrainConfig, embedding_neighbours, epoch_order, neighbour_groups
 
 
 def test_cnn_encoder_gives_the_configured_grid() -> None:
@@ -113,28 +114,24 @@ def test_caption_crops_are_ordered_subsets_of_clauses() -> None:
     assert crops == caption_crops(caption, 50, np.random.default_rng(0))  # seeded
 
 
-def test_neighbour_sampling_groups_identities_described_alike() -> None:
-    captions = {
-        0: "a man in a red jacket and blue jeans",
-        1: "a man wearing a red jacket with blue jeans",
-        2: "a woman in a yellow skirt with a black bag",
-        3: "woman, yellow skirt, black bag",
-        4: "a man in a red jacket, blue jeans",
-        5: "a woman in a yellow skirt and a black bag",
-    }
+def test_neighbour_sampling_groups_identities_the_model_finds_alike() -> None:
+    directions = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank = directions[[0, 1, 1, 0, 1, 0]] + 0.05 * torch.arange(6.0)[:, None]  # two look-alike groups
+    neighbours = embedding_neighbours(bank, k=5, chunk=4)  # chunked like a large bank
+    assert set(neighbours[0, :2].tolist()) == {3, 5}
+    assert set(neighbours[1, :2].tolist()) == {2, 4}
+    assert all(i not in row for i, row in enumerate(neighbours.tolist()))  # never its own neighbour
+    brute = (F.normalize(bank, dim=1) @ F.normalize(bank, dim=1).T).fill_diagonal_(-9).topk(5).indices
+    assert torch.equal(neighbours, brute)
     split = _split([2] * 6)
-    split.captions = [captions[int(i)] for i in split.caption_ids]
-    neighbours = caption_neighbours(split.captions, split.caption_ids, k=5)
-    assert set(neighbours[0, :2].tolist()) == {1, 4}  # the other two red-jacket men come first
-    assert set(neighbours[2, :2].tolist()) == {3, 5}
     cfg = TrainConfig(data="", out="", samples="neighbours", instances=2, group_size=3)
     order = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0), neighbours)
     ids = split.caption_ids[order].view(-1, 2)
     assert torch.all(ids[:, 0] == ids[:, 1])  # instances side by side, as with identity sampling
     groups = ids[:, 0].view(2, 3).tolist()
-    assert sorted(sorted(g) for g in groups) == [[0, 1, 4], [2, 3, 5]]  # every identity once, with its look-alikes
-    with pytest.raises(ValueError, match="caption_neighbours"):
-        epoch_order(split, cfg, split.caption_ids, torch.Generator())
+    assert sorted(sorted(g) for g in groups) == [[0, 3, 5], [1, 2, 4]]  # every identity once, with its look-alikes
+    first = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0))  # no embeddings yet
+    assert sorted(split.caption_ids[first].view(-1, 2)[:, 0].tolist()) == list(range(6))
 
 
 def test_neighbour_groups_visit_every_identity_once() -> None:
