@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
     qb.add_argument("--count", type=int, default=200)
     qb.add_argument("--seed", type=int, default=0)
-    qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry (linear probe)")
+    qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
     qb.add_argument("--json", action="store_true")
     qb.add_argument("--out", help="also write the JSON here")
     qb.set_defaults(func=cmd_query_bench)

@@ -60,9 +60,10 @@ def test_embedding_probe_finds_what_the_embeddings_carry() -> None:
     embeddings = torch.from_numpy(np.eye(3)[colour] * 2 + rng.normal(0, 0.3, (n, 3))).float()
     embeddings = torch.cat([embeddings, torch.randn(n, 13)], dim=1)  # glasses are not in there
     probe = embedding_probe(embeddings, people, identities, ["top_colour", "glasses"])
-    assert probe["top_colour"]["accuracy"] > 95
+    assert probe["top_colour"]["balanced_accuracy"] > 95
     assert probe["top_colour"]["values"] == 3 and probe["glasses"]["values"] == 2
-    assert abs(probe["glasses"]["accuracy"] - probe["glasses"]["majority"]) < 15  # no better than guessing
+    assert probe["glasses"]["chance"] == 50.0
+    assert abs(probe["glasses"]["balanced_accuracy"] - 50.0) < 15  # no better than guessing
 
 
 @pytest.mark.parametrize("style", ["default", "check"])
