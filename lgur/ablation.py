@@ -72,9 +72,13 @@ def run_ablation(
         results[name] = train_at_budget(data, run, epochs, cache, seed, progress, **switches, **no_prototypes)
         atomic_write_bytes(out_dir / "ablation.md", ablation_table(results).encode())
     results = {name: results[name] for name in VARIANTS}
-    table = ablation_table(results)
-    atomic_write_bytes(out_dir / "ablation.json", json.dumps(results, indent=2).encode())
-    atomic_write_bytes(out_dir / "ablation.md", table.encode())
+    return save_tables(out_dir, "ablation", results, ablation_table(results))
+
+
+def save_tables(out_dir: Path, stem: str, results: dict[str, Any], table: str) -> dict[str, Any]:
+    """STEM.json (every figure) and STEM.md (the table) beside the runs."""
+    atomic_write_bytes(out_dir / f"{stem}.json", json.dumps(results, indent=2).encode())
+    atomic_write_bytes(out_dir / f"{stem}.md", table.encode())
     return {"results": results, "table": table}
 
 
@@ -129,9 +133,7 @@ def run_experiments(
             }
             atomic_write_bytes(scored, json.dumps(rows[name], indent=2).encode())
         atomic_write_bytes(out_dir / "experiments.md", experiments_table(rows).encode())
-    table = experiments_table(rows)
-    atomic_write_bytes(out_dir / "experiments.json", json.dumps(rows, indent=2).encode())
-    return {"results": rows, "table": table}
+    return save_tables(out_dir, "experiments", rows, experiments_table(rows))
 
 
 def experiments_table(rows: dict[str, Any]) -> str:

@@ -208,11 +208,14 @@ def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Quer
         by_size.setdefault(len(r["attributes"]), []).append(r["precision"])
     # Each named attribute on its own: which kinds the model finds, and which it does not.
     by_kind: dict[str, list[tuple[float, float]]] = {}
+    share: dict[tuple[str, str], float] = {}  # chance of one attribute, counted once per value
     for q, ranking in zip(queries, rankings):
         for kind, value in q.attributes.items():
             one = {kind: value}
+            if (kind, value) not in share:
+                share[kind, value] = float(np.mean([matches(p, one) for p in people]))
             hit = np.mean([matches(people[i], one) for i in ranking[:k]])
-            by_kind.setdefault(kind, []).append((hit, np.mean([matches(p, one) for p in people])))
+            by_kind.setdefault(kind, []).append((hit, share[kind, value]))
     return {
         "queries": len(rows),
         f"precision@{k}": 100 * float(np.mean([r["precision"] for r in rows])),

@@ -404,7 +404,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 group["lr"] = base * lr_factor(state["step"], epoch, cfg)
             labels = labels_of_caption[idx]
             losses, embeddings = step_module(images, feats.to(device), mask.to(device), labels.to(device))
-            bank[labels], seen[labels] = embeddings.float().cpu(), True
+            if cfg.samples == "neighbours":
+                bank[labels], seen[labels] = embeddings.float().cpu(), True
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
