@@ -90,8 +90,8 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
-                 "instances", "group_size", "sdm", "caption_crops", "crops_from_epoch", "threads",
-                 "prototype_diversity")  # fmt: skip
+                 "instances", "group_size", "sdm", "caption_crops", "crops_from_epoch", "swaps_from_epoch",
+                 "threads", "prototype_diversity")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -242,12 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         choices=["captions", "images", "identities", "neighbours"],
         help="an epoch visits every caption, every image, or every identity (--instances images each, in one "
-        "batch); neighbours: identities in groups described with the same words (--group-size)",
+        "batch); neighbours: identities in groups the model itself finds alike (--group-size)",
     )
     train.add_argument("--group-size", type=int, help="identities per group of look-alikes, with --samples neighbours")
     train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
     train.add_argument("--caption-crops", type=float, help="share of samples whose caption is cut to a few clauses")
     train.add_argument("--crops-from-epoch", type=int, help="first epoch (0-based) that uses caption crops")
+    train.add_argument(
+        "--swaps-from-epoch",
+        type=int,
+        help="from this epoch (0-based) on, a copy of each caption with colours or garments swapped is an extra "
+        "SDM negative of its image",
+    )
     train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
     train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
     train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")

@@ -42,21 +42,32 @@ def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, ge
     return _one_way_triplet(sim, labels, margin, generator) + _one_way_triplet(sim.t(), labels, margin, generator)
 
 
-def similarity_distribution_matching(a: Tensor, b: Tensor, labels: Tensor, logit_scale: Tensor) -> Tensor:
+def similarity_distribution_matching(
+    a: Tensor, b: Tensor, labels: Tensor, logit_scale: Tensor, negatives: Tensor | None = None
+) -> Tensor:
     """SDM (IRRA, Jiang et al. CVPR 2023), both directions: KL divergence from the softmax over
     every in-batch similarity to the distribution of true matches (same identity, uniform).
 
     a, b: (B, E) unit vectors, a[i] paired with b[i]; logit_scale: log of 1 / temperature.
+    negatives: optional (B, E) unit vectors, negatives[i] a false description of a[i] (NaN rows:
+    none); each is one more candidate, never a match, in row i of the a -> b direction.
     """
-    logits = (a @ b.t()) * logit_scale.exp()
+    scale = logit_scale.exp()
+    logits = (a @ b.t()) * scale
     match = (labels[:, None] == labels[None, :]).to(logits.dtype)
-    target = torch.log(match / match.sum(dim=1, keepdim=True) + 1e-8)  # rows and columns alike: symmetric
 
-    def one_way(x: Tensor) -> Tensor:
+    def one_way(x: Tensor, match: Tensor) -> Tensor:
+        target = torch.log(match / match.sum(dim=1, keepdim=True) + 1e-8)
         log_p = x.log_softmax(dim=1)
         return (log_p.exp() * (log_p - target)).sum(dim=1).mean()
 
-    return one_way(logits) + one_way(logits.t())
+    backward = one_way(logits.t(), match.t())
+    if negatives is not None:
+        extra = (a * negatives.nan_to_num()).sum(dim=1, keepdim=True) * scale  # (B, 1)
+        extra = extra.masked_fill(negatives[:, :1].isnan(), -1e4)  # no negative: no candidate
+        logits = torch.cat([logits, extra], dim=1)
+        match = torch.cat([match, torch.zeros_like(extra)], dim=1)
+    return one_way(logits, match) + backward
 
 
 def prototype_overlap(attention: Tensor) -> Tensor:
@@ -74,12 +85,14 @@ def prototype_overlap(attention: Tensor) -> Tensor:
 class LGURLoss(nn.Module):
     """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1).
 
-    Two options that are not in the paper:
+    Options that are not in the paper:
     - diversity > 0: that weight times the overlap of the prototypes' last-layer attention on the
       dictionary branches (the ones shown and searched);
     - sdm > 0: that weight times the similarity distribution matching loss on the cross-modal
       pairs (guided image vs raw text, dictionary image vs dictionary text), with a learned
-      temperature starting at `temperature`.
+      temperature starting at `temperature`; with `negatives`, each image's SDM row also holds
+      a false caption of its own (swapped attributes), so it must tell its description from a
+      near copy.
     """
 
     def __init__(
@@ -92,7 +105,15 @@ class LGURLoss(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
 
-    def forward(self, out: TrainOutputs, labels: Tensor, classifier: IdentityClassifier) -> dict[str, Tensor]:
+    def forward(
+        self,
+        out: TrainOutputs,
+        labels: Tensor,
+        classifier: IdentityClassifier,
+        negatives: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """negatives (SDM only): branch name ("text", "text_dictionary") -> (B, E) embeddings of a
+        false caption for each sample (NaN rows: none), as extra candidates for the images."""
         losses: dict[str, Tensor] = {}
         branches = {"image": out.image, "text": out.text}
         pairs = [("image", "text")]  # guided (or raw) image vs raw text
@@ -113,7 +134,11 @@ class LGURLoss(nn.Module):
             scale = self.logit_scale.clamp(max=math.log(100.0))  # temperature >= 0.01
             for left, right in pairs[:2]:  # the cross-modal pairs
                 losses[f"sdm/{left}-{right}"] = self.sdm * similarity_distribution_matching(
-                    branches[left].embedding, branches[right].embedding, labels, scale
+                    branches[left].embedding,
+                    branches[right].embedding,
+                    labels,
+                    scale,
+                    None if negatives is None else negatives[right],
                 )
         if self.diversity > 0:
             dictionary = out.image_dictionary is not None

@@ -133,18 +133,24 @@ class LGUR(nn.Module):
         """
         patches = self.image_encoder(images)  # (B, N, D)
         words = self.word_features(mask, ids, backbone_features)  # (B, T, D)
-        text = self.pgu(words, mask, need_weights)
+        text, text_dictionary = self.text_branches(words, mask, need_weights)
         if self.dga is None:
             return TrainOutputs(image=self.pgu(patches, None, need_weights), text=text)
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches)
-        text_dictionary = self.dga.reconstruct_text(words, mask)
         return TrainOutputs(
             image=self.pgu(guided.features, None, need_weights),
             text=text,
             image_dictionary=self.pgu(image_dictionary.features, None, need_weights),
-            text_dictionary=self.pgu(text_dictionary.features, mask, need_weights),
+            text_dictionary=text_dictionary,
         )
+
+    def text_branches(self, words: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Parts, Parts | None]:
+        """Word features (B, T, D) -> parts of the raw text branch and of the dictionary branch (None without DGA)."""
+        text = self.pgu(words, mask, need_weights)
+        if self.dga is None:
+            return text, None
+        return text, self.pgu(self.dga.reconstruct_text(words, mask).features, mask, need_weights)
 
     # -- retrieval and explanations (dictionary branch) -------------------------------------
     def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:

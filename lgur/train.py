@@ -33,6 +33,7 @@ from .data.dataset import (
     caption_vocabulary,
     frozen_text_features,
     normalize,
+    swapped_caption,
 )
 from .data.readers import Record, read_dataset
 from .evaluate import evaluate_split, record_in_card, score_test_splits
@@ -73,6 +74,10 @@ class TrainConfig:
     # of its clauses: a shorter, still true description, like a typed query), from this epoch on.
     caption_crops: float = 0.0
     crops_from_epoch: int = 0
+    # Not in the paper: from this epoch on, each image's SDM row also holds a false copy of its
+    # caption (two colours traded, a colour or a garment changed): a hard negative that only
+    # binding each colour to its garment can tell apart. None: off. Needs sdm > 0.
+    swaps_from_epoch: int | None = None
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
     stop_after: int | None = None  # end this invocation after N epochs; run again to resume
     use_dga: bool = True
@@ -142,12 +147,31 @@ class TrainingStep(nn.Module):
         self.model, self.criterion = model, criterion
 
     def forward(
-        self, images: Tensor, features: Tensor, mask: Tensor, labels: Tensor
+        self,
+        images: Tensor,
+        features: Tensor,
+        mask: Tensor,
+        labels: Tensor,
+        swapped: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """-> losses, and the images' retrieval embeddings (B, E), detached (for neighbour batches)."""
+        """-> losses, and the images' retrieval embeddings (B, E), detached (for neighbour batches).
+
+        swapped: frozen features (B, T', H) and mask of each sample's false caption, and (B,) which
+        samples have one.
+        """
         out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0)
+        negatives = None
+        if swapped is not None:
+            swap_features, swap_mask, valid = swapped
+            words = self.model.word_features(swap_mask, backbone_features=swap_features)
+            branches = dict(zip(("text", "text_dictionary"), self.model.text_branches(words, swap_mask), strict=True))
+            negatives = {
+                name: parts.embedding.masked_fill(~valid[:, None], float("nan"))
+                for name, parts in branches.items()
+                if parts is not None
+            }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
-        return self.criterion(out, labels, self.model.classifier), retrieval.embedding.detach()
+        return self.criterion(out, labels, self.model.classifier, negatives), retrieval.embedding.detach()
 
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -285,6 +309,8 @@ def plot_curves(log_path: Path, out: Path) -> None:
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.prototype_diversity and not cfg.use_pgu:
         raise ValueError("--prototype-diversity needs PGU (there are no prototypes with --no-pgu)")
+    if cfg.swaps_from_epoch is not None and not cfg.sdm:
+        raise ValueError("swapped-caption negatives are candidates of the SDM loss: give --sdm > 0")
     started = time.perf_counter()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -323,6 +349,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         crops = [c for caption in train_split.captions for c in caption_crops(caption, crops_per_caption, crop_rng)]
         crop_text = frozen_text_features(model.text_encoder, crops, cache, progress=progress and main)
         train_text = train_text.concat(crop_text)
+    use_swaps = cfg.swaps_from_epoch is not None and cfg.swaps_from_epoch < cfg.epochs
+    if use_swaps:  # text k (caption or crop) has its false copy at number k of swap_text
+        swap_rng = np.random.default_rng(cfg.seed + 1)
+        texts = train_split.captions + (crops if use_crops else [])
+        swaps = [swapped_caption(t, swap_rng) for t in texts]
+        swap_valid = torch.tensor([t is not None for t in swaps])
+        swap_text = frozen_text_features(
+            model.text_encoder, [t or "" for t in swaps], cache, progress=progress and main
+        )
     pad = max(1, round(cfg.pad * size[0] / 384))
 
     criterion = LGURLoss(
@@ -400,10 +435,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 which = torch.randint(0, crops_per_caption, (len(idx),), generator=crop_draws)
                 text = torch.where(use, len(train_split.captions) + idx * crops_per_caption + which, idx)
             feats, mask = train_text.batch(text)
+            swapped = None
+            if use_swaps and epoch >= cfg.swaps_from_epoch:
+                swap_feats, swap_mask = swap_text.batch(text)
+                swapped = (swap_feats.to(device), swap_mask.to(device), swap_valid[text].to(device))
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(state["step"], epoch, cfg)
             labels = labels_of_caption[idx]
-            losses, embeddings = step_module(images, feats.to(device), mask.to(device), labels.to(device))
+            losses, embeddings = step_module(images, feats.to(device), mask.to(device), labels.to(device), swapped)
             if cfg.samples == "neighbours":
                 bank[labels], seen[labels] = embeddings.float().cpu(), True
             optimizer.zero_grad(set_to_none=True)

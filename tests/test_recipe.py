@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lgur.config import ImageEncoderConfig
-from lgur.data.dataset import RetrievalSplit, caption_crops
+from lgur.data.dataset import RetrievalSplit, caption_crops, swapped_caption
 from lgur.encoders import CNNEncoder, build_image_encoder
 from lgur.losses import similarity_distribution_matching
 from lgur.train import TrainConfig, embedding_neighbours, epoch_order, neighbour_groups
@@ -28,18 +28,24 @@ def test_cnn_encoder_gives_the_configured_grid() -> None:
         build_image_encoder(ImageEncoderConfig(kind="rnn"), 32)
 
 
-def _brute_force_sdm(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, scale: float) -> float:
+def _brute_force_sdm(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, scale: float, negatives: list | None = None
+) -> float:
     total = 0.0
-    for x, y in ((a, b), (b, a)):
+    for way, (x, y) in enumerate(((a, b), (b, a))):
         rows = []
         for i in range(len(x)):
             logits = [scale * float(x[i] @ y[j]) for j in range(len(y))]
+            matches = [labels[j] == labels[i] for j in range(len(y))]
+            if way == 0 and negatives is not None and negatives[i] is not None:  # one more, never a match
+                logits.append(scale * float(x[i] @ negatives[i]))
+                matches.append(False)
             z = math.log(sum(math.exp(v) for v in logits))
-            positives = sum(int(labels[j] == labels[i]) for j in range(len(y)))
+            positives = sum(int(m) for m in matches)
             kl = 0.0
-            for j, v in enumerate(logits):
+            for v, m in zip(logits, matches):
                 p = math.exp(v - z)
-                q = (1.0 / positives if labels[j] == labels[i] else 0.0) + 1e-8
+                q = (1.0 / positives if m else 0.0) + 1e-8
                 kl += p * ((v - z) - math.log(q))
             rows.append(kl)
         total += sum(rows) / len(rows)
@@ -57,6 +63,26 @@ def test_sdm_matches_brute_force() -> None:
     # perfectly separated identities at a sharp temperature: almost no loss
     e = torch.eye(3, dtype=torch.float64)[labels]
     assert similarity_distribution_matching(e, e, labels, torch.tensor(math.log(100.0))).item() < 0.05
+
+
+def test_sdm_with_swapped_negatives_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(1)
+    a, b, n = (F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(3))
+    labels = torch.tensor([0, 1, 1, 2, 3])
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    n[2] = float("nan")  # sample 2 has no false caption
+    got = similarity_distribution_matching(a, b, labels, scale, n).item()
+    want = _brute_force_sdm(a, b, labels, 10.0, [None if i == 2 else n[i] for i in range(5)])
+    assert got == pytest.approx(want, rel=1e-6)
+    # no negatives at all: the plain loss
+    none = torch.full_like(n, float("nan"))
+    plain = similarity_distribution_matching(a, b, labels, scale).item()
+    assert similarity_distribution_matching(a, b, labels, scale, none).item() == pytest.approx(plain, rel=1e-9)
+    # a false caption as close as the true one costs more than a far one
+    e = torch.eye(5, dtype=torch.float64)
+    near = similarity_distribution_matching(e, e, torch.arange(5), scale, e.clone()).item()
+    far = similarity_distribution_matching(e, e, torch.arange(5), scale, -e).item()
+    assert near > far + 0.1
 
 
 def _split(images_per_identity: list[int], captions_per_image: int = 2) -> RetrievalSplit:
@@ -98,6 +124,34 @@ def test_caption_and_image_sampling_cover_the_split(samples: str, length: int) -
     assert len(order) == length
     if samples == "images":
         assert sorted(split.caption_image[order].tolist()) == list(range(11))  # one caption of each image
+
+
+def test_swapped_caption_is_false_but_uses_the_same_kind_of_words() -> None:
+    rng = np.random.default_rng(0)
+    caption = "A man in a red jacket and blue jeans, with black boots and a grey backpack."
+    kinds = set()
+    for _ in range(200):
+        swapped = swapped_caption(caption, rng)
+        assert swapped is not None and swapped != caption
+        before, after = caption.split(), swapped.split()
+        assert len(after) == len(before)
+        changed = [(x, y) for x, y in zip(before, after) if x != y]
+        if len(changed) == 2 and sorted(x for x, _ in changed) == sorted(y for _, y in changed):
+            kinds.add("trade")  # two colours traded places
+        elif changed[0][0] in ("red", "blue", "black", "grey"):
+            kinds.add("colour")
+        else:
+            assert changed[0][0].strip(",.") in ("jacket", "jeans", "boots", "backpack")
+            kinds.add("garment")
+    assert kinds == {"trade", "colour", "garment"}
+    # synonyms are not a change: grey and gray are never traded, and "navy blue" is one colour
+    for _ in range(50):
+        swapped = swapped_caption("a grey coat and gray trousers", rng)
+        assert swapped != "a gray coat and grey trousers"
+        out = swapped_caption("a navy blue coat", rng)
+        assert ("navy blue" in out) != out.endswith(" coat")  # the colour as a whole, or the garment
+    assert swapped_caption("a man walking on the street", rng) is None
+    assert swapped_caption(caption, np.random.default_rng(3)) == swapped_caption(caption, np.random.default_rng(3))
 
 
 def test_caption_crops_are_ordered_subsets_of_clauses() -> None:

@@ -121,6 +121,70 @@ def caption_crops(caption: str, count: int, rng: np.random.Generator, max_clause
     return crops
 
 
+# Words for swapped-attribute negatives: plain English, usable on any pedestrian dataset.
+# Each colour maps to a concept, so that synonyms ("grey"/"gray") never count as a change.
+_COLOURS = {
+    "black": "black", "white": "white", "grey": "grey", "gray": "grey", "silver": "grey",
+    "red": "red", "maroon": "red", "blue": "blue", "navy": "navy", "green": "green",
+    "yellow": "yellow", "pink": "pink", "purple": "purple", "orange": "orange",
+    "brown": "brown", "beige": "beige", "khaki": "beige", "cream": "beige", "tan": "beige",
+}  # fmt: skip
+_GARMENTS = (
+    ("t-shirt", "shirt", "sweater", "jacket", "coat", "hoodie", "blouse", "dress", "vest"),
+    ("trousers", "jeans", "shorts", "skirt", "leggings"),
+    ("sneakers", "boots", "sandals", "heels"),
+    ("backpack", "handbag", "suitcase"),
+)
+_GARMENT_GROUP = {g: i for i, group in enumerate(_GARMENTS) for g in group}
+_COLOUR_NAMES = "|".join(_COLOURS)
+_COLOUR_RUN = re.compile(rf"\b(?:{_COLOUR_NAMES})(?:\s+(?:{_COLOUR_NAMES}))*\b", re.IGNORECASE)  # "navy blue": one
+_GARMENT_NAMES = "|".join(g for g in _GARMENT_GROUP if g != "t-shirt")
+_GARMENT_WORD = re.compile(rf"\b(?:t[- ]shirt|{_GARMENT_NAMES})\b", re.IGNORECASE)
+
+
+def _colour_concept(run: str) -> str:
+    return _COLOURS[run.split()[-1].lower()]  # "navy blue" is blue-ish navy: its last word decides
+
+
+def swapped_caption(caption: str, rng: np.random.Generator) -> str | None:
+    """A caption that is false for its image but uses the same words: a hard negative.
+
+    One of: two colours of different things trade places ("red jacket, blue jeans" ->
+    "blue jacket, red jeans"), one colour becomes another, or one garment becomes another
+    of its kind (jacket -> hoodie). Such negatives teach which thing a colour belongs to,
+    which in-batch negatives rarely test. None when the caption names no colour or garment.
+    """
+    colours = list(_COLOUR_RUN.finditer(caption))
+    garments = list(_GARMENT_WORD.finditer(caption))
+    pairs = [
+        (a, b)
+        for i, a in enumerate(colours)
+        for b in colours[i + 1 :]
+        if _colour_concept(a.group()) != _colour_concept(b.group())
+    ]
+    kinds = (["trade"] if pairs else []) + (["colour"] if colours else []) + (["garment"] if garments else [])
+    if not kinds:
+        return None
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "trade":
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        edits = [(a, b.group()), (b, a.group())]
+    elif kind == "colour":
+        run = colours[int(rng.integers(len(colours)))]
+        options = sorted({c for c, concept in _COLOURS.items() if concept != _colour_concept(run.group())})
+        edits = [(run, options[int(rng.integers(len(options)))])]
+    else:
+        word = garments[int(rng.integers(len(garments)))]
+        own = word.group().lower().replace(" ", "-")
+        options = [g for g in _GARMENTS[_GARMENT_GROUP[own]] if g != own]
+        edits = [(word, options[int(rng.integers(len(options)))])]
+    out, last = [], 0
+    for match, text in sorted(edits, key=lambda e: e[0].start()):
+        out += [caption[last : match.start()], text]
+        last = match.end()
+    return "".join(out) + caption[last:]
+
+
 def _captions_key(captions: list[str], fingerprint: str, max_length: int) -> str:
     digest = hashlib.sha256(f"{fingerprint}|{max_length}".encode())
     for c in captions:
