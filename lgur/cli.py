@@ -91,7 +91,7 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
                  "instances", "group_size", "sdm", "caption_crops", "crops_from_epoch", "swaps_from_epoch",
-                 "threads", "prototype_diversity")  # fmt: skip
+                 "threads", "init_from", "warmup_steps", "prototype_diversity")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="from this epoch (0-based) on, a copy of each caption with colours or garments swapped is an extra "
         "SDM negative of its image",
     )
+    train.add_argument(
+        "--init-from",
+        help="a second stage: start from this run checkpoint (its last.safetensors) with a fresh optimiser and "
+        "schedule",
+    )
+    train.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
     train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
     train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
     train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")

@@ -78,6 +78,9 @@ class TrainConfig:
     # caption (two colours traded, a colour or a garment changed): a hard negative that only
     # binding each colour to its garment can tell apart. None: off. Needs sdm > 0.
     swaps_from_epoch: int | None = None
+    # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
+    # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
+    init_from: str | None = None
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
     stop_after: int | None = None  # end this invocation after N epochs; run again to resume
     use_dga: bool = True
@@ -372,10 +375,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
-    # Resume
+    # Resume, or start a second stage from another run's weights
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "seconds": 0.0}
     last = out / "last.safetensors"
-    if last.is_file() and (out / "last_optimizer.safetensors").is_file():
+    resuming = last.is_file() and (out / "last_optimizer.safetensors").is_file()
+    if cfg.init_from and not resuming:
+        initial, initial_card = load_checkpoint(cfg.init_from, cfg.text_encoder_path)
+        if initial.classifier is None or initial.config.to_dict() != model_config.to_dict():
+            raise ValueError(
+                f"{cfg.init_from}: a second stage starts from a checkpoint of the same model with its identity "
+                "classifier (a run's last.safetensors, trained on the same data)"
+            )
+        model.load_state_dict(initial.state_dict())
+        scale = initial_card.get("training_state", {}).get("logit_scale")
+        if criterion.logit_scale is not None and scale is not None:
+            criterion.logit_scale.data.fill_(scale)
+        if main:
+            log.info("second stage from %s", cfg.init_from)
+    if resuming:
         resumed, card = load_checkpoint(last, cfg.text_encoder_path)
         model.load_state_dict(resumed.state_dict())
         load_optimizer_state(optimizer, out / "last_optimizer.safetensors")

@@ -102,6 +102,27 @@ def test_training_learns_and_resume_is_exact(world: Path, tmp_path: Path) -> Non
     assert "by_attribute" in card["metrics"]["test"] and "val" in card["training"]
 
 
+def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path: Path) -> None:
+    train(_config(world, tmp_path / "first", epochs=1), progress=False)
+    first = tmp_path / "first" / "last.safetensors"
+    # With a zero learning rate the second stage must end exactly where the first stage ended.
+    frozen = _config(world, tmp_path / "still", epochs=1, init_from=str(first), lr=0.0, lr_backbone=0.0)
+    train(frozen, progress=False)
+    a, b = load_file(str(first)), load_file(str(tmp_path / "still" / "last.safetensors"))
+    weights = [k for k in a if "running_" not in k and "num_batches" not in k]  # batch-norm statistics move
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in weights)
+    # Swapped-caption negatives in the SDM rows: the stage trains and logs finite losses.
+    train(_config(world, tmp_path / "swaps", epochs=1, init_from=str(first), swaps_from_epoch=0), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "swaps" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss/total"]) for r in rows if r["kind"] == "step")
+    # A checkpoint without the identity classifier (an inference checkpoint) cannot start a stage.
+    best = tmp_path / "first" / "best.safetensors"
+    with pytest.raises(ValueError, match="identity classifier"):
+        train(_config(world, tmp_path / "bad", epochs=1, init_from=str(best)), progress=False)
+    with pytest.raises(ValueError, match="SDM"):
+        train(_config(world, tmp_path / "bad2", epochs=1, sdm=0.0, swaps_from_epoch=0), progress=False)
+
+
 def test_training_lowers_the_paper_objective(world: Path, tmp_path: Path) -> None:
     """Without the batch-wide options a dozen steps on a tiny world visibly lower the loss."""
     paper_terms = dict(sdm=0.0, prototype_diversity=0.0, samples="images", epochs=3)
