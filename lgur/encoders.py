@@ -18,6 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -127,6 +128,13 @@ class CNNEncoder(nn.Module):
         if tuple(features.shape[-2:]) != self.grid:
             raise ValueError(f"image size gives a {tuple(features.shape[-2:])} grid, expected {self.grid}")
         return self.proj(features.flatten(2).transpose(1, 2)) + self.position
+
+
+def resize_position_embedding(position: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """(1, N, dim) learned positions on old_grid -> (1, N', dim) on new_grid, bilinearly resampled."""
+    grid = position.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)  # (1, dim, rows, cols)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(position.dtype)
 
 
 def build_image_encoder(config: ImageEncoderConfig, dim: int, load_pretrained: bool = True) -> nn.Module:

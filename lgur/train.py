@@ -36,6 +36,7 @@ from .data.dataset import (
     swapped_caption,
 )
 from .data.readers import Record, read_dataset
+from .encoders import resize_position_embedding
 from .evaluate import evaluate_split, record_in_card, score_test_splits
 from .files import atomic_write_bytes
 from .losses import LGURLoss
@@ -381,12 +382,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     resuming = last.is_file() and (out / "last_optimizer.safetensors").is_file()
     if cfg.init_from and not resuming:
         initial, initial_card = load_checkpoint(cfg.init_from, cfg.text_encoder_path)
-        if initial.classifier is None or initial.config.to_dict() != model_config.to_dict():
+        weights = initial.state_dict()
+        old, new = initial.config.to_dict(), model_config.to_dict()
+        old_grid, new_grid = initial.config.image.grid, model_config.image.grid
+        for c in (old, new):  # the input size may change: a CNN trunk reads any size
+            c["image"].pop("img_size")
+        if initial.classifier is None or old != new or (old_grid != new_grid and model_config.image.kind != "cnn"):
             raise ValueError(
-                f"{cfg.init_from}: a second stage starts from a checkpoint of the same model with its identity "
-                "classifier (a run's last.safetensors, trained on the same data)"
+                f"{cfg.init_from}: a second stage starts from a checkpoint of the same model (a CNN trunk may change "
+                "its input size) with its identity classifier (a run's last.safetensors, trained on the same data)"
             )
-        model.load_state_dict(initial.state_dict())
+        if old_grid != new_grid:  # positions resampled to the new grid
+            key = "image_encoder.position"
+            weights[key] = resize_position_embedding(weights[key], old_grid, new_grid)
+        model.load_state_dict(weights)
         scale = initial_card.get("training_state", {}).get("logit_scale")
         if criterion.logit_scale is not None and scale is not None:
             criterion.logit_scale.data.fill_(scale)

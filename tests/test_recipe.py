@@ -52,6 +52,18 @@ def _brute_force_sdm(
     return total
 
 
+def test_position_embedding_resampling() -> None:
+    from lgur.encoders import resize_position_embedding
+
+    rows = torch.arange(4.0).repeat_interleave(3)  # value = row index on a 4x3 grid
+    position = torch.stack([rows, torch.ones(12)], dim=1)[None]  # (1, 12, 2)
+    assert torch.equal(resize_position_embedding(position, (4, 3), (4, 3)), position)
+    bigger = resize_position_embedding(position, (4, 3), (8, 6)).reshape(8, 6, 2)
+    assert torch.allclose(bigger[..., 1], torch.ones(8, 6))  # a constant stays constant
+    assert (bigger[1:, :, 0] >= bigger[:-1, :, 0]).all() and bigger[0, 0, 0] == 0 and bigger[-1, 0, 0] == 3
+    assert torch.allclose(bigger[:, 0, 0], bigger[:, 5, 0])  # no change across the columns
+
+
 def test_sdm_matches_brute_force() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)

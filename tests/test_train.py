@@ -115,6 +115,11 @@ def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path
     train(_config(world, tmp_path / "swaps", epochs=1, init_from=str(first), swaps_from_epoch=0), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "swaps" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss/total"]) for r in rows if r["kind"] == "step")
+    # A CNN trunk may change its input size: the positions are resampled to the new grid.
+    bigger = dict(TINY) | {"image.img_size": [80, 32]}
+    train(_config(world, tmp_path / "big", epochs=1, init_from=str(first), model_overrides=bigger), progress=False)
+    card = json.loads((tmp_path / "big" / "best.json").read_text())
+    assert card["config"]["image"]["img_size"] == [80, 32]
     # A checkpoint without the identity classifier (an inference checkpoint) cannot start a stage.
     best = tmp_path / "first" / "best.safetensors"
     with pytest.raises(ValueError, match="identity classifier"):
