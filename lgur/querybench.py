@@ -265,6 +265,35 @@ def embedding_probe(
     return result
 
 
+def binding_probe(model: Any, texts: list[str], seed: int = 0) -> dict[str, Any]:
+    """Does the query embedding see which thing a colour belongs to? For each kind of swap
+    (two colours traded between things, one colour changed, one garment changed; see
+    `swapped_caption`), how far a query's embedding moves when its words are swapped, as a share
+    of how far it is from an unrelated query: sensitivity = (1 - cos(q, swapped)) / (1 - cos(q, other)).
+    0: the swap is invisible to the model; 1: as different as another query.
+    """
+    from .data.dataset import SWAP_KINDS, swapped_caption
+
+    def embed(batch: list[str]) -> Tensor:
+        ids, mask = model.tokenize(batch)
+        return model.embed_texts(ids, mask)
+
+    original = embed(texts)
+    other = original.roll(1, dims=0)  # each query against the next one
+    unrelated = (original * other).sum(1)
+    result: dict[str, Any] = {"unrelated_cosine": float(unrelated.mean())}
+    for kind in SWAP_KINDS:
+        rng = np.random.default_rng(seed)
+        swapped = [swapped_caption(t, rng, (kind,)) for t in texts]
+        rows = [i for i, t in enumerate(swapped) if t is not None]
+        if not rows:
+            continue
+        cosine = (original[rows] * embed([swapped[i] for i in rows])).sum(1)
+        sensitivity = (1 - cosine) / (1 - unrelated[rows]).clamp(min=1e-6)
+        result[kind] = {"queries": len(rows), "cosine": float(cosine.mean()), "sensitivity": float(sensitivity.mean())}
+    return result
+
+
 @torch.inference_mode()
 def run_query_bench(
     checkpoint: str | Path,
@@ -276,7 +305,8 @@ def run_query_bench(
 ) -> dict[str, Any]:
     """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them.
 
-    probe: also measure which attribute kinds the gallery embeddings carry (embedding_probe).
+    probe: also measure which attribute kinds the gallery embeddings carry (embedding_probe), and
+    how far the query embeddings move when colours or garments are swapped (binding_probe).
     """
     from .checkpoint import load_checkpoint
     from .evaluate import image_embeddings
@@ -300,6 +330,7 @@ def run_query_bench(
         kinds = sorted({kind for q in queries for kind in q.attributes})
         identities = [int(m["identity"]) for m in manifest]
         result["embedding_probe"] = embedding_probe(gallery_embeddings, people, identities, kinds)
+        result["binding_probe"] = binding_probe(model, [q.text for q in queries], seed)
     return {"checkpoint": str(checkpoint), "gallery": str(gallery), "set": style, "seed": seed} | result
 
 
@@ -320,6 +351,17 @@ def format_query_bench(result: dict[str, Any], show: int = 8) -> str:
             p = probe[kind]
             line += f"   embeddings' class-mean probe {p['balanced_accuracy']:5.1f}% (chance {p['chance']:.1f}%)"
         lines.append(line)
+    binding = result.get("binding_probe")
+    if binding:
+        lines.append(
+            "swapped words: how far a query's embedding moves (0 = unseen, 1 = as far as an unrelated query; "
+            f"unrelated queries' cosine {binding['unrelated_cosine']:.2f}):"
+        )
+        names = {"trade": "two colours traded", "colour": "one colour changed", "garment": "one garment changed"}
+        for kind, name in names.items():
+            if kind in binding:
+                v = binding[kind]
+                lines.append(f"  {name:20s} {v['sensitivity']:.2f}  (cosine {v['cosine']:.3f}, {v['queries']} queries)")
     worst = sorted(result["rows"], key=lambda r: r["precision"])[:show]
     if worst:
         lines.append("hardest queries:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lgur.querybench import ANY, Query, embedding_probe, make_queries, matches, score
+from lgur.querybench import ANY, Query, binding_probe, embedding_probe, make_queries, matches, score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +83,36 @@ def test_the_two_sets_are_phrased_differently(people: list[dict]) -> None:
     check = {q.text for q in make_queries(people, 200, style="check")}
     assert len(default & check) < 20  # a few one-word queries ("jeans") may coincide
     assert any("looking for" in t or "+" in t for t in check) and not any("looking for" in t for t in default)
+
+
+class _WordsModel:
+    """A text model that embeds a query as its (hashed) words, or also its word pairs."""
+
+    def __init__(self, pairs: bool) -> None:
+        self.pairs = pairs
+
+    def tokenize(self, texts: list[str]) -> tuple[list[str], None]:
+        return texts, None
+
+    def embed_texts(self, texts: list[str], mask: None) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            words = text.lower().replace(",", " ").split()
+            units = words + ([" ".join(p) for p in zip(words, words[1:])] if self.pairs else [])
+            v = torch.zeros(512)
+            for u in units:
+                v[int(hashlib.md5(u.encode()).hexdigest(), 16) % 512] += 1.0
+            rows.append(torch.nn.functional.normalize(v, dim=0))
+        return torch.stack(rows)
+
+
+def test_binding_probe_sees_word_order_only_in_a_model_that_reads_it() -> None:
+    texts = ["man in a red jacket and blue jeans", "woman with black boots and a white backpack",
+             "guy in a grey hoodie", "lady in green shorts and yellow top"]  # fmt: skip
+    bag = binding_probe(_WordsModel(pairs=False), texts)
+    ordered = binding_probe(_WordsModel(pairs=True), texts)
+    assert bag["trade"]["queries"] == 3  # the queries with two different colours
+    assert bag["trade"]["sensitivity"] == pytest.approx(0.0, abs=1e-6)  # a bag of words cannot see a trade
+    assert ordered["trade"]["sensitivity"] > 0.2
+    for kind in ("colour", "garment"):
+        assert bag[kind]["queries"] == 4 and bag[kind]["sensitivity"] > 0.1

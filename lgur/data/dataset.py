@@ -146,13 +146,16 @@ def _colour_concept(run: str) -> str:
     return _COLOURS[run.split()[-1].lower()]  # "navy blue" is blue-ish navy: its last word decides
 
 
-def swapped_caption(caption: str, rng: np.random.Generator) -> str | None:
+SWAP_KINDS = ("trade", "colour", "garment")
+
+
+def swapped_caption(caption: str, rng: np.random.Generator, kinds: tuple[str, ...] = SWAP_KINDS) -> str | None:
     """A caption that is false for its image but uses the same words: a hard negative.
 
     One of: two colours of different things trade places ("red jacket, blue jeans" ->
     "blue jacket, red jeans"), one colour becomes another, or one garment becomes another
     of its kind (jacket -> hoodie). Such negatives teach which thing a colour belongs to,
-    which in-batch negatives rarely test. None when the caption names no colour or garment.
+    which in-batch negatives rarely test. `kinds` limits the choice; None when none applies.
     """
     colours = list(_COLOUR_RUN.finditer(caption))
     garments = list(_GARMENT_WORD.finditer(caption))
@@ -162,10 +165,11 @@ def swapped_caption(caption: str, rng: np.random.Generator) -> str | None:
         for b in colours[i + 1 :]
         if _colour_concept(a.group()) != _colour_concept(b.group())
     ]
-    kinds = (["trade"] if pairs else []) + (["colour"] if colours else []) + (["garment"] if garments else [])
-    if not kinds:
+    possible = {"trade": bool(pairs), "colour": bool(colours), "garment": bool(garments)}
+    usable = [k for k in kinds if possible[k]]
+    if not usable:
         return None
-    kind = kinds[int(rng.integers(len(kinds)))]
+    kind = usable[int(rng.integers(len(usable)))]
     if kind == "trade":
         a, b = pairs[int(rng.integers(len(pairs)))]
         edits = [(a, b.group()), (b, a.group())]
