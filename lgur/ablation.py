@@ -34,6 +34,7 @@ OPTIONS = {
     "without prototype diversity": {"prototype_diversity": 0.0},
     "without caption crops": {"caption_crops": 0.0},
     "with neighbour batches": {"samples": "neighbours"},
+    "with swapped-caption negatives": {"swaps_from_epoch": 2},
 }
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)
 
