@@ -35,6 +35,7 @@ OPTIONS = {
     "without caption crops": {"caption_crops": 0.0},
     "with neighbour batches": {"samples": "neighbours"},
     "with swapped-caption negatives": {"swaps_from_epoch": 2},
+    "with foreground-weighted prototypes": {"model_overrides": {"pgu_foreground": True}},
 }
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)
 

@@ -62,6 +62,9 @@ class LGURConfig:
     pgu_ffn_dim: int = 512
     part_dim: int = 512  # per-prototype projection width; embedding = num_prototypes * part_dim
     dropout: float = 0.1
+    # Not in the paper: the prototypes attend to image patches in proportion to the foreground
+    # weight m (log m added to their attention logits), so no prototype spends itself on background.
+    pgu_foreground: bool = False
     # Ablation switches: the global dual-encoder baseline turns both off.
     use_dga: bool = True
     use_pgu: bool = True

@@ -6,6 +6,7 @@ the cross-attention can return them; the fast path uses fused attention instead.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,8 +34,10 @@ class CrossAttention(nn.Module):
         memory: Tensor,
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
+        memory_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, N, D); memory: (B, M, D) or (M, D) shared by the batch; memory_mask: (B, M), True = valid.
+        """x: (B, N, D); memory: (B, M, D) or (M, D) shared by the batch; memory_mask: (B, M), True = valid;
+        memory_bias: (B, M) added to every query's attention logits (e.g. a log prior over positions).
 
         Returns the output (B, N, D) and, if asked, the weights (B, H, N, M).
         """
@@ -43,11 +46,16 @@ class CrossAttention(nn.Module):
         if memory.dim() == 2:  # a shared memory (the dictionary): project once, broadcast
             k, v = k.unsqueeze(0).expand(q.shape[0], -1, -1, -1), v.unsqueeze(0).expand(q.shape[0], -1, -1, -1)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
+        if memory_bias is not None:  # an additive mask: the bias, -inf where masked
+            bias = memory_bias[:, None, None, :].to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         drop = self.dropout if self.training else 0.0
         if need_weights:
             logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-            if mask is not None:
+            if mask is not None and mask.dtype == torch.bool:
                 logits = logits.masked_fill(~mask, float("-inf"))
+            elif mask is not None:
+                logits = logits + mask
             weights = logits.softmax(dim=-1)
             out = F.dropout(weights, drop, self.training) @ v
         else:

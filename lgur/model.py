@@ -138,12 +138,19 @@ class LGUR(nn.Module):
             return TrainOutputs(image=self.pgu(patches, None, need_weights), text=text)
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches)
+        bias = self._foreground_bias(image_dictionary.foreground)
         return TrainOutputs(
-            image=self.pgu(guided.features, None, need_weights),
+            image=self.pgu(guided.features, None, need_weights, bias),
             text=text,
-            image_dictionary=self.pgu(image_dictionary.features, None, need_weights),
+            image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias),
             text_dictionary=text_dictionary,
         )
+
+    def _foreground_bias(self, foreground: Tensor | None) -> Tensor | None:
+        """log m as the prototypes' attention prior over patches (pgu_foreground), else None."""
+        if not self.config.pgu_foreground or foreground is None:
+            return None
+        return foreground.clamp(min=1e-4).log()
 
     def text_branches(self, words: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Parts, Parts | None]:
         """Word features (B, T, D) -> parts of the raw text branch and of the dictionary branch (None without DGA)."""
@@ -159,7 +166,7 @@ class LGUR(nn.Module):
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
             patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
-        parts = self.pgu(patches, None, need_weights)
+        parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground))
         return ImageExplanation(
             parts.embedding,
             parts.vectors,

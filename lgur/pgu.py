@@ -28,9 +28,11 @@ class PrototypeDecoderLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout)
 
     def forward(
-        self, queries: Tensor, memory: Tensor, mask: Tensor | None, need_weights: bool
+        self, queries: Tensor, memory: Tensor, mask: Tensor | None, need_weights: bool, bias: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attention(self.query_norm(queries), self.memory_norm(memory), mask, need_weights)
+        attended, weights = self.attention(
+            self.query_norm(queries), self.memory_norm(memory), mask, need_weights, memory_bias=bias
+        )
         queries = queries + attended
         return queries + self.ffn(self.ffn_norm(queries)), weights
 
@@ -67,12 +69,15 @@ class PGU(nn.Module):
         # One bias-free projection per prototype, shared by both modalities: (P, D, part_dim).
         self.projections = nn.Parameter(torch.randn(num_prototypes, dim, part_dim) * dim**-0.5)
 
-    def forward(self, features: Tensor, mask: Tensor | None = None, need_weights: bool = False) -> Parts:
-        """features: (B, L, D); mask: (B, L), True = valid (None for image patches)."""
+    def forward(
+        self, features: Tensor, mask: Tensor | None = None, need_weights: bool = False, bias: Tensor | None = None
+    ) -> Parts:
+        """features: (B, L, D); mask: (B, L), True = valid (None for image patches); bias: (B, L) added to
+        the prototypes' attention logits (the log foreground weight, with pgu_foreground)."""
         queries = self.prototypes.unsqueeze(0).expand(features.shape[0], -1, -1)
         attention = []
         for layer in self.layers:
-            queries, weights = layer(queries, features, mask, need_weights)
+            queries, weights = layer(queries, features, mask, need_weights, bias)
             attention.append(weights)
         vectors = torch.einsum("bpd,pde->bpe", self.norm(queries), self.projections)
         return Parts(vectors, attention if need_weights else None)
@@ -86,6 +91,8 @@ class GlobalPooling(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.projection = nn.Linear(dim, part_dim, bias=False)
 
-    def forward(self, features: Tensor, mask: Tensor | None = None, need_weights: bool = False) -> Parts:
+    def forward(
+        self, features: Tensor, mask: Tensor | None = None, need_weights: bool = False, bias: Tensor | None = None
+    ) -> Parts:
         pooled = masked_mean(features, mask)  # (B, D)
         return Parts(self.projection(self.norm(pooled)).unsqueeze(1), None)

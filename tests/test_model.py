@@ -193,3 +193,40 @@ def test_prototype_overlap_and_the_diversity_option() -> None:
         losses["total"].backward()
         optimizer.step()
     assert overlaps[-1] < overlaps[0] - 0.05, overlaps
+
+
+def test_attention_bias_is_a_log_prior_over_the_memory() -> None:
+    from lgur.layers import CrossAttention
+
+    torch.manual_seed(0)
+    attention = CrossAttention(dim=8, heads=2, head_dim=4).eval()
+    x, memory = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    prior = torch.rand(3, 7) + 0.05  # e.g. foreground weights m
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[1, 5:] = False
+    _, plain = attention(x, memory, valid, need_weights=True)
+    out, biased = attention(x, memory, valid, need_weights=True, memory_bias=prior.log())
+    expected = plain * prior[:, None, None, :]
+    expected = expected / expected.sum(-1, keepdim=True)  # softmax(logits + log m) = w * m, renormalised
+    assert torch.allclose(biased, expected, atol=1e-6)
+    assert (biased[1, ..., 5:] == 0).all()  # masked positions stay masked
+    fused, _ = attention(x, memory, valid, need_weights=False, memory_bias=prior.log())
+    assert torch.allclose(out, fused, atol=1e-5)  # the fused path agrees
+
+
+def test_foreground_prior_changes_only_the_image_side() -> None:
+    torch.manual_seed(0)
+    plain = LGUR(tiny_config()).eval()
+    with_prior = LGUR(tiny_config(pgu_foreground=True)).eval()
+    with_prior.load_state_dict(plain.state_dict())  # the option adds no weights
+    images = random_images(plain, 2)
+    ids, mask = plain.tokenize(CAPTIONS[:2])
+    with torch.no_grad():
+        assert torch.equal(plain.embed_texts(ids, mask), with_prior.embed_texts(ids, mask))
+        a, b = plain.explain_images(images), with_prior.explain_images(images)
+    assert not torch.allclose(a.embedding, b.embedding)
+
+    def foreground_mass(e) -> torch.Tensor:  # prototypes' attention mass weighted by m
+        return (e.prototype_attention[:, -1].mean(1) * e.foreground[:, None, :]).sum(-1).mean()
+
+    assert foreground_mass(b) > foreground_mass(a)
