@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -235,6 +237,7 @@ class TextEncoder(nn.Module):
         hidden = self.backbone.config.hidden_size
         self.lstm = nn.LSTM(hidden, dim, num_layers=1, bias=False, batch_first=True, bidirectional=True)
         self._fingerprint: str | None = None
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
@@ -247,11 +250,16 @@ class TextEncoder(nn.Module):
         self.backbone.eval()  # frozen: never dropout
         return self
 
+    def encode(self, texts: list[str], **options: Any) -> Any:
+        """The tokenizer's output for `texts`, one call at a time: a fast tokenizer keeps its padding
+        and truncation settings in shared state, so concurrent calls (the app's background atlas
+        and a search) with different settings would corrupt each other's batches."""
+        with self._tokenizer_lock:
+            return self.tokenizer(list(texts), **options)
+
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """-> token ids (B, T) and mask (B, T), True = real token; capped at max_length."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        batch = self.encode(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"].bool()
 
     @torch.no_grad()

@@ -122,7 +122,6 @@ def explanation_quality(
     side = json.loads((data / "synthetic_attributes.json").read_text())
     size, grid = model.config.image.img_size, model.image_encoder.grid
     model.eval()
-    tokenizer = model.text_encoder.tokenizer
     fg_scores, fg_labels, overlaps = [], [], []
     pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
     atoms_match, atoms_other = [], []
@@ -137,8 +136,8 @@ def explanation_quality(
             overlaps.append(prototype_overlap(explained.prototype_attention[:, -1]))
         # every caption of the chunk with its own image
         captions = [(i, c) for i, a in enumerate(chunk) for c in a["captions"]]
-        encoded = tokenizer([c for _, c in captions], padding=True, truncation=True,
-                            max_length=model.text_encoder.max_length, return_tensors="pt")  # fmt: skip
+        encoded = model.text_encoder.encode([c for _, c in captions], padding=True, truncation=True,
+                                            max_length=model.text_encoder.max_length, return_tensors="pt")  # fmt: skip
         ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
         owner = torch.tensor([i for i, _ in captions])
         guidance = None

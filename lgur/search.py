@@ -236,10 +236,9 @@ class SearchEngine:
             if text in self._cache:
                 self._cache.move_to_end(text)
                 return self._cache[text]
-        tokenizer = self.model.text_encoder.tokenizer
         max_length = self.model.text_encoder.max_length
         # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
-        encoded = tokenizer([text], truncation=False, return_offsets_mapping=True, verbose=False)
+        encoded = self.model.text_encoder.encode([text], truncation=False, return_offsets_mapping=True, verbose=False)
         token_ids, word_ids, offsets = encoded["input_ids"][0], encoded.word_ids(0), encoded["offset_mapping"][0]
         truncated = len(token_ids) > max_length
         if truncated:
@@ -395,11 +394,11 @@ class SearchEngine:
         texts = [c for m in self.manifest.values() for c in m.get("captions", [])][:captions]
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
-        tokenizer = self.model.text_encoder.tokenizer
+        encoder = self.model.text_encoder
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
-            encoded = tokenizer(batch, truncation=True, max_length=self.model.text_encoder.max_length,
-                                padding=True, return_offsets_mapping=True)  # fmt: skip
+            encoded = encoder.encode(batch, truncation=True, max_length=encoder.max_length, padding=True,
+                                     return_offsets_mapping=True)  # fmt: skip
             ids = torch.tensor(encoded["input_ids"])
             mask = torch.tensor(encoded["attention_mask"], dtype=torch.bool)
             weights = self.model.explain_texts(mask, ids).dictionary_weights.mean(1).numpy()  # (B, T, atoms)

@@ -230,3 +230,36 @@ def test_foreground_prior_changes_only_the_image_side() -> None:
         return (e.prototype_attention[:, -1].mean(1) * e.foreground[:, None, :]).sum(-1).mean()
 
     assert foreground_mass(b) > foreground_mass(a)
+
+
+def test_tokenizer_calls_from_two_threads_do_not_corrupt_each_other() -> None:
+    """The app builds the atom atlas's word table in a background thread while searches run."""
+    import threading
+
+    from lgur.encoders import TextEncoder
+
+    encoder = TextEncoder(tiny_config().text, 32)
+    batch = [CAPTIONS[i % len(CAPTIONS)] * (1 + i % 3) for i in range(16)]  # different lengths
+    errors: list[BaseException] = []
+
+    def padded() -> None:
+        try:
+            for _ in range(150):
+                ids = encoder.encode(batch, padding=True, truncation=True, max_length=32)["input_ids"]
+                assert len({len(row) for row in ids}) == 1, "a padded batch came back ragged"
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def unpadded() -> None:
+        try:
+            for _ in range(150):
+                encoder.encode([CAPTIONS[0] * 4], truncation=False, verbose=False)
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=padded), threading.Thread(target=unpadded)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
