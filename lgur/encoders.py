@@ -210,6 +210,10 @@ def resolve_text_encoder(config: TextEncoderConfig) -> ResolvedTextEncoder:
     return ResolvedTextEncoder(backbone, AutoTokenizer.from_pretrained(vocab), "random-init", config.name)
 
 
+# One lock for every tokenizer call (a module-level lock also keeps models deep-copyable).
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def fingerprint(module: nn.Module) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes: identifies frozen weights."""
     digest = hashlib.sha256()
@@ -237,7 +241,6 @@ class TextEncoder(nn.Module):
         hidden = self.backbone.config.hidden_size
         self.lstm = nn.LSTM(hidden, dim, num_layers=1, bias=False, batch_first=True, bidirectional=True)
         self._fingerprint: str | None = None
-        self._tokenizer_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
@@ -254,7 +257,7 @@ class TextEncoder(nn.Module):
         """The tokenizer's output for `texts`, one call at a time: a fast tokenizer keeps its padding
         and truncation settings in shared state, so concurrent calls (the app's background atlas
         and a search) with different settings would corrupt each other's batches."""
-        with self._tokenizer_lock:
+        with _TOKENIZER_LOCK:
             return self.tokenizer(list(texts), **options)
 
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
