@@ -264,6 +264,32 @@ def epoch_order(
     return random_caption(torch.cat(picks))
 
 
+def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) -> None:
+    """A second stage: the weights (identity classifier included) and SDM temperature of cfg.init_from.
+
+    The checkpoint must be of the same model; a CNN trunk may change its input size, and then its
+    learned positions are resampled to the new grid.
+    """
+    initial, card = load_checkpoint(cfg.init_from, cfg.text_encoder_path)
+    weights = initial.state_dict()
+    old, new = initial.config.to_dict(), model.config.to_dict()
+    old_grid, new_grid = initial.config.image.grid, model.config.image.grid
+    for c in (old, new):
+        c["image"].pop("img_size")
+    if initial.classifier is None or old != new or (old_grid != new_grid and model.config.image.kind != "cnn"):
+        raise ValueError(
+            f"{cfg.init_from}: a second stage starts from a checkpoint of the same model (a CNN trunk may change "
+            "its input size) with its identity classifier (a run's last.safetensors, trained on the same data)"
+        )
+    if old_grid != new_grid:
+        key = "image_encoder.position"
+        weights[key] = resize_position_embedding(weights[key], old_grid, new_grid)
+    model.load_state_dict(weights)
+    scale = card.get("training_state", {}).get("logit_scale")
+    if criterion.logit_scale is not None and scale is not None:
+        criterion.logit_scale.data.fill_(scale)
+
+
 def split_records(records: list[Record], seed: int) -> dict[str, list[Record]]:
     splits: dict[str, list[Record]] = {}
     for r in records:
@@ -381,24 +407,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     last = out / "last.safetensors"
     resuming = last.is_file() and (out / "last_optimizer.safetensors").is_file()
     if cfg.init_from and not resuming:
-        initial, initial_card = load_checkpoint(cfg.init_from, cfg.text_encoder_path)
-        weights = initial.state_dict()
-        old, new = initial.config.to_dict(), model_config.to_dict()
-        old_grid, new_grid = initial.config.image.grid, model_config.image.grid
-        for c in (old, new):  # the input size may change: a CNN trunk reads any size
-            c["image"].pop("img_size")
-        if initial.classifier is None or old != new or (old_grid != new_grid and model_config.image.kind != "cnn"):
-            raise ValueError(
-                f"{cfg.init_from}: a second stage starts from a checkpoint of the same model (a CNN trunk may change "
-                "its input size) with its identity classifier (a run's last.safetensors, trained on the same data)"
-            )
-        if old_grid != new_grid:  # positions resampled to the new grid
-            key = "image_encoder.position"
-            weights[key] = resize_position_embedding(weights[key], old_grid, new_grid)
-        model.load_state_dict(weights)
-        scale = initial_card.get("training_state", {}).get("logit_scale")
-        if criterion.logit_scale is not None and scale is not None:
-            criterion.logit_scale.data.fill_(scale)
+        start_from_checkpoint(model, criterion, cfg)
         if main:
             log.info("second stage from %s", cfg.init_from)
     if resuming:
