@@ -36,6 +36,7 @@ OPTIONS = {
     "with neighbour batches": {"samples": "neighbours"},
     "with swapped-caption negatives": {"swaps_from_epoch": 2},
     "with foreground-weighted prototypes": {"model_overrides": {"pgu_foreground": True}},
+    "with one identity classifier on the whole embedding": {"model_overrides": {"identity_classifier": "whole"}},
 }
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)
 

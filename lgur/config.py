@@ -65,6 +65,10 @@ class LGURConfig:
     # Not in the paper: the prototypes attend to image patches in proportion to the foreground
     # weight m (log m added to their attention logits), so no prototype spends itself on background.
     pgu_foreground: bool = False
+    # Identity classification: "parts", one classifier per prototype (paper), so every part must
+    # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
+    # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.
+    identity_classifier: str = "parts"
     # Ablation switches: the global dual-encoder baseline turns both off.
     use_dga: bool = True
     use_pgu: bool = True

@@ -17,7 +17,8 @@ from .model import IdentityClassifier, TrainOutputs
 
 
 def identity_loss(classifier: IdentityClassifier, parts: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of each prototype's identity classifier. parts: (B, P, part_dim)."""
+    """Mean cross-entropy of each prototype's identity classifier (or of the one over all parts).
+    parts: (B, P, part_dim)."""
     logits = classifier(parts)  # (B, P, C)
     return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
 

@@ -68,14 +68,19 @@ def _stack_attention(parts: Parts) -> Tensor | None:
 
 
 class IdentityClassifier(nn.Module):
-    """One bias-free identity classifier per prototype, shared by both modalities."""
+    """One bias-free identity classifier per prototype, shared by both modalities (paper); or,
+    with whole=True, one classifier over the concatenated parts (not in the paper)."""
 
-    def __init__(self, num_parts: int, part_dim: int, num_identities: int) -> None:
+    def __init__(self, num_parts: int, part_dim: int, num_identities: int, whole: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_parts, part_dim, num_identities) * part_dim**-0.5)
+        self.whole = whole
+        rows, width = (1, num_parts * part_dim) if whole else (num_parts, part_dim)
+        self.weight = nn.Parameter(torch.randn(rows, width, num_identities) * width**-0.5)
 
     def forward(self, parts: Tensor) -> Tensor:
-        return torch.einsum("bpe,pec->bpc", parts, self.weight)  # (B, P, identities)
+        if self.whole:
+            parts = parts.flatten(1).unsqueeze(1)  # (B, 1, P * part_dim)
+        return torch.einsum("bpe,pec->bpc", parts, self.weight)  # (B, P or 1, identities)
 
 
 class LGUR(nn.Module):
@@ -104,7 +109,10 @@ class LGUR(nn.Module):
         else:
             self.pgu = GlobalPooling(c.dim, c.part_dim)
         num_parts = c.num_prototypes if c.use_pgu else 1
-        self.classifier = IdentityClassifier(num_parts, c.part_dim, num_identities) if num_identities else None
+        if c.identity_classifier not in ("parts", "whole"):
+            raise ValueError(f"identity_classifier must be 'parts' or 'whole', not {c.identity_classifier!r}")
+        whole = c.identity_classifier == "whole"
+        self.classifier = IdentityClassifier(num_parts, c.part_dim, num_identities, whole) if num_identities else None
 
     # -- features -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:

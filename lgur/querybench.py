@@ -294,6 +294,45 @@ def binding_probe(model: Any, texts: list[str], seed: int = 0) -> dict[str, Any]
     return result
 
 
+# Descriptions of four things, in two orders (so a thing's position in the sentence is not
+# what the probe measures); {0}-{3}: the colours of the top, bottom, shoes and bag.
+_THING_TEMPLATES = (
+    "a man wearing a {0} jacket, {1} jeans and {2} sneakers. he carries a {3} backpack.",
+    "a woman with a {3} handbag, {2} boots, a {1} skirt and a {0} sweater.",
+)
+THINGS = ("top", "bottom", "shoes", "bag")
+_PROBE_COLOURS = ("black", "white", "grey", "red", "blue", "green", "yellow", "pink", "purple", "brown")
+
+
+def colour_sensitivity(model: Any, count: int = 100, seed: int = 0) -> dict[str, float]:
+    """Which thing's colour the text embedding sees: for each of top, bottom, shoes and bag, how
+    far a description's embedding moves when that thing's colour alone changes, as a share of how
+    far it is from a description with every colour different (0: that colour is ignored)."""
+    rng = np.random.default_rng(seed)
+    base, changed = [], {thing: [] for thing in THINGS}
+    for i in range(count):
+        template = _THING_TEMPLATES[i % len(_THING_TEMPLATES)]
+        colours = [str(c) for c in rng.choice(_PROBE_COLOURS, size=4, replace=False)]
+        base.append(template.format(*colours))
+        for k, thing in enumerate(THINGS):
+            other = [c for c in _PROBE_COLOURS if c not in colours]
+            changed[thing].append(
+                template.format(*colours[:k], other[int(rng.integers(len(other)))], *colours[k + 1 :])
+            )
+
+    def embed(batch: list[str]) -> Tensor:
+        ids, mask = model.tokenize(batch)
+        return model.embed_texts(ids, mask)
+
+    original = embed(base)
+    # the next description of the same template: every colour differs or moves
+    unrelated = 1 - (original * original.roll(len(_THING_TEMPLATES), dims=0)).sum(1)
+    return {
+        thing: float(((1 - (original * embed(changed[thing])).sum(1)) / unrelated.clamp(min=1e-6)).mean())
+        for thing in THINGS
+    }
+
+
 @torch.inference_mode()
 def run_query_bench(
     checkpoint: str | Path,
@@ -306,7 +345,8 @@ def run_query_bench(
     """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them.
 
     probe: also measure which attribute kinds the gallery embeddings carry (embedding_probe), and
-    how far the query embeddings move when colours or garments are swapped (binding_probe).
+    how far the query embeddings move when colours or garments are swapped (binding_probe), and
+    when one thing's colour changes (colour_sensitivity).
     """
     from .checkpoint import load_checkpoint
     from .evaluate import image_embeddings
@@ -331,6 +371,7 @@ def run_query_bench(
         identities = [int(m["identity"]) for m in manifest]
         result["embedding_probe"] = embedding_probe(gallery_embeddings, people, identities, kinds)
         result["binding_probe"] = binding_probe(model, [q.text for q in queries], seed)
+        result["colour_sensitivity"] = colour_sensitivity(model, seed=seed)
     return {"checkpoint": str(checkpoint), "gallery": str(gallery), "set": style, "seed": seed} | result
 
 
@@ -362,6 +403,12 @@ def format_query_bench(result: dict[str, Any], show: int = 8) -> str:
             if kind in binding:
                 v = binding[kind]
                 lines.append(f"  {name:20s} {v['sensitivity']:.2f}  (cosine {v['cosine']:.3f}, {v['queries']} queries)")
+    sensitivity = result.get("colour_sensitivity")
+    if sensitivity:
+        lines.append(
+            "one thing's colour changed in a four-thing description (0 = unseen, 1 = as far as every colour changed): "
+            + ", ".join(f"{thing} {v:.2f}" for thing, v in sensitivity.items())
+        )
     worst = sorted(result["rows"], key=lambda r: r["precision"])[:show]
     if worst:
         lines.append("hardest queries:")

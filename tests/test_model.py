@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lgur.config import preset
-from lgur.losses import LGURLoss, triplet_ranking_loss
+from lgur.losses import LGURLoss, identity_loss, triplet_ranking_loss
 from lgur.model import LGUR
 from tests.conftest import CAPTIONS, random_images, tiny_config
 
@@ -259,3 +260,21 @@ def test_tokenizer_calls_from_two_threads_never_overlap() -> None:
     for t in threads:
         t.join()
     assert len(overlaps) == 100 and not any(overlaps)
+
+
+def test_whole_identity_classifier_is_one_linear_map_over_the_concatenated_parts() -> None:
+    torch.manual_seed(0)
+    per_part = LGUR(tiny_config(), num_identities=5)
+    whole = LGUR(tiny_config(identity_classifier="whole"), num_identities=5)
+    parts = torch.randn(3, per_part.config.num_prototypes, per_part.config.part_dim)
+    labels = torch.tensor([0, 4, 2])
+    assert per_part.classifier(parts).shape == (3, per_part.config.num_prototypes, 5)
+    logits = whole.classifier(parts)
+    assert logits.shape == (3, 1, 5)
+    weight = whole.classifier.weight[0]  # (P * part_dim, identities)
+    torch.testing.assert_close(logits[:, 0], parts.flatten(1) @ weight)
+    torch.testing.assert_close(
+        identity_loss(whole.classifier, parts, labels), F.cross_entropy(parts.flatten(1) @ weight, labels)
+    )
+    with pytest.raises(ValueError, match="identity_classifier"):
+        LGUR(tiny_config(identity_classifier="per-word"))

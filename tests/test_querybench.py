@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lgur.querybench import ANY, Query, binding_probe, embedding_probe, make_queries, matches, score
+from lgur.querybench import ANY, Query, binding_probe, colour_sensitivity, embedding_probe, make_queries, matches, score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +117,19 @@ def test_binding_probe_sees_word_order_only_in_a_model_that_reads_it() -> None:
     assert ordered["trade"]["sensitivity"] > 0.2
     for kind in ("colour", "garment"):
         assert bag[kind]["queries"] == 4 and bag[kind]["sensitivity"] > 0.1
+
+
+class _ShoeBlindModel(_WordsModel):
+    """Reads every word except the colour of shoes."""
+
+    def embed_texts(self, texts: list[str], mask: None) -> torch.Tensor:
+        return super().embed_texts([re.sub(r"\w+ (sneakers|boots)", r"\1", t) for t in texts], mask)
+
+
+def test_colour_sensitivity_finds_the_thing_whose_colour_is_ignored() -> None:
+    seeing = colour_sensitivity(_WordsModel(pairs=True), count=20)
+    blind = colour_sensitivity(_ShoeBlindModel(pairs=True), count=20)
+    assert set(seeing) == {"top", "bottom", "shoes", "bag"}
+    assert min(seeing.values()) > 0.1
+    assert blind["shoes"] == pytest.approx(0.0, abs=1e-6)
+    assert min(blind[t] for t in ("top", "bottom", "bag")) > 0.1
