@@ -179,7 +179,7 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
     from .quality import explanation_quality, format_quality
 
     model, _ = load_checkpoint(args.checkpoint)
-    result = explanation_quality(model, args.data, args.split, args.limit)
+    result = explanation_quality(model, args.data, args.split, args.limit, details=args.details)
     print(json.dumps(result, indent=2) if args.json else format_quality(result))
     _write_json(result, args.out)
     return 0
@@ -341,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--data", required=True, help="a world folder written by `synth`")
     quality.add_argument("--split", default="test")
     quality.add_argument("--limit", type=int, help="only the first N images")
+    quality.add_argument(
+        "--details",
+        action="store_true",
+        help="also probe which attributes the encoder's part features and the embedding carry",
+    )
     quality.add_argument("--json", action="store_true")
     quality.add_argument("--out", help="also write the JSON here")
     quality.set_defaults(func=cmd_explain_quality)

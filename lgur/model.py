@@ -36,6 +36,7 @@ class ImageExplanation:
     dictionary_weights: Tensor | None  # (B, H, N, atoms)
     foreground: Tensor | None  # (B, N) foreground weight m per patch
     grid: tuple[int, int]  # (rows, cols) of the patch grid, N = rows * cols
+    patch_features: Tensor | None = None  # (B, N, D) the image encoder's output, before DGA
 
     @property
     def atom_histogram(self) -> Tensor | None:
@@ -169,7 +170,7 @@ class LGUR(nn.Module):
 
     # -- retrieval and explanations (dictionary branch) -------------------------------------
     def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:
-        patches = self.image_encoder(images)
+        patches = encoded = self.image_encoder(images)
         dictionary_weights = foreground = None
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
@@ -182,6 +183,7 @@ class LGUR(nn.Module):
             dictionary_weights,
             foreground,
             self.image_encoder.grid,
+            encoded if need_weights else None,
         )
 
     def explain_texts(

@@ -10,6 +10,9 @@
   share of the map's energy inside the part.
 - Shared dictionary: how many of their top-20 atoms a caption and an image share, for
   matching and for non-matching pairs.
+- Details kept (details=True): can a linear probe read an attribute (shoe colour, bag colour, ...)
+  from the image encoder's features over that part's patches, and from the retrieval embedding?
+  A detail the first has and the second lacks is lost on the way to the embedding.
 """
 
 from __future__ import annotations
@@ -42,6 +45,30 @@ PART_WORDS = {
 WORD_PART = {word: part for part, words in PART_WORDS.items() for word in words.split()}
 REGION_NAMES = {"background": "background", "hair/head": "head", "skin": "skin", "upper": "upper body",
                 "lower": "lower body", "shoes": "feet", "bag": "bag", "accessory": "accessories"}  # fmt: skip
+
+
+# attribute -> the part whose patches carry it (detail probe)
+DETAILS = {"top_colour": UPPER, "top_type": UPPER, "bottom_colour": LOWER, "shoe_colour": SHOES, "bag_colour": BAG}
+
+
+def linear_probe(features: np.ndarray, labels: list[str], groups: np.ndarray, ridge: float = 0.01) -> float:
+    """Balanced accuracy (%) of a ridge-regression classifier, 2-fold cross-validated with the
+    folds split by group (identity), so no person is both trained on and tested."""
+    classes = sorted(set(labels))
+    target = np.eye(len(classes))[[classes.index(v) for v in labels]]
+    x = np.asarray(features, dtype=np.float64)
+    fold = np.asarray(groups) % 2 == 0
+    scores = []
+    for train in (fold, ~fold):
+        if not train.any() or train.all():
+            continue
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        a = np.hstack([(x[train] - mean) / std, np.ones((train.sum(), 1))])
+        b = np.hstack([(x[~train] - mean) / std, np.ones(((~train).sum(), 1))])
+        w = np.linalg.solve(a.T @ a + ridge * len(a) * np.eye(a.shape[1]), a.T @ target[train])
+        predicted, true = (b @ w).argmax(1), target[~train].argmax(1)
+        scores.append(np.mean([np.mean(predicted[true == c] == c) for c in np.unique(true)]))
+    return 100 * float(np.mean(scores))
 
 
 def pointing_hit(word_map: np.ndarray, part_mask: np.ndarray, tolerance: int = 1) -> bool:
@@ -115,7 +142,12 @@ def patch_part_fractions(label_map: np.ndarray, grid: tuple[int, int]) -> np.nda
 
 @torch.inference_mode()
 def explanation_quality(
-    model: LGUR, data: str | Path, split: str = "test", limit: int | None = None, batch_size: int = 64
+    model: LGUR,
+    data: str | Path,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    details: bool = False,
 ) -> dict[str, Any]:
     data = Path(data)
     annotations = [a for a in json.loads((data / "reid_raw.json").read_text()) if a["split"] == split][:limit]
@@ -126,6 +158,9 @@ def explanation_quality(
     pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
     atoms_match, atoms_other = [], []
     rng = np.random.default_rng(0)
+    kept: dict[str, dict[str, list]] = {
+        kind: {"region": [], "embedding": [], "label": [], "group": []} for kind in DETAILS
+    }
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
     for start in range(0, len(annotations), batch_size):
@@ -155,6 +190,16 @@ def explanation_quality(
             with Image.open(data / side[a["file_path"]]["parts"]) as labels:
                 fractions = patch_part_fractions(np.asarray(labels), grid)  # (N, parts)
             fractions_of[i] = fractions
+            if details:
+                attributes = side[a["file_path"]]["attributes"]
+                for kind, part in DETAILS.items():
+                    weight = torch.from_numpy(fractions[:, part])
+                    if weight.sum() < 0.5 or attributes.get(kind) in (None, "none"):  # hardly visible
+                        continue
+                    region = (weight[:, None] * explained.patch_features[i]).sum(0) / weight.sum()
+                    for key, value in (("region", region.numpy()), ("embedding", explained.embedding[i].numpy()),
+                                       ("label", attributes[kind]), ("group", a["id"])):  # fmt: skip
+                        kept[kind][key].append(value)
             person = 1.0 - fractions[:, 0]
             area += fractions.mean(0)
             if explained.foreground is not None:
@@ -206,6 +251,17 @@ def explanation_quality(
                 for part, v in pointing.items()
                 if v
             },
+        }
+    if details:
+        result["details"] = {
+            kind: {
+                "region_features": linear_probe(np.stack(v["region"]), v["label"], np.array(v["group"])),
+                "embedding": linear_probe(np.stack(v["embedding"]), v["label"], np.array(v["group"])),
+                "chance": 100 / len(set(v["label"])),
+                "images": len(v["label"]),
+            }
+            for kind, v in kept.items()
+            if len(set(v["label"])) > 1
         }
     if atoms_match:
         match, other = torch.cat(atoms_match), torch.cat(atoms_other)
@@ -278,6 +334,15 @@ def format_quality(result: dict[str, Any]) -> str:
             f"shared dictionary: top-{sa['top']} atoms in common, caption vs its image {m['mean_shared']:.2f} "
             f"({m['any_shared']:.0f}% share any), vs another identity's image {o['mean_shared']:.2f} "
             f"({o['any_shared']:.0f}%)"
+        )
+    if "details" in result:
+        lines.append(
+            "details kept (linear probe, balanced accuracy: the image encoder's features over the part -> "
+            "the retrieval embedding, chance): "
+            + ", ".join(
+                f"{kind.replace('_', ' ')} {v['region_features']:.1f}% -> {v['embedding']:.1f}% ({v['chance']:.1f}%)"
+                for kind, v in result["details"].items()
+            )
         )
     parts = result["parts"]
     header = "| prototype | " + " | ".join(parts) + " |"

@@ -13,6 +13,7 @@ from lgur.quality import (
     energy_inside,
     explanation_quality,
     format_quality,
+    linear_probe,
     patch_part_fractions,
     pointing_hit,
     region_labels,
@@ -72,6 +73,26 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tiny_world) -> None:
     assert rows["prototypes"].startswith("P1 head, P2; overlap")
     text = format_quality(result)
     assert "prototype overlap" in text and "pointing game" in text and "shared dictionary" in text
+    assert "details" not in result  # only on request
+
+
+def test_detail_probe_on_a_tiny_world(tiny_model, tiny_world) -> None:
+    result = explanation_quality(tiny_model, tiny_world, "test", details=True)
+    assert "top_colour" in result["details"]
+    for v in result["details"].values():
+        assert 0 <= v["region_features"] <= 100 and 0 <= v["embedding"] <= 100 and v["images"] > 0
+    assert "details kept" in format_quality(result)
+
+
+def test_linear_probe_reads_an_encoded_label_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    labels = [str(c) for c in rng.integers(0, 4, 400)]
+    groups = np.arange(400) // 2  # two images per identity
+    noise = rng.normal(size=(400, 16))
+    encoded = noise.copy()
+    encoded[np.arange(400), [int(c) for c in labels]] += 3.0  # one dimension per class
+    assert linear_probe(encoded, labels, groups) > 90
+    assert abs(linear_probe(noise, labels, groups) - 25) < 10  # chance: 4 classes
 
 
 def test_pointing_game_on_a_hand_made_map() -> None:
