@@ -122,17 +122,24 @@ class Explorer:
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
         maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
         words = word_highlights(response.query, pi, li, hi)
+        relative = self.engine.relative_atoms
         chart = atom_chart(
-            response.query.atom_histogram, result.atom_histogram, result.salient_atoms, result.shared_atoms
-        )
+            response.query.atom_weights, result.atom_weights, result.salient_atoms, result.shared_atoms,
+            title="weight / average" if relative else "mean atom weight", reference=1.0 if relative else None,
+        )  # fmt: skip
         foreground = overlay(open_rgb(result.path), result.foreground, response.grid, alpha=0.55)
         best = result.strongest_part
         meta = result.metadata
         lines = [
             f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
             f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the score).",
-            "Atoms shared by the query's and the image's top 20: "
-            f"{', '.join(map(str, result.shared_atoms)) or 'none'}.",
+            (
+                "Atoms particular to both (in the top 20 of the query and of the image, by weight relative to the "
+                "average description and gallery image): "
+                if relative
+                else "Atoms shared by the query's and the image's top 20: "
+            )
+            + f"{', '.join(map(str, result.shared_atoms)) or 'none'}.",
         ]
         if meta.get("captions"):
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")

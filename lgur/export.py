@@ -29,10 +29,11 @@ def export_checkpoint(
     from .evaluate import record_in_card, score_test_splits
     from .quality import explanation_quality, format_quality
     from .querybench import format_query_bench, run_query_bench
+    from .search import text_atom_average
     from .train import split_records
 
     model, card = load_checkpoint(checkpoint)
-    keep: dict[str, Any] = {k: v for k, v in card.items() if k in ("training", "data", "vocabulary")}
+    keep: dict[str, Any] = {k: v for k, v in card.items() if k in ("training", "data", "vocabulary", "atom_average")}
     run = Path(checkpoint).parent / "result.json"
     if run.is_file():
         result = json.loads(run.read_text())
@@ -54,7 +55,11 @@ def export_checkpoint(
         records, _ = read_dataset(data)
         if "vocabulary" not in card:  # older runs: the words of the training captions
             card["vocabulary"] = caption_vocabulary([c for r in records if r.split == "train" for c in r.captions])
-        card |= score_test_splits(exported, data, split_records(records, seed=0), cache, path.parent / "cmc.png")
+        splits = split_records(records, seed=0)
+        average = text_atom_average(exported, [c for r in splits.get("val", []) for c in r.captions])
+        if average:  # of the exported weights: what the app's relative atom weights divide by
+            card["atom_average"] = average
+        card |= score_test_splits(exported, data, splits, cache, path.parent / "cmc.png")
         for name, m in card["metrics"].items():
             report(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
         if (Path(data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations

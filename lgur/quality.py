@@ -9,7 +9,8 @@
   (which patches read that word) fall on that part, with one patch of tolerance? Also the
   share of the map's energy inside the part.
 - Shared dictionary: how many of their top-20 atoms a caption and an image share, for
-  matching and for non-matching pairs.
+  matching and for non-matching pairs; by raw weight, and by weight relative to the average
+  caption's / image's (what the app ranks by: atoms every description uses say nothing).
 - Details kept (details=True): can a linear probe read an attribute (shoe colour, bag colour, ...)
   from the image encoder's features over that part's patches, and from the retrieval embedding?
   A detail the first has and the second lacks is lost on the way to the embedding.
@@ -30,7 +31,7 @@ from .data.dataset import normalize
 from .files import read_image
 from .losses import prototype_overlap
 from .model import LGUR
-from .search import TOP_ATOMS
+from .search import TOP_ATOMS, caption_atom_histograms
 from .synth.render import BAG, HAIR, LOWER, PARTS, SHOES, UPPER
 
 # Words that name one part (garments and accessories of the caption lexicon, held-out forms too).
@@ -89,6 +90,19 @@ def top_atom_overlap(a: Tensor, b: Tensor, k: int = TOP_ATOMS) -> Tensor:
     top_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
     top_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
     return (top_a & top_b).sum(1).float() / k
+
+
+def shared_atom_counts(texts: Tensor, images: Tensor, own: Tensor, other: Tensor, k: int = TOP_ATOMS) -> dict:
+    """Top-k atoms in common: each caption with its own image (`own`: image row per caption) and
+    with another identity's image (`other`; -1: no such pair)."""
+    match = top_atom_overlap(texts, images[own], k)
+    keep = other >= 0
+    mismatch = top_atom_overlap(texts[keep], images[other[keep]], k)
+
+    def summary(x: Tensor) -> dict[str, float]:
+        return {"mean_shared": float(x.mean() * k), "any_shared": 100 * float((x > 0).float().mean()), "pairs": len(x)}
+
+    return {"top": k, "matching_pairs": summary(match), "non_matching_pairs": summary(mismatch)}
 
 
 def region_labels(share: np.ndarray, area: np.ndarray, min_ratio: float = 2.0) -> dict[str, Any]:
@@ -156,7 +170,7 @@ def explanation_quality(
     model.eval()
     fg_scores, fg_labels, overlaps = [], [], []
     pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
-    atoms_match, atoms_other = [], []
+    caption_atoms, image_atoms, pair_image, other_image = [], [], [], []
     rng = np.random.default_rng(0)
     kept: dict[str, dict[str, list]] = {
         kind: {"region": [], "embedding": [], "label": [], "group": []} for kind in DETAILS
@@ -178,13 +192,13 @@ def explanation_quality(
         guidance = None
         if model.dga is not None:
             guidance = model.guidance_attention(normalize(images[owner]), ids, mask).mean(1)  # (C, N, T)
-            texts = model.explain_texts(mask, ids)
-            image_atoms = explained.atom_histogram  # (B, atoms)
-            atoms_match.append(top_atom_overlap(texts.atom_histogram, image_atoms[owner]))
-            other = torch.from_numpy((owner.numpy() + rng.integers(1, len(chunk), len(owner))) % len(chunk))
-            different = torch.tensor([chunk[o]["id"] != chunk[i]["id"] for o, i in zip(other.tolist(), owner.tolist())])
-            if different.any():
-                atoms_other.append(top_atom_overlap(texts.atom_histogram[different], image_atoms[other[different]]))
+            # as the app computes them: a caption's histogram is the mean over its words
+            caption_atoms.append(torch.from_numpy(caption_atom_histograms(model, [c for _, c in captions])))
+            image_atoms.append(explained.atom_histogram)  # (B, atoms)
+            other = (owner.numpy() + rng.integers(1, len(chunk), len(owner))) % len(chunk)
+            different = [chunk[o]["id"] != chunk[i]["id"] for o, i in zip(other.tolist(), owner.tolist())]
+            pair_image.append(owner + start)
+            other_image.append(torch.from_numpy(np.where(different, other + start, -1)))  # -1: same identity
         fractions_of = {}
         for i, a in enumerate(chunk):
             with Image.open(data / side[a["file_path"]]["parts"]) as labels:
@@ -263,21 +277,13 @@ def explanation_quality(
             for kind, v in kept.items()
             if len(set(v["label"])) > 1
         }
-    if atoms_match:
-        match, other = torch.cat(atoms_match), torch.cat(atoms_other)
-        result["shared_atoms"] = {
-            "top": TOP_ATOMS,
-            "matching_pairs": {
-                "mean_shared": float(match.mean() * TOP_ATOMS),
-                "any_shared": 100 * float((match > 0).float().mean()),
-                "pairs": len(match),
-            },
-            "non_matching_pairs": {
-                "mean_shared": float(other.mean() * TOP_ATOMS),
-                "any_shared": 100 * float((other > 0).float().mean()),
-                "pairs": len(other),
-            },
-        }
+    if caption_atoms:
+        texts, images = torch.cat(caption_atoms), torch.cat(image_atoms)
+        own, other = torch.cat(pair_image), torch.cat(other_image)
+        result["shared_atoms"] = shared_atom_counts(texts, images, own, other)
+        # relative to the average caption's and image's (as the app ranks atoms)
+        relative = texts / texts.mean(0).clamp(min=1e-6), images / images.mean(0).clamp(min=1e-6)
+        result["shared_atoms"]["relative"] = shared_atom_counts(*relative, own, other)
     return result
 
 
@@ -296,6 +302,10 @@ def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tupl
         sa = result["shared_atoms"]
         match, other = sa["matching_pairs"]["mean_shared"], sa["non_matching_pairs"]["mean_shared"]
         shared = f"{match:.1f} for a caption and its image, {other:.1f} for another person"
+        if "relative" in sa:  # what the app ranks atoms by
+            r = sa["relative"]
+            r_match, r_other = r["matching_pairs"]["mean_shared"], r["non_matching_pairs"]["mean_shared"]
+            shared = f"by weight relative to the average {r_match:.1f} vs {r_other:.1f}; by raw weight {shared}"
         rows.append(("shared dictionary", f"top-{sa['top']} atoms in common: {shared}"))
     return rows
 
@@ -329,12 +339,14 @@ def format_quality(result: dict[str, Any]) -> str:
         )
     if "shared_atoms" in result:
         sa = result["shared_atoms"]
-        m, o = sa["matching_pairs"], sa["non_matching_pairs"]
-        lines.append(
-            f"shared dictionary: top-{sa['top']} atoms in common, caption vs its image {m['mean_shared']:.2f} "
-            f"({m['any_shared']:.0f}% share any), vs another identity's image {o['mean_shared']:.2f} "
-            f"({o['any_shared']:.0f}%)"
-        )
+        for name, counts in (("raw weight", sa), ("weight relative to the average", sa.get("relative"))):
+            if counts:
+                m, o = counts["matching_pairs"], counts["non_matching_pairs"]
+                lines.append(
+                    f"shared dictionary, top-{sa['top']} atoms by {name}: caption vs its image {m['mean_shared']:.2f} "
+                    f"({m['any_shared']:.0f}% share any), vs another identity's image {o['mean_shared']:.2f} "
+                    f"({o['any_shared']:.0f}%)"
+                )
     if "details" in result:
         lines.append(
             "details kept (linear probe, balanced accuracy: the image encoder's features over the part -> "

@@ -63,6 +63,48 @@ def word_spans(word_ids: list[int | None]) -> list[list[int]]:
     return spans
 
 
+def word_atom_weights(per_token: np.ndarray, spans: list[list[int]]) -> np.ndarray:
+    """(T, atoms) token weights -> (W, atoms): each word's weights, averaged over its pieces."""
+    if not spans:
+        return per_token[:0]
+    return np.stack([per_token[s].mean(0) for s in spans])
+
+
+@torch.inference_mode()
+def caption_atom_histograms(model: LGUR, captions: list[str], batch_size: int = 128) -> np.ndarray:
+    """(C, atoms): each caption's atom histogram, computed as a query's is (mean over its words)."""
+    rows = []
+    for start in range(0, len(captions), batch_size):
+        batch = captions[start : start + batch_size]
+        encoded = model.text_encoder.encode(batch, padding=True, truncation=True,
+                                            max_length=model.text_encoder.max_length, return_tensors="pt")  # fmt: skip
+        ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
+        weights = model.explain_texts(mask, ids).dictionary_weights
+        if weights is None:
+            raise ValueError("this model has no dictionary")
+        per_token = weights.mean(1).numpy()  # (B, T, atoms)
+        for row in range(len(batch)):
+            words = word_atom_weights(per_token[row], word_spans(encoded.word_ids(row)))
+            rows.append(words.mean(0) if len(words) else np.zeros(per_token.shape[-1], np.float32))
+    return np.stack(rows)
+
+
+def text_atom_average(model: LGUR, captions: list[str]) -> dict[str, list[float]] | None:
+    """What a checkpoint card stores for relative_weights: the average caption's atom histogram
+    (over held-out captions, e.g. the validation split's). None without a dictionary."""
+    if model.dga is None or not captions:
+        return None
+    return {"text": [round(float(x), 7) for x in caption_atom_histograms(model, captions).mean(0)]}
+
+
+def relative_weights(histogram: np.ndarray, average: np.ndarray | None) -> np.ndarray:
+    """Atom weights relative to the average query's or gallery image's (1 = as usual): what sets
+    this one apart. The raw weights are dominated by atoms that every description or image
+    uses; the relative ones say which atoms are particular to it. None: the raw weights."""
+    weights = histogram.astype(np.float32)
+    return weights if average is None else weights / np.maximum(average.astype(np.float32), 1e-6)
+
+
 def top_atoms(histogram: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in np.argsort(-histogram)[:k]]
 
@@ -90,6 +132,7 @@ class QueryEncoding:
     word_attention: np.ndarray  # (L, H, P, W) PGU prototype attention summed over each word's pieces
     word_atoms: np.ndarray  # (W, atoms) DGA weights per word, averaged over heads and pieces
     atom_histogram: np.ndarray  # (atoms,) mean over the words
+    atom_weights: np.ndarray  # (atoms,) relative to the average query's (relative_weights)
     truncated: bool  # the query was longer than the text encoder reads
 
 
@@ -105,7 +148,8 @@ class SearchResult:
     prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid (float16)
     foreground: np.ndarray  # (N,) (float16)
     atom_histogram: np.ndarray  # (atoms,) foreground-weighted (float16)
-    shared_atoms: list[int]  # atoms in the top 20 of both this image and the query
+    atom_weights: np.ndarray  # (atoms,) relative to the average gallery image (relative_weights)
+    shared_atoms: list[int]  # in the top 20 of both this image and the query, by relative weight
     salient_atoms: list[int]  # the atoms that matter most to either (what the atom chart shows)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +233,22 @@ class SearchEngine:
         self._word_atoms: tuple[list[str], np.ndarray] | None = None
         self.vocabulary = frozenset(self.card.get("vocabulary", []))
         self.grid = model.image_encoder.grid
+        # The average caption's atom histogram, measured when the checkpoint was trained or exported.
+        average = self.card.get("atom_average", {}).get("text")
+        self.text_atom_average = np.asarray(average, np.float32) if average else None
+        self._image_atom_average: np.ndarray | None = None
+
+    @property
+    def relative_atoms(self) -> bool:
+        """Atoms are ranked by weight relative to the average (the card holds the average caption's)."""
+        return self.text_atom_average is not None
+
+    @property
+    def image_atom_average(self) -> np.ndarray | None:
+        """The gallery's average image atom histogram (None: an empty gallery, or raw weights)."""
+        if self._image_atom_average is None and len(self.index) and self.relative_atoms:
+            self._image_atom_average = self.index.arrays["atom_histogram"].astype(np.float32).mean(0)
+        return self._image_atom_average
 
     @classmethod
     def open(
@@ -226,6 +286,7 @@ class SearchEngine:
         self.index, report = update_index(
             self.model, self.index.checkpoint, self.gallery, self.index_dir, progress=progress
         )
+        self._image_atom_average = None  # the gallery changed
         return report
 
     # -- query side ------------------------------------------------------------------------
@@ -252,10 +313,10 @@ class SearchEngine:
         attention = attention[0].numpy() if attention is not None else np.zeros((1, 1, 1, ids.shape[1]))
         word_attention = np.stack([attention[..., s].sum(-1) for s in spans], -1) if spans else attention[..., :0]
         if explained.dictionary_weights is not None:
-            per_token = explained.dictionary_weights[0].mean(0).numpy()  # (T, atoms)
-            word_atoms = np.stack([per_token[s].mean(0) for s in spans]) if spans else per_token[:0]
+            word_atoms = word_atom_weights(explained.dictionary_weights[0].mean(0).numpy(), spans)  # (W, atoms)
         else:
             word_atoms = np.zeros((len(spans), 1), np.float32)
+        histogram = word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32)
         result = QueryEncoding(
             text=text,
             words=words,
@@ -265,7 +326,8 @@ class SearchEngine:
             parts=explained.parts[0].numpy(),
             word_attention=word_attention,
             word_atoms=word_atoms,
-            atom_histogram=word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32),
+            atom_histogram=histogram,
+            atom_weights=relative_weights(histogram, self.text_atom_average),
             truncated=truncated,
         )
         with self._cache_lock:
@@ -322,7 +384,7 @@ class SearchEngine:
             contribution = dots / (q_norm * np.linalg.norm(parts.reshape(-1)) + 1e-8)
             entry = index.entries[row]
             atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
-            weights = atoms.astype(np.float32)
+            weights = relative_weights(atoms, self.image_atom_average)
             shared = index is self.index
             results.append(
                 SearchResult(
@@ -337,8 +399,9 @@ class SearchEngine:
                     prototype_attention=index.arrays["prototype_attention"][row],
                     foreground=index.arrays["foreground"][row],
                     atom_histogram=atoms,
-                    shared_atoms=shared_atoms(query.atom_histogram, weights),
-                    salient_atoms=salient_atoms(query.atom_histogram, weights),
+                    atom_weights=weights,
+                    shared_atoms=shared_atoms(query.atom_weights, weights),
+                    salient_atoms=salient_atoms(query.atom_weights, weights),
                     metadata=self.manifest.get(entry.path, {}) if shared else {},
                 )
             )

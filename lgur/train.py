@@ -41,6 +41,7 @@ from .evaluate import evaluate_split, record_in_card, score_test_splits
 from .files import atomic_write_bytes
 from .losses import LGURLoss
 from .model import LGUR
+from .search import text_atom_average
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +521,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if main:
         best, card = load_checkpoint(out / "best.safetensors", cfg.text_encoder_path)
         scores = score_test_splits(best, cfg.data, splits, cache, out / "cmc.png")
-        record_in_card(out / "best.safetensors", card | scores)
+        average = text_atom_average(best.eval(), [c for r in splits["val"] for c in r.captions])
+        record_in_card(out / "best.safetensors", card | scores | ({"atom_average": average} if average else {}))
         result["metrics"] = scores["metrics"]
         result["total_seconds"] = time.perf_counter() - started
         atomic_write_bytes(out / "result.json", json.dumps(result, indent=2).encode())

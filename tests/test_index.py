@@ -185,6 +185,28 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
     assert guidance.shape == (engine.grid[0] * engine.grid[1], len(response.query.words))
 
 
+def test_atoms_are_ranked_relative_to_the_average_when_the_card_has_it(tiny_checkpoint: Path, gallery: Path) -> None:
+    from lgur.search import caption_atom_histograms, relative_weights, shared_atoms, text_atom_average
+
+    engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
+    text = "a man in a blue jacket with a black backpack"
+    assert not engine.relative_atoms  # the tiny card has no average: raw weights on both sides
+    raw = engine.search(text, k=3)
+    assert np.array_equal(raw.results[0].atom_weights, raw.results[0].atom_histogram.astype(np.float32))
+    # a caption's histogram is computed as a query's (mean over its words)
+    np.testing.assert_allclose(caption_atom_histograms(engine.model, [text])[0], raw.query.atom_histogram, atol=1e-5)
+
+    engine.text_atom_average = np.asarray(text_atom_average(engine.model, [text, "a woman in a red coat"])["text"])
+    engine.clear_cache()
+    response = engine.search(text, k=3)
+    gallery_average = engine.index.arrays["atom_histogram"].astype(np.float32).mean(0)
+    np.testing.assert_allclose(response.query.atom_weights, response.query.atom_histogram / engine.text_atom_average)
+    for r in response.results:
+        np.testing.assert_allclose(r.atom_weights, r.atom_histogram.astype(np.float32) / gallery_average, rtol=1e-5)
+        assert r.shared_atoms == shared_atoms(response.query.atom_weights, r.atom_weights)
+    assert np.array_equal(relative_weights(np.ones(3), None), np.ones(3))
+
+
 def test_queries_outside_the_training_vocabulary_are_flagged(tiny_checkpoint: Path, gallery: Path) -> None:
     engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
     assert engine.search("x" * 100 + " 🎒🎒", k=3).warning is None  # no vocabulary recorded: no claim made

@@ -68,6 +68,9 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tiny_world) -> None:
     test = [a for a in json.loads((tmp_path / "reid_raw.json").read_text()) if a["split"] == "test"]
     assert matching["pairs"] == sum(len(a["captions"]) for a in test)  # every caption with its own image
     assert other["pairs"] > 0
+    relative = result["shared_atoms"]["relative"]  # ranked as the app ranks them
+    assert relative["matching_pairs"]["pairs"] == matching["pairs"]
+    assert relative["non_matching_pairs"]["pairs"] == other["pairs"]
     rows = dict(summary_rows(result, "P1 head, P2"))  # what the app's Model tab shows
     assert set(rows) == {"prototypes", "guidance pointing game", "shared dictionary"}
     assert rows["prototypes"].startswith("P1 head, P2; overlap")
