@@ -212,16 +212,20 @@ class LGUR(nn.Module):
         """Token ids and mask (B, T) -> (B, E) unit-norm retrieval embeddings."""
         return self.explain_texts(mask, ids, need_weights=False).embedding
 
-    def guidance_attention(self, images: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    def guidance_attention(self, images: Tensor, ids: Tensor, mask: Tensor, weighted: bool = False) -> Tensor:
         """Cross-modality guidance for (image, caption) pairs: which words each patch reads.
 
-        Returns (B, H, N, T); padded words get zero weight.
+        Returns (B, H, N, T); padded words get zero weight. weighted: each patch's row times its
+        foreground weight m, as the guided features are R(V, T) * m: what each word contributes
+        to each patch, so a patch the model discounts shows little (rows then sum to m).
         """
         if self.dga is None:
             raise ValueError("this model has no DGA module, so no cross-modality guidance")
         patches = self.image_encoder(images)
         words = self.word_features(mask, ids)
-        return self.dga.guide_image(patches, words, mask, need_weights=True).weights  # masked softmax
+        guided = self.dga.guide_image(patches, words, mask, need_weights=True)
+        weights = guided.weights  # masked softmax over words
+        return weights * guided.foreground[:, None, :, None] if weighted else weights
 
     # -- bookkeeping ----------------------------------------------------------------------
     def trainable_state_dict(self, include_classifier: bool = False) -> dict[str, Tensor]:

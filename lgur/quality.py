@@ -6,8 +6,9 @@
   shows as a departure from area; each prototype's region label; their overlap.
 - Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
   word that names a garment or accessory of one part, does the peak of its guidance map
-  (which patches read that word) fall on that part, with one patch of tolerance? Also the
-  share of the map's energy inside the part.
+  (how much that word contributes to each patch: attention times the foreground weight m,
+  as the app shows it) fall on that part, with one patch of tolerance? Also the share of
+  the map's energy inside the part.
 - Shared dictionary: how many of their top-20 atoms a caption and an image share, for
   matching and for non-matching pairs; by raw weight, and by weight relative to the average
   caption's / image's (what the app ranks by: atoms every description uses say nothing).
@@ -191,7 +192,7 @@ def explanation_quality(
         owner = torch.tensor([i for i, _ in captions])
         guidance = None
         if model.dga is not None:
-            guidance = model.guidance_attention(normalize(images[owner]), ids, mask).mean(1)  # (C, N, T)
+            guidance = model.guidance_attention(normalize(images[owner]), ids, mask, weighted=True).mean(1)  # (C, N, T)
             # as the app computes them: a caption's histogram is the mean over its words
             caption_atoms.append(torch.from_numpy(caption_atom_histograms(model, [c for _, c in captions])))
             image_atoms.append(explained.atom_histogram)  # (B, atoms)

@@ -420,11 +420,11 @@ class SearchEngine:
 
     @torch.inference_mode()
     def guidance(self, query: QueryEncoding, image: str | Path) -> np.ndarray:
-        """Cross-modality guidance: (N, W) how much each patch of `image` (a result's path) reads each
-        query word (heads averaged)."""
+        """Cross-modality guidance: (N, W) how much each query word contributes to each patch of `image`
+        (a result's path): attention times the patch's foreground weight, heads averaged."""
         ids = torch.from_numpy(query.token_ids)[None]
         mask = torch.ones_like(ids, dtype=torch.bool)
-        weights = self.model.guidance_attention(self._images([image]), ids, mask)[0].mean(0).numpy()  # (N, T)
+        weights = self.model.guidance_attention(self._images([image]), ids, mask, weighted=True)[0].mean(0).numpy()
         return np.stack([weights[:, span].sum(-1) for span in query.spans], -1) if query.spans else weights[:, :0]
 
     @torch.inference_mode()

@@ -57,6 +57,8 @@ def test_attention_rows_sum_to_one(tiny_model: LGUR) -> None:
     assert torch.allclose(image.dictionary_weights.sum(-1), ones(image.dictionary_weights.sum(-1)), atol=1e-5)
     assert torch.allclose(text.prototype_attention.sum(-1), ones(text.prototype_attention.sum(-1)), atol=1e-5)
     assert torch.allclose(guidance.sum(-1), ones(guidance.sum(-1)), atol=1e-5)
+    weighted = tiny_model.guidance_attention(images, ids, mask, weighted=True)  # rows sum to m
+    torch.testing.assert_close(weighted.sum(-1), image.foreground[:, None, :].expand_as(weighted.sum(-1)))
     # Dictionary weights of real words sum to 1; padded positions carry none.
     row_sums = text.dictionary_weights.sum(-1)  # (B, H, T)
     valid = mask[:, None, :].expand_as(row_sums)

@@ -100,7 +100,9 @@ def test_training_learns_and_resume_is_exact(world: Path, tmp_path: Path) -> Non
     card = json.loads((run / "best.json").read_text())
     assert set(card["metrics"]) == {"test", "test-paraphrase"}
     assert "by_attribute" in card["metrics"]["test"] and "val" in card["training"]
-    assert len(card["atom_average"]["text"]) == card["config"]["num_atoms"]  # the app's relative atom weights divide by it
+    assert (
+        len(card["atom_average"]["text"]) == card["config"]["num_atoms"]
+    )  # the app's relative atom weights divide by it
 
 
 def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path: Path) -> None:
