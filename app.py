@@ -321,7 +321,11 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             with gr.Row():
                 word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
                 guidance = gr.Image(
-                    label="Regions that read this word", type="pil", scale=1, elem_id="guidance", format="jpeg"
+                    label="Regions this word feeds (their attention to it x foreground weight m)",
+                    type="pil",
+                    scale=1,
+                    elem_id="guidance",
+                    format="jpeg",
                 )
             with gr.Row():
                 chart_atom = gr.Dropdown([], label="What is an atom of the chart? Pick one (shared ones first)",
