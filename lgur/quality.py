@@ -32,7 +32,7 @@ from .data.dataset import normalize
 from .files import read_image
 from .losses import prototype_overlap
 from .model import LGUR
-from .search import TOP_ATOMS, caption_atom_histograms
+from .search import TOP_ATOMS, encoded_atom_histograms
 from .synth.render import BAG, HAIR, LOWER, PARTS, SHOES, UPPER
 
 # Words that name one part (garments and accessories of the caption lexicon, held-out forms too).
@@ -194,7 +194,7 @@ def explanation_quality(
         if model.dga is not None:
             guidance = model.guidance_attention(normalize(images[owner]), ids, mask, weighted=True).mean(1)  # (C, N, T)
             # as the app computes them: a caption's histogram is the mean over its words
-            caption_atoms.append(torch.from_numpy(caption_atom_histograms(model, [c for _, c in captions])))
+            caption_atoms.append(torch.from_numpy(encoded_atom_histograms(model, encoded)))
             image_atoms.append(explained.atom_histogram)  # (B, atoms)
             other = (owner.numpy() + rng.integers(1, len(chunk), len(owner))) % len(chunk)
             different = [chunk[o]["id"] != chunk[i]["id"] for o, i in zip(other.tolist(), owner.tolist())]

@@ -71,22 +71,28 @@ def word_atom_weights(per_token: np.ndarray, spans: list[list[int]]) -> np.ndarr
 
 
 @torch.inference_mode()
+def encoded_atom_histograms(model: LGUR, encoded: Any) -> np.ndarray:
+    """(B, atoms) for a tokenizer batch (TextEncoder.encode, tensors): each caption's atom histogram,
+    computed as a query's is (mean over its words)."""
+    weights = model.explain_texts(encoded["attention_mask"].bool(), encoded["input_ids"]).dictionary_weights
+    if weights is None:
+        raise ValueError("this model has no dictionary")
+    per_token = weights.mean(1).numpy()  # (B, T, atoms)
+    rows = []
+    for row in range(len(per_token)):
+        words = word_atom_weights(per_token[row], word_spans(encoded.word_ids(row)))
+        rows.append(words.mean(0) if len(words) else np.zeros(per_token.shape[-1], np.float32))
+    return np.stack(rows)
+
+
 def caption_atom_histograms(model: LGUR, captions: list[str], batch_size: int = 128) -> np.ndarray:
     """(C, atoms): each caption's atom histogram, computed as a query's is (mean over its words)."""
-    rows = []
-    for start in range(0, len(captions), batch_size):
-        batch = captions[start : start + batch_size]
-        encoded = model.text_encoder.encode(batch, padding=True, truncation=True,
-                                            max_length=model.text_encoder.max_length, return_tensors="pt")  # fmt: skip
-        ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
-        weights = model.explain_texts(mask, ids).dictionary_weights
-        if weights is None:
-            raise ValueError("this model has no dictionary")
-        per_token = weights.mean(1).numpy()  # (B, T, atoms)
-        for row in range(len(batch)):
-            words = word_atom_weights(per_token[row], word_spans(encoded.word_ids(row)))
-            rows.append(words.mean(0) if len(words) else np.zeros(per_token.shape[-1], np.float32))
-    return np.stack(rows)
+    encoder = model.text_encoder
+    return np.concatenate([
+        encoded_atom_histograms(model, encoder.encode(captions[start : start + batch_size], padding=True,
+                                truncation=True, max_length=encoder.max_length, return_tensors="pt"))
+        for start in range(0, len(captions), batch_size)
+    ])  # fmt: skip
 
 
 def text_atom_average(model: LGUR, captions: list[str]) -> dict[str, list[float]] | None:
