@@ -112,12 +112,16 @@ class Explorer:
 
     def explain(
         self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
-    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any]:
+    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any, Any, Any, str]:
         """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
-        the query's words (for the guidance map) and the chart's atoms (for the atlas)."""
+        the query's words with the guidance map of one, the chart's atoms with the atlas of one.
+
+        So that no panel opens empty, the guidance map shows the word the selected prototype reads
+        most, and the atlas the first atom both sides share (else the chart's first).
+        """
         if response is None or not response.results:
             empty = gr.update(choices=[], value=None)
-            return [], [], None, None, "", empty, empty
+            return [], [], None, None, "", empty, None, empty, [], ""
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
         maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
@@ -144,17 +148,23 @@ class Explorer:
         if meta.get("captions"):
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
         word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
+        word = word_choices[max(range(len(words)), key=lambda i: words[i][1])] if words else None
         shared = [a for a in result.salient_atoms if a in result.shared_atoms]
         atom_choices = [(f"{a} (shared)", str(a)) for a in shared]
         atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in shared]
+        atom = atom_choices[0][1] if atom_choices else None
+        atlas, atlas_words = self.atom_atlas(atom) if atom is not None else ([], "")
         return (
             maps,
             words,
             chart,
             foreground,
             "\n\n".join(lines),
-            gr.update(choices=word_choices, value=None),
-            gr.update(choices=atom_choices, value=None),
+            gr.update(choices=word_choices, value=word),
+            self.guidance(response, selected, word),
+            gr.update(choices=atom_choices, value=atom),
+            atlas,
+            atlas_words,
         )
 
     def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
@@ -336,7 +346,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                             elem_id="chart-atom-patches")  # fmt: skip
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
-            explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]
+            explain_outputs = [maps, words, chart, foreground, summary, word, guidance, chart_atom, chart_atom_patches,
+                               chart_atom_words]  # fmt: skip
 
             def on_search(q, n, la, he, pr, private):
                 items, text, response = explorer.search(q, n, private)
@@ -356,12 +367,13 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                            api_visibility="private")  # fmt: skip
             for control in (layer, head, prototype):
                 control.change(explorer.explain, explain_inputs, explain_outputs, api_visibility="private")
-            word.change(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
+            # .input, not .change: explain() sets both dropdowns and fills their panels itself.
+            word.input(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 
             def on_chart_atom(choice):
                 return explorer.atom_atlas(choice) if choice not in (None, "") else ([], "")
 
-            chart_atom.change(on_chart_atom, chart_atom, [chart_atom_patches, chart_atom_words],
+            chart_atom.input(on_chart_atom, chart_atom, [chart_atom_patches, chart_atom_words],
                               api_visibility="private")  # fmt: skip
 
         with gr.Tab("Gallery"):

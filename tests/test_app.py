@@ -44,9 +44,8 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     items, status, response = explorer.search(QUERY, 5)
     assert len(items) == 5 and all(Path(path).is_file() for path, _ in items)
     assert "5 results" in status
-    maps, words, chart, foreground, summary, word_choices, atom_choices = explorer.explain(
-        response, 1, "last", "mean", "P2"
-    )
+    panels = explorer.explain(response, 1, "last", "mean", "P2")
+    maps, words, chart, foreground, summary, word_choices, guidance, atom_choices, atlas, atlas_words = panels
     assert len(maps) == explorer.engine.model.config.num_prototypes + 1
     assert all(isinstance(image, Image.Image) and caption.startswith(("P", "all")) for image, caption in maps)
     assert [w for w, _ in words] == response.query.words and max(v for _, v in words) == pytest.approx(1.0)
@@ -54,10 +53,16 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert isinstance(foreground, Image.Image)
     assert "Result #2" in summary
     assert word_choices["choices"][0] == "1: a"
+    # No panel opens empty: the guidance map of the word the prototype reads most, the atlas of the first atom.
+    top_word = max(range(len(words)), key=lambda i: words[i][1])
+    assert word_choices["value"] == word_choices["choices"][top_word] and words[top_word][1] == pytest.approx(1.0)
+    assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices["value"])))
     result = response.results[1]
     assert [int(v) for _, v in atom_choices["choices"]] == [
         a for a in result.salient_atoms if a in result.shared_atoms
     ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
+    assert atom_choices["value"] == atom_choices["choices"][0][1]
+    assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices['value']}**")
     # Another layer and a single head give different maps.
     other = explorer.explain(response, 1, "1", "2", "P2")[0]
     assert not np.array_equal(np.asarray(maps[0][0]), np.asarray(other[0][0]))
@@ -251,6 +256,9 @@ def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> No
         assert words.count() == len(QUERY.split())
         expect(page.locator("#atom-chart img")).to_be_visible()
         expect(page.locator("#foreground img")).to_be_visible()
+        expect(page.locator("#guidance img")).to_be_visible()  # filled without picking a word
+        expect(page.locator("#chart-atom-patches img").first).to_be_visible()
+        expect(page.locator("#chart-atom-words")).to_contain_text("Atom")
         # Markup in a query is shown as text: no script runs, no element is created.
         dialogs = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
