@@ -112,16 +112,16 @@ class Explorer:
 
     def explain(
         self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
-    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any, Any, Any, str]:
+    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any]:
         """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
-        the query's words with the guidance map of one, the chart's atoms with the atlas of one.
+        the query's words (for the guidance map) and the chart's atoms (for the atlas).
 
-        So that no panel opens empty, the guidance map shows the word the selected prototype reads
-        most, and the atlas the first atom both sides share (else the chart's first).
+        So that no panel opens empty, the word picked is the one the selected prototype reads most,
+        and the atom the first both sides share (else the chart's first); `details` draws them.
         """
         if response is None or not response.results:
             empty = gr.update(choices=[], value=None)
-            return [], [], None, None, "", empty, None, empty, [], ""
+            return [], [], None, None, "", empty, empty
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
         maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
@@ -152,8 +152,6 @@ class Explorer:
         shared = [a for a in result.salient_atoms if a in result.shared_atoms]
         atom_choices = [(f"{a} (shared)", str(a)) for a in shared]
         atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in shared]
-        atom = atom_choices[0][1] if atom_choices else None
-        atlas, atlas_words = self.atom_atlas(atom) if atom is not None else ([], "")
         return (
             maps,
             words,
@@ -161,11 +159,15 @@ class Explorer:
             foreground,
             "\n\n".join(lines),
             gr.update(choices=word_choices, value=word),
-            self.guidance(response, selected, word),
-            gr.update(choices=atom_choices, value=atom),
-            atlas,
-            atlas_words,
+            gr.update(choices=atom_choices, value=atom_choices[0][1] if atom_choices else None),
         )
+
+    def details(
+        self, response: SearchResponse | None, selected: int, word: str | None, atom: str | None
+    ) -> tuple[Any, list[tuple[Any, str]], str]:
+        """The panels drawn after the rest: the guidance map of one word, the atlas of one atom."""
+        atlas, atlas_words = self.atom_atlas(atom) if atom not in (None, "") else ([], "")
+        return self.guidance(response, selected, word), atlas, atlas_words
 
     def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
         """Which regions of the selected image read the chosen query word (cross-modality guidance)."""
@@ -346,8 +348,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                             elem_id="chart-atom-patches")  # fmt: skip
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
-            explain_outputs = [maps, words, chart, foreground, summary, word, guidance, chart_atom, chart_atom_patches,
-                               chart_atom_words]  # fmt: skip
+            explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]
+            # The guidance map and the atlas (an image encoder pass over 8 images) come just after.
+            details_inputs = [response_state, selected_state, word, chart_atom]
+            details_outputs = [guidance, chart_atom_patches, chart_atom_words]
 
             def on_search(q, n, la, he, pr, private):
                 items, text, response = explorer.search(q, n, private)
@@ -357,16 +361,23 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             search_outputs = [results, status, response_state, selected_state, *explain_outputs]
             search_inputs = [query, k, layer, head, prototype, private_state]
             # The full response (results and every panel) is callable too, for benchmarks and scripts.
-            go.click(on_search, search_inputs, search_outputs, api_name="explore", api_visibility="undocumented")
-            query.submit(on_search, search_inputs, search_outputs, api_visibility="private")
+            go.click(on_search, search_inputs, search_outputs, api_name="explore", api_visibility="undocumented").then(
+                explorer.details, details_inputs, details_outputs, api_visibility="private"
+            )
+            query.submit(on_search, search_inputs, search_outputs, api_visibility="private").then(
+                explorer.details, details_inputs, details_outputs, api_visibility="private"
+            )
 
             def on_select(response, la, he, pr, evt: gr.SelectData):
                 return (evt.index, *explorer.explain(response, evt.index, la, he, pr))
 
             results.select(on_select, [response_state, layer, head, prototype], [selected_state, *explain_outputs],
-                           api_visibility="private")  # fmt: skip
+                           api_visibility="private").then(explorer.details, details_inputs, details_outputs,
+                                                          api_visibility="private")  # fmt: skip
             for control in (layer, head, prototype):
-                control.change(explorer.explain, explain_inputs, explain_outputs, api_visibility="private")
+                control.change(explorer.explain, explain_inputs, explain_outputs, api_visibility="private").then(
+                    explorer.details, details_inputs, details_outputs, api_visibility="private"
+                )
             # .input, not .change: explain() sets both dropdowns and fills their panels itself.
             word.input(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 

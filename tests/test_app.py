@@ -44,8 +44,9 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     items, status, response = explorer.search(QUERY, 5)
     assert len(items) == 5 and all(Path(path).is_file() for path, _ in items)
     assert "5 results" in status
-    panels = explorer.explain(response, 1, "last", "mean", "P2")
-    maps, words, chart, foreground, summary, word_choices, guidance, atom_choices, atlas, atlas_words = panels
+    maps, words, chart, foreground, summary, word_choices, atom_choices = explorer.explain(
+        response, 1, "last", "mean", "P2"
+    )
     assert len(maps) == explorer.engine.model.config.num_prototypes + 1
     assert all(isinstance(image, Image.Image) and caption.startswith(("P", "all")) for image, caption in maps)
     assert [w for w, _ in words] == response.query.words and max(v for _, v in words) == pytest.approx(1.0)
@@ -56,13 +57,15 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     # No panel opens empty: the guidance map of the word the prototype reads most, the atlas of the first atom.
     top_word = max(range(len(words)), key=lambda i: words[i][1])
     assert word_choices["value"] == word_choices["choices"][top_word] and words[top_word][1] == pytest.approx(1.0)
-    assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices["value"])))
     result = response.results[1]
     assert [int(v) for _, v in atom_choices["choices"]] == [
         a for a in result.salient_atoms if a in result.shared_atoms
     ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
     assert atom_choices["value"] == atom_choices["choices"][0][1]
+    guidance, atlas, atlas_words = explorer.details(response, 1, word_choices["value"], atom_choices["value"])
+    assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices["value"])))
     assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices['value']}**")
+    assert explorer.details(None, 0, None, None) == (None, [], "")
     # Another layer and a single head give different maps.
     other = explorer.explain(response, 1, "1", "2", "P2")[0]
     assert not np.array_equal(np.asarray(maps[0][0]), np.asarray(other[0][0]))

@@ -62,7 +62,7 @@ def test_hostile_queries_get_results_or_a_message(explorer: explorer_app.Explore
     else:
         assert len(items) == 10 and "results" in status
         panels = explorer.explain(response, 0, "last", "mean", "P1")
-        assert len(panels) == 10 and len(panels[0]) == 7
+        assert len(panels[0]) == 7
         assert "<img" not in panels[4] and "<script" not in panels[4]  # nothing echoed unescaped
     assert explorer.api_search(query, 3)["results"] or explorer.api_search(query, 3)["error"]
 
