@@ -34,6 +34,7 @@ OPTIONS = {
     "without prototype diversity": {"prototype_diversity": 0.0},
     "without caption crops": {"caption_crops": 0.0},
     "with neighbour batches": {"samples": "neighbours"},
+    "with caption-neighbour batches": {"samples": "caption-neighbours"},
     "with swapped-caption negatives": {"swaps_from_epoch": 2},
     "with foreground-weighted prototypes": {"model_overrides": {"pgu_foreground": True}},
     "with one identity classifier on the whole embedding": {"model_overrides": {"identity_classifier": "whole"}},

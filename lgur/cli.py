@@ -240,11 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument(
         "--samples",
-        choices=["captions", "images", "identities", "neighbours"],
+        choices=["captions", "images", "identities", "neighbours", "caption-neighbours"],  # train.SAMPLES
         help="an epoch visits every caption, every image, or every identity (--instances images each, in one "
-        "batch); neighbours: identities in groups the model itself finds alike (--group-size)",
+        "batch); neighbours: identities in groups the model itself finds alike (--group-size); caption-neighbours: "
+        "in groups whose captions use the same words",
     )
-    train.add_argument("--group-size", type=int, help="identities per group of look-alikes, with --samples neighbours")
+    train.add_argument("--group-size", type=int, help="identities per group of look-alikes, with --samples *neighbours")
     train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
     train.add_argument("--caption-crops", type=float, help="share of samples whose caption is cut to a few clauses")
     train.add_argument("--crops-from-epoch", type=int, help="first epoch (0-based) that uses caption crops")

@@ -219,3 +219,34 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
            "query_bench": {"precision@10": 28.75}}  # fmt: skip
     line = experiments_table({"without SDM": row}).splitlines()[-1]
     assert line == "| without SDM | 3 epochs, 12 min | 30.00 | 33.30 | 2.50 | 28.8% | - | 41.2% |"
+
+
+def test_caption_neighbours_group_people_described_alike() -> None:
+    from lgur import cli
+    from lgur.train import SAMPLES, caption_neighbours
+
+    captions = [
+        "A man wearing a red coat and blue jeans.",  # identity 0
+        "The man is in a red coat, blue jeans.",  # identity 0
+        "A woman wearing a green skirt with a yellow bag.",  # identity 1
+        "He has a red coat and blue jeans, and black boots.",  # identity 2: described like 0
+        "She wears a green skirt and carries a yellow bag.",  # identity 3: described like 1
+        "A man wearing a white shirt.",  # identity 4
+    ]
+    labels = torch.tensor([0, 0, 1, 2, 3, 4])
+    neighbours = caption_neighbours(captions, labels, k=4)
+    assert neighbours.shape == (5, 4)
+    assert neighbours[0, 0] == 2 and neighbours[2, 0] == 0
+    assert neighbours[1, 0] == 3 and neighbours[3, 0] == 1
+    assert all(i not in row for i, row in enumerate(neighbours.tolist()))
+    # The same groups drive the epoch order as neighbour batches do, from the first epoch on.
+    split = _split([2] * 5)
+    cfg = TrainConfig(data="", out="", samples="caption-neighbours", instances=2, group_size=2)
+    order = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(1), neighbours)
+    like = TrainConfig(data="", out="", samples="neighbours", instances=2, group_size=2)
+    assert torch.equal(order, epoch_order(split, like, split.caption_ids, torch.Generator().manual_seed(1), neighbours))
+    assert sorted(split.caption_ids[order].view(-1, 2)[:, 0].tolist()) == list(range(5))
+    # The command line offers every kind of sampling the trainer knows.
+    parser = cli.build_parser()
+    for samples in SAMPLES:
+        assert parser.parse_args(["train", "--data", "d", "--out", "o", "--samples", samples]).samples == samples
