@@ -90,8 +90,8 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
-                 "instances", "group_size", "sdm", "caption_crops", "crops_from_epoch", "swaps_from_epoch",
-                 "threads", "init_from", "warmup_steps", "prototype_diversity")  # fmt: skip
+                 "instances", "group_size", "neighbours_from_epoch", "sdm", "caption_crops", "crops_from_epoch",
+                 "swaps_from_epoch", "threads", "init_from", "warmup_steps", "prototype_diversity")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in groups whose captions use the same words",
     )
     train.add_argument("--group-size", type=int, help="identities per group of look-alikes, with --samples *neighbours")
+    train.add_argument(
+        "--neighbours-from-epoch", type=int, help="first epoch (0-based) of neighbour batches; plain identities before"
+    )
     train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
     train.add_argument("--caption-crops", type=float, help="share of samples whose caption is cut to a few clauses")
     train.add_argument("--crops-from-epoch", type=int, help="first epoch (0-based) that uses caption crops")

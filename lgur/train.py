@@ -75,6 +75,7 @@ class TrainConfig:
     samples: str = "captions"
     instances: int = 2
     group_size: int = 8
+    neighbours_from_epoch: int = 0  # before this epoch, the neighbour kinds sample plain identities
     # Not in the paper: with this probability a sample's caption is replaced by a crop of it (a few
     # of its clauses: a shorter, still true description, like a typed query), from this epoch on.
     caption_crops: float = 0.0
@@ -241,6 +242,18 @@ def caption_neighbours(captions: list[str], labels: Tensor, k: int = 32) -> Tens
     tf = torch.where(counts > 0, 1 + torch.log(counts.clamp(min=1)), counts)
     idf = torch.log(len(counts) / (counts > 0).sum(0).clamp(min=1))
     return embedding_neighbours(tf * idf, k)
+
+
+def epoch_neighbours(
+    cfg: TrainConfig, epoch: int, bank: Tensor, seen: Tensor, described_alike: Tensor | None
+) -> Tensor | None:
+    """This epoch's look-alike lists (identities, k), or None for plain identity sampling: before
+    cfg.neighbours_from_epoch, and for embedding neighbours until every identity has an embedding."""
+    if epoch < cfg.neighbours_from_epoch:
+        return None
+    if cfg.samples == "neighbours":
+        return embedding_neighbours(bank) if seen.all() else None
+    return described_alike
 
 
 def neighbour_groups(neighbours: Tensor, group_size: int, g: torch.Generator) -> list[int]:
@@ -485,7 +498,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             shared = torch.cat([bank * seen[:, None], seen[:, None].float()], dim=1).to(device)
             dist.all_reduce(shared)
             bank, seen = shared[:, :-1].cpu() / shared[:, -1:].cpu().clamp(min=1), shared[:, -1].cpu() > 0
-        neighbours = embedding_neighbours(bank) if cfg.samples == "neighbours" and seen.all() else described_alike
+        neighbours = epoch_neighbours(cfg, epoch, bank, seen, described_alike)
         order = epoch_order(train_split, cfg, labels_of_caption, g, neighbours)
         if world > 1:  # equal shards of whole batches, so identity groups stay together
             whole = len(order) // (cfg.batch_size * world) * cfg.batch_size * world

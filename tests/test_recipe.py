@@ -13,7 +13,7 @@ from lgur.config import ImageEncoderConfig
 from lgur.data.dataset import RetrievalSplit, caption_crops, swapped_caption
 from lgur.encoders import CNNEncoder, build_image_encoder
 from lgur.losses import similarity_distribution_matching
-from lgur.train import TrainConfig, embedding_neighbours, epoch_order, neighbour_groups
+from lgur.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
 
 
 def test_cnn_encoder_gives_the_configured_grid() -> None:
@@ -246,7 +246,17 @@ def test_caption_neighbours_group_people_described_alike() -> None:
     like = TrainConfig(data="", out="", samples="neighbours", instances=2, group_size=2)
     assert torch.equal(order, epoch_order(split, like, split.caption_ids, torch.Generator().manual_seed(1), neighbours))
     assert sorted(split.caption_ids[order].view(-1, 2)[:, 0].tolist()) == list(range(5))
-    # The command line offers every kind of sampling the trainer knows.
+    # Plain identities before --neighbours-from-epoch, the caption groups from then on.
+    late = TrainConfig(data="", out="", samples="caption-neighbours", neighbours_from_epoch=3)
+    bank, seen = torch.zeros(5, 2), torch.zeros(5, dtype=torch.bool)
+    assert epoch_neighbours(late, 2, bank, seen, neighbours) is None
+    assert epoch_neighbours(late, 3, bank, seen, neighbours) is neighbours
+    by_embedding = TrainConfig(data="", out="", samples="neighbours")
+    assert epoch_neighbours(by_embedding, 5, bank, seen, None) is None  # no embeddings yet
+    assert epoch_neighbours(by_embedding, 5, torch.randn(5, 2), ~seen, None).shape == (5, 4)
+    # The command line offers every kind of sampling the trainer knows, and when neighbours begin.
     parser = cli.build_parser()
     for samples in SAMPLES:
         assert parser.parse_args(["train", "--data", "d", "--out", "o", "--samples", samples]).samples == samples
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--neighbours-from-epoch", "8"])
+    assert args.neighbours_from_epoch == 8
