@@ -378,7 +378,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 control.change(explorer.explain, explain_inputs, explain_outputs, api_visibility="private").then(
                     explorer.details, details_inputs, details_outputs, api_visibility="private"
                 )
-            # .input, not .change: explain() sets both dropdowns and fills their panels itself.
+            # .input, not .change: explain() sets both dropdowns, and the chained details() draws their panels.
             word.input(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 
             def on_chart_atom(choice):
