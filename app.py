@@ -166,8 +166,11 @@ class Explorer:
         self, response: SearchResponse | None, selected: int, word: str | None, atom: str | None
     ) -> tuple[Any, list[tuple[Any, str]], str]:
         """The panels drawn after the rest: the guidance map of one word, the atlas of one atom."""
-        atlas, atlas_words = self.atom_atlas(atom) if atom not in (None, "") else ([], "")
-        return self.guidance(response, selected, word), atlas, atlas_words
+        return self.guidance(response, selected, word), *self.chart_atom_atlas(atom)
+
+    def chart_atom_atlas(self, atom: str | None) -> tuple[list[tuple[Any, str]], str]:
+        """The atlas of the atom picked from the chart; nothing while none is picked."""
+        return self.atom_atlas(atom) if atom not in (None, "") else ([], "")
 
     def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
         """Which regions of the selected image read the chosen query word (cross-modality guidance)."""
@@ -381,10 +384,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             # .input, not .change: explain() sets both dropdowns, and the chained details() draws their panels.
             word.input(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 
-            def on_chart_atom(choice):
-                return explorer.atom_atlas(choice) if choice not in (None, "") else ([], "")
-
-            chart_atom.input(on_chart_atom, chart_atom, [chart_atom_patches, chart_atom_words],
+            chart_atom.input(explorer.chart_atom_atlas, chart_atom, [chart_atom_patches, chart_atom_words],
                               api_visibility="private")  # fmt: skip
 
         with gr.Tab("Gallery"):

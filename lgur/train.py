@@ -71,7 +71,8 @@ class TrainConfig:
     # model itself finds alike (its image embeddings from the previous epoch), so a batch holds
     # look-alikes that only details tell apart: hard negatives. The first epoch is "identities".
     # "caption-neighbours" (not in the paper) groups identities whose captions use the same words
-    # (TF-IDF of word pairs), from the first epoch on: people described alike, from captions alone.
+    # (TF-IDF of word pairs): people described alike, from captions alone. Both neighbour kinds
+    # start at `neighbours_from_epoch`.
     samples: str = "captions"
     instances: int = 2
     group_size: int = 8
@@ -296,7 +297,7 @@ def epoch_order(
         raise ValueError(f"unknown sampling {cfg.samples!r}: {', '.join(SAMPLES)}")
     image_label = labels[starts]  # (N_images,) training label of each image
     by_identity = [torch.nonzero(image_label == i).flatten() for i in range(int(image_label.max()) + 1)]
-    if cfg.samples in ("neighbours", "caption-neighbours") and neighbours is not None:
+    if neighbours is not None:  # a neighbour kind, past its first epoch
         identities = neighbour_groups(neighbours, cfg.group_size, g)
     else:
         identities = torch.randperm(len(by_identity), generator=g).tolist()
