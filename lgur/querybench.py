@@ -196,13 +196,15 @@ def make_queries(people: list[dict[str, Any]], count: int = 200, seed: int = 0, 
 
 
 def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Query], k: int = 10) -> dict[str, Any]:
-    """rankings: (Q, >=k) gallery rows, best first. Attribute precision@k, top-1 correctness, chance."""
+    """rankings: (Q, >=k) gallery rows, best first. Attribute precision@k, top-1 correctness, chance,
+    and the ceiling: the precision@k of a perfect ranking (below 100% where fewer than k images fit)."""
     rows = []
     for q, ranking in zip(queries, rankings):
         hit = np.array([matches(people[i], q.attributes) for i in ranking[:k]])
-        chance = float(np.mean([matches(p, q.attributes) for p in people]))
+        fits = sum(matches(p, q.attributes) for p in people)
+        # ceiling: a query that only 3 gallery images fit scores at most 3/k, whatever the model
         rows.append({"query": q.text, "attributes": q.attributes, "precision": float(hit.mean()),
-                     "top1": bool(hit[0]), "chance": chance})  # fmt: skip
+                     "top1": bool(hit[0]), "chance": fits / len(people), "ceiling": min(fits, k) / k})  # fmt: skip
     by_size: dict[int, list[float]] = {}
     for r in rows:
         by_size.setdefault(len(r["attributes"]), []).append(r["precision"])
@@ -221,6 +223,7 @@ def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Quer
         f"precision@{k}": 100 * float(np.mean([r["precision"] for r in rows])),
         "top1": 100 * float(np.mean([r["top1"] for r in rows])),
         "chance": 100 * float(np.mean([r["chance"] for r in rows])),
+        "ceiling": 100 * float(np.mean([r["ceiling"] for r in rows])),
         "by_attribute_count": {n: 100 * float(np.mean(v)) for n, v in sorted(by_size.items())},
         "by_kind": {
             kind: {
@@ -380,7 +383,7 @@ def format_query_bench(result: dict[str, Any], show: int = 8) -> str:
         f"query set {result['set']!r} (seed {result['seed']}): {result['queries']} queries, "
         f"gallery {result['gallery']}",
         f"attribute precision@10 {result['precision@10']:.1f}%   top-1 correct {result['top1']:.1f}%   "
-        f"chance {result['chance']:.1f}%",
+        f"chance {result['chance']:.1f}%   best possible {result['ceiling']:.1f}%",
         "by number of attributes named: "
         + ", ".join(f"{n}: {p:.1f}%" for n, p in result["by_attribute_count"].items()),
         "each named attribute alone, share of the top 10 that has it (chance):",

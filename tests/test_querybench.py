@@ -40,6 +40,7 @@ def test_score_on_a_hand_made_ranking() -> None:
     assert result["top1"] == pytest.approx(50.0)
     assert result["chance"] == pytest.approx(100 * (2 / 4 + 1 / 4) / 2)
     assert [r["precision"] for r in result["rows"]] == [0.5, 0.0]
+    assert result["ceiling"] == pytest.approx(75.0)  # only one blue top: a perfect top 2 holds 1 of 2
     assert result["by_kind"]["top_colour"] == {"precision": 25.0, "chance": 100 * (2 / 4 + 1 / 4) / 2, "queries": 2}
 
 
