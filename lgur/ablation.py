@@ -36,6 +36,7 @@ OPTIONS = {
     "with neighbour batches": {"samples": "neighbours"},
     "with caption-neighbour batches": {"samples": "caption-neighbours"},
     "with swapped-caption negatives": {"swaps_from_epoch": 2},
+    "with description matches": {"matches": "descriptions"},
     "with foreground-weighted prototypes": {"model_overrides": {"pgu_foreground": True}},
     "with one identity classifier on the whole embedding": {"model_overrides": {"identity_classifier": "whole"}},
 }

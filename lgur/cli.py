@@ -91,7 +91,8 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
                  "instances", "group_size", "neighbours_from_epoch", "sdm", "caption_crops", "crops_from_epoch",
-                 "swaps_from_epoch", "threads", "init_from", "warmup_steps", "prototype_diversity")  # fmt: skip
+                 "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
+                 "prototype_diversity")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -257,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="from this epoch (0-based) on, a copy of each caption with colours or garments swapped is an extra "
         "SDM negative of its image",
+    )
+    train.add_argument(
+        "--matches",
+        choices=("identities", "descriptions"),
+        help="which in-batch texts match an image: its identity's (paper), or also every text whose person terms "
+        "its identity's captions all use (a crop 'black jeans' matches everyone described in black jeans)",
     )
     train.add_argument(
         "--init-from",

@@ -23,11 +23,11 @@ def identity_loss(classifier: IdentityClassifier, parts: Tensor, labels: Tensor)
     return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
 
 
-def _one_way_triplet(sim: Tensor, labels: Tensor, margin: float, generator: torch.Generator) -> Tensor:
-    """Anchors are rows, row i's positive is column i; one random semi-hard negative per anchor."""
+def _one_way_triplet(sim: Tensor, negative: Tensor, margin: float, generator: torch.Generator) -> Tensor:
+    """Anchors are rows, row i's positive is column i; one random semi-hard negative per anchor
+    among the columns that `negative` (B, B) allows (never a same-identity one)."""
     positive = sim.diagonal().unsqueeze(1)  # (B, 1)
     violation = margin - positive + sim  # > 0: the negative is inside the margin
-    negative = labels.unsqueeze(1) != labels.unsqueeze(0)  # never a same-identity "negative"
     semi_hard = negative & (violation > 0) & (sim < positive)
     # Prefer a semi-hard negative; else any negative inside the margin; else no loss.
     candidates = torch.where(semi_hard.any(dim=1, keepdim=True), semi_hard, negative & (violation > 0))
@@ -37,14 +37,30 @@ def _one_way_triplet(sim: Tensor, labels: Tensor, margin: float, generator: torc
     return torch.where(candidates.any(dim=1), chosen.clamp(min=0), torch.zeros_like(chosen)).mean()
 
 
-def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, generator: torch.Generator) -> Tensor:
-    """Bidirectional ranking loss between paired unit vectors a[i] <-> b[i], (B, E) each."""
+def same_identity(labels: Tensor) -> Tensor:
+    """(B, B) bool: which in-batch pairs are matches when only identities are known."""
+    return labels[:, None] == labels[None, :]
+
+
+def triplet_ranking_loss(
+    a: Tensor, b: Tensor, labels: Tensor, margin: float, generator: torch.Generator, match: Tensor | None = None
+) -> Tensor:
+    """Bidirectional ranking loss between paired unit vectors a[i] <-> b[i], (B, E) each.
+    match: optional (B, B) bool, a[i] matches b[j] (default: same identity); never a negative."""
     sim = a @ b.t()
-    return _one_way_triplet(sim, labels, margin, generator) + _one_way_triplet(sim.t(), labels, margin, generator)
+    negative = ~(same_identity(labels) if match is None else match)
+    return _one_way_triplet(sim, negative, margin, generator) + _one_way_triplet(
+        sim.t(), negative.t(), margin, generator
+    )
 
 
 def similarity_distribution_matching(
-    a: Tensor, b: Tensor, labels: Tensor, logit_scale: Tensor, negatives: Tensor | None = None
+    a: Tensor,
+    b: Tensor,
+    labels: Tensor,
+    logit_scale: Tensor,
+    negatives: Tensor | None = None,
+    match: Tensor | None = None,
 ) -> Tensor:
     """SDM (IRRA, Jiang et al. CVPR 2023), both directions: KL divergence from the softmax over
     every in-batch similarity to the distribution of true matches (same identity, uniform).
@@ -52,10 +68,11 @@ def similarity_distribution_matching(
     a, b: (B, E) unit vectors, a[i] paired with b[i]; logit_scale: log of 1 / temperature.
     negatives: optional (B, E) unit vectors, negatives[i] a false description of a[i] (NaN rows:
     none); each is one more candidate, never a match, in row i of the a -> b direction.
+    match: optional (B, B) bool, a[i] matches b[j], instead of same identity (must hold the diagonal).
     """
     scale = logit_scale.exp()
     logits = (a @ b.t()) * scale
-    match = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    match = (same_identity(labels) if match is None else match).to(logits.dtype)
 
     def one_way(x: Tensor, match: Tensor) -> Tensor:
         target = torch.log(match / match.sum(dim=1, keepdim=True) + 1e-8)
@@ -93,7 +110,9 @@ class LGURLoss(nn.Module):
       pairs (guided image vs raw text, dictionary image vs dictionary text), with a learned
       temperature starting at `temperature`; with `negatives`, each image's SDM row also holds
       a false caption of its own (swapped attributes), so it must tell its description from a
-      near copy.
+      near copy;
+    - `match` in forward: which texts describe which images beyond same identity (a crop "black
+      jeans" is true of everyone in black jeans), for the cross-modal SDM targets and triplets.
     """
 
     def __init__(
@@ -112,9 +131,13 @@ class LGURLoss(nn.Module):
         labels: Tensor,
         classifier: IdentityClassifier,
         negatives: dict[str, Tensor] | None = None,
+        match: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """negatives (SDM only): branch name ("text", "text_dictionary") -> (B, E) embeddings of a
-        false caption for each sample (NaN rows: none), as extra candidates for the images."""
+        false caption for each sample (NaN rows: none), as extra candidates for the images.
+        match: optional (B, B) bool, image i is described by text j, for the cross-modal pairs
+        (SDM targets and triplet negatives); default: same identity."""
+        cross_modal = {("image", "text"), ("image_dictionary", "text_dictionary")}
         losses: dict[str, Tensor] = {}
         branches = {"image": out.image, "text": out.text}
         pairs = [("image", "text")]  # guided (or raw) image vs raw text
@@ -128,8 +151,9 @@ class LGURLoss(nn.Module):
         for name, parts in branches.items():
             losses[f"id/{name}"] = identity_loss(classifier, parts.vectors, labels)
         for left, right in pairs:
+            pair_match = match if (left, right) in cross_modal else None
             losses[f"rank/{left}-{right}"] = triplet_ranking_loss(
-                branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator
+                branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator, pair_match
             )
         if self.logit_scale is not None:
             scale = self.logit_scale.clamp(max=math.log(100.0))  # temperature >= 0.01
@@ -140,6 +164,7 @@ class LGURLoss(nn.Module):
                     labels,
                     scale,
                     None if negatives is None else negatives[right],
+                    match,
                 )
         if self.diversity > 0:
             dictionary = out.image_dictionary is not None

@@ -32,15 +32,18 @@ from .data.dataset import (
     build_split,
     caption_crops,
     caption_vocabulary,
+    described_by,
+    description_terms,
     frozen_text_features,
     normalize,
+    person_terms,
     swapped_caption,
 )
 from .data.readers import Record, read_dataset
 from .encoders import resize_position_embedding
 from .evaluate import evaluate_split, record_in_card, score_test_splits
 from .files import atomic_write_bytes
-from .losses import LGURLoss
+from .losses import LGURLoss, same_identity
 from .model import LGUR
 from .search import text_atom_average
 
@@ -85,6 +88,11 @@ class TrainConfig:
     # caption (two colours traded, a colour or a garment changed): a hard negative that only
     # binding each colour to its garment can tell apart. None: off. Needs sdm > 0.
     swaps_from_epoch: int | None = None
+    # Which in-batch texts match an image. "identities" (paper): its identity's. "descriptions" (not
+    # in the paper): also every text whose person terms all occur in the captions of the image's
+    # identity (data.dataset.person_terms), so a crop "black jeans" matches everyone described in
+    # black jeans instead of pushing them away. Captions and identities only.
+    matches: str = "identities"
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -163,11 +171,12 @@ class TrainingStep(nn.Module):
         mask: Tensor,
         labels: Tensor,
         swapped: tuple[Tensor, Tensor, Tensor] | None = None,
+        match: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """-> losses, and the images' retrieval embeddings (B, E), detached (for neighbour batches).
 
         swapped: frozen features (B, T', H) and mask of each sample's false caption, and (B,) which
-        samples have one.
+        samples have one. match: (B, B) bool, image i is described by text j (default: same identity).
         """
         out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0)
         negatives = None
@@ -181,7 +190,8 @@ class TrainingStep(nn.Module):
                 if parts is not None
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
-        return self.criterion(out, labels, self.model.classifier, negatives), retrieval.embedding.detach()
+        losses = self.criterion(out, labels, self.model.classifier, negatives, match)
+        return losses, retrieval.embedding.detach()
 
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -277,6 +287,7 @@ def neighbour_groups(neighbours: Tensor, group_size: int, g: torch.Generator) ->
 
 
 SAMPLES = ("captions", "images", "identities", "neighbours", "caption-neighbours")
+MATCHES = ("identities", "descriptions")
 
 
 def epoch_order(
@@ -385,6 +396,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError("--prototype-diversity needs PGU (there are no prototypes with --no-pgu)")
     if cfg.swaps_from_epoch is not None and not cfg.sdm:
         raise ValueError("swapped-caption negatives are candidates of the SDM loss: give --sdm > 0")
+    if cfg.matches not in MATCHES:
+        raise ValueError(f"unknown matches {cfg.matches!r}: {', '.join(MATCHES)}")
     started = time.perf_counter()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -432,6 +445,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         swap_text = frozen_text_features(
             model.text_encoder, [t or "" for t in swaps], cache, progress=progress and main
         )
+    text_terms: list[frozenset[str]] | None = None
+    if cfg.matches == "descriptions":  # each text's person terms; an identity's: those of all its captions
+        kept = person_terms(train_split.captions, labels_of_caption.tolist())
+        texts = train_split.captions + (crops if use_crops else [])
+        text_terms = [description_terms(t) & kept for t in texts]
+        gathered: list[set[str]] = [set() for _ in identities]
+        for terms, label in zip(text_terms, labels_of_caption.tolist()):  # the full captions only
+            gathered[label] |= terms
+        identity_terms = [frozenset(t) for t in gathered]
     pad = max(1, round(cfg.pad * size[0] / 384))
 
     criterion = LGURLoss(
@@ -525,7 +547,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(state["step"], epoch, cfg)
             labels = labels_of_caption[idx]
-            losses, embeddings = step_module(images, feats.to(device), mask.to(device), labels.to(device), swapped)
+            match = None
+            if text_terms is not None:
+                described = described_by([text_terms[t] for t in text.tolist()], [identity_terms[i] for i in labels])
+                match = (same_identity(labels) | described).to(device)
+            losses, embeddings = step_module(
+                images, feats.to(device), mask.to(device), labels.to(device), swapped, match
+            )
             if cfg.samples == "neighbours":
                 bank[labels], seen[labels] = embeddings.float().cpu(), True
             optimizer.zero_grad(set_to_none=True)
@@ -535,6 +563,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if state["step"] % 20 == 0 or b == batches - 1:
                 row = {"kind": "step", "epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"]}
                 row |= {f"loss/{k}": round(v.item(), 5) for k, v in losses.items()}
+                if match is not None:  # texts that describe other people in the batch, per text
+                    extra = match.sum().item() - same_identity(labels).sum().item()
+                    row["matches/extra"] = round(extra / len(idx), 3)
                 write_log(row)
                 bar.set_postfix(loss=f"{losses['total'].item():.3f}")
             elapsed_min = (state["seconds"] + time.perf_counter() - epoch_start) / 60

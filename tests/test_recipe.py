@@ -10,9 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from lgur.config import ImageEncoderConfig
-from lgur.data.dataset import RetrievalSplit, caption_crops, swapped_caption
+from lgur.data.dataset import (
+    RetrievalSplit,
+    caption_crops,
+    described_by,
+    description_terms,
+    person_terms,
+    swapped_caption,
+)
 from lgur.encoders import CNNEncoder, build_image_encoder
-from lgur.losses import similarity_distribution_matching
+from lgur.losses import similarity_distribution_matching, triplet_ranking_loss
 from lgur.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
 
 
@@ -29,14 +36,22 @@ def test_cnn_encoder_gives_the_configured_grid() -> None:
 
 
 def _brute_force_sdm(
-    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, scale: float, negatives: list | None = None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    negatives: list | None = None,
+    match: list[list[bool]] | None = None,
 ) -> float:
     total = 0.0
     for way, (x, y) in enumerate(((a, b), (b, a))):
         rows = []
         for i in range(len(x)):
             logits = [scale * float(x[i] @ y[j]) for j in range(len(y))]
-            matches = [labels[j] == labels[i] for j in range(len(y))]
+            if match is None:
+                matches = [labels[j] == labels[i] for j in range(len(y))]
+            else:  # match[i][j]: a[i] matches b[j]
+                matches = [match[i][j] if way == 0 else match[j][i] for j in range(len(y))]
             if way == 0 and negatives is not None and negatives[i] is not None:  # one more, never a match
                 logits.append(scale * float(x[i] @ negatives[i]))
                 matches.append(False)
@@ -95,6 +110,51 @@ def test_sdm_with_swapped_negatives_matches_brute_force() -> None:
     near = similarity_distribution_matching(e, e, torch.arange(5), scale, e.clone()).item()
     far = similarity_distribution_matching(e, e, torch.arange(5), scale, -e).item()
     assert near > far + 0.1
+
+
+def test_sdm_and_triplets_with_description_matches() -> None:
+    g = torch.Generator().manual_seed(2)
+    a, b = (F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    labels = torch.tensor([0, 1, 1, 2, 3])
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    match = labels[:, None] == labels[None, :]
+    plain = similarity_distribution_matching(a, b, labels, scale).item()
+    assert similarity_distribution_matching(a, b, labels, scale, match=match).item() == pytest.approx(plain)
+    match[0, 3] = match[4, 1] = True  # text 3 also describes image 0, text 1 image 4: not symmetric
+    got = similarity_distribution_matching(a, b, labels, scale, match=match).item()
+    assert got == pytest.approx(_brute_force_sdm(a, b, labels, 10.0, match=match.tolist()), rel=1e-6)
+    assert got != pytest.approx(plain)
+    # a match is never a triplet negative: when everything matches there is nothing to push away
+    everything = torch.ones(5, 5, dtype=torch.bool)
+    assert triplet_ranking_loss(a, b, labels, 0.3, torch.Generator(), everything) == 0
+    assert triplet_ranking_loss(a, b, labels, 0.3, torch.Generator().manual_seed(0)) > 0
+
+
+def test_description_terms_keep_each_colour_on_its_thing() -> None:
+    terms = description_terms("A man wearing a red jacket, blue jeans. He carries a black backpack.")
+    assert {"man", "red jacket", "blue jeans", "black backpack", "he"} <= terms
+    assert not {"a", "wearing", "carries", "jeans he", "jacket blue"} & terms  # no pair across a comma
+    swapped = description_terms("a man in a blue jacket and red jeans")
+    people = [terms, swapped]
+    texts = [description_terms(t) for t in ("red jacket", "he carries a black backpack", "blue jacket", "", "shoes")]
+    assert described_by(texts, people).tolist() == [
+        [True, True, False, False, False],
+        [False, False, True, False, False],  # "red jacket" is not true of "blue jacket and red jeans"
+    ]
+
+
+def test_person_terms_keep_what_recurs_for_one_identity() -> None:
+    # Each identity is described twice in its own colour; the street or the park changes per photo.
+    colours = ["red", "blue", "green", "black", "white", "pink", "grey", "brown"]
+    captions, identities = [], []
+    for i, colour in enumerate(colours):
+        for scene in ("street", "park"):
+            captions.append(f"a person in a {colour} coat walking in a {scene}")
+            identities.append(i)
+    kept = person_terms(captions, identities)
+    assert {"red coat", "blue coat", "red", "blue"} <= kept
+    assert not {"street", "park", "walking"} & kept  # about the photo, not the person
+    assert "coat" not in kept  # everyone's: recurs no more than chance
 
 
 def _split(images_per_identity: list[int], captions_per_image: int = 2) -> RetrievalSplit:

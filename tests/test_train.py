@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -114,10 +115,13 @@ def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path
     a, b = load_file(str(first)), load_file(str(tmp_path / "still" / "last.safetensors"))
     weights = [k for k in a if "running_" not in k and "num_batches" not in k]  # batch-norm statistics move
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in weights)
-    # Swapped-caption negatives in the SDM rows: the stage trains and logs finite losses.
-    train(_config(world, tmp_path / "swaps", epochs=1, init_from=str(first), swaps_from_epoch=0), progress=False)
+    # Swapped-caption negatives in the SDM rows, and description matches: the stage trains and logs
+    # finite losses and how many other people each text describes.
+    swaps = _config(world, tmp_path / "swaps", epochs=1, init_from=str(first), swaps_from_epoch=0)
+    train(dataclasses.replace(swaps, matches="descriptions", crops_from_epoch=0), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "swaps" / "log.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["loss/total"]) for r in rows if r["kind"] == "step")
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert steps and all(math.isfinite(r["loss/total"]) and r["matches/extra"] >= 0 for r in steps)
     # A CNN trunk may change its input size: the positions are resampled to the new grid.
     bigger = dict(TINY) | {"image.img_size": [80, 32]}
     train(_config(world, tmp_path / "big", epochs=1, init_from=str(first), model_overrides=bigger), progress=False)

@@ -121,6 +121,68 @@ def caption_crops(caption: str, count: int, rng: np.random.Generator, max_clause
     return crops
 
 
+# Words that say nothing about how a person looks: articles, prepositions, the verbs captions
+# use to attach things ("wearing", "carries"). Pronouns stay: "he" / "she" name the gender.
+_FUNCTION_WORDS = frozenset(
+    "a an the this that these those is are was be been being it its of in on at to from for by with and or "
+    "also some any who which while as into onto over under up down out off very there here we us see seen "
+    "can what looks look like wearing wears wear worn dressed clad has have having carrying carries carry "
+    "holding holds hold brings bringing includes include".split()
+)
+
+
+def description_terms(text: str) -> frozenset[str]:
+    """What a description asserts, as words: its content words and each adjacent pair of them.
+
+    Pairs keep a colour on its thing ("red jacket" is not "red jeans"), so "red jacket, blue
+    jeans" is not contained in the terms of "blue jacket, red jeans". Plain English, no labels.
+    """
+    terms: set[str] = set()
+    for clause in re.split(r"[.,;:!?]", text):  # no pair across a comma: "cap, she" is not a thing
+        words = vocabulary_words(clause)
+        content = [w not in _FUNCTION_WORDS for w in words]
+        terms |= {w for w, c in zip(words, content) if c}
+        terms |= {f"{a} {b}" for a, b, ca, cb in zip(words, words[1:], content, content[1:]) if ca and cb}
+    return frozenset(terms)
+
+
+def person_terms(captions: list[str], identities: list[int], min_excess: float = 0.1) -> frozenset[str]:
+    """The terms that describe the person rather than the photo, learned from captions and identities.
+
+    A term about the person recurs across the captions of one identity more often than it occurs
+    for a random identity ("red jacket", "she", "glasses"); one about the photo or the writer
+    ("walking", "camera", "trees", "sideways") recurs no more than chance. Kept: terms whose share
+    of captions with the term repeated in another caption of the same identity exceeds the share of
+    identities using the term by at least `min_excess`.
+    """
+    by_identity: dict[int, list[frozenset[str]]] = {}
+    for caption, identity in zip(captions, identities, strict=True):
+        by_identity.setdefault(identity, []).append(description_terms(caption))
+    uses: dict[str, int] = {}  # captions with the term
+    repeated: dict[str, int] = {}  # of those, captions whose identity has the term in another caption too
+    people: dict[str, int] = {}  # identities with the term
+    for terms in by_identity.values():
+        counts: dict[str, int] = {}
+        for caption_terms in terms:
+            for t in caption_terms:
+                counts[t] = counts.get(t, 0) + 1
+        for t, n in counts.items():
+            uses[t] = uses.get(t, 0) + n
+            repeated[t] = repeated.get(t, 0) + (n if n > 1 else 0)
+            people[t] = people.get(t, 0) + 1
+    total = max(len(by_identity), 1)
+    return frozenset(t for t in uses if repeated[t] / uses[t] - people[t] / total >= min_excess)
+
+
+def described_by(texts: list[frozenset[str]], descriptions: list[frozenset[str]]) -> Tensor:
+    """(len(descriptions), len(texts)) bool: is text j's every term among description i's terms?
+
+    With description i the union of an identity's caption terms, True means the text (a caption or a
+    crop of one) is also true of that identity, as far as its captions say. Empty texts match nothing.
+    """
+    return torch.tensor([[bool(t) and t <= d for t in texts] for d in descriptions], dtype=torch.bool)
+
+
 # Words for swapped-attribute negatives: plain English, usable on any pedestrian dataset.
 # Each colour maps to a concept, so that synonyms ("grey"/"gray") never count as a change.
 _COLOURS = {
