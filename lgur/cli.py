@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--matches",
-        choices=("identities", "descriptions"),
+        choices=["identities", "descriptions"],  # train.MATCHES
         help="which in-batch texts match an image: its identity's (paper), or also every text whose person terms "
         "its identity's captions all use (a crop 'black jeans' matches everyone described in black jeans)",
     )

@@ -447,9 +447,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         )
     text_terms: list[frozenset[str]] | None = None
     if cfg.matches == "descriptions":  # each text's person terms; an identity's: those of all its captions
-        kept = person_terms(train_split.captions, labels_of_caption.tolist())
         texts = train_split.captions + (crops if use_crops else [])
-        text_terms = [description_terms(t) & kept for t in texts]
+        all_terms = [description_terms(t) for t in texts]
+        kept = person_terms(all_terms[: len(train_split.captions)], labels_of_caption.tolist())
+        text_terms = [t & kept for t in all_terms]
         gathered: list[set[str]] = [set() for _ in identities]
         for terms, label in zip(text_terms, labels_of_caption.tolist()):  # the full captions only
             gathered[label] |= terms
@@ -547,10 +548,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(state["step"], epoch, cfg)
             labels = labels_of_caption[idx]
-            match = None
+            match = same = None
             if text_terms is not None:
                 described = described_by([text_terms[t] for t in text.tolist()], [identity_terms[i] for i in labels])
-                match = (same_identity(labels) | described).to(device)
+                same = same_identity(labels)
+                match = (same | described).to(device)
             losses, embeddings = step_module(
                 images, feats.to(device), mask.to(device), labels.to(device), swapped, match
             )
@@ -564,8 +566,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 row = {"kind": "step", "epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"]}
                 row |= {f"loss/{k}": round(v.item(), 5) for k, v in losses.items()}
                 if match is not None:  # texts that describe other people in the batch, per text
-                    extra = match.sum().item() - same_identity(labels).sum().item()
-                    row["matches/extra"] = round(extra / len(idx), 3)
+                    row["matches/extra"] = round((match.sum().item() - same.sum().item()) / len(idx), 3)
                 write_log(row)
                 bar.set_postfix(loss=f"{losses['total'].item():.3f}")
             elapsed_min = (state["seconds"] + time.perf_counter() - epoch_start) / 60

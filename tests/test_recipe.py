@@ -151,7 +151,7 @@ def test_person_terms_keep_what_recurs_for_one_identity() -> None:
         for scene in ("street", "park"):
             captions.append(f"a person in a {colour} coat walking in a {scene}")
             identities.append(i)
-    kept = person_terms(captions, identities)
+    kept = person_terms([description_terms(c) for c in captions], identities)
     assert {"red coat", "blue coat", "red", "blue"} <= kept
     assert not {"street", "park", "walking"} & kept  # about the photo, not the person
     assert "coat" not in kept  # everyone's: recurs no more than chance

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,30 +147,26 @@ def description_terms(text: str) -> frozenset[str]:
     return frozenset(terms)
 
 
-def person_terms(captions: list[str], identities: list[int], min_excess: float = 0.1) -> frozenset[str]:
+def person_terms(terms: list[frozenset[str]], identities: list[int], min_excess: float = 0.1) -> frozenset[str]:
     """The terms that describe the person rather than the photo, learned from captions and identities.
 
+    terms: description_terms of each caption; identities: whom each caption describes.
     A term about the person recurs across the captions of one identity more often than it occurs
     for a random identity ("red jacket", "she", "glasses"); one about the photo or the writer
     ("walking", "camera", "trees", "sideways") recurs no more than chance. Kept: terms whose share
     of captions with the term repeated in another caption of the same identity exceeds the share of
     identities using the term by at least `min_excess`.
     """
-    by_identity: dict[int, list[frozenset[str]]] = {}
-    for caption, identity in zip(captions, identities, strict=True):
-        by_identity.setdefault(identity, []).append(description_terms(caption))
-    uses: dict[str, int] = {}  # captions with the term
-    repeated: dict[str, int] = {}  # of those, captions whose identity has the term in another caption too
-    people: dict[str, int] = {}  # identities with the term
-    for terms in by_identity.values():
-        counts: dict[str, int] = {}
-        for caption_terms in terms:
-            for t in caption_terms:
-                counts[t] = counts.get(t, 0) + 1
-        for t, n in counts.items():
-            uses[t] = uses.get(t, 0) + n
-            repeated[t] = repeated.get(t, 0) + (n if n > 1 else 0)
-            people[t] = people.get(t, 0) + 1
+    by_identity: dict[int, Counter[str]] = {}
+    for caption_terms, identity in zip(terms, identities, strict=True):
+        by_identity.setdefault(identity, Counter()).update(caption_terms)
+    uses: Counter[str] = Counter()  # captions with the term
+    repeated: Counter[str] = Counter()  # of those, captions whose identity has the term in another caption too
+    people: Counter[str] = Counter()  # identities with the term
+    for counts in by_identity.values():
+        uses.update(counts)
+        repeated.update({t: n for t, n in counts.items() if n > 1})
+        people.update(counts.keys())
     total = max(len(by_identity), 1)
     return frozenset(t for t in uses if repeated[t] / uses[t] - people[t] / total >= min_excess)
 
