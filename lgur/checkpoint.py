@@ -90,6 +90,15 @@ def card_path(weights: Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+def image_weights_card(weights: str | None) -> dict[str, Any]:
+    """Where the image trunk's initial (ImageNet) weights came from: package, version, sha256, licence."""
+    if not weights:
+        return {}
+    from .weights import packaged_weights
+
+    return {"image_weights": {"initialised_from": packaged_weights(weights).card()}}
+
+
 def save_checkpoint(
     model: LGUR,
     path: str | Path,
@@ -117,6 +126,7 @@ def save_checkpoint(
         "dtype": dtype,
         "text_encoder": {"name": model.config.text.name, "source": text.source, "fingerprint": text.fingerprint},
         "parameters": model.parameter_counts(),
+        **image_weights_card(model.config.image.weights),
         **(card or {}),
         "weights_sha256": sha256_file(path),
     }

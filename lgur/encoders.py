@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .config import ImageEncoderConfig, TextEncoderConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, ImageEncoderConfig, TextEncoderConfig
+from .weights import load_packaged_weights, packaged_weights
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class CNNEncoder(nn.Module):
             raise ValueError(f"{config.timm_name} has feature maps at strides {reductions}, not {config.patch_size}")
         stage = reductions.index(config.patch_size)
         del probe
-        from_hub = load_pretrained and config.pretrained and config.pretrained_path is None
+        from_hub = load_pretrained and config.pretrained and not (config.pretrained_path or config.weights)
         kwargs = dict(features_only=True, out_indices=(stage,), drop_path_rate=config.drop_path)
         try:
             self.cnn = timm.create_model(config.timm_name, pretrained=from_hub, **kwargs)
@@ -112,13 +113,25 @@ class CNNEncoder(nn.Module):
                 stacklevel=2,
             )
             self.cnn = timm.create_model(config.timm_name, pretrained=False, **kwargs)
-        if load_pretrained and config.pretrained and config.pretrained_path:
+        stages = getattr(self.cnn, "_stage_out_idx", None)
+        if stages and hasattr(self.cnn, "blocks"):  # timm's EfficientNet features run every block: drop the unused
+            self.cnn.blocks = self.cnn.blocks[: max(stages)]
+        if load_pretrained and config.weights:
+            source = packaged_weights(config.weights)
+            if source.timm_name != config.timm_name:
+                raise ValueError(f"{config.weights} holds weights of {source.timm_name}, not {config.timm_name}")
+            log.info("loaded %d ImageNet tensors from %s", load_packaged_weights(self.cnn, source), source.package)
+        elif load_pretrained and config.pretrained and config.pretrained_path:
             from safetensors.torch import load_file
 
-            missing, unexpected = self.cnn.load_state_dict(load_file(config.pretrained_path), strict=False)
-            log.info(
-                "loaded %s (missing %d, unexpected %d keys)", config.pretrained_path, len(missing), len(unexpected)
-            )
+            self.cnn.load_state_dict(load_file(config.pretrained_path), strict=True)
+        # The model's inputs are ImageNet-normalised; the trunk may have been trained with another
+        # normalisation: x_trunk = x * scale + shift (not saved: it follows from the config).
+        mean, std = torch.tensor(config.mean or IMAGENET_MEAN), torch.tensor(config.std or IMAGENET_STD)
+        scale = torch.tensor(IMAGENET_STD) / std
+        shift = (torch.tensor(IMAGENET_MEAN) - mean) / std
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.grid = config.grid
         channels = self.cnn.feature_info.channels()[-1]
         self.proj = nn.Linear(channels, dim)
@@ -126,7 +139,7 @@ class CNNEncoder(nn.Module):
         nn.init.trunc_normal_(self.position, std=0.02)
 
     def forward(self, images: Tensor) -> Tensor:
-        features = self.cnn(images)[-1]  # (B, C, H / stride, W / stride)
+        features = self.cnn(images * self.input_scale + self.input_shift)[-1]  # (B, C, H / stride, W / stride)
         if tuple(features.shape[-2:]) != self.grid:
             raise ValueError(f"image size gives a {tuple(features.shape[-2:])} grid, expected {self.grid}")
         return self.proj(features.flatten(2).transpose(1, 2)) + self.position

@@ -149,6 +149,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# The pretrained trunk converges in fewer epochs (val R@1 58.4 after 4, the from-scratch trunk 33.4).
+RECIPES["cpu-lite0"] = {**RECIPES["cpu"], "epochs": 16}
+
+
 def recipe(name: str, **overrides: Any) -> TrainConfig:
     values = {**RECIPES.get(name, {}), **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(preset=name, **values)
@@ -599,7 +603,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"run": str(out), "best_epoch": state["best_epoch"], "train_seconds": state["seconds"]}
     if main:
         best, card = load_checkpoint(out / "best.safetensors", cfg.text_encoder_path)
-        scores = score_test_splits(best, cfg.data, splits, cache, out / "cmc.png")
+        scores = score_test_splits(best, cfg.data, splits, cache, out / "cmc.png", card.get("vocabulary"))
         average = text_atom_average(best.eval(), [c for r in splits["val"] for c in r.captions])
         record_in_card(out / "best.safetensors", card | scores | ({"atom_average": average} if average else {}))
         result["metrics"] = scores["metrics"]
