@@ -7,8 +7,10 @@
 - Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
   word that names a garment or accessory of one part, does the peak of its guidance map
   (how much that word contributes to each patch: attention times the foreground weight m,
-  as the app shows it) fall on that part, with one patch of tolerance? Also the share of
-  the map's energy inside the part.
+  as the app shows it), upsampled to the image's pixels, fall within 15/224 of the image
+  height of that part's pixels (Zhang et al.'s 15 pixels at 224)? Counted in pixels, not
+  patches, so a coarser grid does not score higher. Also the share of the map's energy inside
+  the part.
 - Shared dictionary: how many of their top-20 atoms a caption and an image share, for
   matching and for non-matching pairs; by raw weight, and by weight relative to the average
   caption's / image's (what the app ranks by: atoms every description uses say nothing).
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -73,11 +76,22 @@ def linear_probe(features: np.ndarray, labels: list[str], groups: np.ndarray, ri
     return 100 * float(np.mean(scores))
 
 
-def pointing_hit(word_map: np.ndarray, part_mask: np.ndarray, tolerance: int = 1) -> bool:
-    """Does the peak of word_map (rows, cols) fall within `tolerance` patches of part_mask (rows, cols)?"""
-    r, c = np.unravel_index(int(np.argmax(word_map)), word_map.shape)
-    window = part_mask[max(0, r - tolerance) : r + tolerance + 1, max(0, c - tolerance) : c + tolerance + 1]
-    return bool(window.any())
+# Zhang et al.'s pointing game allows 15 pixels at a 224-pixel input: a fixed fraction of the image
+# height, so models with different patch grids are scored alike.
+POINTING_TOLERANCE = 15 / 224
+
+
+def pointing_hit(word_map: np.ndarray, part_mask: np.ndarray, tolerance: float = POINTING_TOLERANCE) -> bool:
+    """Does the peak of word_map (rows, cols), upsampled bilinearly to the part mask's pixels (H, W)
+    as the app draws it, fall within tolerance * H pixels of a pixel of the part?"""
+    h, w = part_mask.shape
+    grid = torch.from_numpy(np.asarray(word_map, dtype=np.float32))[None, None]
+    upsampled = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    r, c = divmod(int(upsampled.argmax()), w)
+    ys, xs = np.nonzero(part_mask)
+    if len(ys) == 0:
+        return False
+    return bool(((ys - r) ** 2 + (xs - c) ** 2).min() <= (tolerance * h) ** 2)
 
 
 def energy_inside(word_map: np.ndarray, part_fraction: np.ndarray) -> float:
@@ -200,10 +214,11 @@ def explanation_quality(
             different = [chunk[o]["id"] != chunk[i]["id"] for o, i in zip(other.tolist(), owner.tolist())]
             pair_image.append(owner + start)
             other_image.append(torch.from_numpy(np.where(different, other + start, -1)))  # -1: same identity
-        fractions_of = {}
+        fractions_of, label_maps = {}, {}
         for i, a in enumerate(chunk):
             with Image.open(data / side[a["file_path"]]["parts"]) as labels:
-                fractions = patch_part_fractions(np.asarray(labels), grid)  # (N, parts)
+                label_maps[i] = np.asarray(labels)  # (H, W) part ids at the image's pixels
+            fractions = patch_part_fractions(label_maps[i], grid)  # (N, parts)
             fractions_of[i] = fractions
             if details:
                 attributes = side[a["file_path"]]["attributes"]
@@ -234,8 +249,7 @@ def explanation_quality(
                     if part is None or fractions[:, part].sum() < 0.5:  # not named, or hardly visible
                         continue
                     word_map = guidance[row][:, positions].sum(1).numpy()  # (N,)
-                    in_part = fractions[:, part] >= 0.1
-                    hit = pointing_hit(word_map.reshape(grid), in_part.reshape(grid))
+                    hit = pointing_hit(word_map.reshape(grid), label_maps[i] == part)
                     pointing[PARTS[part]].append((hit, energy_inside(word_map, fractions[:, part])))
     n = len(annotations)
     result: dict[str, Any] = {"split": split, "images": n, "parts": PARTS}

@@ -98,19 +98,30 @@ def test_linear_probe_reads_an_encoded_label_and_not_noise() -> None:
     assert abs(linear_probe(noise, labels, groups) - 25) < 10  # chance: 4 classes
 
 
-def test_pointing_game_on_a_hand_made_map() -> None:
+def grid_map(grid: tuple[int, int], y: float, x: float, size: tuple[int, int] = (224, 84)) -> np.ndarray:
+    """A (rows, cols) map whose one hot cell holds the pixel (y, x) of a size-(H, W) image."""
+    word_map = np.zeros(grid)
+    word_map[int(y * grid[0] / size[0]), int(x * grid[1] / size[1])] = 1.0
+    return word_map
+
+
+def test_pointing_game_counts_pixels_not_patches() -> None:
+    part = np.zeros((224, 84), dtype=bool)
+    part[100:130, 20:60] = True  # a part at rows 100-129 of a 224-pixel image
+    tolerance = 15  # pixels at 224: Zhang et al.
+    for grid in [(12, 4), (16, 6), (28, 12)]:
+        assert pointing_hit(grid_map(grid, 115, 40), part)  # peak on the part
+        assert not pointing_hit(grid_map(grid, 180, 40), part)  # far below it
+        assert not pointing_hit(grid_map(grid, 115, 40), np.zeros_like(part))  # no part pixels
+    # a peak a whole 12x4 cell (18.7 px) below the part: one patch of tolerance would count it
+    # on the coarse grid; in pixels, every grid agrees it is beyond 15 pixels
+    far = [pointing_hit(grid_map(grid, 130 + tolerance + 6, 40), part) for grid in [(12, 4), (16, 6), (28, 12)]]
+    assert far == [False, False, False]
+    # and just inside the tolerance on a fine grid, just outside with tolerance 0
+    near = grid_map((56, 21), 134, 40)
+    assert pointing_hit(near, part) and not pointing_hit(near, part, tolerance=0)
     mask = np.zeros((6, 4), dtype=bool)
-    mask[1:3, 1:3] = True  # the part covers rows 1-2, columns 1-2
-    word_map = np.zeros((6, 4))
-    word_map[2, 2] = 1.0
-    assert pointing_hit(word_map, mask)  # peak on the part
-    word_map[:] = 0
-    word_map[3, 3] = 1.0
-    assert pointing_hit(word_map, mask)  # one patch off: within tolerance
-    assert not pointing_hit(word_map, mask, tolerance=0)
-    word_map[:] = 0
-    word_map[5, 0] = 1.0
-    assert not pointing_hit(word_map, mask)  # far away
+    mask[1:3, 1:3] = True
     fractions = mask.astype(float).reshape(-1)
     spread = np.full(24, 1.0)
     assert energy_inside(spread, fractions) == pytest.approx(4 / 24)
