@@ -104,6 +104,8 @@ class Explorer:
         items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
         note = " (the query was longer than the model reads; the end was ignored)" if response.query.truncated else ""
         status = f"{len(items)} results in {1000 * response.seconds:.0f} ms{note}. Select one to see why it matched."
+        if response.colour_note:
+            status = f"🎨 Colours read as the model knows them: {html.escape(response.colour_note)}.\n\n{status}"
         if response.warning:
             status = f"⚠️ {html.escape(response.warning)}\n\n{status}"
         if not items:

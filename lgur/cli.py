@@ -116,14 +116,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .colours import ColourGrounding
     from .data.readers import read_dataset
     from .evaluate import format_metrics, plot_cmc, split_metrics
 
-    model, _ = load_checkpoint(args.checkpoint, args.text_encoder)
+    model, card = load_checkpoint(args.checkpoint, args.text_encoder)
     records = [r for r in read_dataset(args.data)[0] if r.split == args.split]
     if not records:
         raise SystemExit(f"no entries in split {args.split!r} of {args.data}")
-    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache)
+    grounding = None
+    if args.colour_grounding:
+        if not card.get("vocabulary"):
+            raise SystemExit(f"{args.checkpoint}: its card records no training vocabulary, so no colour grounding")
+        grounding = ColourGrounding(card["vocabulary"])
+    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, grounding)
     if args.cmc:
         plot_cmc({args.split: cmc}, args.cmc)
     if args.json:
@@ -293,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-encoder", help="local folder of the frozen text encoder")
     evaluate.add_argument("--cache", default="cache", help="folder for cached text features")
     evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
+    evaluate.add_argument(
+        "--colour-grounding", action="store_true",
+        help="read caption colour words the model never saw as the nearest training colour (as the app does)",
+    )  # fmt: skip
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -16,12 +16,14 @@ import torch
 from torch import Tensor
 
 from .checkpoint import card_path
+from .colours import ColourGrounding
 from .data.dataset import RetrievalSplit, TextFeatures, build_split, frozen_text_features, normalize
 from .data.readers import Record
 from .files import atomic_write_bytes
 from .model import LGUR
 
 RANKS = (1, 5, 10)
+GROUNDED_PARAPHRASE = "test-paraphrase+colour-grounding"  # the card's entry for that split, grounded
 
 
 @torch.inference_mode()
@@ -137,12 +139,19 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_metrics(
-    model: LGUR, records: list[Record], name: str, data: str | Path, cache: str | Path | None
+    model: LGUR,
+    records: list[Record],
+    name: str,
+    data: str | Path,
+    cache: str | Path | None,
+    grounding: ColourGrounding | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """R@k and mAP of one split (own image excluded too; per attribute kind on the synthetic world)
-    -> (metrics as recorded in a card, the CMC curve)."""
+    -> (metrics as recorded in a card, the CMC curve). With `grounding`, each caption's unknown
+    colour words are read as training colours first (as the app reads queries)."""
     split = build_split(records, model.config.image.img_size)
-    result = evaluate_split(model, split, frozen_text_features(model.text_encoder, split.captions, cache))
+    captions = [grounding.ground(c)[0] for c in split.captions] if grounding else split.captions
+    result = evaluate_split(model, split, frozen_text_features(model.text_encoder, captions, cache))
     metrics = _rounded(result["standard"]) | {"exclude_own_image": _rounded(result["exclude_own_image"])}
     side = Path(data) / "synthetic_attributes.json"
     if side.is_file():
@@ -157,13 +166,19 @@ def score_test_splits(
     splits: dict[str, list[Record]],
     cache: str | Path | None,
     cmc_plot: Path | None = None,
+    vocabulary: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The test splits' metrics and CMC curves, as a card records them: {"metrics", "cmc"}."""
+    """The test splits' metrics and CMC curves, as a card records them: {"metrics", "cmc"}. With the
+    training `vocabulary`, test-paraphrase is also scored with colour grounding (its own entry)."""
     metrics: dict[str, Any] = {}
     curves = {}
     for name in ("test", "test-paraphrase"):
         if splits.get(name):
             metrics[name], curves[name] = split_metrics(model, splits[name], name, data, cache)
+    if vocabulary and splits.get("test-paraphrase"):
+        grounded = split_metrics(model, splits["test-paraphrase"], "test-paraphrase", data, cache,
+                                 ColourGrounding(vocabulary))  # fmt: skip
+        metrics[GROUNDED_PARAPHRASE], curves[GROUNDED_PARAPHRASE] = grounded
     if curves and cmc_plot:
         plot_cmc(curves, cmc_plot)
     return {"metrics": metrics, "cmc": {k: [round(x, 2) for x in v] for k, v in curves.items()}}

@@ -59,7 +59,7 @@ def export_checkpoint(
         average = text_atom_average(exported, [c for r in splits.get("val", []) for c in r.captions])
         if average:  # of the exported weights: what the app's relative atom weights divide by
             card["atom_average"] = average
-        card |= score_test_splits(exported, data, splits, cache, path.parent / "cmc.png")
+        card |= score_test_splits(exported, data, splits, cache, path.parent / "cmc.png", card["vocabulary"])
         for name, m in card["metrics"].items():
             report(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
         if (Path(data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
+from .colours import ColourGrounding, ColourReading
 from .data.dataset import normalize, vocabulary_words
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
@@ -129,7 +130,7 @@ def salient_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: i
 
 @dataclass
 class QueryEncoding:
-    text: str
+    text: str  # what the model read: the cleaned query, unknown colour words grounded
     words: list[str]  # the query's words (word pieces merged), as typed
     token_ids: np.ndarray  # (T,) what the model read (so later explanations need no second tokenising)
     spans: list[list[int]]  # token positions of each word
@@ -140,6 +141,7 @@ class QueryEncoding:
     atom_histogram: np.ndarray  # (atoms,) mean over the words
     atom_weights: np.ndarray  # (atoms,) relative to the average query's (relative_weights)
     truncated: bool  # the query was longer than the text encoder reads
+    colour_readings: list[ColourReading] = field(default_factory=list)  # "crimson" read as "red", ...
 
 
 @dataclass
@@ -202,8 +204,16 @@ class SearchResponse:
             )
         return None
 
+    @property
+    def colour_note(self) -> str | None:
+        """What the visitor should know was read differently: "crimson -> red"."""
+        readings = self.query.colour_readings
+        return ", ".join(f"{r.word} -> {r.colour}" for r in readings) if readings else None
+
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"query": self.query.text, "results": [r.to_json() for r in self.results]}
+        if self.query.colour_readings:
+            body["colours_read_as"] = {r.word: r.colour for r in self.query.colour_readings}
         return body | ({"warning": self.warning} if self.warning else {})
 
 
@@ -226,6 +236,7 @@ class SearchEngine:
         manifest: dict[str, dict] | None = None,
         index_dir: Path | None = None,
         cache: int = 256,
+        colour_grounding: bool = True,
     ):
         self.model = model.eval()
         self.index = index
@@ -238,6 +249,8 @@ class SearchEngine:
         self._cache_lock = threading.Lock()  # the app serves several requests at once
         self._word_atoms: tuple[list[str], np.ndarray] | None = None
         self.vocabulary = frozenset(self.card.get("vocabulary", []))
+        # Colour words the model never saw are read as the nearest training colour (lgur.colours).
+        self.grounding = ColourGrounding(self.vocabulary) if colour_grounding and self.vocabulary else None
         self.grid = model.image_encoder.grid
         # The average caption's atom histogram, measured when the checkpoint was trained or exported.
         average = self.card.get("atom_average", {}).get("text")
@@ -296,13 +309,18 @@ class SearchEngine:
         return report
 
     # -- query side ------------------------------------------------------------------------
+    def read_query(self, text: str) -> tuple[str, list[ColourReading]]:
+        """A cleaned query as the model reads it, and the colour words read as training colours."""
+        return self.grounding.ground(text) if self.grounding else (text, [])
+
     @torch.inference_mode()
     def encode_query(self, text: str) -> QueryEncoding:
-        text = clean_query(text)
+        key = clean_query(text)  # cached as typed: two spellings of one colour are two queries
         with self._cache_lock:
-            if text in self._cache:
-                self._cache.move_to_end(text)
-                return self._cache[text]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        text, readings = self.read_query(key)
         max_length = self.model.text_encoder.max_length
         # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
         encoded = self.model.text_encoder.encode([text], truncation=False, return_offsets_mapping=True, verbose=False)
@@ -335,9 +353,10 @@ class SearchEngine:
             atom_histogram=histogram,
             atom_weights=relative_weights(histogram, self.text_atom_average),
             truncated=truncated,
+            colour_readings=readings,
         )
         with self._cache_lock:
-            self._cache[text] = result
+            self._cache[key] = result
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return result
@@ -346,17 +365,17 @@ class SearchEngine:
     @torch.inference_mode()
     def embed_query(self, text: str) -> np.ndarray:
         """The query's embedding alone (no attention kept): the fast path, cached too."""
-        text = clean_query(text)
+        key = clean_query(text)
         with self._cache_lock:
-            if text in self._cache:
-                return self._cache[text].embedding
-            if text in self._embeddings:
-                self._embeddings.move_to_end(text)
-                return self._embeddings[text]
-        ids, mask = self.model.tokenize([text])
+            if key in self._cache:
+                return self._cache[key].embedding
+            if key in self._embeddings:
+                self._embeddings.move_to_end(key)
+                return self._embeddings[key]
+        ids, mask = self.model.tokenize([self.read_query(key)[0]])
         embedding = self.model.embed_texts(ids, mask)[0].numpy()
         with self._cache_lock:
-            self._embeddings[text] = embedding
+            self._embeddings[key] = embedding
             if len(self._embeddings) > self._cache_size:
                 self._embeddings.popitem(last=False)
         return embedding
@@ -484,7 +503,7 @@ class SearchEngine:
 
 
 def format_results(response: SearchResponse) -> str:
-    lines = []
+    lines = [f"colours read as: {response.colour_note}"] if response.colour_note else []
     for r in response.results:
         parts = " ".join(f"{x:+.2f}" for x in r.part_similarity)
         lines.append(f"{r.rank:3d}  {r.score:.4f}  {r.file}  parts [{parts}]")
