@@ -181,6 +181,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_space(args: argparse.Namespace) -> int:
+    from .space import format_report, write_space
+
+    try:
+        print(format_report(write_space(args.out)))
+    except (FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_explain_quality(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .quality import explanation_quality, format_quality
@@ -420,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--show", type=int, default=10, help="print this many misses")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_lexical_probe)
+
+    space = sub.add_parser("space", help="write exactly what a Hugging Face Space needs into a new folder")
+    space.add_argument("out", help="a folder that does not exist yet")
+    space.set_defaults(func=cmd_space)
     return parser
 
 

@@ -44,3 +44,12 @@ def tiny_model() -> LGUR:
 def random_images(model: LGUR, n: int, seed: int = 0) -> torch.Tensor:
     h, w = model.config.image.img_size
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
