@@ -24,12 +24,12 @@ def export_checkpoint(
     """Write the inference checkpoint; with `data`, evaluate it on the test splits (and, on the
     synthetic world, measure its explanations); with `gallery`, run query-bench on it. Each
     measurement is reported as a line and stored in the card, which is written once at the end."""
+    from .atoms import text_atom_average
     from .data.dataset import caption_vocabulary
     from .data.readers import read_dataset
     from .evaluate import record_in_card, score_test_splits
     from .quality import explanation_quality, format_quality
     from .querybench import format_query_bench, run_query_bench
-    from .search import text_atom_average
     from .train import split_records
 
     model, card = load_checkpoint(checkpoint)

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from .atoms import TOP_ATOMS, encoded_atom_histograms
 from .data.dataset import normalize
 from .files import read_image
 from .losses import prototype_overlap
 from .model import LGUR
-from .search import TOP_ATOMS, encoded_atom_histograms
 from .synth.render import BAG, HAIR, LOWER, PARTS, SHOES, UPPER
 
 # Words that name one part (garments and accessories of the caption lexicon, held-out forms too).

@@ -75,7 +75,8 @@ def write_space(out: str | Path, repo: Path = REPO) -> SpaceReport:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     sizes = {str(f): (out / f).stat().st_size for f in files}
-    binary = [f for f, size in sizes.items() if size > BINARY_IN_GIT and not f.endswith((".py", ".md", ".json", ".txt"))]
+    text = (".py", ".md", ".json", ".txt", ".css")
+    binary = [f for f, size in sizes.items() if size > BINARY_IN_GIT and not f.endswith(text)]
     return SpaceReport(
         out, len(files), sum(sizes.values()), [f for f, s in sizes.items() if s > LARGE_FILE], sorted(binary)
     )

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .atoms import text_atom_average
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_optimizer_state
 from .config import LGURConfig, preset
 from .data.dataset import (
@@ -45,7 +46,6 @@ from .evaluate import evaluate_split, record_in_card, score_test_splits
 from .files import atomic_write_bytes
 from .losses import LGURLoss, same_identity
 from .model import LGUR
-from .search import text_atom_average
 
 log = logging.getLogger(__name__)
 

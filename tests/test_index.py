@@ -186,7 +186,7 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
 
 
 def test_atoms_are_ranked_relative_to_the_average_when_the_card_has_it(tiny_checkpoint: Path, gallery: Path) -> None:
-    from lgur.search import caption_atom_histograms, relative_weights, shared_atoms, text_atom_average
+    from lgur.atoms import caption_atom_histograms, relative_weights, shared_atoms, text_atom_average
 
     engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
     text = "a man in a blue jacket with a black backpack"

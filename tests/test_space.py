@@ -30,7 +30,8 @@ def test_the_folder_holds_what_the_space_runs_and_nothing_else(space: Path) -> N
     assert package == {f for f in files if f.parts[0] == "lgur"}
     images = {f.name for f in (REPO / "gallery" / "images").iterdir()}
     assert images == {f.name for f in files if f.parts[:2] == ("gallery", "images")}
-    assert (space / "assets" / "lgur_cpu.safetensors").read_bytes() == (REPO / "assets/lgur_cpu.safetensors").read_bytes()
+    checkpoint = Path("assets") / "lgur_cpu.safetensors"
+    assert (space / checkpoint).read_bytes() == (REPO / checkpoint).read_bytes()
     assert (space / "README.md").read_text().startswith("---\ntitle: LGUR Explorer")  # the Space's configuration
     assert max((space / f).stat().st_size for f in files) < 10 * 2**20  # nothing needs large-file storage
 

@@ -20,6 +20,8 @@ from lgur.evaluate import retrieval_metrics
 from lgur.synth.world import WorldSpec, generate_world
 from lgur.train import recipe, train
 
+REPO = Path(__file__).resolve().parents[1]
+
 # A very small CPU model: every module on the real code path, minutes become seconds.
 TINY = {
     "image.img_size": [64, 24], "image.embed_dim": 48, "image.depth": 1, "image.num_heads": 2, "dim": 48,
@@ -205,3 +207,9 @@ def test_torchrun_two_processes(world: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     train_images = sum(1 for _ in (world / "imgs" / "train").iterdir())
     assert max(r["step"] for r in rows) == (train_images // 2) // 8  # two processes share each epoch
+
+
+def test_training_does_not_load_the_search_engine() -> None:
+    code = "import lgur.train, sys; print('faiss' in sys.modules, 'lgur.search' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["False", "False"]
