@@ -8,6 +8,7 @@ weights file. Loading verifies all of it and never unpickles anything.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .config import LGURConfig
 from .files import atomic_output, atomic_write_bytes, sha256_file
 from .model import LGUR
 
+log = logging.getLogger(__name__)
 FORMAT = "lgur-checkpoint"
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float32", "float16", "int8")
@@ -245,3 +247,32 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def resolve_checkpoint(
+    value: str | Path | None,
+    hub_repo: str | None = None,
+    hub_file: str | None = None,
+    hub_revision: str | None = None,
+    default: Path | None = None,
+) -> Path:
+    """Which checkpoint the app or a command uses: a local path (else `default`, the shipped one), or a
+    file fetched from a Hugging Face Hub repository (with its card), at a pinned revision (a commit
+    hash) when given. Raises ValueError or OSError saying what failed."""
+    if default is None:
+        from . import DEFAULT_CHECKPOINT as default
+    if not hub_repo:
+        return Path(value) if value else default
+    from huggingface_hub import hf_hub_download
+
+    name = hub_file or "lgur_cpu.safetensors"
+    if not name.endswith(".safetensors") or name.startswith(("/", "..")) or "/../" in name:
+        raise ValueError(f"the hub file must be a .safetensors path inside the repository, got {name!r}")
+    if not hub_revision:
+        log.warning("fetching %s from %s unpinned: pass --hub-revision COMMIT to pin it", name, hub_repo)
+    try:
+        path = Path(hf_hub_download(hub_repo, name, revision=hub_revision))
+        hf_hub_download(hub_repo, str(Path(name).with_suffix(".json")), revision=hub_revision)
+    except Exception as error:  # the hub client raises many types (HTTP, validation, offline)
+        raise OSError(f"could not fetch {name} from {hub_repo}: {type(error).__name__}: {error}") from None
+    return path

@@ -118,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .colours import ColourGrounding
     from .data.readers import read_dataset
-    from .evaluate import format_metrics, plot_cmc, split_metrics
+    from .evaluate import evaluation_report, format_metrics, plot_cmc, split_metrics
 
     model, card = load_checkpoint(args.checkpoint, args.text_encoder)
     records = [r for r in read_dataset(args.data)[0] if r.split == args.split]
@@ -132,13 +132,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, grounding)
     if args.cmc:
         plot_cmc({args.split: cmc}, args.cmc)
-    if args.json:
-        standard = {k: v for k, v in metrics.items() if k not in ("exclude_own_image", "by_attribute")}
-        report = {"checkpoint": str(args.checkpoint), "split": args.split, "standard": standard}
-        report |= {k: metrics[k] for k in ("exclude_own_image", "by_attribute") if k in metrics}
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_metrics(metrics))
+    print(json.dumps(evaluation_report(args.checkpoint, args.split, metrics), indent=2) if args.json
+          else format_metrics(metrics))  # fmt: skip
     return 0
 
 
@@ -161,7 +156,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not gallery.is_dir():
         raise SystemExit(f"gallery folder {gallery} does not exist")
     index_dir = Path(args.index_dir).resolve() if args.index_dir else default_index_dir(gallery)
-    model, card = load_checkpoint(args.checkpoint)
+    model, card = load_checkpoint(checkpoint_of(args))
     text = index_gallery(model, checkpoint_fingerprint(card), gallery, index_dir, progress=not args.quiet)
     if text:
         print(text)
@@ -169,11 +164,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import QueryError, SearchEngine, format_results
+    from .search import QueryError, SearchEngine, format_results, result_count
 
-    engine, _ = SearchEngine.open(args.checkpoint, args.gallery, args.index_dir)
     try:
-        response = engine.search(args.query, args.k)
+        k = result_count(args.k)
+    except QueryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    engine, _ = SearchEngine.open(checkpoint_of(args), args.gallery, args.index_dir)
+    try:
+        response = engine.search(args.query, k)
     except QueryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -230,24 +230,61 @@ def cmd_query_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def option(*flags: str, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser holding one option that several commands share."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
+
+
+SHIPPED = option(
+    "--checkpoint", default=DEFAULT_CHECKPOINT, help="a .safetensors checkpoint (default: the shipped one)"
+)
+GIVEN = option("--checkpoint", required=True, help="a .safetensors checkpoint")
+GALLERY = option("--gallery", default=DEFAULT_GALLERY, help="a gallery folder (default: the shipped one)")
+JSON = option("--json", action="store_true", help="print JSON")
+OUT = option("--out", help="also write the JSON result to this file")
+QUIET = option("--quiet", action="store_true", help="no progress bars")
+SEED = option("--seed", type=int, default=0)
+CACHE = option("--cache", default="cache", help="folder for cached text features")
+TEXT_ENCODER = option("--text-encoder", help="local folder of the frozen text encoder")
+INDEX_DIR = option("--index-dir", help="where the index lives (default GALLERY/.lgur-index)")
+
+
+def hub_options() -> argparse.ArgumentParser:
+    """--hub-repo/--hub-file/--hub-revision: the checkpoint from a Hugging Face Hub repository (as the app)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--hub-repo", help="fetch the checkpoint and its card from this Hub repository")
+    parent.add_argument("--hub-file", help="the checkpoint's path in that repository (default lgur_cpu.safetensors)")
+    parent.add_argument("--hub-revision", help="the commit to pin")
+    return parent
+
+
+def checkpoint_of(args: argparse.Namespace):  # -> Path
+    from .checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
+    hub = hub_options()
 
-    bench = sub.add_parser("bench", help="measure speed and size (prints figures, optionally JSON)")
+    bench = sub.add_parser(
+        "bench", parents=[SHIPPED, GALLERY, JSON, OUT], help="measure speed and size (prints figures, optionally JSON)"
+    )
     bench.add_argument("what", choices=["model", "search", "app"], help="what to benchmark")
-    bench.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    bench.add_argument("--gallery", default=DEFAULT_GALLERY)
     bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
     bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS))
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 5 model, 50 search)")
     bench.add_argument("--app", default="app.py", help="with `app`: the app to start (default ./app.py)")
-    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument("--out", help="also write the JSON result to this file")
     bench.set_defaults(func=cmd_bench)
 
-    train = sub.add_parser("train", help="train LGUR (seeded, resumable; torchrun for several processes)")
+    train = sub.add_parser(
+        "train", parents=[TEXT_ENCODER, QUIET], help="train LGUR (seeded, resumable; torchrun for several processes)"
+    )
     train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     train.add_argument("--data", required=True, help="dataset folder (CUHK-PEDES, ICFG-PEDES, RSTPReid or synthetic)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs, curves")
@@ -291,7 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
     train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
     train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")
-    train.add_argument("--text-encoder", help="local folder of the frozen text encoder")
     train.add_argument("--image-weights", help="local .safetensors of ImageNet weights for the image encoder")
     train.add_argument("--cache", help="folder for cached text features (default RUN/cache)")
     train.add_argument("--threads", type=int)
@@ -300,25 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prototype-diversity", type=float,
                        help="not in the paper: weight of a penalty on overlapping prototype attention")  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
-    train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="R@1/5/10 and mAP (CUHK-PEDES protocol) of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate = sub.add_parser(
+        "evaluate",
+        parents=[GIVEN, TEXT_ENCODER, CACHE, JSON],
+        help="R@1/5/10 and mAP (CUHK-PEDES protocol) of a checkpoint",
+    )
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--text-encoder", help="local folder of the frozen text encoder")
-    evaluate.add_argument("--cache", default="cache", help="folder for cached text features")
     evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
     evaluate.add_argument(
         "--colour-grounding", action="store_true",
         help="read caption colour words the model never saw as the nearest training colour (as the app does)",
     )  # fmt: skip
-    evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    export = sub.add_parser("export", help="write an inference checkpoint with its card")
-    export.add_argument("--checkpoint", required=True)
+    export = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")
     export.add_argument("--out", required=True)
     export.add_argument(
         "--dtype", choices=["float32", "float16", "int8"], default="float32",
@@ -326,50 +360,48 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
     export.add_argument("--gallery", help="run query-bench on this gallery (into its card)")
-    export.add_argument("--cache", default="cache", help="folder for cached text features")
     export.add_argument("--command", help="the training command, recorded in the card")
     export.set_defaults(func=cmd_export)
 
-    index = sub.add_parser("index", help="index a gallery folder (incremental; torchrun shards it)")
+    index = sub.add_parser(
+        "index",
+        parents=[SHIPPED, hub, INDEX_DIR, QUIET],
+        help="index a gallery folder (incremental; torchrun shards it)",
+    )
     index.add_argument("gallery", nargs="?", default=DEFAULT_GALLERY)
-    index.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    index.add_argument("--index-dir", help="where the index lives (default GALLERY/.lgur-index)")
-    index.add_argument("--quiet", action="store_true")
     index.set_defaults(func=cmd_index)
 
-    search = sub.add_parser("search", help="search a gallery by description")
+    search = sub.add_parser(
+        "search", parents=[SHIPPED, hub, GALLERY, INDEX_DIR, JSON], help="search a gallery by description"
+    )
     search.add_argument("query")
     search.add_argument("-k", type=int, default=10)
-    search.add_argument("--gallery", default=DEFAULT_GALLERY)
-    search.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    search.add_argument("--index-dir")
-    search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 
-    ablation = sub.add_parser("ablation", help="train baseline, +DGA, +PGU and full LGUR with one budget")
+    ablation = sub.add_parser(
+        "ablation", parents=[SEED, QUIET], help="train baseline, +DGA, +PGU and full LGUR with one budget"
+    )
     ablation.add_argument("--data", required=True)
     ablation.add_argument("--out", default="runs/ablation")
     ablation.add_argument("--epochs", type=int, default=3)
     ablation.add_argument("--cache", help="shared folder for cached text features")
-    ablation.add_argument("--seed", type=int, default=0)
-    ablation.add_argument("--quiet", action="store_true")
     ablation.set_defaults(func=cmd_ablation)
 
     experiments = sub.add_parser(
-        "experiments", help="the CPU recipe and one change of each option beyond the paper, at the ablation's budget"
+        "experiments",
+        parents=[GALLERY, SEED, QUIET],
+        help="the CPU recipe and one change of each option beyond the paper, at the ablation's budget",
     )
     experiments.add_argument("--data", required=True)
     experiments.add_argument("--out", default="runs/ablation", help="shared with `ablation` (its full-LGUR run)")
-    experiments.add_argument("--gallery", default=DEFAULT_GALLERY, help="for query-bench")
     experiments.add_argument("--epochs", type=int, default=3)
     experiments.add_argument("--cache", help="shared folder for cached text features")
-    experiments.add_argument("--seed", type=int, default=0)
     experiments.add_argument("--only", nargs="+", metavar="NAME", help="train only these rows (finished ones show)")
-    experiments.add_argument("--quiet", action="store_true")
     experiments.set_defaults(func=cmd_experiments)
 
-    quality = sub.add_parser("explain-quality", help="foreground AUC and prototype part shares vs part labels")
-    quality.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    quality = sub.add_parser(
+        "explain-quality", parents=[SHIPPED, JSON, OUT], help="foreground AUC and prototype part shares vs part labels"
+    )
     quality.add_argument("--data", required=True, help="a world folder written by `synth`")
     quality.add_argument("--split", default="test")
     quality.add_argument("--limit", type=int, help="only the first N images")
@@ -378,36 +410,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also probe which attributes the encoder's part features and the embedding carry",
     )
-    quality.add_argument("--json", action="store_true")
-    quality.add_argument("--out", help="also write the JSON here")
     quality.set_defaults(func=cmd_explain_quality)
 
-    qb = sub.add_parser("query-bench", help="short typed queries: attribute precision@10 against the gallery")
-    qb.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    qb.add_argument("--gallery", default=DEFAULT_GALLERY, help="a gallery folder with manifest.json attributes")
+    qb = sub.add_parser(
+        "query-bench",
+        parents=[SHIPPED, GALLERY, SEED, JSON, OUT],
+        help="short typed queries: attribute precision@10 against the gallery",
+    )
     qb.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
     qb.add_argument("--count", type=int, default=200)
-    qb.add_argument("--seed", type=int, default=0)
     qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
-    qb.add_argument("--json", action="store_true")
-    qb.add_argument("--out", help="also write the JSON here")
     qb.set_defaults(func=cmd_query_bench)
 
-    synth = sub.add_parser("synth", help="generate a synthetic pedestrian world (CUHK-PEDES layout)")
+    synth = sub.add_parser(
+        "synth", parents=[SEED, QUIET], help="generate a synthetic pedestrian world (CUHK-PEDES layout)"
+    )
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--identities", type=int, default=4000, help="training identities")
     synth.add_argument("--val-identities", type=int, default=200)
     synth.add_argument("--test-identities", type=int, default=800)
     synth.add_argument("--min-images", type=int, default=2, help="images per identity, at least")
     synth.add_argument("--max-images", type=int, default=3, help="images per identity, at most")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=cmd_synth)
 
-    gallery = sub.add_parser("gallery", help="regenerate the shipped gallery (the default world's test split)")
+    gallery = sub.add_parser(
+        "gallery", parents=[SEED], help="regenerate the shipped gallery (the default world's test split)"
+    )
     gallery.add_argument("--out", default="gallery")
-    gallery.add_argument("--seed", type=int, default=0)
     gallery.add_argument("--workers", type=int, default=None)
     gallery.set_defaults(func=cmd_gallery)
 
@@ -419,17 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     sheet.add_argument("--columns", type=int, default=8)
     sheet.set_defaults(func=cmd_contact_sheet)
 
-    ambiguity = sub.add_parser("ambiguity", help="how many identities fit each caption; a perfect reader's recall")
+    ambiguity = sub.add_parser(
+        "ambiguity", parents=[JSON], help="how many identities fit each caption; a perfect reader's recall"
+    )
     ambiguity.add_argument("--data", required=True, help="a world folder written by `synth`")
     ambiguity.add_argument("--splits", nargs="+", default=["test", "test-paraphrase"])
-    ambiguity.add_argument("--json", action="store_true")
     ambiguity.set_defaults(func=cmd_ambiguity)
 
-    probe = sub.add_parser("lexical-probe", help="does the frozen text encoder map held-out synonyms to their concept?")
+    probe = sub.add_parser(
+        "lexical-probe", parents=[JSON], help="does the frozen text encoder map held-out synonyms to their concept?"
+    )
     probe.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     probe.add_argument("--text-encoder", help="path of the frozen text encoder (default: the preset's)")
     probe.add_argument("--show", type=int, default=10, help="print this many misses")
-    probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_lexical_probe)
 
     space = sub.add_parser("space", help="write exactly what a Hugging Face Space needs into a new folder")

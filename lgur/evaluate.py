@@ -188,6 +188,17 @@ def record_in_card(checkpoint: Path, card: dict[str, Any]) -> None:
     atomic_write_bytes(card_path(checkpoint), json.dumps(card, indent=2).encode())
 
 
+def evaluation_report(checkpoint: str | Path, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What `evaluate --json` prints: one split's metrics (as `split_metrics` returns them)."""
+    extras = ("exclude_own_image", "by_attribute")
+    report = {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "standard": {k: v for k, v in metrics.items() if k not in extras},
+    }
+    return report | {k: metrics[k] for k in extras if k in metrics}
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One split's metrics (as `split_metrics` returns them), as printed by `evaluate`."""
     lines = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import open_rgb
+from .files import open_rgb_cached
 from .search import QueryEncoding, SearchResult
 
 DISPLAY_SIZE = (192, 512)  # (width, height) of an overlay, twice the stored images
@@ -58,7 +58,7 @@ def prototype_overlays(
     names: list[str] | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """One overlay per prototype, captioned with its name and share of the score, plus a combined view."""
-    image = open_rgb(result.path)
+    image = open_rgb_cached(result.path)
     items = []
     for p, share in enumerate(result.score_share):
         name = names[p] if names else f"P{p + 1}"

@@ -9,6 +9,7 @@ training/serving skew), and every write that others may read goes through
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -118,7 +119,21 @@ def open_rgb(path: str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """-> uint8 (3, H, W), resized to size=(H, W): what the model reads, in training and in serving."""
-    rgb = open_rgb(path).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+@functools.lru_cache(maxsize=64)
+def _decoded(path: str, modified: int, size: int) -> Image.Image:
+    return open_rgb(path)
+
+
+def open_rgb_cached(path: str | Path) -> Image.Image:
+    """open_rgb for serving: a selected result's image is drawn in several panels and read by the
+    model, in several requests; it is decoded once (cached by path, modification time and size).
+    Callers must not modify the image in place."""
+    stat = os.stat(path)
+    return _decoded(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def read_image(path: str | Path, size: tuple[int, int], cached: bool = False) -> np.ndarray:
+    """-> uint8 (3, H, W), resized to size=(H, W): what the model reads, in training and in serving
+    (cached=True: decoded through open_rgb_cached)."""
+    rgb = (open_rgb_cached if cached else open_rgb)(path).resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return np.asarray(rgb).transpose(2, 0, 1).copy()

@@ -12,6 +12,7 @@ with the shared gallery, deleted when their session ends.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .files import IMAGE_SUFFIXES, TEMPORARY_SUFFIX, check_image
 from .index import GalleryIndex, update_index
@@ -152,3 +154,19 @@ def private_sessions_root() -> Path:
         except PermissionError:
             pass
     return root / str(os.getpid())
+
+
+def gallery_page(
+    shared: list[str], gallery: Path, mine: list[Path], page: Any, per_page: int, uploads: str = "uploads"
+) -> tuple[list[Path], str]:
+    """One page of a gallery listing, uploads first (the visitor's own `mine`, then the shared gallery's
+    files under `uploads`): the image files of the page and a line saying where we are. A page number
+    out of range (or not a number) is clamped."""
+    shared = sorted(shared, key=lambda f: (not f.startswith(f"{uploads}/"), f))
+    files = list(mine) + [gallery / f for f in shared]
+    pages = max(1, math.ceil(len(files) / per_page))
+    number = int(page) if isinstance(page, int | float) and math.isfinite(page) else 1
+    number = min(max(number, 1), pages)
+    uploaded = len(mine) + sum(f.startswith(f"{uploads}/") for f in shared)
+    where = f"Page {number} of {pages}: {len(files)} images ({uploaded} uploaded, listed first)."
+    return files[(number - 1) * per_page : number * per_page], where

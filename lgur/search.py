@@ -10,6 +10,7 @@ only draws them. A full response for 10 results needs one text forward pass.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -31,6 +32,7 @@ from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
 
 MAX_QUERY_CHARS = 2000
+MAX_RESULTS = 50  # the most results one search returns (app, API and command line)
 PRIVATE_PREFIX = "your uploads/"  # how a result from a visitor's own uploads is named
 
 
@@ -49,6 +51,16 @@ def clean_query(text: str) -> str:
     if not text:
         raise QueryError("Type a description of the person, e.g. 'a woman in a red coat with a black backpack'.")
     return text
+
+
+def result_count(k: Any) -> int:
+    """The number of results asked for, as a whole number from 1 to MAX_RESULTS (else QueryError,
+    whose message never repeats the input)."""
+    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) or k != int(k):
+        raise QueryError(f"The number of results must be a whole number from 1 to {MAX_RESULTS}.")
+    if not 1 <= k <= MAX_RESULTS:
+        raise QueryError(f"The number of results must be from 1 to {MAX_RESULTS}.")
+    return int(k)
 
 
 @dataclass
@@ -303,6 +315,13 @@ class SearchEngine:
                 self._embeddings.popitem(last=False)
         return embedding
 
+    def warm_up(self) -> threading.Thread:
+        """Build the atom atlas's word table (about 3 s on 2 cores) in the background, so the first
+        visitor who opens an atom does not wait for it."""
+        thread = threading.Thread(target=self.word_atoms, name="atlas-words", daemon=True)
+        thread.start()
+        return thread
+
     def clear_cache(self) -> None:
         with self._cache_lock:
             self._cache.clear()
@@ -364,7 +383,7 @@ class SearchEngine:
     def _images(self, paths: list[str | Path]) -> torch.Tensor:
         """Image files, ready for the model: (B, 3, H, W)."""
         size = self.model.config.image.img_size
-        return normalize(torch.from_numpy(np.stack([read_image(p, size) for p in paths])))
+        return normalize(torch.from_numpy(np.stack([read_image(p, size, cached=True) for p in paths])))
 
     @torch.inference_mode()
     def guidance(self, query: QueryEncoding, image: str | Path) -> np.ndarray:

@@ -53,18 +53,18 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert isinstance(chart, Image.Image) and chart.width > 300
     assert isinstance(foreground, Image.Image)
     assert "Result #2" in summary
-    assert word_choices["choices"][0] == "1: a"
+    assert word_choices.choices[0] == "1: a"
     # No panel opens empty: the guidance map of the word the prototype reads most, the atlas of the first atom.
     top_word = max(range(len(words)), key=lambda i: words[i][1])
-    assert word_choices["value"] == word_choices["choices"][top_word] and words[top_word][1] == pytest.approx(1.0)
+    assert word_choices.value == word_choices.choices[top_word] and words[top_word][1] == pytest.approx(1.0)
     result = response.results[1]
-    assert [int(v) for _, v in atom_choices["choices"]] == [
+    assert [int(v) for _, v in atom_choices.choices] == [
         a for a in result.salient_atoms if a in result.shared_atoms
     ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
-    assert atom_choices["value"] == atom_choices["choices"][0][1]
-    guidance, atlas, atlas_words = explorer.details(response, 1, word_choices["value"], atom_choices["value"])
-    assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices["value"])))
-    assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices['value']}**")
+    assert atom_choices.value == atom_choices.choices[0][1]
+    guidance, atlas, atlas_words = explorer.details(response, 1, word_choices.value, atom_choices.value)
+    assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices.value)))
+    assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices.value}**")
     assert explorer.details(None, 0, None, None) == (None, [], "")
     # Another layer and a single head give different maps.
     other = explorer.explain(response, 1, "1", "2", "P2")[0]
@@ -335,3 +335,35 @@ def test_starts_as_a_space_would(explorer: explorer_app.Explorer) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_model_card_table_of_the_shipped_card() -> None:
+    import json
+
+    from lgur.card import card_table
+
+    card = json.loads((REPO / "assets" / "lgur_cpu.json").read_text())
+    table = card_table(card, [f"P{i + 1}" for i in range(6)]).splitlines()
+    assert table[0] == "| model | |" and table[1] == "| --- | --- |"  # no empty header row
+    assert all(line.count("|") >= 3 for line in table)
+    training = next(line for line in table if line.startswith("| training data |"))
+    assert "synthetic world (seed 0): 4,000 training identities" in training and "data/world" not in training
+    test = card["metrics"]["test"]
+    assert f"| test | R@1 {test['R@1']} · R@5 {test['R@5']} · R@10 {test['R@10']} · mAP {test['mAP']} |" in table
+    default = card["query_bench"]["default"]
+    assert any(line.startswith("| short queries (default set) |") and f"{default['precision@10']:.1f}%" in line
+               for line in table)  # fmt: skip
+    assert any(line.startswith("| prototypes |") for line in table)
+
+
+def test_a_selected_result_is_decoded_once(explorer: explorer_app.Explorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lgur.files
+
+    _, _, response = explorer.search("a person in black trousers", 5)
+    lgur.files._decoded.cache_clear()
+    opened: list[str] = []
+    real = lgur.files.open_rgb
+    monkeypatch.setattr(lgur.files, "open_rgb", lambda path: opened.append(str(path)) or real(path))
+    panels = explorer.explain(response, 3, "last", "mean", "P1")
+    explorer.details(response, 3, panels[5].value, panels[6].value)  # guidance map: the model reads it too
+    assert opened.count(response.results[3].path) == 1

@@ -31,5 +31,16 @@ def test_bench_model_json_reports_counts_and_times() -> None:
     result = json.loads(out.stdout)
     (row,) = result["presets"]
     assert row["preset"] == "cpu" and row["patch_grid"] == [16, 6]
-    assert row["params_trainable"] > 0 and row["params_frozen"] > 0
+    from lgur.config import preset
+    from lgur.model import LGUR
+
+    counts = LGUR(preset("cpu")).parameter_counts()
+    assert (row["params_trainable"], row["params_frozen"]) == (counts["trainable"], counts["frozen"])
     assert row["ms_per_image"] > 0 and row["ms_per_caption"] > 0
+
+
+def test_search_refuses_a_bad_result_count_before_loading_anything() -> None:
+    for k in ("0", "51", "-3"):
+        command = [sys.executable, "-m", "lgur", "search", "a man", "-k", k, "--checkpoint", "missing.safetensors"]
+        out = subprocess.run(command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+        assert out.returncode == 2 and "number of results must be from 1 to 50" in out.stderr, out.stderr

@@ -1,0 +1,244 @@
+"""What the explorer's page shows, as plain functions of plain values (no Gradio here).
+
+`Explorer` holds the search engine and answers each of the page's events: a search, the
+panels of one selected result, the guidance map of one word, an atom's atlas, the gallery's
+pages and uploads, the model card, and the `/search` API. `app.py` lays the page out and
+wires these methods to it; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .card import card_table
+from .explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
+from .files import open_rgb_cached, remove_temporaries
+from .gallery import PrivateGallery, add_images, gallery_page, private_sessions_root
+from .search import QueryError, SearchEngine, SearchResponse, result_count
+
+PER_PAGE = 120  # gallery tab
+GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
+SESSION_SECONDS = 3600
+
+EXAMPLES = [
+    "a woman in a red coat with a black backpack",
+    "A man wearing a white t-shirt, blue jeans and black sneakers. He carries a grey shoulder bag.",
+    "young girl with long blonde hair in a pink skirt",
+    "an old man with grey hair and glasses walking away from the camera",
+    "person in a yellow hoodie holding an umbrella",
+]
+
+
+@dataclass
+class Choices:
+    """A dropdown's options (label, value pairs or plain values) and the one picked."""
+
+    choices: list[Any] = field(default_factory=list)
+    value: str | None = None
+
+
+def _layer_index(layer: str) -> int:
+    return -1 if layer in ("last", "", None) else int(layer) - 1
+
+
+def _head_index(head: str) -> int | None:
+    return None if head in ("mean", "", None) else int(head) - 1
+
+
+def _prototype_index(prototype: str) -> int:
+    return int(str(prototype).split()[0].lstrip("P")) - 1 if prototype else 0  # "P3" or "P3 upper body" -> 2
+
+
+class Explorer:
+    """The app's behaviour: every event handler is a method over plain values."""
+
+    def __init__(
+        self,
+        engine: SearchEngine,
+        shared_uploads: bool = False,
+        sessions: Path | None = None,
+        uploads: str = "uploads",
+    ):
+        """shared_uploads: uploads go into the gallery for everyone (local use); otherwise each
+        visitor's uploads stay private to their session, in their own folder under `sessions`."""
+        self.engine = engine
+        self.card = engine.card
+        self.shared_uploads = shared_uploads
+        self.sessions = sessions or private_sessions_root()
+        self.uploads = uploads  # gallery sub-folder that receives shared uploads
+        model = engine.model.config
+        self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
+        self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
+        self.prototypes = prototype_names(self.card, model.num_prototypes if model.use_pgu else 1)
+        remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
+
+    # -- search -------------------------------------------------------------------------------
+    def search(
+        self, query: str, k: float, private: PrivateGallery | None = None
+    ) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
+        """-> results gallery (file, caption), a status line, the response (kept per session)."""
+        try:
+            response = self.engine.search(query, result_count(k), private.index if private else None)
+        except QueryError as error:
+            return [], f"⚠️ {html.escape(str(error))}", None
+        items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
+        note = " (the query was longer than the model reads; the end was ignored)" if response.query.truncated else ""
+        status = f"{len(items)} results in {1000 * response.seconds:.0f} ms{note}. Select one to see why it matched."
+        if response.colour_note:
+            status = f"🎨 Colours read as the model knows them: {html.escape(response.colour_note)}.\n\n{status}"
+        if response.warning:
+            status = f"⚠️ {html.escape(response.warning)}\n\n{status}"
+        if not items:
+            status = "The gallery is empty: add images in the Gallery tab."
+        return items, status, response
+
+    def explain(
+        self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
+    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any]:
+        """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
+        the query's words (for the guidance map) and the chart's atoms (for the atlas).
+
+        So that no panel opens empty, the word picked is the one the selected prototype reads most,
+        and the atom the first both sides share (else the chart's first); `details` draws them.
+        """
+        if response is None or not response.results:
+            return [], [], None, None, "", Choices(), Choices()
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
+        maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
+        words = word_highlights(response.query, pi, li, hi)
+        relative = self.engine.relative_atoms
+        chart = atom_chart(
+            response.query.atom_weights, result.atom_weights, result.salient_atoms, result.shared_atoms,
+            title="weight / average" if relative else "mean atom weight", reference=1.0 if relative else None,
+        )  # fmt: skip
+        foreground = overlay(open_rgb_cached(result.path), result.foreground, response.grid, alpha=0.55)
+        best = result.strongest_part
+        meta = result.metadata
+        charted = [a for a in result.salient_atoms if a in result.shared_atoms]  # starred on the chart
+        elsewhere = len(result.shared_atoms) - len(charted)
+        lines = [
+            f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
+            f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the score).",
+            ("Atoms particular to both (by weight relative to the average description and gallery image)"
+             if relative else "Atoms in both top 20s")  # fmt: skip
+            + f", starred on the chart: {', '.join(map(str, charted)) or 'none'}"
+            + (f"; {elsewhere} more in both top 20s, off the chart." if elsewhere else "."),
+        ]
+        if meta.get("captions"):
+            lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
+        word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
+        word = word_choices[max(range(len(words)), key=lambda i: words[i][1])] if words else None
+        atom_choices = [(f"{a} (shared)", str(a)) for a in charted]
+        atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in charted]
+        return (
+            maps,
+            words,
+            chart,
+            foreground,
+            "\n\n".join(lines),
+            Choices(word_choices, word),
+            Choices(atom_choices, atom_choices[0][1] if atom_choices else None),
+        )
+
+    def details(
+        self, response: SearchResponse | None, selected: int, word: str | None, atom: str | None
+    ) -> tuple[Any, list[tuple[Any, str]], str]:
+        """The panels drawn after the rest: the guidance map of one word, the atlas of one atom."""
+        return self.guidance(response, selected, word), *self.chart_atom_atlas(atom)
+
+    def chart_atom_atlas(self, atom: str | None) -> tuple[list[tuple[Any, str]], str]:
+        """The atlas of the atom picked from the chart; nothing while none is picked."""
+        return self.atom_atlas(atom) if atom not in (None, "") else ([], "")
+
+    def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
+        """Which regions of the selected image read the chosen query word (cross-modality guidance)."""
+        if response is None or not response.results or not word:
+            return None
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        try:
+            column = int(str(word).split(":", 1)[0]) - 1
+        except ValueError:
+            return None
+        if not 0 <= column < len(response.query.words):
+            return None
+        weights = self.engine.guidance(response.query, result.path)
+        return overlay(open_rgb_cached(result.path), weights[:, column], response.grid)
+
+    def api_search(self, query: str, k: float = 10) -> dict[str, Any]:
+        """The /search endpoint: plain JSON (gallery file names, scores, per-prototype similarities).
+
+        An error answer names the problem without echoing the input back."""
+        try:
+            response = self.engine.search(query, result_count(k))
+        except QueryError as error:
+            return {"error": str(error), "results": []}
+        body = response.to_json()
+        for result in body["results"]:
+            result["url"] = f"{GALLERY_ROUTE}/{quote(result['file'])}"
+        return body
+
+    def gallery_image(self, file: str) -> Path | None:
+        """The image behind GET /gallery/<file>: indexed gallery files only, by gallery-relative name."""
+        return self.engine.image_path(file)
+
+    # -- gallery ------------------------------------------------------------------------------
+    def browse(
+        self, page: float = 1, private: PrivateGallery | None = None, per_page: int = PER_PAGE
+    ) -> tuple[list[tuple[str, str]], str]:
+        """One page of the gallery, uploads first (the visitor's own, then shared ones): (image file,
+        name) items and a line saying where we are."""
+        mine = [private.images / f for f in private.files()] if private else []
+        files, where = gallery_page(self.engine.files(), self.engine.gallery, mine, page, per_page, self.uploads)
+        return [(str(f), f.name) for f in files], where
+
+    def upload(
+        self, files: list[Any] | None, private: PrivateGallery | None = None
+    ) -> tuple[str, list[tuple[str, str]], PrivateGallery | None]:
+        """Add uploaded files (validated, indexed at once) to the visitor's private gallery, or to
+        the shared one with `shared_uploads`; report what was refused."""
+        paths = [Path(getattr(f, "name", f)) for f in (files or [])]
+        if not paths:
+            return "No files were given.", self.browse(1, private)[0], private
+        if not self.shared_uploads and private is None:
+            private = PrivateGallery.create(self.sessions)
+        report = add_images(self.engine, paths, self.uploads, None if self.shared_uploads else private)
+        whose = "the gallery now holds" if self.shared_uploads else "only you see them; your search covers"
+        lines = [f"Added {len(report.added)} image(s); {whose} {report.gallery_size}."]
+        lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
+        return "\n".join(lines), self.browse(1, private)[0], private
+
+    # -- model --------------------------------------------------------------------------------
+    def model_card(self) -> str:
+        return card_table(self.card, self.prototypes)
+
+    def atom_atlas(self, atom: float) -> tuple[list[tuple[Any, str]], str]:
+        """For one atom: the gallery patches and the vocabulary words that use it most."""
+        try:
+            number = int(atom)
+        except (TypeError, ValueError, OverflowError):
+            return [], "Pick an atom by its number."
+        try:
+            atlas = self.engine.atom_atlas(number)
+        except ValueError as error:  # no dictionary, or no such atom
+            return [], html.escape(str(error))
+        items = [
+            (overlay(open_rgb_cached(path), weights, self.engine.grid), f"{path.name} ({weights.max():.3f})")
+            for path, weights in atlas.images
+        ]
+        words = ", ".join(f"{html.escape(w)} ({v:.3f})" for w, v in atlas.words)
+        return items, f"**Atom {atlas.atom}**: words that use it most: {words or 'none (no gallery captions)'}"
+
+
+def create(checkpoint: Path, gallery: Path, progress: bool = True, shared_uploads: bool = False) -> Explorer:
+    """Open the checkpoint and the gallery (indexing what changed) and start the background warm-up."""
+    import logging
+
+    engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
+    logging.getLogger("lgur.app").info("gallery %s: %s", gallery, report.summary())
+    engine.warm_up()
+    return Explorer(engine, shared_uploads=shared_uploads)
