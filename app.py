@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent
 MAX_SESSIONS = 200  # sessions whose state is kept (oldest dropped first): bounds memory
 MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
 
+
 def panels(explained: tuple) -> tuple:
     """Explorer.explain's values for Gradio: the two pickers' Choices become dropdown updates."""
     return tuple(gr.update(choices=v.choices, value=v.value) if isinstance(v, Choices) else v for v in explained)
@@ -129,6 +130,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             results.select(on_select, [response_state, layer, head, prototype], [selected_state, *explain_outputs],
                            api_visibility="private").then(explorer.details, details_inputs, details_outputs,
                                                           api_visibility="private")  # fmt: skip
+
             def on_control(*values):
                 return panels(explorer.explain(*values))
 

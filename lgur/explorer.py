@@ -124,8 +124,11 @@ class Explorer:
         lines = [
             f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
             f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the score).",
-            ("Atoms particular to both (by weight relative to the average description and gallery image)"
-             if relative else "Atoms in both top 20s")  # fmt: skip
+            (
+                "Atoms particular to both (by weight relative to the average description and gallery image)"
+                if relative
+                else "Atoms in both top 20s"
+            )  # fmt: skip
             + f", starred on the chart: {', '.join(map(str, charted)) or 'none'}"
             + (f"; {elsewhere} more in both top 20s, off the chart." if elsewhere else "."),
         ]
