@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, 
 from .config import LGURConfig, preset
 from .data.dataset import (
     RetrievalSplit,
+    TextFeatures,
     augment,
     build_split,
     caption_crops,
@@ -129,7 +130,7 @@ class TrainConfig:
         return config
 
 
-# Training recipes. The paper fine-tunes a pretrained DeiT at 1e-4; the CPU preset's small ViT
+# Training recipes. The paper fine-tunes a pretrained DeiT at 1e-4; the CPU preset's ResNet trunk
 # starts from scratch, so its encoder and the DGA/PGU modules learn at a higher rate, with warm-up.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -138,7 +139,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr_backbone": 5e-4,
         "warmup_steps": 300,
         "decay_epochs": (40, 52),  # late decays: the encoder learns from scratch
-        # beyond the paper (options; not yet measured one at a time, see the README's experiment table):
+        # beyond the paper (options, each measured alone: docs/EXPERIMENTS.md):
         "samples": "identities",
         "sdm": 1.0,
         "prototype_diversity": 2.0,  # 0.5 left the maps at overlap 0.64; 2.0 gives 0.10
@@ -392,17 +393,139 @@ def plot_curves(log_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
-# -- the run ---------------------------------------------------------------------------------
+# -- setup -----------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+@dataclass
+class Texts:
+    """Every text a training sample may read, as frozen features, and what the options add to them.
+
+    Text k < len(captions) is caption k; with caption crops, crop j of caption i is text
+    len(captions) + i * CROPS_PER_CAPTION + j. With swapped-caption negatives, text k's false copy
+    is row k of `swapped`. With description matches, `terms[k]` are text k's person terms and
+    `identity_terms[label]` those of all of an identity's captions.
+    """
+
+    features: TextFeatures
+    crops: bool = False
+    swapped: TextFeatures | None = None
+    swapped_valid: Tensor | None = None
+    terms: list[frozenset[str]] | None = None
+    identity_terms: list[frozenset[str]] | None = None
+
+
+CROPS_PER_CAPTION = 2
+
+
+def caption_crop_texts(captions: list[str], seed: int) -> list[str]:
+    """Option: CROPS_PER_CAPTION crops of each caption (a few of its clauses), in caption order."""
+    rng = np.random.default_rng(seed)
+    return [c for caption in captions for c in caption_crops(caption, CROPS_PER_CAPTION, rng)]
+
+
+def swapped_texts(texts: list[str], seed: int) -> tuple[list[str], Tensor]:
+    """Option: each text's false copy (two colours traded, a colour or a garment changed); "" and False
+    where a text has nothing to swap."""
+    rng = np.random.default_rng(seed + 1)
+    swaps = [swapped_caption(t, rng) for t in texts]
+    return [t or "" for t in swaps], torch.tensor([t is not None for t in swaps])
+
+
+def description_term_sets(
+    texts: list[str], captions: int, labels: Tensor, identities: int
+) -> tuple[list[frozenset[str]], list[frozenset[str]]]:
+    """Option: each text's person terms, and each identity's (over its full captions, texts[:captions])."""
+    every = [description_terms(t) for t in texts]
+    kept = person_terms(every[:captions], labels.tolist())
+    terms = [t & kept for t in every]
+    gathered: list[set[str]] = [set() for _ in range(identities)]
+    for t, label in zip(terms, labels.tolist()):  # zip stops at the full captions
+        gathered[label] |= t
+    return terms, [frozenset(t) for t in gathered]
+
+
+def training_texts(
+    cfg: TrainConfig, model: LGUR, split: RetrievalSplit, labels: Tensor, cache: Path, bar: bool
+) -> Texts:
+    encoder, n = model.text_encoder, len(split.captions)
+    texts = Texts(frozen_text_features(encoder, split.captions, cache, progress=bar))
+    all_texts = list(split.captions)
+    if cfg.caption_crops > 0 and cfg.crops_from_epoch < cfg.epochs:
+        crops = caption_crop_texts(split.captions, cfg.seed)
+        texts.features = texts.features.concat(frozen_text_features(encoder, crops, cache, progress=bar))
+        texts.crops, all_texts = True, all_texts + crops
+    if cfg.swaps_from_epoch is not None and cfg.swaps_from_epoch < cfg.epochs:
+        swaps, texts.swapped_valid = swapped_texts(all_texts, cfg.seed)
+        texts.swapped = frozen_text_features(encoder, swaps, cache, progress=bar)
+    if cfg.matches == "descriptions":
+        texts.terms, texts.identity_terms = description_term_sets(all_texts, n, labels, int(labels.max()) + 1)
+    return texts
+
+
+def check_options(cfg: TrainConfig) -> None:
     if cfg.prototype_diversity and not cfg.use_pgu:
         raise ValueError("--prototype-diversity needs PGU (there are no prototypes with --no-pgu)")
     if cfg.swaps_from_epoch is not None and not cfg.sdm:
         raise ValueError("swapped-caption negatives are candidates of the SDM loss: give --sdm > 0")
     if cfg.matches not in MATCHES:
         raise ValueError(f"unknown matches {cfg.matches!r}: {', '.join(MATCHES)}")
-    started = time.perf_counter()
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: its data, model, optimiser and resumable state."""
+
+    cfg: TrainConfig
+    out: Path
+    cache: Path
+    device: torch.device
+    rank: int
+    world: int
+    splits: dict[str, list[Record]]
+    format_report: Any
+    identities: int
+    train: RetrievalSplit
+    val: RetrievalSplit
+    labels: Tensor  # (captions,) training label of each caption
+    texts: Texts
+    val_text: TextFeatures
+    model: LGUR
+    criterion: LGURLoss
+    step_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    pad: int
+    vocabulary: list[str]
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "seconds": 0.0}
+    )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def card(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The card of a checkpoint this run writes."""
+        cfg, splits = self.cfg, self.splits
+        return {
+            "training": {"config": dataclasses.asdict(cfg), "identities": self.identities, **(extra or {})},
+            "data": {"path": str(cfg.data), "format_report": self.format_report, "train_images": len(splits["train"])},
+            "vocabulary": self.vocabulary,
+        }
+
+
+def setup(cfg: TrainConfig, progress: bool) -> Run:
+    """Processes, data, model, frozen text features, losses and optimiser; resumed if RUN/last is there."""
+    check_options(cfg)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -413,9 +536,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    main = rank == 0
+    bar = progress and rank == 0
 
-    # Data
     records, report = read_dataset(cfg.data)
     splits = split_records(records, cfg.seed)
     if not splits.get("train"):
@@ -423,43 +545,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     identities = sorted({r.identity for r in splits["train"]})
     label_of = {pid: i for i, pid in enumerate(identities)}
 
-    # Model
     torch.manual_seed(cfg.seed)  # initial weights only; every later draw has its own generator
     model_config = cfg.model_config()
     model = LGUR(model_config, num_identities=len(identities)).to(device)
     size = model_config.image.img_size
-    train_split = build_split(splits["train"], size, progress and main)
-    val_split = build_split(splits["val"], size, progress and main)
-    train_text = frozen_text_features(model.text_encoder, train_split.captions, cache, progress=progress and main)
-    val_text = frozen_text_features(model.text_encoder, val_split.captions, cache, progress=progress and main)
-    labels_of_caption = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
-    crops_per_caption = 2
-    use_crops = cfg.caption_crops > 0 and cfg.crops_from_epoch < cfg.epochs
-    if use_crops:  # crop j of caption i is text number n + i * crops_per_caption + j
-        crop_rng = np.random.default_rng(cfg.seed)
-        crops = [c for caption in train_split.captions for c in caption_crops(caption, crops_per_caption, crop_rng)]
-        crop_text = frozen_text_features(model.text_encoder, crops, cache, progress=progress and main)
-        train_text = train_text.concat(crop_text)
-    use_swaps = cfg.swaps_from_epoch is not None and cfg.swaps_from_epoch < cfg.epochs
-    if use_swaps:  # text k (caption or crop) has its false copy at number k of swap_text
-        swap_rng = np.random.default_rng(cfg.seed + 1)
-        texts = train_split.captions + (crops if use_crops else [])
-        swaps = [swapped_caption(t, swap_rng) for t in texts]
-        swap_valid = torch.tensor([t is not None for t in swaps])
-        swap_text = frozen_text_features(
-            model.text_encoder, [t or "" for t in swaps], cache, progress=progress and main
-        )
-    text_terms: list[frozenset[str]] | None = None
-    if cfg.matches == "descriptions":  # each text's person terms; an identity's: those of all its captions
-        texts = train_split.captions + (crops if use_crops else [])
-        all_terms = [description_terms(t) for t in texts]
-        kept = person_terms(all_terms[: len(train_split.captions)], labels_of_caption.tolist())
-        text_terms = [t & kept for t in all_terms]
-        gathered: list[set[str]] = [set() for _ in identities]
-        for terms, label in zip(text_terms, labels_of_caption.tolist()):  # the full captions only
-            gathered[label] |= terms
-        identity_terms = [frozenset(t) for t in gathered]
-    pad = max(1, round(cfg.pad * size[0] / 384))
+    train_split = build_split(splits["train"], size, bar)
+    val_split = build_split(splits["val"], size, bar)
+    labels = torch.tensor([label_of[int(i)] for i in train_split.caption_ids])
+    texts = training_texts(cfg, model, train_split, labels, cache, bar)
+    val_text = frozen_text_features(model.text_encoder, val_split.captions, cache, progress=bar)
 
     criterion = LGURLoss(
         cfg.margin, seed=cfg.seed, diversity=cfg.prototype_diversity, sdm=cfg.sdm, temperature=cfg.temperature
@@ -471,144 +565,203 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device] if device.type == "cuda" else None
         )
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    run = Run(
+        cfg, out, cache, device, rank, world, splits, report.summary(), len(identities), train_split, val_split,
+        labels, texts, val_text, model, criterion, step_module, optimizer, [g["lr"] for g in optimizer.param_groups],
+        pad=max(1, round(cfg.pad * size[0] / 384)), vocabulary=caption_vocabulary(train_split.captions),
+    )  # fmt: skip
+    resume_or_start(run)
+    return run
 
-    # Resume, or start a second stage from another run's weights
-    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "seconds": 0.0}
-    last = out / "last.safetensors"
-    resuming = last.is_file() and (out / "last_optimizer.safetensors").is_file()
+
+def resume_or_start(run: Run) -> None:
+    """Resume from RUN/last (weights, optimiser, state), or start a second stage from cfg.init_from."""
+    cfg, last = run.cfg, run.out / "last.safetensors"
+    resuming = last.is_file() and (run.out / "last_optimizer.safetensors").is_file()
     if cfg.init_from and not resuming:
-        start_from_checkpoint(model, criterion, cfg)
-        if main:
+        start_from_checkpoint(run.model, run.criterion, cfg)
+        if run.main:
             log.info("second stage from %s", cfg.init_from)
     if resuming:
-        resumed, card = load_checkpoint(last, cfg.text_encoder_path)
-        model.load_state_dict(resumed.state_dict())
-        load_optimizer_state(optimizer, out / "last_optimizer.safetensors")
-        state = card["training_state"]
-        if criterion.logit_scale is not None:
-            criterion.logit_scale.data.fill_(state["logit_scale"])
-        if main:
-            log.info("resumed from %s at epoch %d", last, state["epoch"])
-    log_path = out / "log.jsonl"
+        resumed, last_card = load_checkpoint(last, cfg.text_encoder_path)
+        run.model.load_state_dict(resumed.state_dict())
+        load_optimizer_state(run.optimizer, run.out / "last_optimizer.safetensors")
+        run.state = last_card["training_state"]
+        if run.criterion.logit_scale is not None:
+            run.criterion.logit_scale.data.fill_(run.state["logit_scale"])
+        if run.main:
+            log.info("resumed from %s at epoch %d", last, run.state["epoch"])
 
-    def write_log(row: dict[str, Any]) -> None:
-        if main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
-    vocabulary = caption_vocabulary(train_split.captions)
+# -- one epoch -------------------------------------------------------------------------------
 
-    def card(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
-            "training": {"config": dataclasses.asdict(cfg), "identities": len(identities), **(extra or {})},
-            "data": {"path": str(cfg.data), "format_report": report.summary(), "train_images": len(splits["train"])},
-            "vocabulary": vocabulary,
-        }
 
+@dataclass
+class Neighbours:
+    """Option: look-alike identities for neighbour batches: by captions (fixed), or by the latest
+    training embedding of each identity (the bank is rebuilt after a resume)."""
+
+    described_alike: Tensor | None
+    bank: Tensor
+    seen: Tensor
+
+    @classmethod
+    def of(cls, run: Run) -> Neighbours:
+        alike = caption_neighbours(run.train.captions, run.labels) if run.cfg.samples == "caption-neighbours" else None
+        return cls(alike, torch.zeros(run.identities, run.model.config.embedding_dim),
+                   torch.zeros(run.identities, dtype=torch.bool))  # fmt: skip
+
+    def share(self, run: Run) -> None:
+        """Each rank saw its own shard of identities: gather every rank's embeddings."""
+        shared = torch.cat([self.bank * self.seen[:, None], self.seen[:, None].float()], dim=1).to(run.device)
+        dist.all_reduce(shared)
+        self.bank = shared[:, :-1].cpu() / shared[:, -1:].cpu().clamp(min=1)
+        self.seen = shared[:, -1].cpu() > 0
+
+
+def batch_texts(run: Run, idx: Tensor, epoch: int, draws: torch.Generator) -> Tensor:
+    """Which text each sample reads: its caption, or (option) with probability caption_crops a crop of it."""
+    cfg = run.cfg
+    if not (run.texts.crops and epoch >= cfg.crops_from_epoch):
+        return idx
+    use = torch.rand(len(idx), generator=draws) < cfg.caption_crops
+    which = torch.randint(0, CROPS_PER_CAPTION, (len(idx),), generator=draws)
+    return torch.where(use, len(run.train.captions) + idx * CROPS_PER_CAPTION + which, idx)
+
+
+def swapped_batch(run: Run, text: Tensor, epoch: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Option: the false copies of the batch's texts, from cfg.swaps_from_epoch on."""
+    texts = run.texts
+    if texts.swapped is None or epoch < run.cfg.swaps_from_epoch:
+        return None
+    features, mask = texts.swapped.batch(text)
+    return features.to(run.device), mask.to(run.device), texts.swapped_valid[text].to(run.device)
+
+
+def description_match(run: Run, text: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Option: (B, B) image i matches text j if same identity or described by it; and the same-identity part."""
+    texts = run.texts
+    if texts.terms is None:
+        return None, None
+    described = described_by([texts.terms[t] for t in text.tolist()], [texts.identity_terms[i] for i in labels])
+    same = same_identity(labels)
+    return same | described, same
+
+
+def train_one_epoch(run: Run, epoch: int, neighbours: Neighbours, progress: bool) -> bool:
+    """One pass over the epoch's batches; -> True when cfg.max_minutes ran out."""
     from tqdm import tqdm
 
-    # Look-alikes by their captions (fixed), or by the latest training embedding of each identity
-    # (neighbour batches; the bank is rebuilt after a resume).
-    described_alike = (
-        caption_neighbours(train_split.captions, labels_of_caption) if cfg.samples == "caption-neighbours" else None
-    )
-    bank = torch.zeros(len(identities), model_config.embedding_dim)
-    seen = torch.zeros(len(identities), dtype=torch.bool)
+    cfg, state = run.cfg, run.state
+    epoch_start = time.perf_counter()
+    run.step_module.train()
+    torch.manual_seed(cfg.seed * 65_537 + epoch * 97 + run.rank)  # dropout: reproducible after a resume
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    if run.distributed and cfg.samples == "neighbours":
+        neighbours.share(run)
+    alike = epoch_neighbours(cfg, epoch, neighbours.bank, neighbours.seen, neighbours.described_alike)
+    order = epoch_order(run.train, cfg, run.labels, g, alike)
+    if run.world > 1:  # equal shards of whole batches, so identity groups stay together
+        whole = len(order) // (cfg.batch_size * run.world) * cfg.batch_size * run.world
+        order = order[:whole].view(-1, run.world, cfg.batch_size)[:, run.rank].flatten()
+    run.criterion.generator.manual_seed(cfg.seed * 7919 + epoch * 131 + run.rank)
+    aug = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + run.rank)
+    crop_draws = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 53 + run.rank)
+    batches = len(order) // cfg.batch_size
+    bar = tqdm(range(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and run.main))
     stop = False
-    first_epoch = state["epoch"]
+    for b in bar:
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        images = normalize(augment(run.train.images[run.train.caption_image[idx]], run.pad, aug)).to(run.device)
+        text = batch_texts(run, idx, epoch, crop_draws)
+        features, mask = run.texts.features.batch(text)
+        swapped = swapped_batch(run, text, epoch)
+        for group, base in zip(run.optimizer.param_groups, run.base_lrs):
+            group["lr"] = base * lr_factor(state["step"], epoch, cfg)
+        labels = run.labels[idx]
+        match, same = description_match(run, text, labels)
+        losses, embeddings = run.step_module(
+            images, features.to(run.device), mask.to(run.device), labels.to(run.device), swapped,
+            None if match is None else match.to(run.device),
+        )  # fmt: skip
+        if cfg.samples == "neighbours":
+            neighbours.bank[labels], neighbours.seen[labels] = embeddings.float().cpu(), True
+        run.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        run.optimizer.step()
+        state["step"] += 1
+        if state["step"] % 20 == 0 or b == batches - 1:
+            row = {"kind": "step", "epoch": epoch, "step": state["step"], "lr": run.optimizer.param_groups[0]["lr"]}
+            row |= {f"loss/{k}": round(v.item(), 5) for k, v in losses.items()}
+            if match is not None:  # texts that describe other people in the batch, per text
+                row["matches/extra"] = round((match.sum().item() - same.sum().item()) / len(idx), 3)
+            run.log(row)
+            bar.set_postfix(loss=f"{losses['total'].item():.3f}")
+        if cfg.max_minutes and (state["seconds"] + time.perf_counter() - epoch_start) / 60 > cfg.max_minutes:
+            stop = True
+            break
+    state["seconds"] += time.perf_counter() - epoch_start
+    state["epoch"] = epoch + 1
+    if run.criterion.logit_scale is not None:
+        state["logit_scale"] = run.criterion.logit_scale.item()
+    return stop
+
+
+def validate_and_save(run: Run, epoch: int) -> None:
+    """Validate on val, keep the best (R@1 + mAP) as RUN/best, save the resumable RUN/last."""
+    state = run.state
+    metrics = evaluate_split(run.model, run.val, run.val_text)["standard"]
+    row = {"kind": "epoch", "epoch": epoch, "step": state["step"], "seconds": round(state["seconds"], 1)}
+    run.log(row | {f"val/{k}": round(v, 3) for k, v in metrics.items() if k != "cmc"})
+    print(f"epoch {epoch + 1}: val R@1 {metrics['R@1']:.2f} mAP {metrics['mAP']:.2f}", flush=True)
+    if metrics["R@1"] + metrics["mAP"] > state["best"]:
+        state["best"], state["best_epoch"] = metrics["R@1"] + metrics["mAP"], epoch
+        save_checkpoint(
+            run.model, run.out / "best.safetensors", run.card({"epoch": epoch, "val": metrics | {"cmc": None}})
+        )
+    save_checkpoint(
+        run.model, run.out / "last.safetensors", run.card() | {"training_state": state}, include_classifier=True
+    )
+    save_optimizer_state(run.optimizer, run.out / "last_optimizer.safetensors")
+    plot_curves(run.out / "log.jsonl", run.out / "curves.png")
+
+
+def test_best(run: Run) -> dict[str, Any]:
+    """The best-on-val checkpoint on the test splits (and the card's average caption atoms), once."""
+    best, best_card = load_checkpoint(run.out / "best.safetensors", run.cfg.text_encoder_path)
+    scores = score_test_splits(
+        best, run.cfg.data, run.splits, run.cache, run.out / "cmc.png", best_card.get("vocabulary")
+    )
+    average = text_atom_average(best.eval(), [c for r in run.splits["val"] for c in r.captions])
+    record_in_card(run.out / "best.safetensors", best_card | scores | ({"atom_average": average} if average else {}))
+    return scores["metrics"]
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    started = time.perf_counter()
+    run = setup(cfg, progress)
+    neighbours = Neighbours.of(run)
+    first_epoch = run.state["epoch"]
     for epoch in range(first_epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
-        step_module.train()
-        torch.manual_seed(cfg.seed * 65_537 + epoch * 97 + rank)  # dropout: reproducible after a resume
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        if distributed and cfg.samples == "neighbours":  # each rank saw its own shard: share them
-            shared = torch.cat([bank * seen[:, None], seen[:, None].float()], dim=1).to(device)
-            dist.all_reduce(shared)
-            bank, seen = shared[:, :-1].cpu() / shared[:, -1:].cpu().clamp(min=1), shared[:, -1].cpu() > 0
-        neighbours = epoch_neighbours(cfg, epoch, bank, seen, described_alike)
-        order = epoch_order(train_split, cfg, labels_of_caption, g, neighbours)
-        if world > 1:  # equal shards of whole batches, so identity groups stay together
-            whole = len(order) // (cfg.batch_size * world) * cfg.batch_size * world
-            order = order[:whole].view(-1, world, cfg.batch_size)[:, rank].flatten()
-        criterion.generator.manual_seed(cfg.seed * 7919 + epoch * 131 + rank)
-        aug = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + rank)
-        crop_draws = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 53 + rank)
-        batches = len(order) // cfg.batch_size
-        bar = tqdm(range(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and main))
-        for b in bar:
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            images = normalize(augment(train_split.images[train_split.caption_image[idx]], pad, aug)).to(device)
-            text = idx
-            if use_crops and epoch >= cfg.crops_from_epoch:
-                use = torch.rand(len(idx), generator=crop_draws) < cfg.caption_crops
-                which = torch.randint(0, crops_per_caption, (len(idx),), generator=crop_draws)
-                text = torch.where(use, len(train_split.captions) + idx * crops_per_caption + which, idx)
-            feats, mask = train_text.batch(text)
-            swapped = None
-            if use_swaps and epoch >= cfg.swaps_from_epoch:
-                swap_feats, swap_mask = swap_text.batch(text)
-                swapped = (swap_feats.to(device), swap_mask.to(device), swap_valid[text].to(device))
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor(state["step"], epoch, cfg)
-            labels = labels_of_caption[idx]
-            match = same = None
-            if text_terms is not None:
-                described = described_by([text_terms[t] for t in text.tolist()], [identity_terms[i] for i in labels])
-                same = same_identity(labels)
-                match = (same | described).to(device)
-            losses, embeddings = step_module(
-                images, feats.to(device), mask.to(device), labels.to(device), swapped, match
-            )
-            if cfg.samples == "neighbours":
-                bank[labels], seen[labels] = embeddings.float().cpu(), True
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            state["step"] += 1
-            if state["step"] % 20 == 0 or b == batches - 1:
-                row = {"kind": "step", "epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"]}
-                row |= {f"loss/{k}": round(v.item(), 5) for k, v in losses.items()}
-                if match is not None:  # texts that describe other people in the batch, per text
-                    row["matches/extra"] = round((match.sum().item() - same.sum().item()) / len(idx), 3)
-                write_log(row)
-                bar.set_postfix(loss=f"{losses['total'].item():.3f}")
-            elapsed_min = (state["seconds"] + time.perf_counter() - epoch_start) / 60
-            if cfg.max_minutes and elapsed_min > cfg.max_minutes:
-                stop = True
-                break
-        state["seconds"] += time.perf_counter() - epoch_start
-        state["epoch"] = epoch + 1
-        if criterion.logit_scale is not None:
-            state["logit_scale"] = criterion.logit_scale.item()
-        if main:  # validate, keep the best on val, save a resumable state
-            metrics = evaluate_split(model, val_split, val_text)["standard"]
-            row = {"kind": "epoch", "epoch": epoch, "step": state["step"], "seconds": round(state["seconds"], 1)}
-            row |= {f"val/{k}": round(v, 3) for k, v in metrics.items() if k != "cmc"}
-            write_log(row)
-            print(f"epoch {epoch + 1}: val R@1 {metrics['R@1']:.2f} mAP {metrics['mAP']:.2f}", flush=True)
-            if metrics["R@1"] + metrics["mAP"] > state["best"]:
-                state["best"], state["best_epoch"] = metrics["R@1"] + metrics["mAP"], epoch
-                save_checkpoint(model, out / "best.safetensors", card({"epoch": epoch, "val": metrics | {"cmc": None}}))
-            save_checkpoint(model, last, card() | {"training_state": state}, include_classifier=True)
-            save_optimizer_state(optimizer, out / "last_optimizer.safetensors")
-            plot_curves(log_path, out / "curves.png")
-        if distributed:
+        stop = train_one_epoch(run, epoch, neighbours, progress)
+        if run.main:
+            validate_and_save(run, epoch)
+        if run.distributed:
             dist.barrier()
         if stop:
             break
         if cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
-            return {"run": str(out), "stopped_after_epoch": epoch + 1, "resume": "run the same command again"}
+            return {"run": str(run.out), "stopped_after_epoch": epoch + 1, "resume": "run the same command again"}
 
-    result: dict[str, Any] = {"run": str(out), "best_epoch": state["best_epoch"], "train_seconds": state["seconds"]}
-    if main:
-        best, card = load_checkpoint(out / "best.safetensors", cfg.text_encoder_path)
-        scores = score_test_splits(best, cfg.data, splits, cache, out / "cmc.png", card.get("vocabulary"))
-        average = text_atom_average(best.eval(), [c for r in splits["val"] for c in r.captions])
-        record_in_card(out / "best.safetensors", card | scores | ({"atom_average": average} if average else {}))
-        result["metrics"] = scores["metrics"]
+    result: dict[str, Any] = {"run": str(run.out), "best_epoch": run.state["best_epoch"]}
+    result["train_seconds"] = run.state["seconds"]
+    if run.main:
+        result["metrics"] = test_best(run)
         result["total_seconds"] = time.perf_counter() - started
-        atomic_write_bytes(out / "result.json", json.dumps(result, indent=2).encode())
-    if distributed:
+        atomic_write_bytes(run.out / "result.json", json.dumps(result, indent=2).encode())
+    if run.distributed:
         dist.destroy_process_group()
     return result

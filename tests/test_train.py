@@ -82,7 +82,7 @@ def _config(world: Path, out: Path, **kw):
     return recipe("cpu", data=str(world), out=str(out), cache_dir=str(out.parent / "cache"), **settings)
 
 
-def test_training_learns_and_resume_is_exact(world: Path, tmp_path: Path) -> None:
+def test_a_run_writes_its_files_and_resume_is_exact(world: Path, tmp_path: Path) -> None:
     straight = train(_config(world, tmp_path / "a"), progress=False)
     stopped = train(_config(world, tmp_path / "b", stop_after=1), progress=False)
     assert stopped["stopped_after_epoch"] == 1 and not (tmp_path / "b" / "result.json").exists()
@@ -101,7 +101,7 @@ def test_training_learns_and_resume_is_exact(world: Path, tmp_path: Path) -> Non
     for name in ("curves.png", "cmc.png", "best.safetensors", "best.json", "result.json"):
         assert (run / name).is_file(), name
     card = json.loads((run / "best.json").read_text())
-    assert set(card["metrics"]) == {"test", "test-paraphrase"}
+    assert set(card["metrics"]) == {"test", "test-paraphrase", "test-paraphrase+colour-grounding"}
     assert "by_attribute" in card["metrics"]["test"] and "val" in card["training"]
     assert (
         len(card["atom_average"]["text"]) == card["config"]["num_atoms"]
