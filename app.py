@@ -79,6 +79,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                               format="jpeg")  # fmt: skip
             words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
                                        elem_id="words")  # fmt: skip
+            mattered = gr.HighlightedText(
+                label="Which words mattered for this result: the score without each word (+ helped, - hurt)",
+                elem_id="word-effects",
+            )
             with gr.Row():
                 with gr.Column(scale=3):
                     gr.Markdown("**DGA: the dictionary atoms the query and the image were rebuilt from**")
@@ -107,7 +111,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]
             # The guidance map and the atlas (an image encoder pass over 8 images) come just after.
             details_inputs = [response_state, selected_state, word, chart_atom]
-            details_outputs = [guidance, chart_atom_patches, chart_atom_words]
+            details_outputs = [guidance, chart_atom_patches, chart_atom_words, mattered]
 
             def on_search(q, n, la, he, pr, private):
                 items, text, response = explorer.search(q, n, private)

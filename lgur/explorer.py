@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
+
 from .card import card_table
 from .explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
 from .files import open_rgb_cached, remove_temporaries
 from .gallery import PrivateGallery, add_images, gallery_page, private_sessions_root
-from .search import QueryError, SearchEngine, SearchResponse, result_count
+from .search import QueryError, SearchEngine, SearchResponse, result_count, word_effects
 
 PER_PAGE = 120  # gallery tab
 GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
@@ -150,9 +152,26 @@ class Explorer:
 
     def details(
         self, response: SearchResponse | None, selected: int, word: str | None, atom: str | None
-    ) -> tuple[Any, list[tuple[Any, str]], str]:
-        """The panels drawn after the rest: the guidance map of one word, the atlas of one atom."""
-        return self.guidance(response, selected, word), *self.chart_atom_atlas(atom)
+    ) -> tuple[Any, list[tuple[Any, str]], str, list[tuple[str, float | None]]]:
+        """The panels drawn after the rest: the guidance map of one word, the atlas of one atom, and
+        which words mattered to this result."""
+        return (
+            self.guidance(response, selected, word),
+            *self.chart_atom_atlas(atom),
+            self.words_that_mattered(response, selected),
+        )
+
+    def words_that_mattered(self, response: SearchResponse | None, selected: int) -> list[tuple[str, float | None]]:
+        """Each query word with its effect on the selected result's score (the score with the word
+        left out, as a share of the largest effect: + helped, - hurt), for a highlighted text."""
+        if response is None or not response.results:
+            return []
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        effects = word_effects(self.engine.model, response.query, result.parts)
+        scale = float(np.abs(effects).max()) if len(effects) else 0.0
+        if scale <= 0:
+            return [(w, None) for w in response.query.words]
+        return [(w, round(float(e) / scale, 3)) for w, e in zip(response.query.words, effects)]
 
     def chart_atom_atlas(self, atom: str | None) -> tuple[list[tuple[Any, str]], str]:
         """The atlas of the atom picked from the chart; nothing while none is picked."""

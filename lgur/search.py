@@ -94,6 +94,7 @@ class SearchResult:
     atom_weights: np.ndarray  # (atoms,) relative to the average gallery image (relative_weights)
     shared_atoms: list[int]  # in the top 20 of both this image and the query, by relative weight
     salient_atoms: list[int]  # the atoms that matter most to either (what the atom chart shows)
+    parts: np.ndarray | None = None  # (P, part_dim) the image's part vectors (float16)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,6 +161,114 @@ class AtomAtlas:
     atom: int
     images: list[tuple[Path, np.ndarray]]  # (image file, (N,) the atom's weight on each patch)
     words: list[tuple[str, float]]
+
+
+@torch.inference_mode()
+def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) -> QueryEncoding:
+    """A query as the model reads it: embedding, part vectors, and per word the prototypes' attention
+    and the dictionary weights (atom weights relative to `atom_average`, the average caption's)."""
+    max_length = model.text_encoder.max_length
+    # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
+    encoded = model.text_encoder.encode([text], truncation=False, return_offsets_mapping=True, verbose=False)
+    token_ids, word_ids, offsets = encoded["input_ids"][0], encoded.word_ids(0), encoded["offset_mapping"][0]
+    truncated = len(token_ids) > max_length
+    if truncated:
+        keep = [*range(max_length - 1), len(token_ids) - 1]
+        token_ids, word_ids, offsets = ([x[i] for i in keep] for x in (token_ids, word_ids, offsets))
+    ids = torch.tensor([token_ids])
+    explained = model.explain_texts(torch.ones_like(ids, dtype=torch.bool), ids)
+    spans = word_spans(word_ids)
+    words = [text[offsets[span[0]][0] : offsets[span[-1]][1]] for span in spans]
+    attention = explained.prototype_attention
+    attention = attention[0].numpy() if attention is not None else np.zeros((1, 1, 1, ids.shape[1]))
+    word_attention = np.stack([attention[..., s].sum(-1) for s in spans], -1) if spans else attention[..., :0]
+    if explained.dictionary_weights is not None:
+        word_atoms = word_atom_weights(explained.dictionary_weights[0].mean(0).numpy(), spans)  # (W, atoms)
+    else:
+        word_atoms = np.zeros((len(spans), 1), np.float32)
+    histogram = word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32)
+    return QueryEncoding(
+        text=text,
+        words=words,
+        token_ids=ids[0].numpy(),
+        spans=spans,
+        embedding=explained.embedding[0].numpy(),
+        parts=explained.parts[0].numpy(),
+        word_attention=word_attention,
+        word_atoms=word_atoms,
+        atom_histogram=histogram,
+        atom_weights=relative_weights(histogram, atom_average),
+        truncated=truncated,
+    )
+
+
+@torch.inference_mode()
+def word_effects(model: LGUR, query: QueryEncoding, image_parts: np.ndarray) -> np.ndarray:
+    """(W,) what each query word adds to an image's score: the cosine with the whole query minus the
+    cosine with the query without that word (its word pieces left out), all in one text batch."""
+    ids = query.token_ids
+    if not query.spans:
+        return np.zeros(0, np.float32)
+    rows = [ids] + [np.delete(ids, span) for span in query.spans]
+    batch = np.zeros((len(rows), len(ids)), dtype=np.int64)  # 0: [PAD]; masked out below
+    mask = np.zeros_like(batch, dtype=bool)
+    for i, row in enumerate(rows):
+        batch[i, : len(row)], mask[i, : len(row)] = row, True
+    texts = model.embed_texts(torch.from_numpy(batch), torch.from_numpy(mask))  # (1 + W, E)
+    image = torch.nn.functional.normalize(torch.from_numpy(image_parts.astype(np.float32)).flatten(), dim=0)
+    scores = (texts @ image).numpy()
+    return (scores[0] - scores[1:]).astype(np.float32)
+
+
+def rank_hits(
+    embedding: np.ndarray, indexes: tuple[GalleryIndex, ...], k: int
+) -> list[tuple[float, GalleryIndex, int]]:
+    """The k best (score, index, row) over one or more indexes (the gallery and a visitor's uploads)."""
+    hits = []
+    for index in indexes:
+        scores, rows = index.search(embedding[None], k)
+        hits += [(float(s), index, int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+    return sorted(hits, key=lambda hit: -hit[0])[:k]
+
+
+def explain_hit(
+    query: QueryEncoding,
+    index: GalleryIndex,
+    row: int,
+    rank: int,
+    score: float,
+    image_atom_average: np.ndarray | None,
+    manifest: dict[str, dict],
+    shared: bool,
+) -> SearchResult:
+    """One result with the numbers of its explanation: per-prototype similarities and score shares,
+    and the atoms it shares with the query. `shared`: a gallery row (else a visitor's upload)."""
+    q_parts = query.parts.astype(np.float32)
+    parts = index.arrays["parts"][row].astype(np.float32)
+    dots = (q_parts * parts).sum(-1)
+    cosine = dots / (np.linalg.norm(q_parts, axis=-1) * np.linalg.norm(parts, axis=-1) + 1e-8)
+    contribution = dots / (np.linalg.norm(q_parts.reshape(-1)) * np.linalg.norm(parts.reshape(-1)) + 1e-8)
+    entry = index.entries[row]
+    atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
+    weights = relative_weights(atoms, image_atom_average)
+    return SearchResult(
+        rank=rank,
+        row=row if shared else -1,
+        file=entry.path if shared else f"{PRIVATE_PREFIX}{entry.path}",
+        path=str(index.gallery / entry.path),
+        score=score,
+        part_similarity=cosine,
+        part_contribution=contribution,
+        # views into the index (float16), not copies: a kept response stays small
+        prototype_attention=index.arrays["prototype_attention"][row],
+        foreground=index.arrays["foreground"][row],
+        atom_histogram=atoms,
+        atom_weights=weights,
+        shared_atoms=shared_atoms(query.atom_weights, weights),
+        salient_atoms=salient_atoms(query.atom_weights, weights),
+        parts=index.arrays["parts"][row],
+        metadata=manifest.get(entry.path, {}) if shared else {},
+    )
 
 
 class SearchEngine:
@@ -256,40 +365,8 @@ class SearchEngine:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         text, readings = self.read_query(key)
-        max_length = self.model.text_encoder.max_length
-        # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
-        encoded = self.model.text_encoder.encode([text], truncation=False, return_offsets_mapping=True, verbose=False)
-        token_ids, word_ids, offsets = encoded["input_ids"][0], encoded.word_ids(0), encoded["offset_mapping"][0]
-        truncated = len(token_ids) > max_length
-        if truncated:
-            keep = [*range(max_length - 1), len(token_ids) - 1]
-            token_ids, word_ids, offsets = ([x[i] for i in keep] for x in (token_ids, word_ids, offsets))
-        ids = torch.tensor([token_ids])
-        explained = self.model.explain_texts(torch.ones_like(ids, dtype=torch.bool), ids)
-        spans = word_spans(word_ids)
-        words = [text[offsets[span[0]][0] : offsets[span[-1]][1]] for span in spans]
-        attention = explained.prototype_attention
-        attention = attention[0].numpy() if attention is not None else np.zeros((1, 1, 1, ids.shape[1]))
-        word_attention = np.stack([attention[..., s].sum(-1) for s in spans], -1) if spans else attention[..., :0]
-        if explained.dictionary_weights is not None:
-            word_atoms = word_atom_weights(explained.dictionary_weights[0].mean(0).numpy(), spans)  # (W, atoms)
-        else:
-            word_atoms = np.zeros((len(spans), 1), np.float32)
-        histogram = word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32)
-        result = QueryEncoding(
-            text=text,
-            words=words,
-            token_ids=ids[0].numpy(),
-            spans=spans,
-            embedding=explained.embedding[0].numpy(),
-            parts=explained.parts[0].numpy(),
-            word_attention=word_attention,
-            word_atoms=word_atoms,
-            atom_histogram=histogram,
-            atom_weights=relative_weights(histogram, self.text_atom_average),
-            truncated=truncated,
-            colour_readings=readings,
-        )
+        result = encode_text(self.model, text, self.text_atom_average)
+        result.colour_readings = readings
         with self._cache_lock:
             self._cache[key] = result
             if len(self._cache) > self._cache_size:
@@ -336,42 +413,11 @@ class SearchEngine:
         """The top k of the gallery (and of a visitor's `private` uploads, if given), explained."""
         start = time.perf_counter()
         query = self.encode_query(text)
-        hits = []  # (score, index, row)
-        for index in (self.index, private) if private is not None else (self.index,):
-            scores, rows = index.search(query.embedding[None], k)
-            hits += [(float(s), index, int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0]
-        hits = sorted(hits, key=lambda hit: -hit[0])[:k]
-        q_parts = query.parts.astype(np.float32)
-        q_norm = np.linalg.norm(q_parts.reshape(-1))
-        results = []
-        for rank, (score, index, row) in enumerate(hits, 1):
-            parts = index.arrays["parts"][row].astype(np.float32)
-            dots = (q_parts * parts).sum(-1)
-            cosine = dots / (np.linalg.norm(q_parts, axis=-1) * np.linalg.norm(parts, axis=-1) + 1e-8)
-            contribution = dots / (q_norm * np.linalg.norm(parts.reshape(-1)) + 1e-8)
-            entry = index.entries[row]
-            atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
-            weights = relative_weights(atoms, self.image_atom_average)
-            shared = index is self.index
-            results.append(
-                SearchResult(
-                    rank=rank,
-                    row=row if shared else -1,
-                    file=entry.path if shared else f"{PRIVATE_PREFIX}{entry.path}",
-                    path=str(index.gallery / entry.path),
-                    score=score,
-                    part_similarity=cosine,
-                    part_contribution=contribution,
-                    # views into the index (float16), not copies: a kept response stays small
-                    prototype_attention=index.arrays["prototype_attention"][row],
-                    foreground=index.arrays["foreground"][row],
-                    atom_histogram=atoms,
-                    atom_weights=weights,
-                    shared_atoms=shared_atoms(query.atom_weights, weights),
-                    salient_atoms=salient_atoms(query.atom_weights, weights),
-                    metadata=self.manifest.get(entry.path, {}) if shared else {},
-                )
-            )
+        indexes = (self.index, private) if private is not None else (self.index,)
+        results = [
+            explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, index is self.index)
+            for rank, (score, index, row) in enumerate(rank_hits(query.embedding, indexes, k), 1)
+        ]
         response = SearchResponse(query, results, self.grid, time.perf_counter() - start)
         if self.vocabulary:
             words = vocabulary_words(query.text)

@@ -62,10 +62,13 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
         a for a in result.salient_atoms if a in result.shared_atoms
     ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
     assert atom_choices.value == atom_choices.choices[0][1]
-    guidance, atlas, atlas_words = explorer.details(response, 1, word_choices.value, atom_choices.value)
+    guidance, atlas, atlas_words, mattered = explorer.details(response, 1, word_choices.value, atom_choices.value)
     assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices.value)))
     assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices.value}**")
-    assert explorer.details(None, 0, None, None) == (None, [], "")
+    assert explorer.details(None, 0, None, None) == (None, [], "", [])
+    # Which words mattered: one batch of leave-one-word-out scores, scaled to the largest effect.
+    assert [w for w, _ in mattered] == response.query.words
+    assert max(abs(v) for _, v in mattered) == pytest.approx(1.0)
     # Another layer and a single head give different maps.
     other = explorer.explain(response, 1, "1", "2", "P2")[0]
     assert not np.array_equal(np.asarray(maps[0][0]), np.asarray(other[0][0]))

@@ -260,3 +260,23 @@ def test_large_galleries_switch_to_an_approximate_index_with_measured_recall(mon
     small = GalleryIndex(Path("."), [], {"embeddings": x[:500]}, "fp")
     small.build_faiss()
     assert small.kind == "flat" and small.approximate_recall_at_10 is None
+
+
+def test_word_effects_equal_scores_with_each_word_left_out(tiny_checkpoint: Path, gallery: Path) -> None:
+    from lgur.search import word_effects
+
+    engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
+    response = engine.search("a man in a red coat", k=3)
+    result = response.results[0]
+    effects = word_effects(engine.model, response.query, result.parts)
+    assert len(effects) == len(response.query.words) == 6
+    image = result.parts.astype(np.float32).reshape(-1)
+    image /= np.linalg.norm(image)
+    for i, word in enumerate(response.query.words):  # one query at a time, by hand
+        words = response.query.words[:i] + response.query.words[i + 1 :]
+        ids, mask = engine.model.tokenize([" ".join(words)])
+        without = float(engine.model.embed_texts(ids, mask)[0].detach().numpy() @ image)
+        ids, mask = engine.model.tokenize([response.query.text])
+        whole = float(engine.model.embed_texts(ids, mask)[0].detach().numpy() @ image)
+        assert effects[i] == pytest.approx(whole - without, abs=1e-4), word
+    assert whole == pytest.approx(result.score, abs=2e-3)  # the stored float16 parts give the search's score
