@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -53,3 +55,57 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_explorer(root: Path, images: int = 24, seed: int = 3, shared_uploads: bool = False):
+    """A tiny model over its own copy of the first shipped gallery images (tests may add files),
+    with the manifest's captions of those images (the atlas's words)."""
+    import json
+    import shutil
+
+    from lgur.checkpoint import save_checkpoint
+    from lgur.explorer import create
+
+    torch.manual_seed(seed)
+    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "models" / "tiny.safetensors")
+    gallery = root / "gallery"
+    (gallery / "images").mkdir(parents=True)
+    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:images]:
+        shutil.copy(src, gallery / "images" / src.name)
+    manifest = json.loads((REPO / "gallery" / "manifest.json").read_text())
+    manifest["images"] = [m for m in manifest["images"] if (gallery / m["file"]).is_file()]
+    (gallery / "manifest.json").write_text(json.dumps(manifest))
+    return create(checkpoint, gallery, progress=False, shared_uploads=shared_uploads)
+
+
+@contextlib.contextmanager
+def served_app(*args: str, port: int, env: dict | None = None, app: Path | None = None, timeout: float = 180):
+    """`python app.py ARGS` (the repository's app, or `app` in its own folder) until a Gradio client
+    connects on 127.0.0.1:port; yields (url, process), and stops it after."""
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client
+
+    app = app or REPO / "app.py"
+    proc = subprocess.Popen([sys.executable, str(app), *args], cwd=app.parent, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                Client(url, verbose=False, download_files=False)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app as explorer_app
-from lgur.checkpoint import save_checkpoint
-from lgur.model import LGUR
-from tests.conftest import tiny_config
+from tests.conftest import free_port, served_app, tiny_explorer
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY = "a woman in a red coat with a black backpack"
-
-
-def tiny_explorer(root: Path, images: int = 24) -> explorer_app.Explorer:
-    """A tiny model over a copy of the first shipped gallery images (its own copy: tests may add files)."""
-    torch.manual_seed(3)
-    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "tiny.safetensors")
-    gallery = root / "gallery"
-    (gallery / "images").mkdir(parents=True)
-    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:images]:
-        shutil.copy(src, gallery / "images" / src.name)
-    manifest = json.loads((REPO / "gallery" / "manifest.json").read_text())
-    manifest["images"] = [m for m in manifest["images"] if (gallery / m["file"]).is_file()]
-    (gallery / "manifest.json").write_text(json.dumps(manifest))  # captions: the atlas's words
-    return explorer_app.create(checkpoint, gallery, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +153,10 @@ def test_model_tab(explorer: explorer_app.Explorer) -> None:
     assert "numbered 0 to" in explorer.atom_atlas(10_000)[1] and explorer.atom_atlas(float("nan"))[0] == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(explorer: explorer_app.Explorer):
     demo = explorer_app.build_app(explorer)
-    port = _free_port()
+    port = free_port()
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **explorer_app.launch_options(explorer))  # fmt: skip
@@ -205,7 +181,7 @@ def test_gradio_client_search_endpoint(served: str, explorer: explorer_app.Explo
     first = result["results"][0]
     with urllib.request.urlopen(served.rstrip("/") + first["url"], timeout=10) as reply:  # the image, by its URL
         assert reply.read() == (Path(served_gallery) / first["file"]).read_bytes()
-    for bad in ("/gallery/../tiny.safetensors", "/gallery/.lgur-index/index.safetensors", "/gallery/nope.jpg"):
+    for bad in ("/gallery/../models/tiny.safetensors", "/gallery/.lgur-index/index.safetensors", "/gallery/nope.jpg"):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(served.rstrip("/") + bad, timeout=10)
 
@@ -225,7 +201,7 @@ def test_only_gallery_images_are_served(served: str, explorer: explorer_app.Expl
     assert status(explorer.engine.gallery / explorer.engine.files()[0]) == 200
     with tempfile.NamedTemporaryFile(suffix=".json") as secret:  # anything in the temp folder
         assert status(Path(secret.name)) in (403, 404)
-    checkpoint = next(explorer.engine.gallery.parent.glob("*.safetensors"))
+    checkpoint = next(explorer.engine.gallery.parent.glob("models/*.safetensors"))
     assert status(checkpoint) in (403, 404)
     assert status(explorer.engine.index_dir / "index.safetensors") in (403, 404)
 
@@ -307,37 +283,17 @@ def _listening(port: int) -> list[str]:
 def test_starts_as_a_space_would(explorer: explorer_app.Explorer) -> None:
     """`python app.py` with only Spaces' variables listens on every interface at the given port."""
     import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
     if not Path("/proc/net/tcp").is_file():
         pytest.skip("reads the listening sockets from /proc (Linux)")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LGUR_", "GRADIO_SERVER"))}
     env |= {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port)}
     gallery = explorer.engine.index.gallery
-    checkpoint = next(gallery.parent.glob("*.safetensors"))
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", str(checkpoint),
-                             "--gallery", str(gallery)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
-                    assert page.status == 200
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
+    checkpoint = next(gallery.parent.glob("models/*.safetensors"))
+    with served_app("--checkpoint", str(checkpoint), "--gallery", str(gallery), port=port, env=env):
         addresses = _listening(port)
         assert addresses and all(set(a) == {"0"} for a in addresses), addresses  # 0.0.0.0 (or ::), not loopback
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_the_model_card_table_of_the_shipped_card() -> None:

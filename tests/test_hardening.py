@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -27,9 +26,8 @@ from lgur.bench import rss_mib
 from lgur.checkpoint import CheckpointError, card_path, load_checkpoint, save_checkpoint
 from lgur.data.readers import DatasetFormatError, read_dataset
 from lgur.index import load_index
-from lgur.model import LGUR
 from lgur.search import QueryError, clean_query
-from tests.conftest import tiny_config
+from tests.conftest import free_port, served_app, tiny_explorer
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
@@ -57,14 +55,17 @@ def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
 @pytest.mark.parametrize("query", HOSTILE_QUERIES)
 def test_hostile_queries_get_results_or_a_message(explorer: explorer_app.Explorer, query: str) -> None:
     items, status, response = explorer.search(query, 10)
-    if response is None:
+    answer = explorer.api_search(query, 3)
+    if response is None:  # nothing left after cleaning: a message, never an error page
         assert items == [] and "Type a description" in status
-    else:
-        assert len(items) == 10 and "results" in status
-        panels = explorer.explain(response, 0, "last", "mean", "P1")
-        assert len(panels[0]) == 7
-        assert "<img" not in panels[4] and "<script" not in panels[4]  # nothing echoed unescaped
-    assert explorer.api_search(query, 3)["results"] or explorer.api_search(query, 3)["error"]
+        assert answer["results"] == [] and "Type a description" in answer["error"]
+        return
+    assert len(items) == 10 and "10 results" in status
+    assert len(answer["results"]) == 3 and "error" not in answer
+    # The status is Markdown and names the query's unknown words: no markup of the query survives in it.
+    assert "<" not in status and "&lt;" not in status  # words are letters only: the markup is dropped
+    maps, words, *_ = explorer.explain(response, 0, "last", "mean", "P1")
+    assert len(maps) == 7 and [w for w, _ in words] == response.query.words  # words stay plain text
 
 
 def test_long_queries_are_truncated_and_flagged(explorer: explorer_app.Explorer) -> None:
@@ -124,14 +125,8 @@ def _upload_batch(folder: Path) -> tuple[list[Path], dict[str, str]]:
 
 
 def _own_explorer(root: Path, images: int = 16) -> explorer_app.Explorer:
-    """A tiny explorer on its own gallery copy, for tests that add files."""
-    torch.manual_seed(4)
-    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "models" / "tiny.safetensors")
-    gallery = root / "gallery"
-    (gallery / "images").mkdir(parents=True)
-    for src in SHIPPED[:images]:
-        shutil.copy(src, gallery / "images" / src.name)
-    return explorer_app.create(checkpoint, gallery, progress=False, shared_uploads=True)
+    """A tiny explorer on its own gallery copy whose uploads join the gallery, for tests that add files."""
+    return tiny_explorer(root, images, seed=4, shared_uploads=True)
 
 
 def test_upload_batch_keeps_good_files_refuses_bad_ones(tmp_path: Path) -> None:
@@ -378,29 +373,10 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 @contextlib.contextmanager
 def _served(checkpoint: Path, gallery: Path, *extra: str):
     """`python app.py` on a free loopback port; yields (url, pid) once it answers."""
-    from gradio_client import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--checkpoint",
-                             str(checkpoint), "--gallery", str(gallery), *extra], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                Client(url, verbose=False, download_files=False)
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
+    port = free_port()
+    with served_app("--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery), *extra,
+                    port=port) as (url, proc):  # fmt: skip
         yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _served_explorer(explorer: explorer_app.Explorer):

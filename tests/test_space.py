@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from lgur.space import CPU_INDEX, cpu_requirements, write_space
-from tests.conftest import free_port
+from tests.conftest import free_port, served_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,21 +64,8 @@ def test_the_space_starts_with_spaces_variables_and_answers_search(space: Path) 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LGUR_", "GRADIO_SERVER"))}
     env |= {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "PYTHONPATH": ""}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", download_files=False, verbose=False)
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(1)
+    with served_app(port=port, env=env, app=space / "app.py") as (url, _):
+        client = Client(url, download_files=False, verbose=False)
         body = client.predict("a woman in a crimson coat", 5, api_name="/search")
-        assert len(body["results"]) == 5 and body["colours_read_as"] == {"crimson": "red"}
-        assert all((space / "gallery" / r["file"]).is_file() for r in body["results"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert len(body["results"]) == 5 and body["colours_read_as"] == {"crimson": "red"}
+    assert all((space / "gallery" / r["file"]).is_file() for r in body["results"])

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from lgur.evaluate import retrieval_metrics
 from lgur.synth.world import WorldSpec, generate_world
 from lgur.train import recipe, train
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,12 +69,6 @@ def test_retrieval_metrics_match_brute_force(exclude: bool) -> None:
     got = retrieval_metrics(sim, q_ids, g_ids, own if exclude else None)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-4), key
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(world: Path, out: Path, **kw):
@@ -195,7 +189,7 @@ def test_paper_preset_end_to_end_on_cuhk_layout(tmp_path: Path) -> None:
 def test_torchrun_two_processes(world: Path, tmp_path: Path) -> None:
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "lgur", "train", "--data", str(world), "--out", str(tmp_path / "ddp"), "--epochs", "1",
         "--batch-size", "8", "--quiet", "--threads", "1", "--set", *overrides,
     ]  # fmt: skip
