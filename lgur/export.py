@@ -70,6 +70,7 @@ def export_checkpoint(
         for style in ("default", "check"):
             bench = run_query_bench(path, gallery, style)
             report(format_query_bench(bench, show=0))
-            card["query_bench"][style] = {k: bench[k] for k in ("queries", "precision@10", "top1", "chance")}
+            kept = ("queries", "precision@10", "top1", "chance", "by_kind")  # by_kind: the page's weak-spot notes
+            card["query_bench"][style] = {k: bench[k] for k in kept}
     record_in_card(path, card)
     return path

@@ -30,6 +30,7 @@ from .data.dataset import normalize, vocabulary_words
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
+from .weaknesses import weak_spots
 
 MAX_QUERY_CHARS = 2000
 MAX_RESULTS = 50  # the most results one search returns (app, API and command line)
@@ -126,6 +127,7 @@ class SearchResponse:
     seconds: float
     unknown_words: list[str] = field(default_factory=list)  # not in the training captions' vocabulary
     known_words: int | None = None  # how many of the query's words it has (None: no vocabulary recorded)
+    weak_spots: list[str] = field(default_factory=list)  # what the query names that the model rarely gets right
 
     @property
     def warning(self) -> str | None:
@@ -150,6 +152,8 @@ class SearchResponse:
         body: dict[str, Any] = {"query": self.query.text, "results": [r.to_json() for r in self.results]}
         if self.query.colour_readings:
             body["colours_read_as"] = {r.word: r.colour for r in self.query.colour_readings}
+        if self.weak_spots:
+            body["weak_spots"] = self.weak_spots
         return body | ({"warning": self.warning} if self.warning else {})
 
 
@@ -296,6 +300,9 @@ class SearchEngine:
         # Colour words the model never saw are read as the nearest training colour (lgur.colours).
         self.grounding = ColourGrounding(self.vocabulary) if colour_grounding and self.vocabulary else None
         self.grid = model.image_encoder.grid
+        # Per attribute kind, how often the model's top 10 has it (the card's query-bench figures).
+        self.weak_kinds = self.card.get("query_bench", {}).get("default", {}).get("by_kind", {})
+        self.colours = self.grounding.targets if self.grounding else frozenset()
         # The average caption's atom histogram, measured when the checkpoint was trained or exported.
         average = self.card.get("atom_average", {}).get("text")
         self.text_atom_average = np.asarray(average, np.float32) if average else None
@@ -419,6 +426,7 @@ class SearchEngine:
             for rank, (score, index, row) in enumerate(rank_hits(query.embedding, indexes, k), 1)
         ]
         response = SearchResponse(query, results, self.grid, time.perf_counter() - start)
+        response.weak_spots = weak_spots(query.text, self.weak_kinds, self.colours)
         if self.vocabulary:
             words = vocabulary_words(query.text)
             response.unknown_words = list(dict.fromkeys(w for w in words if w not in self.vocabulary))
