@@ -62,9 +62,9 @@ def prototype_overlays(
     items = []
     for p, share in enumerate(result.score_share):
         name = names[p] if names else f"P{p + 1}"
-        caption = f"{name} {100 * share:.0f}%"  # short: the viewer truncates long captions
+        caption = f"{100 * share:.0f}% {name}"  # the share first: a phone's viewer cuts long captions short
         items.append((overlay(image, select_map(result.prototype_attention, p, layer, head), grid), caption))
-    items.append((combined_overlay(image, result, grid, layer, head), "all"))  # colour = strongest
+    items.append((combined_overlay(image, result, grid, layer, head), "all: colour = strongest"))
     return items
 
 
@@ -86,7 +86,25 @@ def combined_overlay(
         DISPLAY_SIZE, Image.Resampling.BILINEAR
     )
     base = image.convert("RGB").resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
-    return Image.composite(layer_rgb, base, mask)
+    return with_legend(Image.composite(layer_rgb, base, mask), maps.shape[0])
+
+
+def with_legend(image: Image.Image, count: int) -> Image.Image:
+    """The combined map with a strip below it: each prototype's colour and number."""
+    from PIL import ImageDraw
+
+    rows, per_row, cell = 2, (count + 1) // 2, 16
+    strip = Image.new("RGB", (image.width, rows * cell + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    width = image.width // max(per_row, 1)
+    for p in range(count):
+        x, y = (p % per_row) * width + 3, (p // per_row) * cell + 3
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(PROTOTYPE_COLOURS[p]))
+        draw.text((x + 13, y - 1), f"P{p + 1}", fill=(0, 0, 0))
+    out = Image.new("RGB", (image.width, image.height + strip.height), (255, 255, 255))
+    out.paste(image, (0, 0))
+    out.paste(strip, (0, image.height))
+    return out
 
 
 def word_highlights(

@@ -30,7 +30,11 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
         response, 1, "last", "mean", "P2"
     )
     assert len(maps) == explorer.engine.model.config.num_prototypes + 1
-    assert all(isinstance(image, Image.Image) and caption.startswith(("P", "all")) for image, caption in maps)
+    assert all(isinstance(image, Image.Image) for image, _ in maps)
+    shares = [float(caption.split("%")[0]) for _, caption in maps[:-1]]  # "38% P2 ...": the share shows first
+    assert all(caption.split("% ", 1)[1].startswith(f"P{i + 1}") for i, (_, caption) in enumerate(maps[:-1]))
+    assert abs(sum(shares) - 100) <= len(shares)  # rounded shares of the score
+    assert maps[-1][1].startswith("all") and maps[-1][0].height > maps[0][0].height  # the combined map's legend
     assert [w for w, _ in words] == response.query.words and max(v for _, v in words) == pytest.approx(1.0)
     assert isinstance(chart, Image.Image) and chart.width > 300
     assert isinstance(foreground, Image.Image)
