@@ -1,8 +1,8 @@
 """LGUR Explorer: search pedestrians by description and see why each result matched.
 
 `python app.py` serves the shipped model and gallery on http://127.0.0.1:7860.
-The interface is built from the `Explorer` methods below, plain functions of their
-inputs that tests call directly; all model work happens in the `lgur` package.
+The page is laid out here and wired to `lgur.explorer.Explorer`, whose methods are plain
+functions of their inputs that tests call directly; all model work happens in the `lgur` package.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import torch  # noqa: E402
 
 from lgur import DEFAULT_GALLERY
 from lgur.checkpoint import CheckpointError, resolve_checkpoint
-from lgur.explorer import EXAMPLES, GALLERY_ROUTE, SESSION_SECONDS, Choices, Explorer, create
+from lgur.explorer import EXAMPLES, GALLERY_ROUTE, SESSION_SECONDS, Choices, Explorer, create, server_address
 from lgur.files import MAX_FILE_BYTES
 from lgur.gallery import PrivateGallery
 from lgur.search import MAX_RESULTS
 
-log = logging.getLogger("lgur.app")
 ROOT = Path(__file__).resolve().parent
 MAX_SESSIONS = 200  # sessions whose state is kept (oldest dropped first): bounds memory
 MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
@@ -34,11 +33,6 @@ MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling u
 def panels(explained: tuple) -> tuple:
     """Explorer.explain's values for Gradio: the two pickers' Choices become dropdown updates."""
     return tuple(gr.update(choices=v.choices, value=v.value) if isinstance(v, Choices) else v for v in explained)
-
-
-def read_extra(name: str) -> str:
-    path = ROOT / "assets" / name
-    return path.read_text() if path.is_file() else ""
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
@@ -106,6 +100,16 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             chart_atom_patches = gr.Gallery(label="Gallery images whose patches use this atom most", columns=8,
                                             height=300, object_fit="contain", format="jpeg",
                                             elem_id="chart-atom-patches")  # fmt: skip
+            gr.Markdown("## Why not this one?")
+            with gr.Row():
+                expected = gr.Dropdown(explorer.engine.files(), value=None, filterable=True, scale=3,
+                                       label="The image you expected (type to filter the gallery's names)",
+                                       elem_id="why-not-file")  # fmt: skip
+                why = gr.Button("Why not this one?", scale=1, elem_id="why-not-button")
+            why_summary = gr.Markdown(elem_id="why-not")
+            why_maps = gr.Gallery(label="Prototype maps: this image and the top result, side by side", columns=6,
+                                  height=300, object_fit="contain", format="jpeg", elem_id="why-not-maps")  # fmt: skip
+            why.click(explorer.why_not, [response_state, expected], [why_summary, why_maps], api_visibility="private")
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
             explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]
@@ -148,6 +152,37 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             chart_atom.input(explorer.chart_atom_atlas, chart_atom, [chart_atom_patches, chart_atom_words],
                               api_visibility="private")  # fmt: skip
 
+        with gr.Tab("Search by photo"):
+            photo_state = gr.State(None, time_to_live=SESSION_SECONDS)
+            with gr.Row():
+                photo_file = gr.Dropdown(explorer.engine.files(), value=None, filterable=True, label="A gallery image",
+                                         elem_id="photo-file")  # fmt: skip
+                photo_upload = gr.Image(type="filepath", label="or a photo of your own (not kept)", height=160,
+                                        sources=["upload"], elem_id="photo-upload")  # fmt: skip
+                photo_go = gr.Button("Find people who look alike", variant="primary", elem_id="photo-button")
+            photo_status = gr.Markdown(elem_id="photo-status")
+            photo_results = gr.Gallery(label="Results", columns=10, height=200, object_fit="contain",
+                                       allow_preview=False, elem_id="photo-results")  # fmt: skip
+            with gr.Row():
+                photo_maps = gr.Gallery(label="The photo's prototype maps", columns=6, height=280,
+                                        object_fit="contain", format="jpeg", elem_id="photo-maps")  # fmt: skip
+                result_maps = gr.Gallery(label="The selected result's, with each part's share of the score",
+                                         columns=7, height=280, object_fit="contain", format="jpeg",
+                                         elem_id="photo-result-maps")  # fmt: skip
+
+            def on_photo(file, upload):
+                items, text, response, maps = explorer.photo_search(file, upload)
+                return items, text, response, maps, explorer.photo_result_maps(response, 0)
+
+            photo_go.click(on_photo, [photo_file, photo_upload],
+                           [photo_results, photo_status, photo_state, photo_maps, result_maps],
+                           api_visibility="private")  # fmt: skip
+
+            def on_photo_select(response, evt: gr.SelectData):
+                return explorer.photo_result_maps(response, evt.index)
+
+            photo_results.select(on_photo_select, photo_state, result_maps, api_visibility="private")
+
         with gr.Tab("Gallery"):
             whose = ("they join the gallery for everyone" if explorer.shared_uploads else
                      "only you see them, they are searched with the gallery and deleted when you leave "
@@ -176,8 +211,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         with gr.Tab("Model"):
             gr.Markdown(explorer.model_card())
             for name, title in (("ablation.md", "Ablation"), ("experiments.md", "The recipe's options, one at a time")):
-                table = read_extra(name)  # each file says how it was measured
-                if table:
+                table = (ROOT / "assets" / name).read_text() if (ROOT / "assets" / name).is_file() else ""
+                if table:  # each file says how it was measured
                     gr.Markdown(f"### {title} (synthetic world)\n\n{table}")
             if (ROOT / "assets" / "cmc.png").is_file():
                 gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
@@ -192,6 +227,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             show.click(explorer.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
 
         gr.api(explorer.api_search, api_name="search")
+        gr.api(explorer.api_why_not, api_name="why_not")
+        gr.api(explorer.api_search_by_photo, api_name="search_by_photo")
     return demo
 
 
@@ -223,17 +260,6 @@ def add_gallery_route(demo: gr.Blocks, explorer: Explorer) -> None:
         return FileResponse(path) if path else PlainTextResponse("no such gallery image", status_code=404)
 
     demo.app.add_api_route(GALLERY_ROUTE + "/{file:path}", gallery_file, methods=["GET"])
-
-
-def server_address(host: str | None, port: int | None, environ: dict[str, str]) -> tuple[str, int]:
-    """Where to listen: explicit flags, then LGUR_HOST/LGUR_PORT, then Gradio's own
-    GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (what Hugging Face Spaces sets), then 127.0.0.1:7860."""
-    host = host or environ.get("LGUR_HOST") or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
-    port_text = port or environ.get("LGUR_PORT") or environ.get("GRADIO_SERVER_PORT") or 7860
-    try:
-        return host, int(port_text)
-    except ValueError:
-        raise SystemExit(f"cannot start: the port must be a number, got {port_text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import open_rgb_cached
-from .search import QueryEncoding, SearchResult
+from .search import ImageQuery, QueryEncoding, SearchResult
 
 DISPLAY_SIZE = (192, 512)  # (width, height) of an overlay, twice the stored images
 PROTOTYPE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -66,6 +66,15 @@ def prototype_overlays(
         items.append((overlay(image, select_map(result.prototype_attention, p, layer, head), grid), caption))
     items.append((combined_overlay(image, result, grid, layer, head), "all: colour = strongest"))
     return items
+
+
+def photo_maps(
+    query: ImageQuery, grid: tuple[int, int], names: list[str], layer: int = -1
+) -> list[tuple[Image.Image, str]]:
+    """A query photo's own prototype maps (search by photo), captioned with the prototypes' names."""
+    image = open_rgb_cached(query.path)
+    attention = query.prototype_attention
+    return [(overlay(image, select_map(attention, p, layer), grid), name) for p, name in enumerate(names)]
 
 
 def combined_overlay(

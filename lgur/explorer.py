@@ -17,10 +17,10 @@ from urllib.parse import quote
 import numpy as np
 
 from .card import card_table
-from .explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
-from .files import open_rgb_cached, remove_temporaries
+from .explain import atom_chart, overlay, photo_maps, prototype_names, prototype_overlays, word_highlights
+from .files import check_image, open_rgb_cached, remove_temporaries
 from .gallery import PrivateGallery, add_images, gallery_page, private_sessions_root
-from .search import QueryError, SearchEngine, SearchResponse, result_count, word_effects
+from .search import PhotoResponse, QueryError, SearchEngine, SearchResponse, result_count, word_effects
 
 PER_PAGE = 120  # gallery tab
 GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
@@ -206,6 +206,95 @@ class Explorer:
             result["url"] = f"{GALLERY_ROUTE}/{quote(result['file'])}"
         return body
 
+    # -- why not this one? -----------------------------------------------------------------------
+    def why_not(self, response: SearchResponse | None, file: str | None) -> tuple[str, list[tuple[Any, str]]]:
+        """An image the visitor expected, beside the top result: its rank and score, per prototype the
+        similarity of both, the part where it loses most, the atoms that differ; both sets of maps."""
+        if response is None or not response.results:
+            return "Search first, then pick the image you expected.", []
+        try:
+            comparison = self.engine.compare(response.query.text, file)
+        except QueryError as error:
+            return html.escape(str(error)), []
+        image, top = comparison.image, comparison.top
+        lose = comparison.loses_most
+        table = "\n".join(
+            ["| prototype | this image | top result |", "| --- | --- | --- |"]
+            + [
+                f"| {n} | {a:.2f} | {b:.2f} |"
+                for n, a, b in zip(self.prototypes, image.part_similarity, top.part_similarity)
+            ]
+        )
+        text = "\n\n".join([
+            f"`{html.escape(image.file)}` ranks **#{image.rank}** of {comparison.gallery_size:,} (score "
+            f"{image.score:.3f}; the top result `{html.escape(top.file)}` {top.score:.3f}).",
+            f"It loses most on **{self.prototypes[lose]}** (similarity {image.part_similarity[lose]:.2f} against "
+            f"{top.part_similarity[lose]:.2f}).",
+            table,
+            f"Atoms the top result shares with the query and this image does not: "
+            f"{', '.join(map(str, comparison.atoms_it_lacks)) or 'none'}; shared only by this image: "
+            f"{', '.join(map(str, comparison.atoms_only_it_has)) or 'none'}.",
+        ])  # fmt: skip
+        mine = prototype_overlays(image, response.grid, names=self.prototypes)[:-1]
+        theirs = prototype_overlays(top, response.grid, names=self.prototypes)[:-1]
+        maps = [item for pair in zip(mine, theirs) for item in pair]
+        maps = [(picture, f"{'this' if i % 2 == 0 else 'top'}: {caption}") for i, (picture, caption) in enumerate(maps)]
+        return text, maps
+
+    def api_why_not(self, query: str, file: str) -> dict[str, Any]:
+        """The /why_not endpoint: a gallery file's rank and explanation for a query, beside the top result's."""
+        try:
+            return self.engine.compare(query, file).to_json()
+        except QueryError as error:
+            return {"error": str(error)}
+
+    # -- search by photo ------------------------------------------------------------------------
+    def photo_search(
+        self, file: str | None, upload: str | None, k: float = 10
+    ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
+        """A gallery image (by name) or an uploaded photo as the query: results, a status line, the
+        response (kept per session) and the query photo's own prototype maps."""
+        if upload:
+            problem = check_image(Path(upload))
+            if problem:
+                return [], f"⚠️ The photo cannot be used: {html.escape(problem)}.", None, []
+            image = Path(upload)
+        else:
+            image = self.engine.image_path(file) if file else None
+            if image is None:
+                return [], "Pick a gallery image, or upload a photo of a person.", None, []
+        try:
+            response = self.engine.search_by_photo(image, result_count(k))
+        except QueryError as error:
+            return [], f"⚠️ {html.escape(str(error))}", None, []
+        items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
+        status = (
+            f"{len(items)} people who look alike, in {1000 * response.seconds:.0f} ms (the photo itself left out). "
+            "Select one: its prototype maps appear beside the photo's; the same prototype reads the same body part "
+            "in both."
+        )
+        return items, status, response, photo_maps(response.query, response.grid, self.prototypes)
+
+    def photo_result_maps(self, response: PhotoResponse | None, selected: int) -> list[tuple[Any, str]]:
+        """A photo search result's prototype maps, captioned with each part's share of the score."""
+        if response is None or not response.results:
+            return []
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        return prototype_overlays(result, response.grid, names=self.prototypes)
+
+    def api_search_by_photo(self, file: str, k: float = 10) -> dict[str, Any]:
+        """The /search_by_photo endpoint: a gallery image (by name) as the query; JSON as /search."""
+        image = self.engine.image_path(file)
+        if image is None:
+            return {"error": "Name an image of the gallery (as /search answers with).", "results": []}
+        try:
+            body = self.engine.search_by_photo(image, result_count(k)).to_json()
+        except QueryError as error:
+            return {"error": str(error), "results": []}
+        for result in body["results"]:
+            result["url"] = f"{GALLERY_ROUTE}/{quote(result['file'])}"
+        return body
+
     def gallery_image(self, file: str) -> Path | None:
         """The image behind GET /gallery/<file>: indexed gallery files only, by gallery-relative name."""
         return self.engine.image_path(file)
@@ -266,3 +355,14 @@ def create(checkpoint: Path, gallery: Path, progress: bool = True, shared_upload
     logging.getLogger("lgur.app").info("gallery %s: %s", gallery, report.summary())
     engine.warm_up()
     return Explorer(engine, shared_uploads=shared_uploads)
+
+
+def server_address(host: str | None, port: int | None, environ: dict[str, str]) -> tuple[str, int]:
+    """Where to listen: explicit flags, then LGUR_HOST/LGUR_PORT, then Gradio's own
+    GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (what Hugging Face Spaces sets), then 127.0.0.1:7860."""
+    host = host or environ.get("LGUR_HOST") or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    port_text = port or environ.get("LGUR_PORT") or environ.get("GRADIO_SERVER_PORT") or 7860
+    try:
+        return host, int(port_text)
+    except ValueError:
+        raise SystemExit(f"cannot start: the port must be a number, got {port_text!r}") from None

@@ -158,6 +158,64 @@ class SearchResponse:
 
 
 @dataclass
+class ImageQuery:
+    """A photo as the query (search by photo): its embedding and the same explanation numbers a
+    gallery image has, so its prototype maps sit beside each result's."""
+
+    path: str
+    embedding: np.ndarray  # (E,)
+    parts: np.ndarray  # (P, part_dim)
+    prototype_attention: np.ndarray  # (L, H, P, N)
+    foreground: np.ndarray  # (N,)
+    atom_histogram: np.ndarray  # (atoms,)
+    atom_weights: np.ndarray  # (atoms,) relative to the average gallery image
+
+
+@dataclass
+class PhotoResponse:
+    query: ImageQuery
+    results: list[SearchResult]
+    grid: tuple[int, int]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"results": [r.to_json() for r in self.results]}
+
+
+@dataclass
+class Comparison:
+    """Why not this one? An image the visitor expected, explained beside the query's top result."""
+
+    image: SearchResult  # with its rank in the whole gallery
+    top: SearchResult
+    gallery_size: int
+
+    @property
+    def loses_most(self) -> int:
+        """The prototype where this image falls furthest behind the top result's score."""
+        return int(np.argmin(self.image.part_contribution - self.top.part_contribution))
+
+    @property
+    def atoms_it_lacks(self) -> list[int]:
+        """Atoms the top result shares with the query that this image does not."""
+        return [a for a in self.top.shared_atoms if a not in self.image.shared_atoms]
+
+    @property
+    def atoms_only_it_has(self) -> list[int]:
+        return [a for a in self.image.shared_atoms if a not in self.top.shared_atoms]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image.to_json(),
+            "top": self.top.to_json(),
+            "gallery_size": self.gallery_size,
+            "loses_most": self.loses_most,
+            "atoms_it_lacks": self.atoms_it_lacks,
+            "atoms_only_it_has": self.atoms_only_it_has,
+        }
+
+
+@dataclass
 class AtomAtlas:
     """What one dictionary atom stands for: the gallery images whose patches use it most, and the
     words (over the gallery's captions) that use it most."""
@@ -236,7 +294,7 @@ def rank_hits(
 
 
 def explain_hit(
-    query: QueryEncoding,
+    query: QueryEncoding | ImageQuery,
     index: GalleryIndex,
     row: int,
     rank: int,
@@ -246,7 +304,8 @@ def explain_hit(
     shared: bool,
 ) -> SearchResult:
     """One result with the numbers of its explanation: per-prototype similarities and score shares,
-    and the atoms it shares with the query. `shared`: a gallery row (else a visitor's upload)."""
+    and the atoms it shares with the query (a text's or an image's). `shared`: a gallery row (else a
+    visitor's upload)."""
     q_parts = query.parts.astype(np.float32)
     parts = index.arrays["parts"][row].astype(np.float32)
     dots = (q_parts * parts).sum(-1)
@@ -432,6 +491,52 @@ class SearchEngine:
             response.unknown_words = list(dict.fromkeys(w for w in words if w not in self.vocabulary))
             response.known_words = sum(w in self.vocabulary for w in words)
         return response
+
+    def compare(self, text: str, file: str) -> Comparison:
+        """Why not this one? `file` (a gallery-relative name) ranked against the whole gallery for the
+        query, explained beside the top result. QueryError for a file that is not in the gallery."""
+        row = self.index.row(file) if isinstance(file, str) else None
+        if row is None:
+            raise QueryError("Pick an image of the gallery (its name as the gallery lists it).")
+        query = self.encode_query(text)
+        scores = self.index.embeddings.astype(np.float32) @ query.embedding.astype(np.float32)
+        rank = 1 + int((scores > scores[row]).sum())
+        best = int(np.argmax(scores))
+        average = self.image_atom_average
+
+        def explained(r: int, rank: int) -> SearchResult:
+            return explain_hit(query, self.index, r, rank, float(scores[r]), average, self.manifest, True)
+
+        return Comparison(explained(row, rank), explained(best, 1), len(self.index))
+
+    @torch.inference_mode()
+    def search_by_photo(self, image: str | Path, k: int = 10, exclude_self: bool = True) -> PhotoResponse:
+        """Image to image: `image` (a gallery file's path or any image file) as the query, ranked
+        against the gallery's embeddings; the query keeps its own explanation numbers."""
+        start = time.perf_counter()
+        explained = self.model.explain_images(self._images([image]))
+        histogram = explained.atom_histogram
+        atoms = histogram[0].numpy() if histogram is not None else np.zeros(1, np.float32)
+        query = ImageQuery(
+            path=str(image),
+            embedding=explained.embedding[0].numpy(),
+            parts=explained.parts[0].numpy(),
+            prototype_attention=explained.prototype_attention[0].numpy()
+            if explained.prototype_attention is not None
+            else np.zeros((1, 1, 1, 0), np.float32),
+            foreground=explained.foreground[0].numpy() if explained.foreground is not None else np.zeros(0),
+            atom_histogram=atoms,
+            atom_weights=relative_weights(atoms, self.image_atom_average),
+        )
+        path, gallery = Path(image).resolve(), self.gallery.resolve()
+        same = self.index.row(path.relative_to(gallery).as_posix()) if path.is_relative_to(gallery) else None
+        hits = rank_hits(query.embedding, (self.index,), k + (exclude_self and same is not None))
+        hits = [h for h in hits if not (exclude_self and h[2] == same)][:k]
+        results = [
+            explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, True)
+            for rank, (score, index, row) in enumerate(hits, 1)
+        ]
+        return PhotoResponse(query, results, self.grid, time.perf_counter() - start)
 
     # -- on-demand explanations (one image) -------------------------------------------------
     def _images(self, paths: list[str | Path]) -> torch.Tensor:

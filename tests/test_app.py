@@ -330,3 +330,38 @@ def test_a_selected_result_is_decoded_once(explorer: explorer_app.Explorer, monk
     panels = explorer.explain(response, 3, "last", "mean", "P1")
     explorer.details(response, 3, panels[5].value, panels[6].value)  # guidance map: the model reads it too
     assert opened.count(response.results[3].path) == 1
+
+
+def test_why_not_this_one(explorer: explorer_app.Explorer) -> None:
+    _, _, response = explorer.search(QUERY, 5)
+    expected = explorer.engine.files()[-1]
+    text, maps = explorer.why_not(response, expected)
+    comparison = explorer.engine.compare(response.query.text, expected)
+    assert f"ranks **#{comparison.image.rank}** of {len(explorer.engine):,}" in text
+    assert explorer.prototypes[comparison.loses_most] in text and text.count("\n| P") == 6
+    assert len(maps) == 12 and [c.split(":")[0] for _, c in maps[:4]] == ["this", "top", "this", "top"]
+    assert explorer.why_not(None, expected)[0].startswith("Search first")
+    assert "Pick an image of the gallery" in explorer.why_not(response, "../app.py")[0]
+    body = explorer.api_why_not(QUERY, expected)
+    assert body["image"]["file"] == expected and body["top"]["rank"] == 1 and "loses_most" in body
+    assert explorer.api_why_not(QUERY, "/etc/passwd") == {
+        "error": "Pick an image of the gallery (its name as the gallery lists it)."
+    }
+
+
+def test_search_by_photo(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
+    file = explorer.engine.files()[0]
+    items, status, response, maps = explorer.photo_search(file, None, 6)
+    assert len(items) == 6 and "look alike" in status and len(maps) == explorer.engine.model.config.num_prototypes
+    assert file not in [r.file for r in response.results]
+    assert len(explorer.photo_result_maps(response, 2)) == len(maps) + 1
+    own = tmp_path / "me.jpg"
+    shutil.copy(explorer.engine.gallery / file, own)  # an upload: the same picture finds the same people
+    assert [i for i, _ in explorer.photo_search(None, str(own), 6)[0]][1:] == [i for i, _ in items][:5]
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    assert "cannot be used" in explorer.photo_search(None, str(fake))[1]
+    assert "Pick a gallery image" in explorer.photo_search("../../etc/passwd", None)[1]
+    body = explorer.api_search_by_photo(file, 4)
+    assert len(body["results"]) == 4 and body["results"][0]["url"].startswith("/gallery/")
+    assert "error" in explorer.api_search_by_photo("/etc/passwd", 4)

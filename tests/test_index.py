@@ -280,3 +280,36 @@ def test_word_effects_equal_scores_with_each_word_left_out(tiny_checkpoint: Path
         whole = float(engine.model.embed_texts(ids, mask)[0].detach().numpy() @ image)
         assert effects[i] == pytest.approx(whole - without, abs=1e-4), word
     assert whole == pytest.approx(result.score, abs=2e-3)  # the stored float16 parts give the search's score
+
+
+def test_why_not_ranks_an_image_against_the_whole_gallery(tiny_checkpoint: Path, gallery: Path) -> None:
+    engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
+    query = "a man in a blue jacket"
+    scores = engine.index.embeddings.astype(np.float64) @ engine.encode_query(query).embedding.astype(np.float64)
+    order = np.argsort(-scores)
+    for position in (0, 3, len(order) - 1):
+        file = engine.index.entries[order[position]].path
+        comparison = engine.compare(query, file)
+        assert comparison.image.file == file and comparison.image.rank == position + 1
+        assert comparison.top.file == engine.index.entries[order[0]].path and comparison.top.rank == 1
+        gap = comparison.image.part_contribution - comparison.top.part_contribution
+        assert comparison.loses_most == int(np.argmin(gap))
+        assert set(comparison.atoms_it_lacks).isdisjoint(comparison.image.shared_atoms)
+    assert engine.compare(query, engine.index.entries[order[0]].path).loses_most in range(6)
+    for bad in ("nope.jpg", "../secret.jpg", None, 3):
+        with pytest.raises(QueryError):
+            engine.compare(query, bad)
+
+
+def test_search_by_photo_ranks_the_gallery_by_image_similarity(tiny_checkpoint: Path, gallery: Path) -> None:
+    engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
+    file = engine.files()[2]
+    response = engine.search_by_photo(engine.gallery / file, k=5)
+    row = engine.index.row(file)
+    np.testing.assert_allclose(response.query.embedding, engine.index.embeddings[row].astype(np.float32), atol=2e-3)
+    scores = engine.index.embeddings.astype(np.float64) @ response.query.embedding.astype(np.float64)
+    expected = [engine.index.entries[i].path for i in np.argsort(-scores) if i != row][:5]
+    assert [r.file for r in response.results] == expected  # itself left out
+    assert response.query.prototype_attention.shape[-1] == engine.grid[0] * engine.grid[1]
+    kept = engine.search_by_photo(engine.gallery / file, k=3, exclude_self=False)
+    assert kept.results[0].file == file
