@@ -109,7 +109,13 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             why_summary = gr.Markdown(elem_id="why-not")
             why_maps = gr.Gallery(label="Prototype maps: this image and the top result, side by side", columns=6,
                                   height=300, object_fit="contain", format="jpeg", elem_id="why-not-maps")  # fmt: skip
-            why.click(explorer.why_not, [response_state, expected], [why_summary, why_maps], api_visibility="private")
+            why.click(
+                explorer.why_not,
+                [response_state, expected],
+                [why_summary, why_maps],
+                api_name="why_not_panels",
+                api_visibility="private",
+            )  # the name /why_not is the JSON endpoint's
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
             explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]

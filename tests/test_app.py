@@ -190,6 +190,23 @@ def test_gradio_client_search_endpoint(served: str, explorer: explorer_app.Explo
             urllib.request.urlopen(served.rstrip("/") + bad, timeout=10)
 
 
+def test_gradio_client_why_not_and_photo_endpoints(served: str, explorer: explorer_app.Explorer) -> None:
+    from gradio_client import Client
+
+    client = Client(served, verbose=False, download_files=False)
+    expected = explorer.engine.files()[5]
+    body = client.predict(QUERY, expected, api_name="/why_not")
+    assert body == explorer.api_why_not(QUERY, expected)  # the same answer through the server
+    assert body["image"]["file"] == expected and body["top"]["rank"] == 1
+    assert "error" in client.predict(QUERY, "../../etc/passwd", api_name="/why_not")
+    photo = client.predict(expected, 4, api_name="/search_by_photo")
+    assert [r["file"] for r in photo["results"]] == [
+        r["file"] for r in explorer.api_search_by_photo(expected, 4)["results"]
+    ]
+    assert expected not in [r["file"] for r in photo["results"]]
+    assert "error" in client.predict("/etc/passwd", 4, api_name="/search_by_photo")
+
+
 def test_only_gallery_images_are_served(served: str, explorer: explorer_app.Explorer) -> None:
     import tempfile
     import urllib.error
@@ -254,6 +271,52 @@ def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> No
         assert page.locator("img[src='x']").count() == 0 and page.locator("#words b").count() == 0
         assert dialogs == []
         page.screenshot(path=str(tmp_path / "browser_test.png"), full_page=True)
+        browser.close()
+
+
+def _pick(page, dropdown: str, option: str) -> None:
+    """Choose an option of a Gradio dropdown: open it, type the name, click the option."""
+    box = page.locator(f"{dropdown} input")
+    box.click()
+    box.press_sequentially(option)
+    page.locator(f'{dropdown} li[role="option"][aria-label="{option}"]').click()
+
+
+@pytest.mark.parametrize("width,height", [(1400, 2400), (390, 844)])
+def test_real_browser_new_panels(served: str, explorer: explorer_app.Explorer, width: int, height: int) -> None:
+    """Which words mattered, why not this one, search by photo: at desktop and phone width."""
+    if not CHROMIUM.is_file():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(served)
+        page.locator("#query textarea").fill(QUERY)
+        page.locator("#query textarea").press("Enter")
+        expect(page.locator("#summary")).to_contain_text("Result #1", timeout=60_000)
+        effects = page.locator("#word-effects .score-token")  # each query word, with its effect on the score
+        expect(effects.first).to_be_visible(timeout=30_000)
+        assert effects.count() == len(QUERY.split())
+        caption = page.locator("#prototype-maps .caption-label").first
+        if caption.count():
+            assert "%" in caption.inner_text()  # the share of the score leads, so a phone still shows it
+        expected = explorer.engine.files()[-1]
+        _pick(page, "#why-not-file", expected)
+        page.locator("#why-not-button").click()
+        expect(page.locator("#why-not")).to_contain_text("ranks", timeout=30_000)
+        expect(page.locator("#why-not")).to_contain_text("loses most")
+        expect(page.locator("#why-not-maps img").first).to_be_visible()
+        assert page.locator("#why-not-maps img").count() == 12
+        page.get_by_role("tab", name="Search by photo").click()
+        _pick(page, "#photo-file", explorer.engine.files()[0])
+        page.locator("#photo-button").click()
+        expect(page.locator("#photo-status")).to_contain_text("look alike", timeout=30_000)
+        expect(page.locator("#photo-results img").first).to_be_visible()
+        assert page.locator("#photo-results img").count() == 10
+        assert page.locator("#photo-maps img").count() == explorer.engine.model.config.num_prototypes
+        expect(page.locator("#photo-result-maps img").first).to_be_visible()
         browser.close()
 
 
