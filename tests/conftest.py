@@ -109,3 +109,19 @@ def served_app(*args: str, port: int, env: dict | None = None, app: Path | None 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def tiny_engine(root: Path, card: dict, images: int = 4):
+    """A search engine: a tiny model whose card is `card`, over a copy of the first shipped images."""
+    import shutil
+
+    from lgur.checkpoint import save_checkpoint
+    from lgur.search import SearchEngine
+
+    torch.manual_seed(1)
+    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "tiny.safetensors", card)
+    gallery = root / "gallery"
+    gallery.mkdir()
+    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:images]:
+        shutil.copy(src, gallery / src.name)
+    return SearchEngine.open(checkpoint, gallery)[0]

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lgur.checkpoint import read_card, save_checkpoint
 from lgur.colours import ColourGrounding, colour_modifiers, srgb_to_lab, table_colours
-from lgur.model import LGUR
 from lgur.search import SearchEngine
-from tests.conftest import tiny_config
+from tests.conftest import tiny_engine
 
 REPO = Path(__file__).resolve().parents[1]
 VOCABULARY = "a man woman in with and the red blue navy green yellow pink purple orange brown beige grey black white " \
@@ -56,14 +52,8 @@ def test_cielab_of_known_colours() -> None:
 
 
 def test_search_reads_and_reports_grounded_colours(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), tmp_path / "tiny.safetensors", {"vocabulary": VOCABULARY})
-    assert read_card(checkpoint)["vocabulary"] == VOCABULARY
-    gallery = tmp_path / "gallery"
-    gallery.mkdir()
-    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:4]:
-        shutil.copy(src, gallery / src.name)
-    engine, _ = SearchEngine.open(checkpoint, gallery)
+    engine = tiny_engine(tmp_path, {"vocabulary": VOCABULARY})
+    assert engine.card["vocabulary"] == VOCABULARY
     response = engine.search("a woman in a crimson coat", k=3)
     assert response.query.text == "a woman in a red coat"
     assert response.colour_note == "crimson -> red" and response.warning is None  # grounded, so not unknown

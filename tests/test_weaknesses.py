@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import torch
-
-from lgur.checkpoint import save_checkpoint
-from lgur.model import LGUR
-from lgur.search import SearchEngine
 from lgur.weaknesses import named_kinds, weak_spots
-from tests.conftest import tiny_config
+from tests.conftest import tiny_engine
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = frozenset({"white", "black", "red", "blue"})
@@ -40,15 +34,9 @@ def test_weak_kinds_get_a_note_with_the_measured_figure_strong_ones_none() -> No
 
 
 def test_search_reports_weak_spots_from_the_card(tmp_path: Path) -> None:
-    torch.manual_seed(1)
     card = {"vocabulary": sorted(COLOURS | {"a", "man", "with", "shoes", "glasses"}),
             "query_bench": {"default": {"by_kind": BY_KIND}}}  # fmt: skip
-    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), tmp_path / "tiny.safetensors", card)
-    gallery = tmp_path / "gallery"
-    gallery.mkdir()
-    for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:4]:
-        shutil.copy(src, gallery / src.name)
-    engine, _ = SearchEngine.open(checkpoint, gallery)
+    engine = tiny_engine(tmp_path, card)
     response = engine.search("a man with white shoes", k=2)
     assert len(response.weak_spots) == 1 and "shoe colour" in response.weak_spots[0]
     assert response.to_json()["weak_spots"] == response.weak_spots
