@@ -39,15 +39,16 @@ def build_app(explorer: Explorer) -> gr.Blocks:
     # Uploaded files in Gradio's cache are deleted an hour after they arrive.
     with gr.Blocks(title="LGUR Explorer", delete_cache=(600, SESSION_SECONDS)) as demo:
         gr.Markdown(
-            "# LGUR Explorer\nDescribe a pedestrian; the model ranks the gallery and shows **why**: the PGU "
-            "prototypes' attention over the image and your words, and the DGA dictionary atoms both sides were "
-            "rebuilt from."
+            "# LGUR Explorer\nDescribe a person; the model ranks the gallery and shows **why**: which body part each "
+            "of its six part detectors looked at (LGUR's PGU prototypes), which of your words mattered, and the "
+            "shared dictionary atoms both sides were rebuilt from (DGA). The people are a synthetic world the "
+            "project generates."
         )
         # Per visitor, kept an hour at most (and launch() caps how many sessions are kept).
         response_state = gr.State(None, time_to_live=SESSION_SECONDS)
         selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
         # The visitor's own uploads: their files are deleted with the session.
-        private_state = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=_remove_private)
+        private_state = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=PrivateGallery.discard)
         with gr.Tab("Search"):
             with gr.Row():
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,
@@ -238,11 +239,6 @@ def build_app(explorer: Explorer) -> gr.Blocks:
     return demo
 
 
-def _remove_private(private: PrivateGallery | None) -> None:
-    if private is not None:
-        private.remove()
-
-
 def launch_options(explorer: Explorer) -> dict[str, Any]:
     """How the app is served (also by the tests): image files from the gallery folder and Gradio's
     own outputs only, no error details, uploads and kept sessions capped."""
@@ -277,12 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hub-repo", default=os.environ.get("LGUR_HUB_REPO"), help="fetch the checkpoint from here")
     parser.add_argument("--hub-file", default=os.environ.get("LGUR_HUB_FILE"))
     parser.add_argument("--hub-revision", default=os.environ.get("LGUR_HUB_REVISION"), help="commit to pin")
-    parser.add_argument(
-        "--shared-uploads",
-        action="store_true",
-        default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
-        help="uploads go into the gallery for every visitor (local use; default: private to each session)",
-    )
+    parser.add_argument("--shared-uploads", action="store_true", default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
+                        help="uploads join the gallery for every visitor (local use; default: private)")  # fmt: skip
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -54,6 +54,12 @@ class PrivateGallery:
         shutil.rmtree(self.images, ignore_errors=True)
         shutil.rmtree(self.index_dir, ignore_errors=True)
 
+    @staticmethod
+    def discard(private: PrivateGallery | None) -> None:
+        """A session's state is deleted: remove its uploads, if it had any."""
+        if private is not None:
+            private.remove()
+
 
 @dataclass
 class AddReport:
