@@ -26,13 +26,39 @@ PER_PAGE = 120  # gallery tab
 GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
 SESSION_SECONDS = 3600
 
-EXAMPLES = [
-    "a woman in a red coat with a black backpack",
-    "A man wearing a white t-shirt, blue jeans and black sneakers. He carries a grey shoulder bag.",
-    "young girl with long blonde hair in a pink skirt",
-    "an old man with grey hair and glasses walking away from the camera",
-    "person in a yellow hoodie holding an umbrella",
+
+@dataclass(frozen=True)
+class Example:
+    """A built-in example query and the attributes it asks for, in the gallery manifest's terms: a
+    test checks that the shipped gallery holds at least 5 such people and that the shipped model
+    puts at least 5 of them in its top 10."""
+
+    text: str
+    wants: tuple[tuple[str, str], ...]
+
+
+EXAMPLE_QUERIES = [
+    Example("a woman in a red coat", (("gender", "female"), ("top_type", "coat"), ("top_colour", "red"))),
+    Example(
+        "A man in a white t-shirt and blue jeans, walking along the street.",
+        (
+            ("gender", "male"),
+            ("top_type", "t-shirt"),
+            ("top_colour", "white"),
+            ("bottom_type", "jeans"),
+            ("bottom_colour", "blue"),
+        ),
+    ),  # fmt: skip
+    Example(
+        "a young woman with long blonde hair", (("gender", "female"), ("hair_style", "long"), ("hair_colour", "blonde"))
+    ),  # fmt: skip
+    Example("someone with a red backpack", (("bag_type", "backpack"), ("bag_colour", "red"))),
+    Example(
+        "a woman in a yellow top and blue jeans",
+        (("gender", "female"), ("top_colour", "yellow"), ("bottom_type", "jeans"), ("bottom_colour", "blue")),
+    ),  # fmt: skip
 ]
+EXAMPLES = [e.text for e in EXAMPLE_QUERIES]
 
 
 @dataclass
