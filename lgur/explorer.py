@@ -49,14 +49,12 @@ EXAMPLE_QUERIES = [
             ("bottom_colour", "blue"),
         ),
     ),  # fmt: skip
-    Example(
-        "a young woman with long blonde hair", (("gender", "female"), ("hair_style", "long"), ("hair_colour", "blonde"))
-    ),  # fmt: skip
-    Example("someone with a red backpack", (("bag_type", "backpack"), ("bag_colour", "red"))),
+    Example("person holding an umbrella", (("carried_object", "umbrella"),)),
     Example(
         "a woman in a yellow top and blue jeans",
         (("gender", "female"), ("top_colour", "yellow"), ("bottom_type", "jeans"), ("bottom_colour", "blue")),
     ),  # fmt: skip
+    Example("a woman in a crimson coat", (("gender", "female"), ("top_type", "coat"), ("top_colour", "red"))),
 ]
 EXAMPLES = [e.text for e in EXAMPLE_QUERIES]
 
