@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -78,12 +77,6 @@ def environment() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }
-
-
-def write_json(result: dict[str, Any], out: str | Path | None) -> None:
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
 
 
 def _timed(fn: Callable[[str], object], queries: list[str], clear: Callable[[], None] | None = None) -> list[float]:

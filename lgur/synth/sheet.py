@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..files import open_rgb
+
 
 def contact_sheet(
     data: str | Path, out: str | Path, split: str = "test", count: int = 16, columns: int = 8, caption_lines: int = 9
@@ -23,7 +25,7 @@ def contact_sheet(
     font = ImageFont.load_default(size=13)
     for i, entry in enumerate(chosen):
         x, y = (i % columns) * tile_w, (i // columns) * (tile_h + text_h)
-        image = Image.open(data / "imgs" / entry["file_path"]).convert("RGB")
+        image = open_rgb(data / "imgs" / entry["file_path"])  # read and closed
         sheet.paste(image.resize((tile_w - 8, tile_h - 8), Image.Resampling.LANCZOS), (x + 4, y + 4))
         lines = textwrap.wrap(entry["captions"][0], width=27)[:caption_lines]
         for j, line in enumerate(lines):
