@@ -20,7 +20,18 @@ def space(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_folder_holds_what_the_space_runs_and_nothing_else(space: Path) -> None:
     top = sorted(p.name for p in space.iterdir())
-    assert top == ["README.md", "SECURITY.md", "app.py", "assets", "docs", "gallery", "lgur", "requirements.txt"]
+    expected = [
+        "README.md",
+        "SECURITY.md",
+        "app.py",
+        "assets",
+        "docs",
+        "gallery",
+        "lgur",
+        "requirements.txt",
+        "style.css",
+    ]
+    assert top == expected
     files = [p.relative_to(space) for p in space.rglob("*") if p.is_file()]
     assert not [f for f in files if "__pycache__" in f.parts or f.suffix == ".pyc" or f.name.startswith(".")]
     package = {f.relative_to(REPO) for f in (REPO / "lgur").rglob("*.py") if "__pycache__" not in f.parts}
