@@ -9,6 +9,7 @@ wires these methods to it; tests call them directly.
 from __future__ import annotations
 
 import html
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .files import check_image, open_rgb_cached, remove_temporaries
 from .gallery import PrivateGallery, add_images, gallery_page, private_sessions_root
 from .search import PhotoResponse, QueryError, SearchEngine, SearchResponse, result_count, word_effects
 
+log = logging.getLogger("lgur.app")
 PER_PAGE = 120  # gallery tab
 GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
 SESSION_SECONDS = 3600
@@ -373,10 +375,8 @@ class Explorer:
 
 def create(checkpoint: Path, gallery: Path, progress: bool = True, shared_uploads: bool = False) -> Explorer:
     """Open the checkpoint and the gallery (indexing what changed) and start the background warm-up."""
-    import logging
-
     engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
-    logging.getLogger("lgur.app").info("gallery %s: %s", gallery, report.summary())
+    log.info("gallery %s: %s", gallery, report.summary())
     engine.warm_up()
     return Explorer(engine, shared_uploads=shared_uploads)
 
