@@ -13,6 +13,7 @@ time. Both share the run folder, so the recipe's row is trained once for both ta
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +41,38 @@ OPTIONS = {
     "with foreground-weighted prototypes": {"model_overrides": {"pgu_foreground": True}},
     "with one identity classifier on the whole embedding": {"model_overrides": {"identity_classifier": "whole"}},
 }
+# The ImageNet-pretrained trunk (preset cpu-lite0): one change each against it, and the same trunk
+# from random initialisation, so a gain is the pretraining's and not the architecture's.
+LITE0 = "pretrained EfficientNet-Lite0, 192x64, stride 16 (12x4 grid)"
+TRUNK_OPTIONS = {
+    LITE0: {"preset": "cpu-lite0"},
+    "trunk learning at 1e-4 (the paper's fine-tuning rate)": {"preset": "cpu-lite0", "lr_trunk": 1e-4},
+    "the same trunk from random initialisation": {"preset": "cpu-lite0", "model_overrides": {"image.weights": None}},
+    "256x96 input (16x6 grid)": {"preset": "cpu-lite0", "model_overrides": {"image.img_size": [256, 96]}},
+    "stem and first two blocks frozen in the first epoch": {"preset": "cpu-lite0", "frozen_stem_epochs": 1},
+    "stride 8 (24x8 grid)": {"preset": "cpu-lite0", "model_overrides": {"image.patch_size": 8}},
+}
+TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)
 
 
 def run_folder(out: str | Path, name: str) -> Path:
     if name in ("full LGUR", "CPU recipe"):
         return Path(out) / "full-LGUR"  # the same run
+    if name in TRUNK_OPTIONS:
+        return Path(out) / "trunk" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return Path(out) / name.replace("+ ", "plus-").replace(" ", "-").replace("(", "").replace(")", "")
 
 
 def train_at_budget(
     data: str, run: Path, epochs: int, cache: str | None, seed: int, progress: bool, **overrides: Any
 ) -> dict[str, Any]:
-    """One run of the CPU recipe at the shared budget (x0.1 for the last epoch); resumable."""
+    """One run of a recipe (default cpu) at the shared budget (x0.1 for the last epoch); resumable."""
     done = run / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     cfg = recipe(
-        "cpu", data=data, out=str(run), epochs=epochs, seed=seed, cache_dir=cache,
+        overrides.pop("preset", "cpu"), data=data, out=str(run), epochs=epochs, seed=seed, cache_dir=cache,
         decay_epochs=(epochs - 1,), decay_reference=epochs, **overrides,
     )  # fmt: skip
     return train(cfg, progress=progress)
@@ -101,23 +116,24 @@ def ablation_table(results: dict[str, Any]) -> str:
 
 def run_experiments(
     data: str, out: str, gallery: str, epochs: int = 3, cache: str | None = None, seed: int = 0,
-    only: list[str] | None = None, progress: bool = True,
+    only: list[str] | None = None, progress: bool = True, table: str = "recipe",
 ) -> dict[str, Any]:  # fmt: skip
-    """Train the recipe and each one-option change; score test, query-bench and explanations."""
+    """Train a table's reference and each one-option change; score test, query-bench and explanations."""
     from .checkpoint import load_checkpoint
     from .quality import explanation_quality
     from .querybench import run_query_bench
 
-    unknown = set(only or []) - set(OPTIONS)
+    stem, options = TABLES[table]
+    unknown = set(only or []) - set(options)
     if unknown:
-        raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {sorted(OPTIONS)}")
+        raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {sorted(options)}")
     out_dir = Path(out)
     rows = {}
-    for name, overrides in OPTIONS.items():
+    for name, overrides in options.items():
         run = run_folder(out_dir, name)
         if only and name not in only and not (run / "result.json").is_file():
             continue
-        result = train_at_budget(data, run, epochs, cache, seed, progress, **overrides)
+        result = train_at_budget(data, run, epochs, cache, seed, progress, **dict(overrides))
         scored = run / "experiment.json"
         if scored.is_file():
             rows[name] = json.loads(scored.read_text())
@@ -137,8 +153,8 @@ def run_experiments(
                 "shared_atoms": quality.get("shared_atoms"),
             }
             atomic_write_bytes(scored, json.dumps(rows[name], indent=2).encode())
-        atomic_write_bytes(out_dir / "experiments.md", experiments_table(rows).encode())
-    return save_tables(out_dir, "experiments", rows, experiments_table(rows))
+        atomic_write_bytes(out_dir / f"{stem}.md", experiments_table(rows).encode())
+    return save_tables(out_dir, stem, rows, experiments_table(rows))
 
 
 def experiments_table(rows: dict[str, Any]) -> str:

