@@ -13,20 +13,26 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lgur.gallery import private_sessions_root  # noqa: E402
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home; the Space may be offline
+# Gradio's upload cache inside this process's folder: a restart after a crash removes it with the rest.
+SESSIONS = private_sessions_root()
+CACHE = Path(os.environ.setdefault("GRADIO_TEMP_DIR", str(SESSIONS / "cache")))
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from lgur import DEFAULT_GALLERY
-from lgur.checkpoint import CheckpointError, resolve_checkpoint
-from lgur.explorer import EXAMPLES, GALLERY_ROUTE, SESSION_SECONDS, Choices, Explorer, create, server_address
-from lgur.files import MAX_FILE_BYTES
-from lgur.gallery import PrivateGallery
-from lgur.search import MAX_RESULTS
+from lgur import DEFAULT_GALLERY  # noqa: E402
+from lgur.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from lgur.explorer import EXAMPLES, GALLERY_ROUTE, INTRO, Choices, Explorer, create, server_address  # noqa: E402
+from lgur.files import MAX_FILE_BYTES  # noqa: E402
+from lgur.search import MAX_RESULTS  # noqa: E402
+from lgur.uploads import SESSION_SECONDS, UploadLimits  # noqa: E402
+from lgur.visitors import limit_per_visitor, visitor_limits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-MAX_SESSIONS = 200  # sessions whose state is kept (oldest dropped first): bounds memory
+MAX_SESSIONS = int(os.environ.get("LGUR_MAX_SESSIONS", 200))  # sessions whose page state is kept: bounds memory
 MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
 
 
@@ -38,17 +44,12 @@ def panels(explained: tuple) -> tuple:
 def build_app(explorer: Explorer) -> gr.Blocks:
     # Uploaded files in Gradio's cache are deleted an hour after they arrive.
     with gr.Blocks(title="LGUR Explorer", delete_cache=(600, SESSION_SECONDS)) as demo:
-        gr.Markdown(
-            "# LGUR Explorer\nDescribe a person; the model ranks the gallery and shows **why**: which body part each "
-            "of its six part detectors looked at (LGUR's PGU prototypes), which of your words mattered, and the "
-            "shared dictionary atoms both sides were rebuilt from (DGA). The people are a synthetic world the "
-            "project generates."
-        )
+        gr.Markdown(INTRO)
         # Per visitor, kept an hour at most (and launch() caps how many sessions are kept).
         response_state = gr.State(None, time_to_live=SESSION_SECONDS)
         selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
-        # The visitor's own uploads: their files are deleted with the session.
-        private_state = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=PrivateGallery.discard)
+        # The visitor's own uploads are kept by explorer.store under the session's key, deleted when they leave.
+        demo.unload(lambda request: explorer.leave(request.session_hash))
         with gr.Tab("Search"):
             with gr.Row():
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,
@@ -124,13 +125,13 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             details_inputs = [response_state, selected_state, word, chart_atom]
             details_outputs = [guidance, chart_atom_patches, chart_atom_words, mattered]
 
-            def on_search(q, n, la, he, pr, private):
-                items, text, response = explorer.search(q, n, private)
+            def on_search(q, n, la, he, pr, request: gr.Request):
+                items, text, response = explorer.search(q, n, request.session_hash)
                 fresh = gr.Gallery(value=items, selected_index=None)  # no stale highlight from the last search
                 return (fresh, text, response, 0, *panels(explorer.explain(response, 0, la, he, pr)))
 
             search_outputs = [results, status, response_state, selected_state, *explain_outputs]
-            search_inputs = [query, k, layer, head, prototype, private_state]
+            search_inputs = [query, k, layer, head, prototype]
             # The full response (results and every panel) is callable too, for benchmarks and scripts.
             go.click(on_search, search_inputs, search_outputs, api_name="explore", api_visibility="undocumented").then(
                 explorer.details, details_inputs, details_outputs, api_visibility="private"
@@ -191,11 +192,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             photo_results.select(on_photo_select, photo_state, result_maps, api_visibility="private")
 
         with gr.Tab("Gallery"):
-            whose = ("they join the gallery for everyone" if explorer.shared_uploads else
-                     "only you see them, they are searched with the gallery and deleted when you leave "
-                     f"(or after {SESSION_SECONDS // 60} minutes)")  # fmt: skip
-            gr.Markdown(f"Browse the gallery, or add images (JPEG/PNG/WebP/BMP/GIF, up to "
-                        f"{MAX_FILE_BYTES // 2**20} MB each): they are indexed at once; {whose}.")  # fmt: skip
+            gr.Markdown(explorer.upload_help())
             uploads = gr.File(file_count="multiple", label="Add images", elem_id="upload")
             upload_report = gr.Markdown()
             first_page, where = explorer.browse(1)
@@ -205,22 +202,24 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             browse = gr.Gallery(value=first_page, columns=10, height=520, object_fit="contain", label="Gallery",
                                 elem_id="browse")  # fmt: skip
 
-            def on_upload(files, private, progress=gr.Progress()):  # noqa: B008
+            def on_upload(files, request: gr.Request, progress=gr.Progress()):  # noqa: B008
                 progress(0, desc="indexing")
-                report, _, private = explorer.upload(files, private)
-                items, text = explorer.browse(1, private)
-                return report, items, text, 1, private
+                report, _ = explorer.upload(files, request.session_hash)
+                items, text = explorer.browse(1, request.session_hash)
+                return report, items, text, 1
 
-            uploads.upload(on_upload, [uploads, private_state], [upload_report, browse, page_info, page, private_state],
+            uploads.upload(on_upload, uploads, [upload_report, browse, page_info, page], api_name="upload_files",
                            api_visibility="private")  # fmt: skip
-            page.change(explorer.browse, [page, private_state], [browse, page_info], api_visibility="private")
+
+            def on_page(number, request: gr.Request):
+                return explorer.browse(number, request.session_hash)
+
+            page.change(on_page, page, [browse, page_info], api_name="browse", api_visibility="private")
 
         with gr.Tab("Model"):
             gr.Markdown(explorer.model_card())
-            for name, title in (("ablation.md", "Ablation"), ("experiments.md", "The recipe's options, one at a time")):
-                table = (ROOT / "assets" / name).read_text() if (ROOT / "assets" / name).is_file() else ""
-                if table:  # each file says how it was measured
-                    gr.Markdown(f"### {title} (synthetic world)\n\n{table}")
+            for table in explorer.measured_tables(ROOT / "assets"):
+                gr.Markdown(table)
             if (ROOT / "assets" / "cmc.png").is_file():
                 gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
             gr.Markdown("### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "
@@ -270,22 +269,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="default: LGUR_PORT, GRADIO_SERVER_PORT or 7860")
     parser.add_argument("--checkpoint", default=os.environ.get("LGUR_CHECKPOINT"))
     parser.add_argument("--gallery", default=os.environ.get("LGUR_GALLERY", str(DEFAULT_GALLERY)))
-    parser.add_argument("--hub-repo", default=os.environ.get("LGUR_HUB_REPO"), help="fetch the checkpoint from here")
-    parser.add_argument("--hub-file", default=os.environ.get("LGUR_HUB_FILE"))
-    parser.add_argument("--hub-revision", default=os.environ.get("LGUR_HUB_REVISION"), help="commit to pin")
+    for name in ("repo", "file", "revision"):  # the checkpoint from a Hub repository, at a pinned commit
+        parser.add_argument(f"--hub-{name}", default=os.environ.get(f"LGUR_HUB_{name.upper()}"))
     parser.add_argument("--shared-uploads", action="store_true", default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
                         help="uploads join the gallery for every visitor (local use; default: private)")  # fmt: skip
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    fairness = visitor_limits(dict(os.environ))  # (requests per visitor, trusted proxies in front)
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
-        explorer = create(checkpoint, Path(args.gallery), shared_uploads=args.shared_uploads)
+        explorer = create(checkpoint, Path(args.gallery), shared_uploads=args.shared_uploads,
+                          sessions=SESSIONS / "uploads", limits=UploadLimits.from_environ(dict(os.environ)),
+                          cache=CACHE)  # fmt: skip
     except (CheckpointError, OSError, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from error
     demo = build_app(explorer)
-    demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
+    # api_open=False: no REST route skips the queue, so the per-visitor limit sees every request.
+    demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE, api_open=False)
+    limit_per_visitor(demo._queue, *fairness)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, **launch_options(explorer))
     add_gallery_route(demo, explorer)
     demo.block_thread()

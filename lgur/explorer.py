@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,20 @@ import numpy as np
 
 from .card import card_table
 from .explain import atom_chart, overlay, photo_maps, prototype_names, prototype_overlays, word_highlights
-from .files import check_image, open_rgb_cached, remove_temporaries
-from .gallery import PrivateGallery, add_images, gallery_page, private_sessions_root
+from .files import MAX_FILE_BYTES, check_image, open_rgb_cached, remove_temporaries
+from .gallery import add_images, gallery_page, private_sessions_root
 from .search import PhotoResponse, QueryError, SearchEngine, SearchResponse, result_count, word_effects
+from .uploads import UploadLimits, UploadStore
 
 log = logging.getLogger("lgur.app")
 PER_PAGE = 120  # gallery tab
+INTRO = (
+    "# LGUR Explorer\nDescribe a person; the model ranks the gallery and shows **why**: which body part each "
+    "of its six part detectors looked at (LGUR's PGU prototypes), which of your words mattered, and the "
+    "shared dictionary atoms both sides were rebuilt from (DGA). The people are a synthetic world the "
+    "project generates."
+)
 GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
-SESSION_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -90,13 +97,17 @@ class Explorer:
         shared_uploads: bool = False,
         sessions: Path | None = None,
         uploads: str = "uploads",
+        limits: UploadLimits | None = None,
+        cache: Path | None = None,
     ):
         """shared_uploads: uploads go into the gallery for everyone (local use); otherwise each
-        visitor's uploads stay private to their session, in their own folder under `sessions`."""
+        visitor's uploads stay private to them, in their own folder under `sessions` (see
+        uploads.UploadStore: `limits`, and `cache`, the web framework's upload folder)."""
         self.engine = engine
         self.card = engine.card
         self.shared_uploads = shared_uploads
-        self.sessions = sessions or private_sessions_root()
+        self.sessions = sessions or private_sessions_root() / secrets.token_hex(4)  # this explorer's own
+        self.store = UploadStore(self.sessions, limits, cache)
         self.uploads = uploads  # gallery sub-folder that receives shared uploads
         model = engine.model.config
         self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
@@ -106,9 +117,11 @@ class Explorer:
 
     # -- search -------------------------------------------------------------------------------
     def search(
-        self, query: str, k: float, private: PrivateGallery | None = None
+        self, query: str, k: float, visitor: str | None = None
     ) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
-        """-> results gallery (file, caption), a status line, the response (kept per session)."""
+        """-> results gallery (file, caption), a status line, the response (kept per session).
+        visitor: the session's key; their private uploads are searched with the gallery."""
+        private = self.store.gallery(visitor)
         try:
             response = self.engine.search(query, result_count(k), private.index if private else None)
         except QueryError as error:
@@ -281,14 +294,19 @@ class Explorer:
         """A gallery image (by name) or an uploaded photo as the query: results, a status line, the
         response (kept per session) and the query photo's own prototype maps."""
         if upload:
-            problem = check_image(Path(upload))
-            if problem:
-                return [], f"⚠️ The photo cannot be used: {html.escape(problem)}.", None, []
-            image = Path(upload)
-        else:
-            image = self.engine.image_path(file) if file else None
-            if image is None:
-                return [], "Pick a gallery image, or upload a photo of a person.", None, []
+            with self.store.holding([Path(upload)]):  # read while answering, then deleted: not kept
+                problem = check_image(Path(upload))
+                if problem:
+                    return [], f"⚠️ The photo cannot be used: {html.escape(problem)}.", None, []
+                return self._photo_answer(Path(upload), k)
+        image = self.engine.image_path(file) if file else None
+        if image is None:
+            return [], "Pick a gallery image, or upload a photo of a person.", None, []
+        return self._photo_answer(image, k)
+
+    def _photo_answer(
+        self, image: Path, k: float
+    ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
         try:
             response = self.engine.search_by_photo(image, result_count(k))
         except QueryError as error:
@@ -327,33 +345,65 @@ class Explorer:
 
     # -- gallery ------------------------------------------------------------------------------
     def browse(
-        self, page: float = 1, private: PrivateGallery | None = None, per_page: int = PER_PAGE
+        self, page: float = 1, visitor: str | None = None, per_page: int = PER_PAGE
     ) -> tuple[list[tuple[str, str]], str]:
         """One page of the gallery, uploads first (the visitor's own, then shared ones): (image file,
         name) items and a line saying where we are."""
+        private = self.store.gallery(visitor)
         mine = [private.images / f for f in private.files()] if private else []
         files, where = gallery_page(self.engine.files(), self.engine.gallery, mine, page, per_page, self.uploads)
         return [(str(f), f.name) for f in files], where
 
-    def upload(
-        self, files: list[Any] | None, private: PrivateGallery | None = None
-    ) -> tuple[str, list[tuple[str, str]], PrivateGallery | None]:
+    def upload(self, files: list[Any] | None, visitor: str = "local") -> tuple[str, list[tuple[str, str]]]:
         """Add uploaded files (validated, indexed at once) to the visitor's private gallery, or to
-        the shared one with `shared_uploads`; report what was refused."""
+        the shared one with `shared_uploads`; report what was refused. -> report, first gallery page."""
         paths = [Path(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
-            return "No files were given.", self.browse(1, private)[0], private
-        if not self.shared_uploads and private is None:
-            private = PrivateGallery.create(self.sessions)
-        report = add_images(self.engine, paths, self.uploads, None if self.shared_uploads else private)
+            return "No files were given.", self.browse(1, visitor)[0]
+        if self.shared_uploads:
+            with self.store.holding(paths):
+                report = add_images(self.engine, paths, self.uploads)
+        else:
+            report = self.store.add(self.engine, visitor, paths)
         whose = "the gallery now holds" if self.shared_uploads else "only you see them; your search covers"
         lines = [f"Added {len(report.added)} image(s); {whose} {report.gallery_size}."]
         lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
-        return "\n".join(lines), self.browse(1, private)[0], private
+        return "\n".join(lines), self.browse(1, visitor)[0]
+
+    def leave(self, visitor: str | None) -> None:
+        """The visitor closed the page: their uploads are deleted now."""
+        self.store.discard(visitor)
+
+    def upload_help(self) -> str:
+        """What the Gallery tab says about uploads: kinds, size, and who sees them for how long."""
+        whose = (
+            "they join the gallery for everyone"
+            if self.shared_uploads
+            else "only you see them, they are searched with the gallery and deleted when you close the page "
+            f"(or {self.store.limits.lifetime / 60:.0f} minutes after your last search or upload)"
+        )
+        return (
+            f"Browse the gallery, or add images (JPEG/PNG/WebP/BMP/GIF, up to {MAX_FILE_BYTES // 2**20} MB each): "
+            f"they are indexed at once; {whose}."
+        )
 
     # -- model --------------------------------------------------------------------------------
     def model_card(self) -> str:
         return card_table(self.card, self.prototypes)
+
+    @staticmethod
+    def measured_tables(assets: Path) -> list[str]:
+        """The ablation and experiments tables that ship in `assets` (each file says how it was measured)."""
+        titles = {
+            "ablation.md": "Ablation",
+            "experiments.md": "The recipe's options, one at a time",
+            "trunk.md": "The pretrained trunk's settings, one at a time",
+        }
+        return [
+            f"### {title} (synthetic world)\n\n{(assets / name).read_text()}"
+            for name, title in titles.items()
+            if (assets / name).is_file()
+        ]
 
     def atom_atlas(self, atom: float) -> tuple[list[tuple[Any, str]], str]:
         """For one atom: the gallery patches and the vocabulary words that use it most."""
@@ -373,12 +423,23 @@ class Explorer:
         return items, f"**Atom {atlas.atom}**: words that use it most: {words or 'none (no gallery captions)'}"
 
 
-def create(checkpoint: Path, gallery: Path, progress: bool = True, shared_uploads: bool = False) -> Explorer:
-    """Open the checkpoint and the gallery (indexing what changed) and start the background warm-up."""
+def create(
+    checkpoint: Path,
+    gallery: Path,
+    progress: bool = True,
+    shared_uploads: bool = False,
+    sessions: Path | None = None,
+    limits: UploadLimits | None = None,
+    cache: Path | None = None,
+) -> Explorer:
+    """Open the checkpoint and the gallery (indexing what changed), start the background warm-up
+    and the sweeper of stale uploads."""
     engine, report = SearchEngine.open(checkpoint, gallery, progress=progress)
     log.info("gallery %s: %s", gallery, report.summary())
     engine.warm_up()
-    return Explorer(engine, shared_uploads=shared_uploads)
+    explorer = Explorer(engine, shared_uploads=shared_uploads, sessions=sessions, limits=limits, cache=cache)
+    explorer.store.start_sweeper()
+    return explorer
 
 
 def server_address(host: str | None, port: int | None, environ: dict[str, str]) -> tuple[str, int]:

@@ -22,7 +22,12 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}  # what the bytes must be, whatever the name says
-MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
+# A person photo needs a few hundred pixels a side (the model reads 192x64). A JPEG is decoded at a
+# reduced scale (DCT scaling, nearly free), so a large camera photo costs little; other formats are
+# decoded in full, so they are held to less: a one-colour 6300x6300 PNG is 131 KB but ~3 s of CPU.
+MAX_PIXELS = 40_000_000  # JPEG; larger images are refused (decompression bombs)
+MAX_PIXELS_FULL_DECODE = 12_000_000  # PNG, WebP, BMP, GIF
+DECODE_SIDE = 512  # a JPEG is decoded at the smallest scale that keeps this many pixels a side
 MIN_SIDE = 8
 MAX_FILE_BYTES = 20 * 1024 * 1024
 TEMPORARY_SUFFIX = ".tmp"  # an `atomic_output` that never finished: safe to delete
@@ -83,6 +88,8 @@ def check_image(path: Path) -> str | None:
     """
     try:
         size = path.stat().st_size
+    except FileNotFoundError:
+        return "the file did not arrive; send it again"
     except OSError as error:
         return f"cannot read file: {error.strerror}"
     if size == 0:
@@ -94,11 +101,12 @@ def check_image(path: Path) -> str | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=sorted(IMAGE_FORMATS)) as image:  # reads the header only
                 w, h = image.size
-                if w * h > MAX_PIXELS:
-                    return f"image too large ({w}x{h} pixels, at most {MAX_PIXELS:,})"
+                limit = MAX_PIXELS if image.format == "JPEG" else MAX_PIXELS_FULL_DECODE
+                if w * h > limit:
+                    return f"image too large for a person photo ({w}x{h} pixels; a {image.format} may have {limit:,})"
                 if min(w, h) < MIN_SIDE:
                     return f"image too small ({w}x{h} pixels)"
-                image.load()  # decodes: catches truncated files
+                reduced(image).load()  # decodes (as open_rgb will): catches truncated files
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "image too large (decompression bomb)"
     except UnidentifiedImageError:
@@ -108,10 +116,22 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def reduced(image: Image.Image) -> Image.Image:
+    """A JPEG set to decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps DECODE_SIDE pixels
+    on its shorter side; other formats as they are."""
+    if image.format == "JPEG" and min(image.size) > 2 * DECODE_SIDE:
+        w, h = image.size
+        scale = DECODE_SIDE / min(w, h)
+        image.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
+    return image
+
+
 def open_rgb(path: str | Path) -> Image.Image:
-    """The image as 8-bit RGB: first frame; 16-bit and 32-bit grey scaled by their maximum
-    (a plain convert would clip them to white); CMYK, palette and alpha converted."""
+    """The image as 8-bit RGB: first frame (a large JPEG at a reduced scale, `reduced`); 16-bit and
+    32-bit grey scaled by their maximum (a plain convert would clip them to white); CMYK, palette and
+    alpha converted."""
     with Image.open(path) as image:
+        reduced(image)
         image.seek(0)
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image, dtype=np.float32)

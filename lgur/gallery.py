@@ -54,12 +54,6 @@ class PrivateGallery:
         shutil.rmtree(self.images, ignore_errors=True)
         shutil.rmtree(self.index_dir, ignore_errors=True)
 
-    @staticmethod
-    def discard(private: PrivateGallery | None) -> None:
-        """A session's state is deleted: remove its uploads, if it had any."""
-        if private is not None:
-            private.remove()
-
 
 @dataclass
 class AddReport:
@@ -102,18 +96,23 @@ def publish(source: Path, folder: Path, name: str) -> Path:
 
 
 def add_images(
-    engine: SearchEngine, files: list[str | Path], folder: str = "uploads", private: PrivateGallery | None = None
+    engine: SearchEngine,
+    files: list[str | Path],
+    folder: str = "uploads",
+    private: PrivateGallery | None = None,
+    cap: int = MAX_PRIVATE_IMAGES,
 ) -> AddReport:
     """Validate `files`, copy the good ones into `engine`'s gallery (under `folder`), or into the
-    visitor's `private` gallery, and index them.
+    visitor's `private` gallery (`cap` images at most), and index them. The caller serialises calls
+    for one private gallery (uploads.UploadStore does).
 
     Files the index then refuses (decoding failed after all) are removed again and reported.
     """
     report = AddReport()
     paths = [Path(f) for f in files]
     room, limit = MAX_FILES_PER_CALL, f"more than {MAX_FILES_PER_CALL} files in one upload"
-    if private is not None and MAX_PRIVATE_IMAGES - len(private) < room:
-        room, limit = max(MAX_PRIVATE_IMAGES - len(private), 0), f"your {MAX_PRIVATE_IMAGES} uploads are used up"
+    if private is not None and cap - len(private) < room:
+        room, limit = max(cap - len(private), 0), f"your {cap} uploads are used up"
     for path in paths[room:]:
         report.rejected.append((path.name, limit))
     root = engine.gallery if private is None else private.images

@@ -125,3 +125,50 @@ def tiny_engine(root: Path, card: dict, images: int = 4):
     for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:images]:
         shutil.copy(src, gallery / src.name)
     return SearchEngine.open(checkpoint, gallery)[0]
+
+
+class Visitor:
+    """What a browser tab sends, over raw HTTP: its own session, any event of the page (by its
+    api_name, documented or not) and uploads into Gradio's cache; from `address` as a Space's proxy
+    reports it (X-Forwarded-For), for an app started with LGUR_PROXY_HOPS=1."""
+
+    def __init__(self, url: str, address: str | None = None) -> None:
+        import secrets
+
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.session = secrets.token_hex(8)
+        self.http = httpx.Client(headers={"x-forwarded-for": address} if address else {}, timeout=120)
+        config = self.http.get(f"{self.url}/config").json()
+        self.events = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
+
+    def upload(self, paths: list[Path]) -> list[dict]:
+        """The files in Gradio's upload cache, as the upload box sends them: -> FileData values."""
+        sent = [("files", (p.name, p.read_bytes())) for p in paths]
+        stored = self.http.post(f"{self.url}/gradio_api/upload", files=sent).json()
+        return [{"path": s, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}} for s, p in zip(stored, paths)]
+
+    def join(self, event: str, data: list):
+        """Queue one event: -> the HTTP response (503 when refused)."""
+        body = {"data": data, "fn_index": self.events[event], "session_hash": self.session, "event_data": None,
+                "trigger_id": None}  # fmt: skip
+        return self.http.post(f"{self.url}/gradio_api/queue/join", json=body)
+
+    def call(self, event: str, data: list) -> list:
+        """Queue one event and wait for its output values (RuntimeError if refused or failed)."""
+        import json
+
+        joined = self.join(event, data)
+        if joined.status_code != 200:
+            raise RuntimeError(f"refused ({joined.status_code}): {joined.text}")
+        event_id = joined.json()["event_id"]
+        stream = f"{self.url}/gradio_api/queue/data"
+        with self.http.stream("GET", stream, params={"session_hash": self.session}) as lines:
+            for line in lines.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                    if not message.get("success"):
+                        raise RuntimeError(f"failed: {message}")
+                    return message["output"]["data"]
+        raise RuntimeError("the event stream ended without the event's output")

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import app as explorer_app
+from lgur.uploads import UploadStore
 from tests.conftest import free_port, served_app, tiny_explorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,8 +103,8 @@ def test_shared_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> N
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     before = len(explorer.engine.index)
-    report, browse, private = explorer.upload([str(good), str(text), str(empty)])
-    assert private is None
+    report, browse = explorer.upload([str(good), str(text), str(empty)])
+    assert not explorer.sessions.exists()  # nothing private
     assert len(explorer.engine.index) == before + 1
     assert "Added 1 image" in report and "notes.png" in report and "empty.jpg" in report
     assert browse[0][1] == "walker.jpg" and "uploads/" in browse[0][0]  # uploads are listed first
@@ -112,23 +113,24 @@ def test_shared_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> N
 
 def test_private_uploads_are_seen_only_by_their_session(tmp_path: Path) -> None:
     explorer = tiny_explorer(tmp_path / "own", images=8)
-    explorer.sessions = tmp_path / "sessions"
+    explorer.store = UploadStore(tmp_path / "sessions")
     shared_before = explorer.engine.files()
     mine = tmp_path / "mine.jpg"
     shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], mine)
-    report, browse, private = explorer.upload([str(mine)], None)  # a new session's first upload
+    report, browse = explorer.upload([str(mine)], "visitor-a")  # a new session's first upload
     assert "Added 1 image" in report and "only you see them" in report
     assert explorer.engine.files() == shared_before  # the shared gallery did not change
     assert browse[0][1] == "mine.jpg" and len(browse) == 9  # theirs first, then the gallery
-    _, _, a = explorer.search("someone", 50, private)
-    _, _, b = explorer.search("someone", 50, None)  # another visitor
+    _, _, a = explorer.search("someone", 50, "visitor-a")
+    _, _, b = explorer.search("someone", 50, "visitor-b")  # another visitor
     assert "your uploads/mine.jpg" in [r.file for r in a.results] and len(a.results) == 9
     assert all(not r.file.startswith("your uploads/") for r in b.results) and len(b.results) == 8
     theirs = next(r for r in a.results if r.file == "your uploads/mine.jpg")
     assert explorer.explain(a, theirs.rank - 1, "last", "mean", "P1")[4].count("your uploads/mine.jpg") == 1
     assert isinstance(explorer.guidance(a, theirs.rank - 1, "1: someone"), Image.Image)
-    assert private.images.is_dir() and str(private.images).startswith(str(explorer.sessions))
-    private.remove()  # what the session's end does
+    private = explorer.store.gallery("visitor-a")
+    assert private.images.is_dir() and private.images.is_relative_to(tmp_path / "sessions")
+    explorer.leave("visitor-a")  # the page's unload event
     assert not private.images.exists() and not private.index_dir.exists()
 
 

@@ -133,7 +133,7 @@ def test_upload_batch_keeps_good_files_refuses_bad_ones(tmp_path: Path) -> None:
     explorer = _own_explorer(tmp_path / "own")
     before = {e.path for e in explorer.engine.index.entries}
     good, bad = _upload_batch(tmp_path / "incoming")
-    report, _, _ = explorer.upload([str(p) for p in good] + [str(tmp_path / "incoming" / name) for name in bad])
+    report, _ = explorer.upload([str(p) for p in good] + [str(tmp_path / "incoming" / name) for name in bad])
     after = {e.path for e in explorer.engine.index.entries}
     assert before <= after  # nothing already in the gallery is lost
     assert len(after - before) == len(good), report
@@ -156,7 +156,7 @@ def test_odd_upload_names_are_stored_visibly_and_indexed(tmp_path: Path) -> None
         with Image.open(SHIPPED[60 + i]) as image:
             image.save(incoming / str(i) / name, format="PNG")
         sources.append(incoming / str(i) / name)
-    report, _, _ = explorer.upload([str(p) for p in sources])
+    report, _ = explorer.upload([str(p) for p in sources])
     assert f"Added {len(names)} image(s)" in report, report
     stored = sorted(f for f in explorer.engine.files() if f.startswith("uploads/"))
     assert len(stored) == len(names)
