@@ -211,6 +211,87 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+class PageClient:
+    """What a browser tab sends, over raw HTTP: its own session, any event of the page by its
+    api_name (documented or not), uploads into Gradio's cache; from `address` as a Space's proxy
+    reports it (X-Forwarded-For; the app must be started with LGUR_PROXY_HOPS=1 to believe it)."""
+
+    def __init__(self, url: str, address: str | None = None) -> None:
+        import secrets
+
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.session = secrets.token_hex(8)
+        self.http = httpx.Client(headers={"x-forwarded-for": address} if address else {}, timeout=120)
+        config = self.http.get(f"{self.url}/config").json()
+        self.events = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
+
+    def upload(self, paths: list[Path]) -> list[dict]:
+        """The files in Gradio's upload cache, as the upload box sends them: -> FileData values."""
+        sent = [("files", (p.name, p.read_bytes())) for p in paths]
+        stored = self.http.post(f"{self.url}/gradio_api/upload", files=sent).json()
+        return [{"path": s, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}} for s, p in zip(stored, paths)]
+
+    def join(self, event: str, data: list) -> Any:
+        """Queue one event: -> the HTTP response (503 when refused)."""
+        body = {"data": data, "fn_index": self.events[event], "session_hash": self.session, "event_data": None,
+                "trigger_id": None}  # fmt: skip
+        return self.http.post(f"{self.url}/gradio_api/queue/join", json=body)
+
+    def call(self, event: str, data: list) -> list:
+        """Queue one event and wait for its output values (RuntimeError if refused or failed)."""
+        import json
+
+        joined = self.join(event, data)
+        if joined.status_code != 200:
+            raise RuntimeError(f"refused ({joined.status_code}): {joined.text}")
+        event_id = joined.json()["event_id"]
+        stream = f"{self.url}/gradio_api/queue/data"
+        with self.http.stream("GET", stream, params={"session_hash": self.session}) as lines:
+            for line in lines.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                    if not message.get("success"):
+                        raise RuntimeError(f"failed: {message}")
+                    return message["output"]["data"]
+        raise RuntimeError("the event stream ended without the event's output")
+
+
+def start_app(
+    app: str | Path, checkpoint: str, gallery: str, port: int, env: dict[str, str] | None = None
+) -> tuple[Any, str, float]:
+    """`python app.py` as a user starts it: -> (process, url, seconds until it answered)."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    app = Path(app)
+    if not app.is_file():
+        raise SystemExit(f"no app at {app}: run from the repository root or pass --app PATH")
+    cmd = [sys.executable, str(app), "--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+            if time.perf_counter() - start > 600:
+                raise RuntimeError("app did not start within 10 minutes")
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc, url, time.perf_counter() - start
+
+
 def bench_app(
     checkpoint: str,
     gallery: str,
@@ -225,37 +306,14 @@ def bench_app(
     Reports cold start to ready (index already built), resident memory, and p50/p95 of a query
     answered with 10 results and every explanation panel (`/explore`), and of `/search` (JSON).
     """
-    import os
-    import subprocess
-    import sys
-    import urllib.request
-
     import numpy as np
     from gradio_client import Client
 
     from .search import read_manifest
 
     repeats = repeats or 30
-    app = Path(app)
-    if not app.is_file():
-        raise SystemExit(f"no app at {app}: run from the repository root or pass --app PATH")
-    cmd = [sys.executable, str(app), "--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
-    url = f"http://127.0.0.1:{port}/"
+    proc, url, ready = start_app(app, checkpoint, gallery, port)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-            if time.perf_counter() - start > 600:
-                raise RuntimeError("app did not start within 10 minutes")
-        ready = time.perf_counter() - start
         rss_ready = rss_mib(proc.pid)
         client = Client(url, verbose=False, download_files=False)
         captions = [c for m in read_manifest(Path(gallery)).values() for c in m.get("captions", [])] or [SAMPLE_CAPTION]
@@ -281,6 +339,105 @@ def bench_app(
     }
 
 
+def bench_hostile(
+    checkpoint: str, gallery: str, seconds: float = 20.0, port: int = 7898, app: str | Path = "app.py"
+) -> dict[str, Any]:
+    """Another visitor's `/search` while hostile visitors load the app (behind a proxy, as on a Space):
+    1. alone; 2. while one address floods `/explore` (k=50) from 32 sessions; 3. while 4 visitors
+    each upload 8 one-colour 6300x6300 PNGs (40 megapixels in ~50 KB each). Medians, refusals, and
+    the server's resident memory at its peak."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from .search import read_manifest
+
+    captions = [c for m in read_manifest(Path(gallery)).values() for c in m.get("captions", [])] or [SAMPLE_CAPTION]
+    proc, url, _ = start_app(app, checkpoint, gallery, port, env={"LGUR_PROXY_HOPS": "1"})
+    other = PageClient(url, "198.51.100.20")
+    refused_other, asked = [], iter(range(10**9))
+
+    def search_for(duration: float) -> list[float]:
+        times, end = [], time.perf_counter() + duration
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            try:  # a different description each time: no cached query encoding
+                other.call("search", [captions[next(asked) % len(captions)], 10])
+                times.append(time.perf_counter() - start)
+            except RuntimeError as error:
+                refused_other.append(str(error))
+        return times
+
+    peak, stop = [0.0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mib(proc.pid))
+            time.sleep(0.05)
+
+    try:
+        search_for(2.0)  # warm-up
+        alone = search_for(seconds)
+        # The flooding client runs in its own process at the lowest priority: on a Space its CPU is
+        # the attacker's, not the server's; here it shares the two cores, so it must not outrun them.
+        flooder = subprocess.Popen(
+            [sys.executable, "-m", "lgur.bench", url, str(seconds + 4.0)], stdout=subprocess.PIPE, text=True,
+            preexec_fn=lambda: os.nice(19),
+        )  # fmt: skip
+        time.sleep(2.0)
+        during_flood = search_for(seconds)
+        served, refused = json.loads(flooder.communicate(timeout=120)[0])
+        with tempfile.TemporaryDirectory() as folder:
+            flat = Path(folder) / "flat.png"
+            Image.new("L", (6300, 6300), 7).save(flat)
+            for n in range(4):
+                (Path(folder) / str(n)).mkdir()
+                for i in range(8):  # different bytes each, as a hostile script sends
+                    (Path(folder) / str(n) / f"flat{i}.png").write_bytes(flat.read_bytes() + f"{n}-{i}".encode())
+            start_rss = rss_mib(proc.pid)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+
+            def upload(n: int) -> str:
+                visitor = PageClient(url, f"203.0.113.{n + 1}")
+                files = visitor.upload(sorted((Path(folder) / str(n)).iterdir()))
+                return visitor.call("upload_files", [files])[0]
+
+            with ThreadPoolExecutor(4) as pool:
+                reports = pool.map(upload, range(4))
+                during_uploads = search_for(min(seconds, 10.0))
+                reports = list(reports)
+            stop.set()
+            watcher.join()
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(timeout=30)
+    p50 = {k: percentiles(v)["p50_ms"] for k, v in (("alone", alone), ("flood", during_flood),
+                                                    ("uploads", during_uploads))}  # fmt: skip
+    return {
+        "benchmark": "hostile",
+        "environment": environment(),
+        "search_alone": percentiles(alone),
+        "search_during_flood": percentiles(during_flood),
+        "search_during_costly_uploads": percentiles(during_uploads),
+        "flood_requests_served": served,
+        "flood_requests_refused": refused,
+        "other_visitor_refused": len(refused_other),
+        "uploads_refused_files": sum(r.count("too large for a person photo") for r in reports),
+        "rss_before_uploads_mib": round(start_rss, 1),
+        "rss_peak_during_uploads_mib": round(peak[0], 1),
+        "ratios": {"flood": round(p50["flood"] / p50["alone"], 2), "uploads": round(p50["uploads"] / p50["alone"], 2)},
+        "targets": {"flood": "<= 3x, never refused", "uploads": "<= 2x, peak <= +500 MiB"},
+    }
+
+
 MODEL_COLUMNS = ["preset", "patch_grid", "atoms", "prototypes", "embedding_dim", "params_trainable",
                  "params_frozen", "ms_per_image", "ms_per_caption"]  # fmt: skip
 
@@ -299,3 +456,31 @@ def format_model(rows: list[dict[str, Any]], keys: list[str] = MODEL_COLUMNS) ->
     lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
     lines += ["  ".join(_cell(r.get(k)).ljust(widths[k]) for k in keys) for r in rows]
     return "\n".join(lines)
+
+
+def flood(url: str, seconds: float, sessions: int = 32) -> tuple[int, int]:
+    """One address re-running `/explore` (k=50) from many sessions, retrying at once when refused:
+    -> (requests served, requests refused)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    served, refused, end = [], [], time.perf_counter() + seconds
+
+    def one_session() -> None:
+        mine = PageClient(url, "203.0.113.66")
+        while time.perf_counter() < end:
+            try:
+                mine.call("explore", ["flood", 50, "last", "mean", "P1"])
+                served.append(1)
+            except RuntimeError:
+                refused.append(1)
+
+    with ThreadPoolExecutor(sessions) as pool:
+        list(pool.map(lambda _: one_session(), range(sessions)))
+    return len(served), len(refused)
+
+
+if __name__ == "__main__":  # the flooding client of bench_hostile, in a process of its own
+    import json
+    import sys
+
+    print(json.dumps(flood(sys.argv[1], float(sys.argv[2]))))

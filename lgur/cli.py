@@ -27,6 +27,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "app":
         result = bench.bench_app(args.checkpoint, args.gallery, repeats=args.repeats, app=args.app)
         text = json.dumps(result, indent=2)
+    elif args.what == "hostile":
+        result = bench.bench_hostile(args.checkpoint, args.gallery, app=args.app)
+        text = json.dumps(result, indent=2)
     else:
         rows = [bench.bench_model(p, batch=args.batch, repeats=args.repeats or 5) for p in args.presets]
         result = {"benchmark": "model", "environment": bench.environment(), "presets": rows}
@@ -275,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[SHIPPED, GALLERY, JSON, OUT], help="measure speed and size (prints figures, optionally JSON)"
     )
-    bench.add_argument("what", choices=["model", "search", "app"], help="what to benchmark")
+    bench.add_argument("what", choices=["model", "search", "app", "hostile"],
+                       help="what to benchmark (hostile: search under a flood and costly uploads)")  # fmt: skip
     bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
     bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS))
     bench.add_argument("--batch", type=int, default=8)

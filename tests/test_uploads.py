@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lgur.bench import PageClient as Visitor
 from lgur.files import check_image, open_rgb
 from lgur.uploads import UploadLimits, UploadStore
 from lgur.visitors import limit_per_visitor, visitor_address, visitor_limits
 
-from .conftest import REPO, Visitor, free_port, served_app, tiny_explorer
+from .conftest import REPO, free_port, served_app, tiny_explorer
 
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
 
@@ -254,7 +255,7 @@ def test_a_flooding_visitor_cannot_lock_out_another(explorer) -> None:
     print(f"search median {1000 * np.median(baseline):.0f} ms alone, {1000 * np.median(during):.0f} ms during a "
           f"flood ({len(served)} flood requests served, {len(refused)} refused)")  # fmt: skip
     assert served and refused and all("Too many requests from your address" in r for r in refused)
-    # The target (within 3x) is measured by `python -m lgur bench flood`; on 2 shared cores a test
+    # The target (within 3x) is measured by `python -m lgur bench hostile`; on 2 shared cores a test
     # only guards against a stall (before the per-visitor limit: refused outright, "Queue is full").
     assert np.median(during) <= 10 * np.median(baseline)
 
@@ -296,7 +297,7 @@ def test_costly_pictures_are_refused_cheaply_while_others_search(explorer, tmp_p
           f"the uploads; server {start_rss:.0f} MiB, peak {peak[0]:.0f} MiB")  # fmt: skip
     for report in reports:
         assert report.startswith("Added 0 image(s)") and report.count("too large for a person photo") == 8, report
-    assert np.median(during) <= 10 * np.median(baseline)  # the 2x target: `python -m lgur bench flood`
+    assert np.median(during) <= 10 * np.median(baseline)  # the 2x target: `python -m lgur bench hostile`
     assert peak[0] - start_rss < 500
 
 
