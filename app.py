@@ -42,14 +42,16 @@ def panels(explained: tuple) -> tuple:
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
-    # Uploaded files in Gradio's cache are deleted an hour after they arrive.
     with gr.Blocks(title="LGUR Explorer", delete_cache=(600, SESSION_SECONDS)) as demo:
         gr.Markdown(INTRO)
         # Per visitor, kept an hour at most (and launch() caps how many sessions are kept).
         response_state = gr.State(None, time_to_live=SESSION_SECONDS)
         selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
-        # The visitor's own uploads are kept by explorer.store under the session's key, deleted when they leave.
-        demo.unload(lambda request: explorer.leave(request.session_hash))
+
+        def leave(request: gr.Request) -> None:  # the page closed: the visitor's uploads go (explorer.store)
+            explorer.leave(request.session_hash)
+
+        demo.unload(leave)
         with gr.Tab("Search"):
             with gr.Row():
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,

@@ -311,3 +311,20 @@ def test_a_dead_servers_upload_cache_is_removed_at_restart(explorer, tmp_path: P
     assert cached.is_file()  # what a crash leaves behind ...
     with _served(explorer):
         assert not cached.exists()  # ... the next start removes
+
+
+@pytest.mark.slow
+def test_closing_the_page_deletes_the_uploads(explorer, tmp_path: Path) -> None:
+    import tempfile
+
+    with _served(explorer) as (url, proc):
+        visitor = Visitor(url)
+        uploads = Path(tempfile.gettempdir()) / "lgur-sessions" / str(proc.pid) / "uploads" / "images"
+        with visitor.http.stream("GET", f"{visitor.url}/gradio_api/heartbeat/{visitor.session}"):  # the open page
+            visitor.call("upload_files", [visitor.upload(_photos(tmp_path / "in", 1))])
+            (folder,) = uploads.iterdir()
+            assert len(list(folder.iterdir())) == 1
+        deadline = time.time() + 20
+        while folder.exists() and time.time() < deadline:  # the page closed: Gradio's unload event
+            time.sleep(0.2)
+        assert not folder.exists()
