@@ -48,8 +48,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         response_state = gr.State(None, time_to_live=SESSION_SECONDS)
         selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
 
-        def leave(request: gr.Request) -> None:  # the page closed: the visitor's uploads go (explorer.store)
-            explorer.leave(request.session_hash)
+        def leave(request: gr.Request) -> None:  # the page closed: the visitor's uploads go (explorer.gallery.store)
+            explorer.gallery.leave(request.session_hash)
 
         demo.unload(leave)
         with gr.Tab("Search"):
@@ -181,23 +181,23 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                                          elem_id="photo-result-maps")  # fmt: skip
 
             def on_photo(file, upload):
-                items, text, response, maps = explorer.photo_search(file, upload)
-                return items, text, response, maps, explorer.photo_result_maps(response, 0)
+                items, text, response, maps = explorer.photos.search(file, upload)
+                return items, text, response, maps, explorer.photos.result_maps(response, 0)
 
             photo_go.click(on_photo, [photo_file, photo_upload],
                            [photo_results, photo_status, photo_state, photo_maps, result_maps],
                            api_visibility="private")  # fmt: skip
 
             def on_photo_select(response, evt: gr.SelectData):
-                return explorer.photo_result_maps(response, evt.index)
+                return explorer.photos.result_maps(response, evt.index)
 
             photo_results.select(on_photo_select, photo_state, result_maps, api_visibility="private")
 
         with gr.Tab("Gallery"):
-            gr.Markdown(explorer.upload_help())
+            gr.Markdown(explorer.gallery.upload_help())
             uploads = gr.File(file_count="multiple", label="Add images", elem_id="upload")
             upload_report = gr.Markdown()
-            first_page, where = explorer.browse(1)
+            first_page, where = explorer.gallery.browse(1)
             with gr.Row():
                 page = gr.Number(value=1, precision=0, minimum=1, label="page", scale=1, elem_id="page")
                 page_info = gr.Markdown(where, elem_id="page-info")
@@ -206,21 +206,21 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
             def on_upload(files, request: gr.Request, progress=gr.Progress()):  # noqa: B008
                 progress(0, desc="indexing")
-                report, _ = explorer.upload(files, request.session_hash)
-                items, text = explorer.browse(1, request.session_hash)
+                report, _ = explorer.gallery.upload(files, request.session_hash)
+                items, text = explorer.gallery.browse(1, request.session_hash)
                 return report, items, text, 1
 
             uploads.upload(on_upload, uploads, [upload_report, browse, page_info, page], api_name="upload_files",
                            api_visibility="private")  # fmt: skip
 
             def on_page(number, request: gr.Request):
-                return explorer.browse(number, request.session_hash)
+                return explorer.gallery.browse(number, request.session_hash)
 
             page.change(on_page, page, [browse, page_info], api_name="browse", api_visibility="private")
 
         with gr.Tab("Model"):
-            gr.Markdown(explorer.model_card())
-            for table in explorer.measured_tables(ROOT / "assets"):
+            gr.Markdown(explorer.model.card_table())
+            for table in explorer.model.measured_tables(ROOT / "assets"):
                 gr.Markdown(table)
             if (ROOT / "assets" / "cmc.png").is_file():
                 gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
@@ -232,11 +232,11 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 show = gr.Button("Show atom")
             atlas = gr.Gallery(columns=8, height=320, object_fit="contain", label="patches", format="jpeg")
             atlas_words = gr.Markdown()
-            show.click(explorer.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
+            show.click(explorer.model.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
 
         gr.api(explorer.api_search, api_name="search")
         gr.api(explorer.api_why_not, api_name="why_not")
-        gr.api(explorer.api_search_by_photo, api_name="search_by_photo")
+        gr.api(explorer.photos.api_search, api_name="search_by_photo")
     return demo
 
 
@@ -244,7 +244,7 @@ def launch_options(explorer: Explorer) -> dict[str, Any]:
     """How the app is served (also by the tests): image files from the gallery folder and Gradio's
     own outputs only, no error details, uploads and kept sessions capped."""
     return {
-        "allowed_paths": [str(explorer.engine.gallery), str(explorer.sessions / "images")],
+        "allowed_paths": [str(explorer.engine.gallery), str(explorer.gallery.store.root / "images")],
         "blocked_paths": [str(explorer.engine.index_dir)],  # the index may sit inside the gallery
         "show_error": False,
         "max_file_size": MAX_FILE_BYTES,

@@ -1,9 +1,10 @@
 """What the explorer's page shows, as plain functions of plain values (no Gradio here).
 
-`Explorer` holds the search engine and answers each of the page's events: a search, the
-panels of one selected result, the guidance map of one word, an atom's atlas, the gallery's
-pages and uploads, the model card, and the `/search` API. `app.py` lays the page out and
-wires these methods to it; tests call them directly.
+`Explorer` holds the search engine and answers the Search tab's events: a search, the panels
+of one selected result, the guidance map of one word, which words mattered, "why not this
+one?", and the `/search` API. The other tabs are its parts (lgur.tabs): `photos` (search by
+photo), `gallery` (browsing, a visitor's uploads) and `model` (card, tables, atom atlas).
+`app.py` lays the page out and wires these methods to it; tests call them directly.
 """
 
 from __future__ import annotations
@@ -18,22 +19,20 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .card import card_table
-from .explain import atom_chart, overlay, photo_maps, prototype_names, prototype_overlays, word_highlights
-from .files import MAX_FILE_BYTES, check_image, open_rgb_cached, remove_temporaries
-from .gallery import add_images, gallery_page, private_sessions_root
-from .search import PhotoResponse, QueryError, SearchEngine, SearchResponse, result_count, word_effects
+from .explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
+from .files import open_rgb_cached, remove_temporaries
+from .gallery import private_sessions_root
+from .search import QueryError, SearchEngine, SearchResponse, result_count, word_effects
+from .tabs import GALLERY_ROUTE, GalleryTab, ModelTab, PhotoSearch
 from .uploads import UploadLimits, UploadStore
 
 log = logging.getLogger("lgur.app")
-PER_PAGE = 120  # gallery tab
 INTRO = (
     "# LGUR Explorer\nDescribe a person; the model ranks the gallery and shows **why**: which body part each "
     "of its six part detectors looked at (LGUR's PGU prototypes), which of your words mattered, and the "
     "shared dictionary atoms both sides were rebuilt from (DGA). The people are a synthetic world the "
     "project generates."
 )
-GALLERY_ROUTE = "/gallery"  # GET /gallery/<file>: a gallery image by the name /search answers with
 
 
 @dataclass(frozen=True)
@@ -105,14 +104,14 @@ class Explorer:
         uploads.UploadStore: `limits`, and `cache`, the web framework's upload folder)."""
         self.engine = engine
         self.card = engine.card
-        self.shared_uploads = shared_uploads
-        self.sessions = sessions or private_sessions_root() / secrets.token_hex(4)  # this explorer's own
-        self.store = UploadStore(self.sessions, limits, cache)
-        self.uploads = uploads  # gallery sub-folder that receives shared uploads
         model = engine.model.config
         self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
         self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
         self.prototypes = prototype_names(self.card, model.num_prototypes if model.use_pgu else 1)
+        store = UploadStore(sessions or private_sessions_root() / secrets.token_hex(4), limits, cache)
+        self.photos = PhotoSearch(engine, store, self.prototypes)
+        self.gallery = GalleryTab(engine, store, shared_uploads, uploads)  # uploads: its sub-folder for shared ones
+        self.model = ModelTab(engine, self.prototypes)
         remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
 
     # -- search -------------------------------------------------------------------------------
@@ -121,7 +120,7 @@ class Explorer:
     ) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
         """-> results gallery (file, caption), a status line, the response (kept per session).
         visitor: the session's key; their private uploads are searched with the gallery."""
-        private = self.store.gallery(visitor)
+        private = self.gallery.store.gallery(visitor)
         try:
             response = self.engine.search(query, result_count(k), private.index if private else None)
         except QueryError as error:
@@ -216,7 +215,7 @@ class Explorer:
 
     def chart_atom_atlas(self, atom: str | None) -> tuple[list[tuple[Any, str]], str]:
         """The atlas of the atom picked from the chart; nothing while none is picked."""
-        return self.atom_atlas(atom) if atom not in (None, "") else ([], "")
+        return self.model.atom_atlas(atom) if atom not in (None, "") else ([], "")
 
     def guidance(self, response: SearchResponse | None, selected: int, word: str | None) -> Any:
         """Which regions of the selected image read the chosen query word (cross-modality guidance)."""
@@ -287,140 +286,9 @@ class Explorer:
         except QueryError as error:
             return {"error": str(error)}
 
-    # -- search by photo ------------------------------------------------------------------------
-    def photo_search(
-        self, file: str | None, upload: str | None, k: float = 10
-    ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
-        """A gallery image (by name) or an uploaded photo as the query: results, a status line, the
-        response (kept per session) and the query photo's own prototype maps."""
-        if upload:
-            with self.store.holding([Path(upload)]):  # read while answering, then deleted: not kept
-                problem = check_image(Path(upload))
-                if problem:
-                    return [], f"⚠️ The photo cannot be used: {html.escape(problem)}.", None, []
-                return self._photo_answer(Path(upload), k)
-        image = self.engine.image_path(file) if file else None
-        if image is None:
-            return [], "Pick a gallery image, or upload a photo of a person.", None, []
-        return self._photo_answer(image, k)
-
-    def _photo_answer(
-        self, image: Path, k: float
-    ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
-        try:
-            response = self.engine.search_by_photo(image, result_count(k))
-        except QueryError as error:
-            return [], f"⚠️ {html.escape(str(error))}", None, []
-        items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
-        status = (
-            f"{len(items)} people who look alike, in {1000 * response.seconds:.0f} ms (the photo itself left out). "
-            "Select one: its prototype maps appear beside the photo's; the same prototype reads the same body part "
-            "in both."
-        )
-        return items, status, response, photo_maps(response.query, response.grid, self.prototypes)
-
-    def photo_result_maps(self, response: PhotoResponse | None, selected: int) -> list[tuple[Any, str]]:
-        """A photo search result's prototype maps, captioned with each part's share of the score."""
-        if response is None or not response.results:
-            return []
-        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
-        return prototype_overlays(result, response.grid, names=self.prototypes)
-
-    def api_search_by_photo(self, file: str, k: float = 10) -> dict[str, Any]:
-        """The /search_by_photo endpoint: a gallery image (by name) as the query; JSON as /search."""
-        image = self.engine.image_path(file)
-        if image is None:
-            return {"error": "Name an image of the gallery (as /search answers with).", "results": []}
-        try:
-            body = self.engine.search_by_photo(image, result_count(k)).to_json()
-        except QueryError as error:
-            return {"error": str(error), "results": []}
-        for result in body["results"]:
-            result["url"] = f"{GALLERY_ROUTE}/{quote(result['file'])}"
-        return body
-
     def gallery_image(self, file: str) -> Path | None:
         """The image behind GET /gallery/<file>: indexed gallery files only, by gallery-relative name."""
         return self.engine.image_path(file)
-
-    # -- gallery ------------------------------------------------------------------------------
-    def browse(
-        self, page: float = 1, visitor: str | None = None, per_page: int = PER_PAGE
-    ) -> tuple[list[tuple[str, str]], str]:
-        """One page of the gallery, uploads first (the visitor's own, then shared ones): (image file,
-        name) items and a line saying where we are."""
-        private = self.store.gallery(visitor)
-        mine = [private.images / f for f in private.files()] if private else []
-        files, where = gallery_page(self.engine.files(), self.engine.gallery, mine, page, per_page, self.uploads)
-        return [(str(f), f.name) for f in files], where
-
-    def upload(self, files: list[Any] | None, visitor: str = "local") -> tuple[str, list[tuple[str, str]]]:
-        """Add uploaded files (validated, indexed at once) to the visitor's private gallery, or to
-        the shared one with `shared_uploads`; report what was refused. -> report, first gallery page."""
-        paths = [Path(getattr(f, "name", f)) for f in (files or [])]
-        if not paths:
-            return "No files were given.", self.browse(1, visitor)[0]
-        if self.shared_uploads:
-            with self.store.holding(paths):
-                report = add_images(self.engine, paths, self.uploads)
-        else:
-            report = self.store.add(self.engine, visitor, paths)
-        whose = "the gallery now holds" if self.shared_uploads else "only you see them; your search covers"
-        lines = [f"Added {len(report.added)} image(s); {whose} {report.gallery_size}."]
-        lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
-        return "\n".join(lines), self.browse(1, visitor)[0]
-
-    def leave(self, visitor: str | None) -> None:
-        """The visitor closed the page: their uploads are deleted now."""
-        self.store.discard(visitor)
-
-    def upload_help(self) -> str:
-        """What the Gallery tab says about uploads: kinds, size, and who sees them for how long."""
-        whose = (
-            "they join the gallery for everyone"
-            if self.shared_uploads
-            else "only you see them, they are searched with the gallery and deleted when you close the page "
-            f"(or {self.store.limits.lifetime / 60:.0f} minutes after your last search or upload)"
-        )
-        return (
-            f"Browse the gallery, or add images (JPEG/PNG/WebP/BMP/GIF, up to {MAX_FILE_BYTES // 2**20} MB each): "
-            f"they are indexed at once; {whose}."
-        )
-
-    # -- model --------------------------------------------------------------------------------
-    def model_card(self) -> str:
-        return card_table(self.card, self.prototypes)
-
-    @staticmethod
-    def measured_tables(assets: Path) -> list[str]:
-        """The ablation and experiments tables that ship in `assets` (each file says how it was measured)."""
-        titles = {
-            "ablation.md": "Ablation",
-            "experiments.md": "The recipe's options, one at a time",
-            "trunk.md": "The pretrained trunk's settings, one at a time",
-        }
-        return [
-            f"### {title} (synthetic world)\n\n{(assets / name).read_text()}"
-            for name, title in titles.items()
-            if (assets / name).is_file()
-        ]
-
-    def atom_atlas(self, atom: float) -> tuple[list[tuple[Any, str]], str]:
-        """For one atom: the gallery patches and the vocabulary words that use it most."""
-        try:
-            number = int(atom)
-        except (TypeError, ValueError, OverflowError):
-            return [], "Pick an atom by its number."
-        try:
-            atlas = self.engine.atom_atlas(number)
-        except ValueError as error:  # no dictionary, or no such atom
-            return [], html.escape(str(error))
-        items = [
-            (overlay(open_rgb_cached(path), weights, self.engine.grid), f"{path.name} ({weights.max():.3f})")
-            for path, weights in atlas.images
-        ]
-        words = ", ".join(f"{html.escape(w)} ({v:.3f})" for w, v in atlas.words)
-        return items, f"**Atom {atlas.atom}**: words that use it most: {words or 'none (no gallery captions)'}"
 
 
 def create(
@@ -438,7 +306,7 @@ def create(
     log.info("gallery %s: %s", gallery, report.summary())
     engine.warm_up()
     explorer = Explorer(engine, shared_uploads=shared_uploads, sessions=sessions, limits=limits, cache=cache)
-    explorer.store.start_sweeper()
+    explorer.gallery.store.start_sweeper()
     return explorer
 
 

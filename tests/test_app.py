@@ -95,7 +95,7 @@ def test_result_count_is_checked_and_never_echoed(explorer: explorer_app.Explore
 
 def test_shared_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> None:
     explorer = tiny_explorer(tmp_path / "own", images=8)
-    explorer.shared_uploads = True  # `python app.py --shared-uploads`: local use
+    explorer.gallery.shared_uploads = True  # `python app.py --shared-uploads`: local use
     good = tmp_path / "walker.jpg"
     shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], good)
     text = tmp_path / "notes.png"
@@ -103,8 +103,8 @@ def test_shared_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> N
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     before = len(explorer.engine.index)
-    report, browse = explorer.upload([str(good), str(text), str(empty)])
-    assert not explorer.sessions.exists()  # nothing private
+    report, browse = explorer.gallery.upload([str(good), str(text), str(empty)])
+    assert not explorer.gallery.store.root.exists()  # nothing private
     assert len(explorer.engine.index) == before + 1
     assert "Added 1 image" in report and "notes.png" in report and "empty.jpg" in report
     assert browse[0][1] == "walker.jpg" and "uploads/" in browse[0][0]  # uploads are listed first
@@ -113,11 +113,11 @@ def test_shared_upload_adds_good_files_and_reports_bad_ones(tmp_path: Path) -> N
 
 def test_private_uploads_are_seen_only_by_their_session(tmp_path: Path) -> None:
     explorer = tiny_explorer(tmp_path / "own", images=8)
-    explorer.store = UploadStore(tmp_path / "sessions")
+    explorer.gallery.store = UploadStore(tmp_path / "sessions")
     shared_before = explorer.engine.files()
     mine = tmp_path / "mine.jpg"
     shutil.copy(sorted((REPO / "gallery" / "images").glob("*.jpg"))[30], mine)
-    report, browse = explorer.upload([str(mine)], "visitor-a")  # a new session's first upload
+    report, browse = explorer.gallery.upload([str(mine)], "visitor-a")  # a new session's first upload
     assert "Added 1 image" in report and "only you see them" in report
     assert explorer.engine.files() == shared_before  # the shared gallery did not change
     assert browse[0][1] == "mine.jpg" and len(browse) == 9  # theirs first, then the gallery
@@ -128,9 +128,9 @@ def test_private_uploads_are_seen_only_by_their_session(tmp_path: Path) -> None:
     theirs = next(r for r in a.results if r.file == "your uploads/mine.jpg")
     assert explorer.explain(a, theirs.rank - 1, "last", "mean", "P1")[4].count("your uploads/mine.jpg") == 1
     assert isinstance(explorer.guidance(a, theirs.rank - 1, "1: someone"), Image.Image)
-    private = explorer.store.gallery("visitor-a")
+    private = explorer.gallery.store.gallery("visitor-a")
     assert private.images.is_dir() and private.images.is_relative_to(tmp_path / "sessions")
-    explorer.leave("visitor-a")  # the page's unload event
+    explorer.gallery.leave("visitor-a")  # the page's unload event
     assert not private.images.exists() and not private.index_dir.exists()
 
 
@@ -147,8 +147,8 @@ def test_upload_folders_of_dead_servers_are_removed() -> None:
 
 
 def test_model_tab(explorer: explorer_app.Explorer) -> None:
-    assert "dictionary atoms" in explorer.model_card()
-    items, text = explorer.atom_atlas(3)
+    assert "dictionary atoms" in explorer.model.card_table()
+    items, text = explorer.model.atom_atlas(3)
     assert len(items) == 8 and text.startswith("**Atom 3**")
     atlas = explorer.engine.atom_atlas(3)
     weights = explorer.engine.index.arrays["atom_histogram"][:, 3].astype(np.float32)
@@ -156,7 +156,7 @@ def test_model_tab(explorer: explorer_app.Explorer) -> None:
     assert {p.relative_to(explorer.engine.gallery).as_posix() for p, _ in atlas.images} == expected
     assert atlas.words and all(w == w.lower() for w, _ in atlas.words)
     assert [v for _, v in atlas.words] == sorted((v for _, v in atlas.words), reverse=True)
-    assert "numbered 0 to" in explorer.atom_atlas(10_000)[1] and explorer.atom_atlas(float("nan"))[0] == []
+    assert "numbered 0 to" in explorer.model.atom_atlas(10_000)[1] and explorer.model.atom_atlas(float("nan"))[0] == []
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_gradio_client_why_not_and_photo_endpoints(served: str, explorer: explor
     assert "error" in client.predict(QUERY, "../../etc/passwd", api_name="/why_not")
     photo = client.predict(expected, 4, api_name="/search_by_photo")
     assert [r["file"] for r in photo["results"]] == [
-        r["file"] for r in explorer.api_search_by_photo(expected, 4)["results"]
+        r["file"] for r in explorer.photos.api_search(expected, 4)["results"]
     ]
     assert expected not in [r["file"] for r in photo["results"]]
     assert "error" in client.predict("/etc/passwd", 4, api_name="/search_by_photo")
@@ -416,17 +416,17 @@ def test_why_not_this_one(explorer: explorer_app.Explorer) -> None:
 
 def test_search_by_photo(explorer: explorer_app.Explorer, tmp_path: Path) -> None:
     file = explorer.engine.files()[0]
-    items, status, response, maps = explorer.photo_search(file, None, 6)
+    items, status, response, maps = explorer.photos.search(file, None, 6)
     assert len(items) == 6 and "look alike" in status and len(maps) == explorer.engine.model.config.num_prototypes
     assert file not in [r.file for r in response.results]
-    assert len(explorer.photo_result_maps(response, 2)) == len(maps) + 1
+    assert len(explorer.photos.result_maps(response, 2)) == len(maps) + 1
     own = tmp_path / "me.jpg"
     shutil.copy(explorer.engine.gallery / file, own)  # an upload: the same picture finds the same people
-    assert [i for i, _ in explorer.photo_search(None, str(own), 6)[0]][1:] == [i for i, _ in items][:5]
+    assert [i for i, _ in explorer.photos.search(None, str(own), 6)[0]][1:] == [i for i, _ in items][:5]
     fake = tmp_path / "fake.png"
     fake.write_text("not an image")
-    assert "cannot be used" in explorer.photo_search(None, str(fake))[1]
-    assert "Pick a gallery image" in explorer.photo_search("../../etc/passwd", None)[1]
-    body = explorer.api_search_by_photo(file, 4)
+    assert "cannot be used" in explorer.photos.search(None, str(fake))[1]
+    assert "Pick a gallery image" in explorer.photos.search("../../etc/passwd", None)[1]
+    body = explorer.photos.api_search(file, 4)
     assert len(body["results"]) == 4 and body["results"][0]["url"].startswith("/gallery/")
-    assert "error" in explorer.api_search_by_photo("/etc/passwd", 4)
+    assert "error" in explorer.photos.api_search("/etc/passwd", 4)

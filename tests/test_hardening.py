@@ -133,7 +133,7 @@ def test_upload_batch_keeps_good_files_refuses_bad_ones(tmp_path: Path) -> None:
     explorer = _own_explorer(tmp_path / "own")
     before = {e.path for e in explorer.engine.index.entries}
     good, bad = _upload_batch(tmp_path / "incoming")
-    report, _ = explorer.upload([str(p) for p in good] + [str(tmp_path / "incoming" / name) for name in bad])
+    report, _ = explorer.gallery.upload([str(p) for p in good] + [str(tmp_path / "incoming" / name) for name in bad])
     after = {e.path for e in explorer.engine.index.entries}
     assert before <= after  # nothing already in the gallery is lost
     assert len(after - before) == len(good), report
@@ -156,7 +156,7 @@ def test_odd_upload_names_are_stored_visibly_and_indexed(tmp_path: Path) -> None
         with Image.open(SHIPPED[60 + i]) as image:
             image.save(incoming / str(i) / name, format="PNG")
         sources.append(incoming / str(i) / name)
-    report, _ = explorer.upload([str(p) for p in sources])
+    report, _ = explorer.gallery.upload([str(p) for p in sources])
     assert f"Added {len(names)} image(s)" in report, report
     stored = sorted(f for f in explorer.engine.files() if f.startswith("uploads/"))
     assert len(stored) == len(names)
@@ -179,7 +179,7 @@ def test_concurrent_uploads_of_one_name_lose_nothing(tmp_path: Path) -> None:
             image.save(folder / name)
         clients.append(folder / name)
     with ThreadPoolExecutor(8) as pool:
-        reports = list(pool.map(lambda p: explorer.upload([str(p)])[0], clients))
+        reports = list(pool.map(lambda p: explorer.gallery.upload([str(p)])[0], clients))
     assert all(r.startswith("Added 1 image(s)") for r in reports), reports
     stored = sorted((explorer.engine.gallery / "uploads").iterdir())
     assert len(stored) == 8
@@ -322,7 +322,7 @@ def slow(*args, **kwargs):
     return original(*args, **kwargs)
 I.index_arrays = slow
 files = sorted(Path(sys.argv[3]).iterdir())
-explorer.upload([str(f) for f in files])
+explorer.gallery.upload([str(f) for f in files])
 print("DONE", flush=True)
 """
 

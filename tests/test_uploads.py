@@ -72,13 +72,13 @@ def test_the_sweeper_removes_stale_visitors_and_orphans_only(explorer, tmp_path:
 
 
 def test_a_visitor_who_leaves_loses_their_uploads_at_once(explorer, tmp_path: Path) -> None:
-    explorer.store = UploadStore(tmp_path / "sessions")
-    explorer.upload([str(p) for p in _photos(tmp_path / "in", 2)], "tab-1")
-    folder = explorer.store.gallery("tab-1").images
+    explorer.gallery.store = UploadStore(tmp_path / "sessions")
+    explorer.gallery.upload([str(p) for p in _photos(tmp_path / "in", 2)], "tab-1")
+    folder = explorer.gallery.store.gallery("tab-1").images
     assert len(list(folder.iterdir())) == 2
-    explorer.leave("tab-1")
-    assert not folder.exists() and explorer.store.usage() == (0, 0)
-    assert explorer.browse(1, "tab-1")[1].endswith("(0 uploaded, listed first).")
+    explorer.gallery.leave("tab-1")
+    assert not folder.exists() and explorer.gallery.store.usage() == (0, 0)
+    assert explorer.gallery.browse(1, "tab-1")[1].endswith("(0 uploaded, listed first).")
 
 
 def test_the_store_has_a_quota_for_all_visitors_together(explorer, tmp_path: Path) -> None:
