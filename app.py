@@ -84,7 +84,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=3):
                     gr.Markdown("**DGA: the dictionary atoms the query and the image were rebuilt from**")
-                    chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart")
+                    chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart", format="png")
                 foreground = gr.Image(
                     label="DGA foreground weight m", type="pil", elem_id="foreground", scale=1, format="jpeg"
                 )

@@ -6,6 +6,10 @@ data; nothing here runs the model or computes an explanation.
 
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -27,6 +31,26 @@ def _colormap() -> np.ndarray:
 _LUT = _colormap()
 
 
+def display_rgb(path: str | Path) -> Image.Image:
+    """An image at DISPLAY_SIZE, the base of its overlays: resized once per file (a result's seven
+    maps, its foreground and guidance maps share it). Callers must not modify it in place."""
+    stat = os.stat(path)
+    return _display(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _display(path: str, modified: int, size: int) -> Image.Image:
+    return open_rgb_cached(path).resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
+
+
+def _base(image: Image.Image) -> Image.Image:
+    return (
+        image
+        if image.size == DISPLAY_SIZE and image.mode == "RGB"
+        else image.convert("RGB").resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
+    )
+
+
 def select_map(attention: np.ndarray, prototype: int, layer: int = -1, head: int | None = None) -> np.ndarray:
     """attention (L, H, P, N) -> (N,): one prototype's map for a layer, one head or the mean of heads."""
     per_layer = attention[layer]
@@ -39,8 +63,7 @@ def overlay(image: Image.Image, values: np.ndarray, grid: tuple[int, int], alpha
     v = (v - v.min()) / (v.max() - v.min() + 1e-8)
     heat = Image.fromarray((v * 255).astype(np.uint8)).resize(DISPLAY_SIZE, Image.Resampling.BILINEAR)
     coloured = Image.fromarray(_LUT[np.asarray(heat)])
-    base = image.convert("RGB").resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
-    return Image.blend(base, coloured, alpha)
+    return Image.blend(_base(image), coloured, alpha)
 
 
 def prototype_names(card: dict, count: int) -> list[str]:
@@ -58,7 +81,7 @@ def prototype_overlays(
     names: list[str] | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """One overlay per prototype, captioned with its name and share of the score, plus a combined view."""
-    image = open_rgb_cached(result.path)
+    image = display_rgb(result.path)
     items = []
     for p, share in enumerate(result.score_share):
         name = names[p] if names else f"P{p + 1}"
@@ -72,7 +95,7 @@ def photo_maps(
     query: ImageQuery, grid: tuple[int, int], names: list[str], layer: int = -1
 ) -> list[tuple[Image.Image, str]]:
     """A query photo's own prototype maps (search by photo), captioned with the prototypes' names."""
-    image = open_rgb_cached(query.path)
+    image = display_rgb(query.path)
     attention = query.prototype_attention
     return [(overlay(image, select_map(attention, p, layer), grid), name) for p, name in enumerate(names)]
 
@@ -94,8 +117,7 @@ def combined_overlay(
     mask = Image.fromarray((strength.reshape(h, w) * 200).astype(np.uint8)).resize(
         DISPLAY_SIZE, Image.Resampling.BILINEAR
     )
-    base = image.convert("RGB").resize(DISPLAY_SIZE, Image.Resampling.BICUBIC)
-    return with_legend(Image.composite(layer_rgb, base, mask), maps.shape[0])
+    return with_legend(Image.composite(layer_rgb, _base(image), mask), maps.shape[0])
 
 
 def with_legend(image: Image.Image, count: int) -> Image.Image:

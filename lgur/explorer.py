@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .explain import atom_chart, overlay, prototype_names, prototype_overlays, word_highlights
-from .files import open_rgb_cached, remove_temporaries
+from .explain import atom_chart, display_rgb, overlay, prototype_names, prototype_overlays, word_highlights
+from .files import remove_temporaries
 from .gallery import private_sessions_root
 from .search import QueryError, SearchEngine, SearchResponse, result_count, word_effects
 from .tabs import GALLERY_ROUTE, GalleryTab, ModelTab, PhotoSearch
@@ -158,7 +158,7 @@ class Explorer:
             response.query.atom_weights, result.atom_weights, result.salient_atoms, result.shared_atoms,
             title="weight / average" if relative else "mean atom weight", reference=1.0 if relative else None,
         )  # fmt: skip
-        foreground = overlay(open_rgb_cached(result.path), result.foreground, response.grid, alpha=0.55)
+        foreground = overlay(display_rgb(result.path), result.foreground, response.grid, alpha=0.55)
         best = result.strongest_part
         meta = result.metadata
         charted = [a for a in result.salient_atoms if a in result.shared_atoms]  # starred on the chart
@@ -229,7 +229,7 @@ class Explorer:
         if not 0 <= column < len(response.query.words):
             return None
         weights = self.engine.guidance(response.query, result.path)
-        return overlay(open_rgb_cached(result.path), weights[:, column], response.grid)
+        return overlay(display_rgb(result.path), weights[:, column], response.grid)
 
     def api_search(self, query: str, k: float = 10) -> dict[str, Any]:
         """The /search endpoint: plain JSON (gallery file names, scores, per-prototype similarities).

@@ -9,12 +9,15 @@ only draws them. A full response for 10 results needs one text forward pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import re
 import threading
 import time
 import unicodedata
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +30,12 @@ from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weig
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
 from .colours import ColourGrounding, ColourReading
 from .data.dataset import normalize, vocabulary_words
-from .files import read_image
+from .files import atomic_output, read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
 from .weaknesses import weak_spots
+
+log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 2000
 MAX_RESULTS = 50  # the most results one search returns (app, API and command line)
@@ -575,12 +580,32 @@ class SearchEngine:
         best = np.argsort(-table[:, atom])[:top_words] if len(words) else []
         return AtomAtlas(atom, images, [(words[i], float(table[i, atom])) for i in best])
 
-    @torch.inference_mode()
-    def word_atoms(self, captions: int = 300, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
-        """Mean DGA atom weights of each (lower-cased) word over the gallery's first captions."""
+    def word_atoms(self, captions: int = 300) -> tuple[list[str], np.ndarray]:
+        """Mean DGA atom weights of each (lower-cased) word over the gallery's first captions; kept
+        beside the index (tied to the checkpoint and the captions), so a restart reads it at once."""
         if self._word_atoms is not None:
             return self._word_atoms
         texts = [c for m in self.manifest.values() for c in m.get("captions", [])][:captions]
+        key = hashlib.sha256(json.dumps([self.index.checkpoint, texts]).encode()).hexdigest()
+        stored = self.index_dir / "atlas_words.npz"
+        try:
+            with np.load(stored, allow_pickle=False) as saved:
+                if str(saved["key"]) == key:
+                    self._word_atoms = ([str(w) for w in saved["words"]], saved["table"])
+                    return self._word_atoms
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # none yet, or another model's, or damaged: computed again
+        words, table = self._word_table(texts)
+        try:
+            with atomic_output(stored) as tmp, open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), words=np.array(words, dtype=str), table=table)
+        except OSError as error:  # a read-only index folder: the table still serves this process
+            log.warning("could not keep the atlas word table: %s", error)
+        self._word_atoms = (words, table)
+        return self._word_atoms
+
+    @torch.inference_mode()
+    def _word_table(self, texts: list[str], batch_size: int = 64) -> tuple[list[str], np.ndarray]:
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
         encoder = self.model.text_encoder
@@ -599,8 +624,7 @@ class SearchEngine:
                     counts[word] = counts.get(word, 0) + 1
         words = sorted(sums)
         table = np.stack([sums[w] / counts[w] for w in words]) if words else np.zeros((0, self.model.config.num_atoms))
-        self._word_atoms = (words, table)
-        return self._word_atoms
+        return words, table.astype(np.float32)
 
 
 def format_results(response: SearchResponse) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 from urllib.parse import quote
 
 from .card import card_table
-from .explain import overlay, photo_maps, prototype_overlays
-from .files import MAX_FILE_BYTES, check_image, open_rgb_cached
+from .explain import display_rgb, overlay, photo_maps, prototype_overlays
+from .files import MAX_FILE_BYTES, check_image
 from .gallery import add_images, gallery_page
 from .search import PhotoResponse, QueryError, SearchEngine, result_count
 from .uploads import UploadStore
@@ -162,7 +162,7 @@ class ModelTab:
         except ValueError as error:  # no dictionary, or no such atom
             return [], html.escape(str(error))
         items = [
-            (overlay(open_rgb_cached(path), weights, self.engine.grid), f"{path.name} ({weights.max():.3f})")
+            (overlay(display_rgb(path), weights, self.engine.grid), f"{path.name} ({weights.max():.3f})")
             for path, weights in atlas.images
         ]
         words = ", ".join(f"{html.escape(w)} ({v:.3f})" for w, v in atlas.words)

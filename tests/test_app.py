@@ -430,3 +430,25 @@ def test_search_by_photo(explorer: explorer_app.Explorer, tmp_path: Path) -> Non
     body = explorer.photos.api_search(file, 4)
     assert len(body["results"]) == 4 and body["results"][0]["url"].startswith("/gallery/")
     assert "error" in explorer.photos.api_search("/etc/passwd", 4)
+
+
+def test_the_atlas_word_table_is_kept_beside_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lgur.search import SearchEngine
+
+    engine = tiny_explorer(tmp_path / "own", images=6).engine
+    words, table = engine.word_atoms()
+    assert words and table.shape == (len(words), engine.model.config.num_atoms)
+    assert (engine.index_dir / "atlas_words.npz").is_file()
+    checkpoint = next((tmp_path / "own" / "models").glob("*.safetensors"))
+    again, _ = SearchEngine.open(checkpoint, engine.gallery, progress=False)
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the word table was computed again")
+
+    monkeypatch.setattr(SearchEngine, "_word_table", not_again)
+    kept_words, kept_table = again.word_atoms()  # a restart reads it at once
+    assert kept_words == words and np.array_equal(kept_table, table)
+    monkeypatch.undo()
+    (engine.index_dir / "atlas_words.npz").write_bytes(b"damaged")
+    other, _ = SearchEngine.open(checkpoint, engine.gallery, progress=False)
+    assert other.word_atoms()[0] == words  # a damaged file is computed again, never an error
