@@ -9,15 +9,12 @@ only draws them. A full response for 10 results needs one text forward pass.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
 import re
 import threading
 import time
 import unicodedata
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atlas import Atlas
 from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weights, word_spans
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
 from .colours import ColourGrounding, ColourReading
 from .data.dataset import normalize, vocabulary_words
-from .files import atomic_output, read_image
+from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
 from .weaknesses import weak_spots
-
-log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 2000
 MAX_RESULTS = 50  # the most results one search returns (app, API and command line)
@@ -220,16 +216,6 @@ class Comparison:
         }
 
 
-@dataclass
-class AtomAtlas:
-    """What one dictionary atom stands for: the gallery images whose patches use it most, and the
-    words (over the gallery's captions) that use it most."""
-
-    atom: int
-    images: list[tuple[Path, np.ndarray]]  # (image file, (N,) the atom's weight on each patch)
-    words: list[tuple[str, float]]
-
-
 @torch.inference_mode()
 def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) -> QueryEncoding:
     """A query as the model reads it: embedding, part vectors, and per word the prototypes' attention
@@ -359,7 +345,7 @@ class SearchEngine:
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache
         self._cache_lock = threading.Lock()  # the app serves several requests at once
-        self._word_atoms: tuple[list[str], np.ndarray] | None = None
+        self.atlas = Atlas(self)  # what each dictionary atom stands for
         self.vocabulary = frozenset(self.card.get("vocabulary", []))
         # Colour words the model never saw are read as the nearest training colour (lgur.colours).
         self.grounding = ColourGrounding(self.vocabulary) if colour_grounding and self.vocabulary else None
@@ -466,7 +452,7 @@ class SearchEngine:
     def warm_up(self) -> threading.Thread:
         """Build the atom atlas's word table (about 3 s on 2 cores) in the background, so the first
         visitor who opens an atom does not wait for it."""
-        thread = threading.Thread(target=self.word_atoms, name="atlas-words", daemon=True)
+        thread = threading.Thread(target=self.atlas.word_atoms, name="atlas-words", daemon=True)
         thread.start()
         return thread
 
@@ -557,74 +543,6 @@ class SearchEngine:
         mask = torch.ones_like(ids, dtype=torch.bool)
         weights = self.model.guidance_attention(self._images([image]), ids, mask, weighted=True)[0].mean(0).numpy()
         return np.stack([weights[:, span].sum(-1) for span in query.spans], -1) if query.spans else weights[:, :0]
-
-    @torch.inference_mode()
-    def patch_atoms(self, rows: list[int]) -> np.ndarray:
-        """DGA reconstruction weights of gallery images: (B, N, atoms), averaged over heads."""
-        explained = self.model.explain_images(self._images([self.gallery / self.index.entries[r].path for r in rows]))
-        if explained.dictionary_weights is None:
-            raise ValueError("this model has no DGA module")
-        return explained.dictionary_weights.mean(1).numpy()
-
-    def atom_atlas(self, atom: int, top_images: int = 8, top_words: int = 15) -> AtomAtlas:
-        """The images and words that use one atom most (the word table is computed once)."""
-        atoms = self.index.arrays["atom_histogram"]
-        if self.model.dga is None:
-            raise ValueError("this model has no dictionary")
-        if not 0 <= atom < self.model.config.num_atoms:
-            raise ValueError(f"atoms are numbered 0 to {self.model.config.num_atoms - 1}")
-        rows = [int(r) for r in np.argsort(-atoms[:, atom].astype(np.float32))[:top_images]]
-        weights = self.patch_atoms(rows)[..., atom] if rows else []
-        images = [(self.gallery / self.index.entries[r].path, w) for r, w in zip(rows, weights)]
-        words, table = self.word_atoms()
-        best = np.argsort(-table[:, atom])[:top_words] if len(words) else []
-        return AtomAtlas(atom, images, [(words[i], float(table[i, atom])) for i in best])
-
-    def word_atoms(self, captions: int = 300) -> tuple[list[str], np.ndarray]:
-        """Mean DGA atom weights of each (lower-cased) word over the gallery's first captions; kept
-        beside the index (tied to the checkpoint and the captions), so a restart reads it at once."""
-        if self._word_atoms is not None:
-            return self._word_atoms
-        texts = [c for m in self.manifest.values() for c in m.get("captions", [])][:captions]
-        key = hashlib.sha256(json.dumps([self.index.checkpoint, texts]).encode()).hexdigest()
-        stored = self.index_dir / "atlas_words.npz"
-        try:
-            with np.load(stored, allow_pickle=False) as saved:
-                if str(saved["key"]) == key:
-                    self._word_atoms = ([str(w) for w in saved["words"]], saved["table"])
-                    return self._word_atoms
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # none yet, or another model's, or damaged: computed again
-        words, table = self._word_table(texts)
-        try:
-            with atomic_output(stored) as tmp, open(tmp, "wb") as f:
-                np.savez(f, key=np.array(key), words=np.array(words, dtype=str), table=table)
-        except OSError as error:  # a read-only index folder: the table still serves this process
-            log.warning("could not keep the atlas word table: %s", error)
-        self._word_atoms = (words, table)
-        return self._word_atoms
-
-    @torch.inference_mode()
-    def _word_table(self, texts: list[str], batch_size: int = 64) -> tuple[list[str], np.ndarray]:
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        encoder = self.model.text_encoder
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start : start + batch_size]
-            encoded = encoder.encode(batch, truncation=True, max_length=encoder.max_length, padding=True,
-                                     return_offsets_mapping=True)  # fmt: skip
-            ids = torch.tensor(encoded["input_ids"])
-            mask = torch.tensor(encoded["attention_mask"], dtype=torch.bool)
-            weights = self.model.explain_texts(mask, ids).dictionary_weights.mean(1).numpy()  # (B, T, atoms)
-            for b, text in enumerate(batch):
-                offsets = encoded["offset_mapping"][b]
-                for span in word_spans(encoded.word_ids(b)):
-                    word = text[offsets[span[0]][0] : offsets[span[-1]][1]].lower()
-                    sums[word] = sums.get(word, 0) + weights[b, span].mean(0)
-                    counts[word] = counts.get(word, 0) + 1
-        words = sorted(sums)
-        table = np.stack([sums[w] / counts[w] for w in words]) if words else np.zeros((0, self.model.config.num_atoms))
-        return words, table.astype(np.float32)
 
 
 def format_results(response: SearchResponse) -> str:

@@ -158,7 +158,7 @@ class ModelTab:
         except (TypeError, ValueError, OverflowError):
             return [], "Pick an atom by its number."
         try:
-            atlas = self.engine.atom_atlas(number)
+            atlas = self.engine.atlas.atom(number)
         except ValueError as error:  # no dictionary, or no such atom
             return [], html.escape(str(error))
         items = [

@@ -150,7 +150,7 @@ def test_model_tab(explorer: explorer_app.Explorer) -> None:
     assert "dictionary atoms" in explorer.model.card_table()
     items, text = explorer.model.atom_atlas(3)
     assert len(items) == 8 and text.startswith("**Atom 3**")
-    atlas = explorer.engine.atom_atlas(3)
+    atlas = explorer.engine.atlas.atom(3)
     weights = explorer.engine.index.arrays["atom_histogram"][:, 3].astype(np.float32)
     expected = {explorer.engine.index.entries[i].path for i in np.argsort(-weights)[:8]}
     assert {p.relative_to(explorer.engine.gallery).as_posix() for p, _ in atlas.images} == expected
@@ -433,10 +433,11 @@ def test_search_by_photo(explorer: explorer_app.Explorer, tmp_path: Path) -> Non
 
 
 def test_the_atlas_word_table_is_kept_beside_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lgur.atlas import Atlas
     from lgur.search import SearchEngine
 
     engine = tiny_explorer(tmp_path / "own", images=6).engine
-    words, table = engine.word_atoms()
+    words, table = engine.atlas.word_atoms()
     assert words and table.shape == (len(words), engine.model.config.num_atoms)
     assert (engine.index_dir / "atlas_words.npz").is_file()
     checkpoint = next((tmp_path / "own" / "models").glob("*.safetensors"))
@@ -445,10 +446,10 @@ def test_the_atlas_word_table_is_kept_beside_the_index(tmp_path: Path, monkeypat
     def not_again(*args, **kwargs):
         raise AssertionError("the word table was computed again")
 
-    monkeypatch.setattr(SearchEngine, "_word_table", not_again)
-    kept_words, kept_table = again.word_atoms()  # a restart reads it at once
+    monkeypatch.setattr(Atlas, "_word_table", not_again)
+    kept_words, kept_table = again.atlas.word_atoms()  # a restart reads it at once
     assert kept_words == words and np.array_equal(kept_table, table)
     monkeypatch.undo()
     (engine.index_dir / "atlas_words.npz").write_bytes(b"damaged")
     other, _ = SearchEngine.open(checkpoint, engine.gallery, progress=False)
-    assert other.word_atoms()[0] == words  # a damaged file is computed again, never an error
+    assert other.atlas.word_atoms()[0] == words  # a damaged file is computed again, never an error
