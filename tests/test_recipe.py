@@ -281,6 +281,20 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
     assert line == "| without SDM | 3 epochs, 12 min | 30.00 | 33.30 | 2.50 | 28.8% | - | 41.2% |"
 
 
+def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None:
+    from lgur.ablation import LITE0, TRUNK_OPTIONS, run_experiments, run_folder
+    from lgur.train import recipe
+
+    folders = {run_folder(tmp_path, name) for name in TRUNK_OPTIONS}
+    assert len(folders) == len(TRUNK_OPTIONS) and all(f.parent == tmp_path / "trunk" for f in folders)
+    assert all(options["preset"] == "cpu-lite0" for options in TRUNK_OPTIONS.values())
+    assert all(len(options) == 2 for name, options in TRUNK_OPTIONS.items() if name != LITE0)  # one change each
+    random = recipe("cpu-lite0", data="d", out="o", model_overrides={"image.weights": None}).model_config()
+    assert random.image.weights is None and random.image.timm_name == "tf_efficientnet_lite0"  # the same trunk
+    with pytest.raises(ValueError, match="unknown experiments"):
+        run_experiments("data", str(tmp_path), "gallery", only=["CPU recipe"], table="trunk")
+
+
 def test_caption_neighbours_group_people_described_alike() -> None:
     from lgur import cli
     from lgur.train import SAMPLES, caption_neighbours
