@@ -47,6 +47,7 @@ LITE0 = "pretrained EfficientNet-Lite0, 192x64, stride 16 (12x4 grid)"
 TRUNK_OPTIONS = {
     LITE0: {"preset": "cpu-lite0"},
     "trunk learning at 1e-4 (the paper's fine-tuning rate)": {"preset": "cpu-lite0", "lr_trunk": 1e-4},
+    "prototypes weighted by the foreground": {"preset": "cpu-lite0", "model_overrides": {"pgu_foreground": True}},
     "the same trunk from random initialisation": {"preset": "cpu-lite0", "model_overrides": {"image.weights": None}},
     "256x96 input (16x6 grid)": {"preset": "cpu-lite0", "model_overrides": {"image.img_size": [256, 96]}},
     "stem and first two blocks frozen in the first epoch": {"preset": "cpu-lite0", "frozen_stem_epochs": 1},
