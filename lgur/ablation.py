@@ -136,40 +136,50 @@ def run_experiments(
             continue
         result = train_at_budget(data, run, epochs, cache, seed, progress, **dict(overrides))
         scored = run / "experiment.json"
-        if scored.is_file():
-            rows[name] = json.loads(scored.read_text())
-        else:
+        row = json.loads(scored.read_text()) if scored.is_file() else None
+        if row is None or "background_share" not in row:  # not scored, or before the maps' figures
             best = run / "best.safetensors"
             model, _ = load_checkpoint(best)
             quality = explanation_quality(model, data, "test", QUALITY_IMAGES)
-            bench = run_query_bench(best, gallery)
-            rows[name] = {
-                "overrides": overrides,
-                "epochs": epochs,
-                "train_minutes": result["train_seconds"] / 60,
-                "metrics": result["metrics"],
-                "query_bench": {k: bench[k] for k in ("precision@10", "top1", "chance")},
+            if row is None:
+                bench = run_query_bench(best, gallery)
+                row = {
+                    "overrides": overrides,
+                    "epochs": epochs,
+                    "train_minutes": result["train_seconds"] / 60,
+                    "metrics": result["metrics"],
+                    "query_bench": {k: bench[k] for k in ("precision@10", "top1", "chance")},
+                }
+            regions = quality.get("prototype_regions", {})
+            row |= {
                 "prototype_overlap": quality.get("prototype_overlap"),
+                "distinct_regions": regions.get("distinct_regions"),
+                "background_share": [p[0] for p in quality.get("prototype_part_share", [])],  # PARTS[0]
                 "pointing_game": quality.get("pointing_game", {}).get("accuracy"),
                 "shared_atoms": quality.get("shared_atoms"),
             }
-            atomic_write_bytes(scored, json.dumps(rows[name], indent=2).encode())
+            atomic_write_bytes(scored, json.dumps(row, indent=2).encode())
+        rows[name] = row
         atomic_write_bytes(out_dir / f"{stem}.md", experiments_table(rows).encode())
     return save_tables(out_dir, stem, rows, experiments_table(rows))
 
 
 def experiments_table(rows: dict[str, Any]) -> str:
     lines = [
-        "| setting | budget | test R@1 | mAP | paraphrase R@1 | query-bench P@10 | overlap | pointing game |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | budget | test R@1 | mAP | paraphrase R@1 | query-bench P@10 | overlap | prototypes on parts; "
+        "most background | pointing game |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         m = row["metrics"]
         overlap = "-" if row["prototype_overlap"] is None else f"{row['prototype_overlap']:.3f}"
         pointing = "-" if row["pointing_game"] is None else f"{row['pointing_game']:.1f}%"
+        background = row.get("background_share") or []
+        parts = (f"{row['distinct_regions']} of {len(background)}; {100 * max(background):.0f}%"
+                 if background and row.get("distinct_regions") is not None else "-")  # fmt: skip
         lines.append(
             f"| {name} | {row['epochs']} epochs, {row['train_minutes']:.0f} min | {m['test']['R@1']:.2f} "
             f"| {m['test']['mAP']:.2f} | {m['test-paraphrase']['R@1']:.2f} "
-            f"| {row['query_bench']['precision@10']:.1f}% | {overlap} | {pointing} |"
+            f"| {row['query_bench']['precision@10']:.1f}% | {overlap} | {parts} | {pointing} |"
         )
     return "\n".join(lines) + "\n"

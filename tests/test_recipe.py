@@ -278,7 +278,10 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
            "metrics": {"test": {"R@1": 30.0, "mAP": 33.3}, "test-paraphrase": {"R@1": 2.5}},
            "query_bench": {"precision@10": 28.75}}  # fmt: skip
     line = experiments_table({"without SDM": row}).splitlines()[-1]
-    assert line == "| without SDM | 3 epochs, 12 min | 30.00 | 33.30 | 2.50 | 28.8% | - | 41.2% |"
+    assert line == "| without SDM | 3 epochs, 12 min | 30.00 | 33.30 | 2.50 | 28.8% | - | - | 41.2% |"
+    row |= {"distinct_regions": 2, "background_share": [0.886, 0.12, 0.3]}
+    line = experiments_table({"without SDM": row}).splitlines()[-1]
+    assert "| 2 of 3; 89% | 41.2% |" in line
 
 
 def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None:
