@@ -16,9 +16,9 @@ from typing import Any
 from lgur.gallery import private_sessions_root  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home; the Space may be offline
-# Gradio's upload cache inside this process's folder: a restart after a crash removes it with the rest.
 SESSIONS = private_sessions_root()
-CACHE = Path(os.environ.setdefault("GRADIO_TEMP_DIR", str(SESSIONS / "cache")))
+if __name__ == "__main__":  # Gradio's cache inside this process's folder: a restart after a crash removes it
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(SESSIONS / "cache"))
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
         explorer = create(checkpoint, Path(args.gallery), shared_uploads=args.shared_uploads,
                           sessions=SESSIONS / "uploads", limits=UploadLimits.from_environ(dict(os.environ)),
-                          cache=CACHE)  # fmt: skip
+                          cache=Path(gr.utils.get_upload_folder()))  # fmt: skip
     except (CheckpointError, OSError, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from error
     demo = build_app(explorer)

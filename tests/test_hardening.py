@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -371,11 +372,11 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 
 
 @contextlib.contextmanager
-def _served(checkpoint: Path, gallery: Path, *extra: str):
+def _served(checkpoint: Path, gallery: Path, *extra: str, env: dict | None = None):
     """`python app.py` on a free loopback port; yields (url, pid) once it answers."""
     port = free_port()
     with served_app("--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery), *extra,
-                    port=port) as (url, proc):  # fmt: skip
+                    port=port, env=env) as (url, proc):  # fmt: skip
         yield url, proc.pid
 
 
@@ -415,14 +416,16 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
     for src in SHIPPED[:64]:
         shutil.copy(src, gallery / src.name)
     local = explorer_app.create(checkpoint, gallery, progress=False).engine  # also builds the index
-    with _served(checkpoint, gallery) as (url, pid):
+    # Sixteen visitors, told apart by the address a Space's proxy reports (each may have 2 requests pending).
+    with _served(checkpoint, gallery, env={**os.environ, "LGUR_PROXY_HOPS": "1"}) as (url, pid):
         colours = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
         garments = ["coat", "t-shirt", "jacket", "hoodie"]
         queries = [[f"{colours[(c + i) % 8]} {garments[(c * 3 + i) % 4]} person {c}-{i}" for i in range(25)]
                    for c in range(16)]  # fmt: skip
 
         def session(mine: list[str]) -> list[tuple[str, dict, float]]:
-            own = Client(url, verbose=False, download_files=False)
+            address = "198.51.100." + re.search(r"person (\d+)-", mine[0]).group(1)  # one per visitor
+            own = Client(url, verbose=False, download_files=False, headers={"x-forwarded-for": address})
             out = []
             for q in mine:
                 start = time.perf_counter()
