@@ -214,32 +214,23 @@ def trunk_groups_used(cfg: TrainConfig) -> bool:
 
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
-    fast, slow, stem, trunk = [], [], [], []
-
-    def trunk_group(name: str, cfg: TrainConfig) -> list | None:
-        if not trunk_groups_used(cfg) or not name.startswith("model.image_encoder.cnn."):
-            return None
-        return stem if name.startswith(STEM) else trunk
-
+    heads = ("model.text_encoder.lstm", "model.classifier.", "model.pgu.projections", "model.pgu.projection",
+             "criterion.")  # fmt: skip
+    split_trunk = trunk_groups_used(cfg)
+    groups: dict[str, list] = {"heads": [], "body": [], "stem": [], "trunk": []}
     for name, param in step.named_parameters():
         if not param.requires_grad:
             continue
-        head = name.startswith(
-            (
-                "model.text_encoder.lstm",
-                "model.classifier.",
-                "model.pgu.projections",
-                "model.pgu.projection",
-                "criterion.",
-            )
-        )
-        trunk_part = None if head else trunk_group(name, cfg)
-        (fast if head else slow if trunk_part is None else trunk_part).append(param)
-    groups = [{"params": fast, "lr": cfg.lr, "name": "heads"}, {"params": slow, "lr": cfg.lr_backbone, "name": "body"}]
-    if trunk_groups_used(cfg):
-        trunk_lr = cfg.lr_backbone if cfg.lr_trunk is None else cfg.lr_trunk
-        groups += [{"params": stem, "lr": trunk_lr, "name": "stem"}, {"params": trunk, "lr": trunk_lr, "name": "trunk"}]
-    return groups
+        if name.startswith(heads):
+            groups["heads"].append(param)
+        elif split_trunk and name.startswith("model.image_encoder.cnn."):
+            groups["stem" if name.startswith(STEM) else "trunk"].append(param)
+        else:
+            groups["body"].append(param)
+    trunk_lr = cfg.lr_backbone if cfg.lr_trunk is None else cfg.lr_trunk
+    rates = {"heads": cfg.lr, "body": cfg.lr_backbone, "stem": trunk_lr, "trunk": trunk_lr}
+    names = ["heads", "body", "stem", "trunk"] if split_trunk else ["heads", "body"]
+    return [{"params": groups[n], "lr": rates[n], "name": n} for n in names]
 
 
 def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:

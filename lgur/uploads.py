@@ -122,15 +122,12 @@ class UploadStore:
             try:
                 entry = self._entry(visitor)
                 with entry.lock:  # a visitor's uploads one at a time: the cap holds, nothing is orphaned
-                    admitted, refused = self._admit(files)
+                    admitted, refused, reserved = self._admit(files)
                     try:
                         report = add_images(engine, admitted, private=entry.gallery, cap=self.limits.files_per_visitor)
                     finally:
                         with self._lock:
-                            self._reserved = (
-                                self._reserved[0] - sum(self._size(f) for f in admitted),
-                                self._reserved[1] - len(admitted),
-                            )
+                            self._reserved = (self._reserved[0] - reserved, self._reserved[1] - len(admitted))
                             entry.bytes, entry.files = folder_usage(entry.gallery.images)
                             entry.last_used = self.clock()
                     report.rejected += refused
@@ -144,11 +141,11 @@ class UploadStore:
                 self._visitors[visitor] = Visitor(PrivateGallery.create(self.root), self.clock())
             return self._visitors[visitor]
 
-    def _admit(self, files: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-        """Files in order while they fit the store's quota (reserved until the upload ends)."""
+    def _admit(self, files: list[Path]) -> tuple[list[Path], list[tuple[str, str]], int]:
+        """Files in order while they fit the store's quota, and their bytes (reserved until the upload ends)."""
         admitted, refused = [], []
         with self._lock:
-            used_bytes, used_files = self._usage()
+            used_bytes, used_files = start = self._usage()
             for path in files:
                 size = self._size(path)
                 if used_files + 1 > self.limits.total_files or used_bytes + size > self.limits.total_bytes:
@@ -157,11 +154,9 @@ class UploadStore:
                     continue
                 used_bytes, used_files = used_bytes + size, used_files + 1
                 admitted.append(path)
-            self._reserved = (
-                self._reserved[0] + sum(self._size(f) for f in admitted),
-                self._reserved[1] + len(admitted),
-            )
-        return admitted, refused
+            reserved = used_bytes - start[0]
+            self._reserved = (self._reserved[0] + reserved, self._reserved[1] + len(admitted))
+        return admitted, refused, reserved
 
     @staticmethod
     def _size(path: Path) -> int:
