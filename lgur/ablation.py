@@ -52,6 +52,7 @@ TRUNK_OPTIONS = {
     "256x96 input (16x6 grid)": {"preset": "cpu-lite0", "model_overrides": {"image.img_size": [256, 96]}},
     "stem and first two blocks frozen in the first epoch": {"preset": "cpu-lite0", "frozen_stem_epochs": 1},
     "stride 8 (24x8 grid)": {"preset": "cpu-lite0", "model_overrides": {"image.patch_size": 8}},
+    "the captions' terms predicted from both embeddings": {"preset": "cpu-lite0", "term_prediction": 1.0},
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)

@@ -88,6 +88,17 @@ def similarity_distribution_matching(
     return one_way(logits, match) + backward
 
 
+def term_prediction_loss(classifier: nn.Linear, embedding: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy from the classifier's softmax over terms to the sample's terms, uniform (weak
+    supervision by words, as Joulin et al. ECCV 2016). embedding: (B, E) unit vectors; targets:
+    (B, K) multi-hot. Rows without a term are skipped."""
+    logits = classifier(embedding * embedding.shape[1] ** 0.5)  # unit rows -> unit-variance inputs
+    count = targets.sum(dim=1)
+    loss = -(targets * logits.log_softmax(dim=1)).sum(dim=1) / count.clamp(min=1)
+    keep = count > 0
+    return loss[keep].mean() if keep.any() else logits.sum() * 0.0
+
+
 def prototype_overlap(attention: Tensor) -> Tensor:
     """Mean cosine similarity between different prototypes' attention maps, per sample -> (B,).
 
@@ -112,18 +123,31 @@ class LGURLoss(nn.Module):
       a false caption of its own (swapped attributes), so it must tell its description from a
       near copy;
     - `match` in forward: which texts describe which images beyond same identity (a crop "black
-      jeans" is true of everyone in black jeans), for the cross-modal SDM targets and triplets.
+      jeans" is true of everyone in black jeans), for the cross-modal SDM targets and triplets;
+    - term_prediction > 0 (with `terms` terms and embeddings of `embedding_dim`): that weight times
+      the term prediction loss of every branch, one linear classifier shared by both modalities;
+      `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot each.
     """
 
     def __init__(
-        self, margin: float = 0.3, seed: int = 0, diversity: float = 0.0, sdm: float = 0.0, temperature: float = 0.07
+        self,
+        margin: float = 0.3,
+        seed: int = 0,
+        diversity: float = 0.0,
+        sdm: float = 0.0,
+        temperature: float = 0.07,
+        term_prediction: float = 0.0,
+        terms: int = 0,
+        embedding_dim: int = 0,
     ) -> None:
         super().__init__()
         self.margin = margin
         self.diversity = diversity
         self.sdm = sdm
+        self.term_prediction = term_prediction
         self.generator = torch.Generator().manual_seed(seed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
+        self.term_classifier = nn.Linear(embedding_dim, terms) if term_prediction > 0 and terms else None
 
     def forward(
         self,
@@ -132,6 +156,7 @@ class LGURLoss(nn.Module):
         classifier: IdentityClassifier,
         negatives: dict[str, Tensor] | None = None,
         match: Tensor | None = None,
+        term_targets: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """negatives (SDM only): branch name ("text", "text_dictionary") -> (B, E) embeddings of a
         false caption for each sample (NaN rows: none), as extra candidates for the images.
@@ -165,6 +190,12 @@ class LGURLoss(nn.Module):
                     scale,
                     None if negatives is None else negatives[right],
                     match,
+                )
+        if self.term_classifier is not None and term_targets is not None:
+            for name, parts in branches.items():
+                targets = term_targets[0] if name.startswith("image") else term_targets[1]
+                losses[f"terms/{name}"] = self.term_prediction * term_prediction_loss(
+                    self.term_classifier, parts.embedding, targets
                 )
         if self.diversity > 0:
             dictionary = out.image_dictionary is not None

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .atoms import text_atom_average
@@ -99,6 +101,13 @@ class TrainConfig:
     # identity (data.dataset.person_terms), so a crop "black jeans" matches everyone described in
     # black jeans instead of pushing them away. Captions and identities only.
     matches: str = "identities"
+    # Not in the paper: weight of predicting what the captions say from each branch's embedding.
+    # One linear classifier over the person terms (content words and adjacent pairs that recur for
+    # one identity: "white sneakers", "glasses"; data.dataset.person_terms) used by TERM_MIN_CAPTIONS
+    # captions, shared by both modalities: an image predicts its identity's terms, a text its own.
+    # In-batch identity losses never ask for a detail that top and bottom colour already settle;
+    # this asks for every detail the captions name, on both sides. Captions only, no labels.
+    term_prediction: float = 0.0
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -182,11 +191,13 @@ class TrainingStep(nn.Module):
         labels: Tensor,
         swapped: tuple[Tensor, Tensor, Tensor] | None = None,
         match: Tensor | None = None,
+        term_targets: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """-> losses, and the images' retrieval embeddings (B, E), detached (for neighbour batches).
 
         swapped: frozen features (B, T', H) and mask of each sample's false caption, and (B,) which
         samples have one. match: (B, B) bool, image i is described by text j (default: same identity).
+        term_targets: (B, K) multi-hot terms of the images and of the texts (term prediction).
         """
         out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0)
         negatives = None
@@ -200,7 +211,7 @@ class TrainingStep(nn.Module):
                 if parts is not None
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
-        losses = self.criterion(out, labels, self.model.classifier, negatives, match)
+        losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets)
         return losses, retrieval.embedding.detach()
 
 
@@ -428,9 +439,11 @@ class Texts:
     swapped_valid: Tensor | None = None
     terms: list[frozenset[str]] | None = None
     identity_terms: list[frozenset[str]] | None = None
+    term_index: dict[str, int] | None = None  # term prediction: the predicted terms, in classifier order
 
 
 CROPS_PER_CAPTION = 2
+TERM_MIN_CAPTIONS = 20  # a term predicted must be in at least this many training captions
 
 
 def caption_crop_texts(captions: list[str], seed: int) -> list[str]:
@@ -473,8 +486,12 @@ def training_texts(
     if cfg.swaps_from_epoch is not None and cfg.swaps_from_epoch < cfg.epochs:
         swaps, texts.swapped_valid = swapped_texts(all_texts, cfg.seed)
         texts.swapped = frozen_text_features(encoder, swaps, cache, progress=bar)
-    if cfg.matches == "descriptions":
+    if cfg.matches == "descriptions" or cfg.term_prediction > 0:
         texts.terms, texts.identity_terms = description_term_sets(all_texts, n, labels, int(labels.max()) + 1)
+    if cfg.term_prediction > 0:
+        counts = Counter(t for terms in texts.terms[:n] for t in terms)
+        frequent = sorted(t for t, c in counts.items() if c >= TERM_MIN_CAPTIONS)
+        texts.term_index = {t: i for i, t in enumerate(frequent)}
     return texts
 
 
@@ -571,9 +588,11 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
     texts = training_texts(cfg, model, train_split, labels, cache, bar)
     val_text = frozen_text_features(model.text_encoder, val_split.captions, cache, progress=bar)
 
+    terms = len(texts.term_index or {})
     criterion = LGURLoss(
-        cfg.margin, seed=cfg.seed, diversity=cfg.prototype_diversity, sdm=cfg.sdm, temperature=cfg.temperature
-    ).to(device)
+        cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction, terms,
+        model_config.embedding_dim,
+    ).to(device)  # fmt: skip
     training_step = TrainingStep(model, criterion)
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step
@@ -605,6 +624,8 @@ def resume_or_start(run: Run) -> None:
         run.state = last_card["training_state"]
         if run.criterion.logit_scale is not None:
             run.criterion.logit_scale.data.fill_(run.state["logit_scale"])
+        if run.criterion.term_classifier is not None:
+            run.criterion.term_classifier.load_state_dict(load_file(str(run.out / "last_terms.safetensors")))
         if run.main:
             log.info("resumed from %s at epoch %d", last, run.state["epoch"])
 
@@ -657,11 +678,28 @@ def swapped_batch(run: Run, text: Tensor, epoch: int) -> tuple[Tensor, Tensor, T
 def description_match(run: Run, text: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """Option: (B, B) image i matches text j if same identity or described by it; and the same-identity part."""
     texts = run.texts
-    if texts.terms is None:
+    if run.cfg.matches != "descriptions":
         return None, None
     described = described_by([texts.terms[t] for t in text.tolist()], [texts.identity_terms[i] for i in labels])
     same = same_identity(labels)
     return same | described, same
+
+
+def term_targets(run: Run, text: Tensor, labels: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Option: (B, K) multi-hot targets of term prediction: the images' (their identity's terms), the texts'."""
+    index = run.texts.term_index
+    if index is None:
+        return None
+
+    def multi_hot(term_sets: list[frozenset[str]]) -> Tensor:
+        out = torch.zeros(len(term_sets), len(index))
+        for row, terms in enumerate(term_sets):
+            out[row, [index[t] for t in terms if t in index]] = 1.0
+        return out
+
+    texts = run.texts
+    images = multi_hot([texts.identity_terms[i] for i in labels.tolist()])
+    return images.to(run.device), multi_hot([texts.terms[t] for t in text.tolist()]).to(run.device)
 
 
 def train_one_epoch(run: Run, epoch: int, neighbours: Neighbours, progress: bool) -> bool:
@@ -699,7 +737,7 @@ def train_one_epoch(run: Run, epoch: int, neighbours: Neighbours, progress: bool
         match, same = description_match(run, text, labels)
         losses, embeddings = run.step_module(
             images, features.to(run.device), mask.to(run.device), labels.to(run.device), swapped,
-            None if match is None else match.to(run.device),
+            None if match is None else match.to(run.device), term_targets(run, text, labels),
         )  # fmt: skip
         if cfg.samples == "neighbours":
             neighbours.bank[labels], neighbours.seen[labels] = embeddings.float().cpu(), True
@@ -739,6 +777,8 @@ def validate_and_save(run: Run, epoch: int) -> None:
     save_checkpoint(
         run.model, run.out / "last.safetensors", run.card() | {"training_state": state}, include_classifier=True
     )
+    if run.criterion.term_classifier is not None:  # before the optimiser state, which marks a resumable run
+        atomic_write_bytes(run.out / "last_terms.safetensors", save(run.criterion.term_classifier.state_dict()))
     save_optimizer_state(run.optimizer, run.out / "last_optimizer.safetensors")
     plot_curves(run.out / "log.jsonl", run.out / "curves.png")
 

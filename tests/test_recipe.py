@@ -19,7 +19,7 @@ from lgur.data.dataset import (
     swapped_caption,
 )
 from lgur.encoders import CNNEncoder, build_image_encoder
-from lgur.losses import similarity_distribution_matching, triplet_ranking_loss
+from lgur.losses import similarity_distribution_matching, term_prediction_loss, triplet_ranking_loss
 from lgur.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
 
 
@@ -128,6 +128,30 @@ def test_sdm_and_triplets_with_description_matches() -> None:
     everything = torch.ones(5, 5, dtype=torch.bool)
     assert triplet_ranking_loss(a, b, labels, 0.3, torch.Generator(), everything) == 0
     assert triplet_ranking_loss(a, b, labels, 0.3, torch.Generator().manual_seed(0)) > 0
+
+
+def test_term_prediction_matches_brute_force_and_skips_texts_without_terms() -> None:
+    g = torch.Generator().manual_seed(3)
+    classifier = torch.nn.Linear(4, 5).double()
+    e = F.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=1)
+    targets = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.float64)
+    logits = classifier(e * 2.0).detach()  # unit rows scaled by sqrt(E) = 2
+    want = []
+    for row, terms in ((0, [0, 2]), (2, [3])):  # row 1 names nothing: skipped, not a zero loss
+        log_p = logits[row] - torch.logsumexp(logits[row], 0)
+        want.append(-sum(log_p[t] for t in terms) / len(terms))
+    got = term_prediction_loss(classifier, e, targets)
+    assert got.detach().item() == pytest.approx(float(sum(want) / 2), rel=1e-9)
+    got.backward()
+    assert classifier.weight.grad.abs().sum() > 0
+    # an embedding that predicts its terms costs less than one that predicts others
+    sharp = torch.nn.Linear(4, 5, bias=False).double()
+    with torch.no_grad():
+        sharp.weight.copy_(torch.eye(5, 4, dtype=torch.float64) * 5)
+    one_hot = torch.eye(4, dtype=torch.float64)[:1]
+    right = term_prediction_loss(sharp, one_hot, torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64))
+    wrong = term_prediction_loss(sharp, one_hot, torch.tensor([[0, 1.0, 0, 0, 0]], dtype=torch.float64))
+    assert right < wrong - 1
 
 
 def test_description_terms_keep_each_colour_on_its_thing() -> None:
