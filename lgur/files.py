@@ -86,16 +86,22 @@ def check_image(path: Path) -> str | None:
     Reads the header first (size limits, the real format), then decodes once to catch
     truncated files; the file name's suffix is not trusted.
     """
+    return read_checked_image(path)[1]
+
+
+def read_checked_image(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray | None, str | None]:
+    """check_image, and with `size` read_image from the same decode: (pixels or None, None) for an
+    image we serve, (None, the reason) for any other file."""
     try:
-        size = path.stat().st_size
+        file_size = path.stat().st_size
     except FileNotFoundError:
-        return "the file did not arrive; send it again"
+        return None, "the file did not arrive; send it again"
     except OSError as error:
-        return f"cannot read file: {error.strerror}"
-    if size == 0:
-        return "empty file"
-    if size > MAX_FILE_BYTES:
-        return f"file too large ({size / 1e6:.1f} MB > {MAX_FILE_BYTES / 1e6:.0f} MB)"
+        return None, f"cannot read file: {error.strerror}"
+    if file_size == 0:
+        return None, "empty file"
+    if file_size > MAX_FILE_BYTES:
+        return None, f"file too large ({file_size / 1e6:.1f} MB > {MAX_FILE_BYTES / 1e6:.0f} MB)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,17 +109,20 @@ def check_image(path: Path) -> str | None:
                 w, h = image.size
                 limit = MAX_PIXELS if image.format == "JPEG" else MAX_PIXELS_FULL_DECODE
                 if w * h > limit:
-                    return f"image too large for a person photo ({w}x{h} pixels; a {image.format} may have {limit:,})"
+                    return (
+                        None,
+                        f"image too large for a person photo ({w}x{h} pixels; a {image.format} may have {limit:,})",
+                    )
                 if min(w, h) < MIN_SIDE:
-                    return f"image too small ({w}x{h} pixels)"
-                reduced(image).load()  # decodes (as open_rgb will): catches truncated files
+                    return None, f"image too small ({w}x{h} pixels)"
+                reduced(image).load()  # decodes (as open_rgb does): catches truncated files
+                return (None if size is None else model_pixels(rgb(image), size)), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "image too large (decompression bomb)"
+        return None, "image too large (decompression bomb)"
     except UnidentifiedImageError:
-        return "not a JPEG, PNG, WebP, BMP or GIF image"
+        return None, "not a JPEG, PNG, WebP, BMP or GIF image"
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        return f"corrupt image ({error})"
-    return None
+        return None, f"corrupt image ({error})"
 
 
 def reduced(image: Image.Image) -> Image.Image:
@@ -131,12 +140,16 @@ def open_rgb(path: str | Path) -> Image.Image:
     32-bit grey scaled by their maximum (a plain convert would clip them to white); CMYK, palette and
     alpha converted."""
     with Image.open(path) as image:
-        reduced(image)
-        image.seek(0)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            array = np.asarray(image, dtype=np.float32)
-            return Image.fromarray((array / max(float(array.max()), 1.0) * 255).astype(np.uint8)).convert("RGB")
-        return image.convert("RGB")
+        return rgb(reduced(image))
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """An opened image's first frame as 8-bit RGB (see open_rgb)."""
+    image.seek(0)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        return Image.fromarray((array / max(float(array.max()), 1.0) * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 @functools.lru_cache(maxsize=64)
@@ -155,5 +168,10 @@ def open_rgb_cached(path: str | Path) -> Image.Image:
 def read_image(path: str | Path, size: tuple[int, int], cached: bool = False) -> np.ndarray:
     """-> uint8 (3, H, W), resized to size=(H, W): what the model reads, in training and in serving
     (cached=True: decoded through open_rgb_cached)."""
-    rgb = (open_rgb_cached if cached else open_rgb)(path).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(rgb).transpose(2, 0, 1).copy()
+    return model_pixels((open_rgb_cached if cached else open_rgb)(path), size)
+
+
+def model_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB image -> uint8 (3, H, W) at size=(H, W)."""
+    resized = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(resized).transpose(2, 0, 1).copy()

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from .data.dataset import normalize
-from .files import IMAGE_SUFFIXES, atomic_output, check_image, read_image, remove_temporaries, sha256_file
+from .files import IMAGE_SUFFIXES, atomic_output, read_checked_image, remove_temporaries, sha256_file
 from .model import LGUR
 
 log = logging.getLogger(__name__)
@@ -309,12 +310,7 @@ def _update_index(
             keep_entries.append(Entry(rel, sha, stat.st_size, stat.st_mtime_ns))
             report.unchanged += 1
             continue
-        problem = check_image(path)
-        if problem:
-            report.rejected.append({"path": rel, "reason": problem})
-            continue
-        (report.changed if prior else report.added).append(rel)
-        todo.append((path, Entry(rel, sha, stat.st_size, stat.st_mtime_ns)))
+        todo.append((path, Entry(rel, sha, stat.st_size, stat.st_mtime_ns), prior is not None))
     report.removed = sorted(set(previous) - seen)
 
     arrays = {k: old.arrays[k][keep_rows] for k in ARRAYS} if old and keep_rows else None
@@ -324,15 +320,15 @@ def _update_index(
 
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo)
     done_entries = []
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
+    for chunk, decoded in decoded_batches(todo, size, batch_size):
         batch, ok = [], []
-        for path, entry in chunk:
-            try:
-                batch.append(read_image(path, size))
-                ok.append(entry)
-            except (OSError, ValueError) as error:
-                report.rejected.append({"path": entry.path, "reason": f"corrupt image ({error})"})
+        for (_, entry, known), (pixels, problem) in zip(chunk, decoded, strict=True):
+            if problem:
+                report.rejected.append({"path": entry.path, "reason": problem})
+                continue
+            (report.changed if known else report.added).append(entry.path)
+            batch.append(pixels)
+            ok.append(entry)
         if batch:
             for k, v in index_arrays(model, np.stack(batch)).items():
                 new_parts[k].append(v)
@@ -355,6 +351,25 @@ def _update_index(
         save_index(index, index_dir)
     index.build_faiss()
     return index, report
+
+
+def decoded_batches(
+    todo: list[tuple[Path, Entry, bool]], size: tuple[int, int], batch_size: int
+) -> Iterator[tuple[list[tuple[Path, Entry, bool]], list[tuple[np.ndarray | None, str | None]]]]:
+    """Chunks of `todo` with each file checked and decoded once (read_checked_image); the next chunk
+    decodes in a thread while the model reads this one (PIL releases the GIL while it decodes)."""
+    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+
+    def decode(chunk: list[tuple[Path, Entry, bool]]) -> list[tuple[np.ndarray | None, str | None]]:
+        return [read_checked_image(path, size) for path, _, _ in chunk]
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(decode, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            decoded = pending.result()
+            if i + 1 < len(chunks):
+                pending = pool.submit(decode, chunks[i + 1])
+            yield chunk, decoded
 
 
 def _empty_arrays(model: LGUR) -> dict[str, np.ndarray]:
