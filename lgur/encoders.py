@@ -139,7 +139,10 @@ class CNNEncoder(nn.Module):
         nn.init.trunc_normal_(self.position, std=0.02)
 
     def forward(self, images: Tensor) -> Tensor:
-        features = self.cnn(images * self.input_scale + self.input_shift)[-1]  # (B, C, H / stride, W / stride)
+        images = images * self.input_scale + self.input_shift
+        if not self.training:  # oneDNN's depthwise convolutions run ~1.4x faster on NHWC inputs (indexing, search)
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.cnn(images)[-1]  # (B, C, H / stride, W / stride)
         if tuple(features.shape[-2:]) != self.grid:
             raise ValueError(f"image size gives a {tuple(features.shape[-2:])} grid, expected {self.grid}")
         return self.proj(features.flatten(2).transpose(1, 2)) + self.position

