@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lgur.checkpoint import checkpoint_fingerprint, read_card, save_checkpoint
-from lgur.files import read_image
+from lgur.files import read_checked_image, read_image
 from lgur.index import index_file, load_index, merge_shards, scan_gallery, update_index
 from lgur.model import LGUR
 from lgur.search import QueryError, SearchEngine
@@ -140,6 +140,24 @@ def test_unreadable_images_are_reported_and_skipped(tiny_checkpoint: Path, galle
     assert reasons["truncated.jpg"].startswith("corrupt image")
     assert len(index) == 8
     assert {r["path"] for r in load_index(gallery, gallery / ".lgur-index", fp).rejected} == set(reasons)
+
+
+def test_indexing_reads_the_pixels_search_reads_from_one_decode(tmp_path: Path) -> None:
+    """read_checked_image (indexing: check and read from one decode) == check_image + read_image."""
+    rng = np.random.default_rng(0)
+    files = {
+        "photo.jpg": Image.fromarray(rng.integers(0, 255, (300, 120, 3), dtype=np.uint8)),
+        "alpha.png": Image.fromarray(rng.integers(0, 255, (90, 40, 4), dtype=np.uint8)),
+        "grey16.png": Image.fromarray(rng.integers(0, 4000, (90, 40), dtype=np.uint16)),
+        "camera.jpg": Image.fromarray(rng.integers(0, 255, (1400, 1200, 3), dtype=np.uint8)),  # decoded at 1/2
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        pixels, problem = read_checked_image(tmp_path / name, (96, 32))
+        assert problem is None and np.array_equal(pixels, read_image(tmp_path / name, (96, 32))), name
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "photo.jpg").read_bytes()[:500])
+    pixels, problem = read_checked_image(tmp_path / "cut.jpg", (96, 32))
+    assert pixels is None and problem.startswith("corrupt image")
 
 
 def test_shards_merge_to_the_single_index(tiny_checkpoint: Path, gallery: Path, tmp_path: Path) -> None:
