@@ -234,6 +234,15 @@ def test_foreground_prior_changes_only_the_image_side() -> None:
 
     assert foreground_mass(b) > foreground_mass(a)
 
+    # Without the prior, m only scales the memory before the decoder's pre-norm, which cancels it
+    # (as in the authors' code): moving every m changes no image embedding. With it, it does.
+    for model, moves in ((plain, False), (with_prior, True)):
+        with torch.no_grad():
+            before = model.embed_images(images)
+            model.dga.foreground.bias += 2.0
+            after = model.embed_images(images)
+        assert torch.allclose(before, after, atol=1e-4) != moves
+
 
 def test_tokenizer_calls_from_two_threads_never_overlap() -> None:
     """The app builds the atom atlas's word table in a background thread while searches run; a fast
