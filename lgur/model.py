@@ -212,6 +212,13 @@ class LGUR(nn.Module):
         """Token ids and mask (B, T) -> (B, E) unit-norm retrieval embeddings."""
         return self.explain_texts(mask, ids, need_weights=False).embedding
 
+    @property
+    def learns_foreground(self) -> bool:
+        """Does training shape DGA's foreground weight m? Only with the foreground prior (pgu_foreground):
+        otherwise m scales PGU's memory before its pre-norm, which cancels it, so m stays untrained and
+        explanations should not be weighted by it."""
+        return self.dga is not None and self.config.pgu_foreground
+
     def guidance_attention(self, images: Tensor, ids: Tensor, mask: Tensor, weighted: bool = False) -> Tensor:
         """Cross-modality guidance for (image, caption) pairs: which words each patch reads.
 

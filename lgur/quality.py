@@ -6,8 +6,8 @@
   shows as a departure from area; each prototype's region label; their overlap.
 - Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
   word that names a garment or accessory of one part, does the peak of its guidance map
-  (how much that word contributes to each patch: attention times the foreground weight m,
-  as the app shows it), upsampled to the image's pixels, fall within 15/224 of the image
+  (how much that word contributes to each patch: attention, times the foreground weight m
+  where the model learns m, as the app shows it), upsampled to the image's pixels, fall within 15/224 of the image
   height of that part's pixels (Zhang et al.'s 15 pixels at 224)? Counted in pixels, not
   patches, so a coarser grid does not score higher. Also the share of the map's energy inside
   the part.
@@ -206,7 +206,8 @@ def explanation_quality(
         owner = torch.tensor([i for i, _ in captions])
         guidance = None
         if model.dga is not None:
-            guidance = model.guidance_attention(normalize(images[owner]), ids, mask, weighted=True).mean(1)  # (C, N, T)
+            guidance = model.guidance_attention(normalize(images[owner]), ids, mask, model.learns_foreground)
+            guidance = guidance.mean(1)  # (C, N, T)
             # as the app computes them: a caption's histogram is the mean over its words
             caption_atoms.append(torch.from_numpy(encoded_atom_histograms(model, encoded)))
             image_atoms.append(explained.atom_histogram)  # (B, atoms)
@@ -268,6 +269,7 @@ def explanation_quality(
     words = [x for v in pointing.values() for x in v]
     if words:
         result["pointing_game"] = {
+            "weighted_by_foreground": model.learns_foreground,
             "accuracy": 100 * float(np.mean([h for h, _ in words])),
             "energy_inside": 100 * float(np.mean([e for _, e in words])),
             "words": len(words),

@@ -538,10 +538,12 @@ class SearchEngine:
     @torch.inference_mode()
     def guidance(self, query: QueryEncoding, image: str | Path) -> np.ndarray:
         """Cross-modality guidance: (N, W) how much each query word contributes to each patch of `image`
-        (a result's path): attention times the patch's foreground weight, heads averaged."""
+        (a result's path): each patch's attention to the word, heads averaged, times the patch's foreground
+        weight where the model learns it (LGUR.learns_foreground)."""
         ids = torch.from_numpy(query.token_ids)[None]
         mask = torch.ones_like(ids, dtype=torch.bool)
-        weights = self.model.guidance_attention(self._images([image]), ids, mask, weighted=True)[0].mean(0).numpy()
+        weighted = self.model.learns_foreground
+        weights = self.model.guidance_attention(self._images([image]), ids, mask, weighted)[0].mean(0).numpy()
         return np.stack([weights[:, span].sum(-1) for span in query.spans], -1) if query.spans else weights[:, :0]
 
 

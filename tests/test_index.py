@@ -201,6 +201,16 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
         engine.search("   \n\t ", k=5)
     guidance = engine.guidance(response.query, response.results[0].path)
     assert guidance.shape == (engine.grid[0] * engine.grid[1], len(response.query.words))
+    # Weighted by the foreground only where the model learns it (this one does not: no foreground prior).
+    assert not engine.model.learns_foreground
+    ids = torch.from_numpy(response.query.token_ids)[None]
+    with torch.no_grad():
+        plain = engine.model.guidance_attention(
+            engine._images([response.results[0].path]), ids, torch.ones_like(ids, dtype=torch.bool)
+        )
+    expected = plain[0].mean(0).numpy()
+    expected = np.stack([expected[:, span].sum(-1) for span in response.query.spans], -1)
+    assert np.allclose(guidance, expected, atol=1e-6)
 
 
 def test_atoms_are_ranked_relative_to_the_average_when_the_card_has_it(tiny_checkpoint: Path, gallery: Path) -> None:
