@@ -87,8 +87,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart", format="png")
                 learned = explorer.engine.model.learns_foreground  # else m is untrained: say so, weight nothing by it
                 foreground = gr.Image(
-                    label="DGA foreground weight m"
-                    + ("" if learned else " (untrained in this model: see the model card)"),
+                    label="DGA foreground weight m" + ("" if learned else " (untrained here)"),
                     type="pil",
                     elem_id="foreground",
                     scale=1,

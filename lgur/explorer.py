@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from .data.dataset import content_word
 from .explain import atom_chart, display_rgb, overlay, prototype_names, prototype_overlays, word_highlights
 from .files import remove_temporaries
 from .gallery import private_sessions_root
@@ -144,8 +145,9 @@ class Explorer:
         """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
         the query's words (for the guidance map) and the chart's atoms (for the atlas).
 
-        So that no panel opens empty, the word picked is the one the selected prototype reads most,
-        and the atom the first both sides share (else the chart's first); `details` draws them.
+        So that no panel opens empty, the word picked is the one the selected prototype reads most
+        among the words that describe the person (not "a" or "with", unless there is no other), and
+        the atom the first both sides share (else the chart's first); `details` draws them.
         """
         if response is None or not response.results:
             return [], [], None, None, "", Choices(), Choices()
@@ -177,7 +179,8 @@ class Explorer:
         if meta.get("captions"):
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
         word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
-        word = word_choices[max(range(len(words)), key=lambda i: words[i][1])] if words else None
+        candidates = [i for i, (w, _) in enumerate(words) if content_word(w)] or range(len(words))
+        word = word_choices[max(candidates, key=lambda i: words[i][1])] if words else None
         atom_choices = [(f"{a} (shared)", str(a)) for a in charted]
         atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in charted]
         return (

@@ -130,6 +130,11 @@ _FUNCTION_WORDS = frozenset(
 )
 
 
+def content_word(word: str) -> bool:
+    """Does the word say something about how a person looks ("red", "coat", "she"), not "a" or "with"?"""
+    return word.lower() not in _FUNCTION_WORDS
+
+
 def description_terms(text: str) -> frozenset[str]:
     """What a description asserts, as words: its content words and each adjacent pair of them.
 
