@@ -85,19 +85,13 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 with gr.Column(scale=3):
                     gr.Markdown("**DGA: the dictionary atoms the query and the image were rebuilt from**")
                     chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart", format="png")
-                learned = explorer.engine.model.learns_foreground  # else m is untrained: say so, weight nothing by it
                 foreground = gr.Image(
-                    label="DGA foreground weight m" + ("" if learned else " (untrained here)"),
-                    type="pil",
-                    elem_id="foreground",
-                    scale=1,
-                    format="jpeg",
+                    label=explorer.foreground_label, type="pil", elem_id="foreground", scale=1, format="jpeg"
                 )
             with gr.Row():
                 word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
                 guidance = gr.Image(
-                    label="Regions this word feeds (their attention to it"
-                    + (" x foreground weight m)" if learned else ")"),
+                    label=explorer.guidance_label,
                     type="pil",
                     scale=1,
                     elem_id="guidance",

@@ -116,6 +116,17 @@ class Explorer:
         remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
 
     # -- search -------------------------------------------------------------------------------
+    @property
+    def foreground_label(self) -> str:
+        """The m panel's label: said to be untrained in a model that does not learn m."""
+        return "DGA foreground weight m" + ("" if self.engine.model.learns_foreground else " (untrained here)")
+
+    @property
+    def guidance_label(self) -> str:
+        """The guidance panel's label: what its map is (times m only where the model learns m)."""
+        weighted = " x foreground weight m" if self.engine.model.learns_foreground else ""
+        return f"Regions this word feeds (their attention to it{weighted})"
+
     def search(
         self, query: str, k: float, visitor: str | None = None
     ) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:

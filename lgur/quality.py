@@ -7,8 +7,8 @@
 - Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
   word that names a garment or accessory of one part, does the peak of its guidance map
   (how much that word contributes to each patch: attention, times the foreground weight m
-  where the model learns m, as the app shows it), upsampled to the image's pixels, fall within 15/224 of the image
-  height of that part's pixels (Zhang et al.'s 15 pixels at 224)? Counted in pixels, not
+  where the model learns m, as the app shows it), upsampled to the image's pixels, fall
+  within 15/224 of the image height of that part's pixels (Zhang et al.'s 15 pixels at 224)? Counted in pixels, not
   patches, so a coarser grid does not score higher. Also the share of the map's energy inside
   the part.
 - Shared dictionary: how many of their top-20 atoms a caption and an image share, for
