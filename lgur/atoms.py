@@ -1,10 +1,11 @@
 """Dictionary atoms: how a caption or an image is summarised by DGA's shared dictionary.
 
 A text's atom histogram is the mean over its words of each word's reconstruction weights
-(heads and word pieces averaged); an image's is the foreground-weighted mean over its patches
-(model.ImageExplanation.atom_histogram). Atoms are compared by weight relative to the average
-caption's or image's, since every description uses some atoms heavily. Used by training and
-export (the card's average), explanation quality, and the search engine.
+(heads and word pieces averaged); an image's is the mean over its patches, weighted by the
+foreground weight m where the model learns it (model.ImageExplanation.atom_histogram). Atoms
+are compared by weight relative to the average caption's or image's, since every description
+uses some atoms heavily. Used by training and export (the card's average), explanation
+quality, and the search engine.
 """
 
 from __future__ import annotations

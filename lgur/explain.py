@@ -163,9 +163,11 @@ def atom_chart(
     shared: list[int],
     title: str = "mean atom weight",
     reference: float | None = None,
+    image_label: str = "image",
 ) -> Image.Image:
     """Grouped bars of the query's and the image's weight on `atoms`; `shared` ones (in both top-20s)
-    are starred; `reference`: a dashed line at that value (1.0 for weights relative to the average).
+    are starred; `reference`: a dashed line at that value (1.0 for weights relative to the average);
+    `image_label`: the legend's name for the image's bars.
 
     Drawn directly with PIL (a few milliseconds, against ~80 ms for a plotting library).
     """
@@ -204,7 +206,7 @@ def atom_chart(
                   font=font)  # fmt: skip
     draw.text((left, height - 20), "dictionary atom (* = in both top-20s)", fill=(60, 60, 60), font=font)
     x = left
-    for name, colour in (("query", blue), ("image (foreground-weighted)", orange)):
+    for name, colour in (("query", blue), (image_label, orange)):
         draw.rectangle([x, 12, x + 14, 26], fill=colour)
         draw.text((x + 20, 10), name, fill=(0, 0, 0), font=font)
         x += 40 + draw.textlength(name, font=font)

@@ -170,6 +170,7 @@ class Explorer:
         chart = atom_chart(
             response.query.atom_weights, result.atom_weights, result.salient_atoms, result.shared_atoms,
             title="weight / average" if relative else "mean atom weight", reference=1.0 if relative else None,
+            image_label="image (foreground-weighted)" if self.engine.model.learns_foreground else "image",
         )  # fmt: skip
         foreground = overlay(display_rgb(result.path), result.foreground, response.grid, alpha=0.55)
         best = result.strongest_part

@@ -1,13 +1,12 @@
 """Gallery index: what the search engine needs, computed once per image.
 
-For a folder of images the index holds a manifest (relative path, sha256, size),
-the dictionary-branch embeddings and part vectors, an explanation cache (PGU
-prototype attention per layer and head, foreground weights, foreground-weighted
-atom histogram) and a faiss index. It is incremental (only new or changed files are
-embedded), tied to the checkpoint's fingerprint (a different model rebuilds it), and
-one file written atomically (arrays, manifest and a checksum together), so a
-truncated, corrupt or stale index is detected and rebuilt, never served. Updates of
-one index are serialised by a file lock (threads and processes alike).
+For a folder of images the index holds a manifest (relative path, sha256, size), the
+dictionary-branch embeddings and part vectors, an explanation cache (PGU prototype attention
+per layer and head, foreground weights, atom histogram) and a faiss index. It is incremental
+(only new or changed files are embedded), tied to the checkpoint's fingerprint (a different
+model rebuilds it), and one file written atomically (arrays, manifest and a checksum
+together), so a truncated, corrupt or stale index is detected and rebuilt, never served.
+Updates of one index are serialised by a file lock (threads and processes alike).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from .model import LGUR
 log = logging.getLogger(__name__)
 
 FORMAT = "lgur-index"
-FORMAT_VERSION = 2  # 2: arrays and manifest in one file
+FORMAT_VERSION = 3  # 2: arrays and manifest in one file; 3: atom histogram weighted by m only where learned
 INDEX_FOLDER = ".lgur-index"  # inside the gallery unless told otherwise; hidden, so never indexed itself
 # Exact inner-product search up to this many images, IVF beyond. Measured on 2 cores with
 # 1536-d embeddings: exact search costs ~0.5 ms per 1,000 images per query, so past ~50k it

@@ -37,13 +37,18 @@ class ImageExplanation:
     foreground: Tensor | None  # (B, N) foreground weight m per patch
     grid: tuple[int, int]  # (rows, cols) of the patch grid, N = rows * cols
     patch_features: Tensor | None = None  # (B, N, D) the image encoder's output, before DGA
+    foreground_learned: bool = False  # does m mean anything (LGUR.learns_foreground)?
 
     @property
     def atom_histogram(self) -> Tensor | None:
-        """(B, atoms): the patches' atom weights (heads averaged), foreground-weighted mean."""
+        """(B, atoms): the patches' atom weights (heads averaged), mean over patches, weighted by
+        the foreground weight m where the model learns it (elsewhere m is untrained noise)."""
         if self.dictionary_weights is None:
             return None
-        weights, fg = self.dictionary_weights.mean(1), self.foreground  # (B, N, atoms), (B, N)
+        weights = self.dictionary_weights.mean(1)  # (B, N, atoms)
+        if not self.foreground_learned or self.foreground is None:
+            return weights.mean(1)
+        fg = self.foreground  # (B, N)
         return (weights * fg.unsqueeze(-1)).sum(1) / fg.sum(1, keepdim=True).clamp(min=1e-6)
 
 
@@ -184,6 +189,7 @@ class LGUR(nn.Module):
             foreground,
             self.image_encoder.grid,
             encoded if need_weights else None,
+            self.learns_foreground,
         )
 
     def explain_texts(

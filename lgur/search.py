@@ -92,7 +92,7 @@ class SearchResult:
     part_contribution: np.ndarray  # (P,) each part's share of the score (sums to score)
     prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid (float16)
     foreground: np.ndarray  # (N,) (float16)
-    atom_histogram: np.ndarray  # (atoms,) foreground-weighted (float16)
+    atom_histogram: np.ndarray  # (atoms,) mean over patches, m-weighted where m is learned (float16)
     atom_weights: np.ndarray  # (atoms,) relative to the average gallery image (relative_weights)
     shared_atoms: list[int]  # in the top 20 of both this image and the query, by relative weight
     salient_atoms: list[int]  # the atoms that matter most to either (what the atom chart shows)

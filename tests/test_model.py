@@ -245,6 +245,21 @@ def test_foreground_prior_changes_only_the_image_side() -> None:
         assert torch.allclose(before, after, atol=1e-4) != moves
 
 
+def test_image_atom_histogram_weights_patches_by_m_only_where_m_is_learned() -> None:
+    torch.manual_seed(0)
+    plain = LGUR(tiny_config()).eval()
+    with_prior = LGUR(tiny_config(pgu_foreground=True)).eval()
+    with_prior.load_state_dict(plain.state_dict())
+    images = random_images(plain, 2)
+    with torch.no_grad():
+        a, b = plain.explain_images(images), with_prior.explain_images(images)
+    weights, m = a.dictionary_weights.mean(1), a.foreground  # (B, N, atoms), (B, N): the same in both
+    assert torch.allclose(a.atom_histogram, weights.mean(1))  # untrained m: a plain mean over patches
+    expected = (weights * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+    assert torch.allclose(b.atom_histogram, expected, atol=1e-6)
+    assert not torch.allclose(a.atom_histogram, b.atom_histogram)
+
+
 def test_tokenizer_calls_from_two_threads_never_overlap() -> None:
     """The app builds the atom atlas's word table in a background thread while searches run; a fast
     tokenizer keeps padding/truncation settings in shared state, so calls must not interleave."""
