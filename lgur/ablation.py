@@ -54,6 +54,8 @@ TRUNK_OPTIONS = {
     "256x96 input (16x6 grid)": TRUNK_REFERENCE | {"model_overrides": {"image.img_size": [256, 96]}},
     "stem and first two blocks frozen in the first epoch": TRUNK_REFERENCE | {"frozen_stem_epochs": 1},
     "stride 8 (24x8 grid)": TRUNK_REFERENCE | {"model_overrides": {"image.patch_size": 8}},
+    "stride 8 with the stride-16 features added (24x8 grid)": TRUNK_REFERENCE
+    | {"model_overrides": {"image.patch_size": 8, "image.context_stride": 16}},
     "the captions' terms predicted from both embeddings": TRUNK_REFERENCE | {"term_prediction": 1.0},
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}

@@ -23,6 +23,9 @@ class ImageEncoderConfig:
     timm_name: str = "deit_small_distilled_patch16_224"
     img_size: tuple[int, int] = (384, 128)  # (height, width)
     patch_size: int = 16  # ViT patch size, or the CNN feature stride: the grid is img_size // patch_size
+    # kind "cnn" only: a coarser stride whose (deeper) features are upsampled to the grid and added,
+    # as FPN's top-down path does, so a fine grid keeps the deeper stage's semantics. None: off.
+    context_stride: int | None = None
     # Overrides of the timm architecture (None keeps the named model's value).
     embed_dim: int | None = None
     depth: int | None = None

@@ -90,20 +90,28 @@ class ViTEncoder(nn.Module):
 class CNNEncoder(nn.Module):
     """(B, 3, H, W) -> (B, N, dim): a timm CNN's feature map at stride `patch_size`, as tokens.
 
-    The stages after that stride are not built. A learned position embedding tells
-    the prototypes where on the body a token sits (a convolution only knows its neighbourhood).
+    The stages after that stride (or after `context_stride`) are not built. With `context_stride`,
+    the deeper map is projected, upsampled to the grid (nearest) and added, as FPN's top-down path.
+    A learned position embedding tells the prototypes where on the body a token sits (a
+    convolution only knows its neighbourhood).
     """
 
     def __init__(self, config: ImageEncoderConfig, dim: int, load_pretrained: bool = True) -> None:
         super().__init__()
         probe = timm.create_model(config.timm_name, pretrained=False, features_only=True)
         reductions = probe.feature_info.reduction()
-        if config.patch_size not in reductions:
-            raise ValueError(f"{config.timm_name} has feature maps at strides {reductions}, not {config.patch_size}")
-        stage = reductions.index(config.patch_size)
         del probe
+        strides = [config.patch_size] + ([config.context_stride] if config.context_stride else [])
+        for stride in strides:
+            if stride not in reductions:
+                raise ValueError(f"{config.timm_name} has feature maps at strides {reductions}, not {stride}")
+        if config.context_stride and config.context_stride <= config.patch_size:
+            raise ValueError(
+                f"context_stride {config.context_stride} must be coarser than patch_size {config.patch_size}"
+            )
+        stages = tuple(reductions.index(s) for s in strides)
         from_hub = load_pretrained and config.pretrained and not (config.pretrained_path or config.weights)
-        kwargs = dict(features_only=True, out_indices=(stage,), drop_path_rate=config.drop_path)
+        kwargs = dict(features_only=True, out_indices=stages, drop_path_rate=config.drop_path)
         try:
             self.cnn = timm.create_model(config.timm_name, pretrained=from_hub, **kwargs)
         except Exception as error:  # no network
@@ -113,9 +121,9 @@ class CNNEncoder(nn.Module):
                 stacklevel=2,
             )
             self.cnn = timm.create_model(config.timm_name, pretrained=False, **kwargs)
-        stages = getattr(self.cnn, "_stage_out_idx", None)
-        if stages and hasattr(self.cnn, "blocks"):  # timm's EfficientNet features run every block: drop the unused
-            self.cnn.blocks = self.cnn.blocks[: max(stages)]
+        block_outputs = getattr(self.cnn, "_stage_out_idx", None)
+        if block_outputs and hasattr(self.cnn, "blocks"):  # timm's EfficientNet features run every block
+            self.cnn.blocks = self.cnn.blocks[: max(block_outputs)]
         if load_pretrained and config.weights:
             source = packaged_weights(config.weights)
             if source.timm_name != config.timm_name:
@@ -133,8 +141,9 @@ class CNNEncoder(nn.Module):
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.grid = config.grid
-        channels = self.cnn.feature_info.channels()[-1]
-        self.proj = nn.Linear(channels, dim)
+        channels = self.cnn.feature_info.channels()
+        self.proj = nn.Linear(channels[0], dim)
+        self.context_proj = nn.Linear(channels[1], dim) if config.context_stride else None
         self.position = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
         nn.init.trunc_normal_(self.position, std=0.02)
 
@@ -142,10 +151,15 @@ class CNNEncoder(nn.Module):
         images = images * self.input_scale + self.input_shift
         if not self.training:  # oneDNN's depthwise convolutions run ~1.4x faster on NHWC inputs (indexing, search)
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.cnn(images)[-1]  # (B, C, H / stride, W / stride)
-        if tuple(features.shape[-2:]) != self.grid:
-            raise ValueError(f"image size gives a {tuple(features.shape[-2:])} grid, expected {self.grid}")
-        return self.proj(features.flatten(2).transpose(1, 2)) + self.position
+        features = self.cnn(images)  # [(B, C, H / stride, W / stride)] for the grid's stride (and the context's)
+        if tuple(features[0].shape[-2:]) != self.grid:
+            raise ValueError(f"image size gives a {tuple(features[0].shape[-2:])} grid, expected {self.grid}")
+        tokens = self.proj(features[0].flatten(2).transpose(1, 2))  # (B, N, dim)
+        if self.context_proj is not None:
+            context = self.context_proj(features[1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, dim, h, w)
+            context = F.interpolate(context, size=self.grid, mode="nearest")  # (B, dim, rows, cols)
+            tokens = tokens + context.flatten(2).transpose(1, 2)
+        return tokens + self.position
 
 
 def resize_position_embedding(position: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:

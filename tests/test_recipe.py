@@ -35,6 +35,26 @@ def test_cnn_encoder_gives_the_configured_grid() -> None:
         build_image_encoder(ImageEncoderConfig(kind="rnn"), 32)
 
 
+def test_cnn_encoder_adds_a_deeper_stage_upsampled_to_its_grid() -> None:
+    config = ImageEncoderConfig(
+        kind="cnn", timm_name="resnet18", img_size=(64, 24), patch_size=8, context_stride=16, pretrained=False
+    )
+    encoder = build_image_encoder(config, dim=32).eval()
+    assert encoder.grid == (8, 3) and encoder.context_proj.in_features == 256  # resnet18's stride-16 stage
+    images = torch.randn(2, 3, 64, 24)
+    with torch.no_grad():
+        tokens = encoder(images)
+        fine, coarse = encoder.cnn(images * encoder.input_scale + encoder.input_shift)
+        context = encoder.context_proj(coarse.permute(0, 2, 3, 1))  # (2, 4, 2, 32)
+        # each stride-16 cell feeds the 2x2 stride-8 cells under it (rows 0-1 <- 0, ...; cols 2 <- 1)
+        expected = encoder.proj(fine.permute(0, 2, 3, 1)) + context.repeat_interleave(2, 1)[:, :, [0, 0, 1]]
+    assert tokens.shape == (2, 24, 32)
+    assert torch.allclose(tokens, expected.flatten(1, 2) + encoder.position, atol=1e-5)
+    with pytest.raises(ValueError, match="coarser"):
+        build_image_encoder(ImageEncoderConfig(kind="cnn", timm_name="resnet18", patch_size=16, context_stride=8,
+                                               pretrained=False), 32)  # fmt: skip
+
+
 def _brute_force_sdm(
     a: torch.Tensor,
     b: torch.Tensor,
