@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .data.dataset import content_word
 from .explain import atom_chart, display_rgb, overlay, prototype_names, prototype_overlays, word_highlights
 from .files import remove_temporaries
 from .gallery import private_sessions_root
-from .search import QueryError, SearchEngine, SearchResponse, result_count, word_effects
+from .search import QueryError, SearchEngine, SearchResponse, SearchResult, result_count, word_effects
 from .tabs import GALLERY_ROUTE, GalleryTab, ModelTab, PhotoSearch
 from .uploads import UploadLimits, UploadStore
 
@@ -114,6 +115,8 @@ class Explorer:
         self.gallery = GalleryTab(engine, store, shared_uploads, uploads)  # uploads: its sub-folder for shared ones
         self.model = ModelTab(engine, self.prototypes)
         remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
+        self._effects: dict[tuple, np.ndarray] = {}  # word_effects of recent results, oldest first
+        self._effects_lock = threading.Lock()
 
     # -- search -------------------------------------------------------------------------------
     @property
@@ -156,9 +159,10 @@ class Explorer:
         """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
         the query's words (for the guidance map) and the chart's atoms (for the atlas).
 
-        So that no panel opens empty, the word picked is the one the selected prototype reads most
-        among the words that describe the person (not "a" or "with", unless there is no other), and
-        the atom the first both sides share (else the chart's first); `details` draws them.
+        So that no panel opens empty, the word picked is the describing word (not "a" or "with") that
+        helped this result's score most, as "which words mattered" shows it (else the one the selected
+        prototype reads most), and the atom the first both sides share (else the chart's first);
+        `details` draws them.
         """
         if response is None or not response.results:
             return [], [], None, None, "", Choices(), Choices()
@@ -192,7 +196,10 @@ class Explorer:
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
         word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
         candidates = [i for i, (w, _) in enumerate(words) if content_word(w)] or range(len(words))
-        word = word_choices[max(candidates, key=lambda i: words[i][1])] if words else None
+        effects = self.word_effects(response, result)
+        helped = [i for i in candidates if i < len(effects) and effects[i] > 0]
+        pick = max(helped, key=lambda i: effects[i]) if helped else max(candidates, key=lambda i: words[i][1])
+        word = word_choices[pick] if words else None
         atom_choices = [(f"{a} (shared)", str(a)) for a in charted]
         atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in charted]
         return (
@@ -221,12 +228,25 @@ class Explorer:
         left out, as a share of the largest effect: + helped, - hurt), for a highlighted text."""
         if response is None or not response.results:
             return []
-        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
-        effects = word_effects(self.engine.model, response.query, result.parts)
+        effects = self.word_effects(response, response.results[min(max(int(selected), 0), len(response.results) - 1)])
         scale = float(np.abs(effects).max()) if len(effects) else 0.0
         if scale <= 0:
             return [(w, None) for w in response.query.words]
         return [(w, round(float(e) / scale, 3)) for w, e in zip(response.query.words, effects)]
+
+    def word_effects(self, response: SearchResponse, result: SearchResult) -> np.ndarray:
+        """(W,) what each query word adds to the result's score (search.word_effects), kept for the
+        last few results: `explain` picks its word by it and `details` draws it right after."""
+        key = (response.query.token_ids.tobytes(), result.path, result.score)
+        with self._effects_lock:
+            if key in self._effects:
+                return self._effects[key]
+        effects = word_effects(self.engine.model, response.query, result.parts)
+        with self._effects_lock:
+            self._effects[key] = effects
+            while len(self._effects) > 64:
+                self._effects.pop(next(iter(self._effects)))  # the oldest
+        return effects
 
     def chart_atom_atlas(self, atom: str | None) -> tuple[list[tuple[Any, str]], str]:
         """The atlas of the atom picked from the chart; nothing while none is picked."""

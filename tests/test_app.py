@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import app as explorer_app
+from lgur.search import word_effects
 from lgur.uploads import UploadStore
 from tests.conftest import free_port, served_app, tiny_explorer
 
@@ -41,10 +42,13 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert isinstance(foreground, Image.Image)
     assert "Result #2" in summary
     assert word_choices.choices[0] == "1: a"
-    # No panel opens empty: the guidance map of the describing word the prototype reads most ("red", not
-    # "a"), the atlas of the first atom.
+    # No panel opens empty: the guidance map of the describing word (not "a") that helped this result's
+    # score most, as "which words mattered" shows it (else the one the prototype reads most); the
+    # atlas of the first atom.
     described = [i for i, (w, _) in enumerate(words) if w not in ("a", "in", "with", "and")]
-    top_word = max(described, key=lambda i: words[i][1])
+    effects = word_effects(explorer.engine.model, response.query, response.results[1].parts)
+    helped = [i for i in described if effects[i] > 0]
+    top_word = max(helped, key=lambda i: effects[i]) if helped else max(described, key=lambda i: words[i][1])
     assert word_choices.value == word_choices.choices[top_word]
     result = response.results[1]
     assert [int(v) for _, v in atom_choices.choices] == [
