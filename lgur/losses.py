@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import IdentityClassifier, TrainOutputs
+from .pgu import Parts
 
 
 def identity_loss(classifier: IdentityClassifier, parts: Tensor, labels: Tensor) -> Tensor:
@@ -88,11 +89,37 @@ def similarity_distribution_matching(
     return one_way(logits, match) + backward
 
 
-def term_prediction_loss(classifier: nn.Linear, embedding: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy from the classifier's softmax over terms to the sample's terms, uniform (weak
-    supervision by words, as Joulin et al. ECCV 2016). embedding: (B, E) unit vectors; targets:
-    (B, K) multi-hot. Rows without a term are skipped."""
-    logits = classifier(embedding * embedding.shape[1] ** 0.5)  # unit rows -> unit-variance inputs
+class PartTermClassifier(nn.Module):
+    """Term prediction from the part vectors (option): each prototype has its own linear classifier
+    over the terms and a term is said when some part says it: the terms' probabilities are the
+    softmax over all (part, term) pairs summed over the parts (multiple-instance learning). So a
+    detail ("white sneakers") has to be read by one part, which the retrieval embedding then
+    carries, and a part that reads the background predicts nothing a caption names."""
+
+    def __init__(self, parts: int, part_dim: int, terms: int) -> None:
+        super().__init__()
+        bound = part_dim**-0.5  # nn.Linear's initialisation, per part
+        self.weight = nn.Parameter(torch.empty(parts, part_dim, terms).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(parts, terms).uniform_(-bound, bound))
+
+    def forward(self, vectors: Tensor) -> Tensor:
+        """(B, P, part_dim) part vectors -> (B, K) term logits, log-sum-exp over the parts."""
+        unit = F.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5  # unit-variance inputs
+        return (torch.einsum("bpd,pdk->bpk", unit, self.weight) + self.bias).logsumexp(dim=1)
+
+
+def term_logits(classifier: nn.Module, parts: Parts) -> Tensor:
+    """(B, K) term logits of one branch: from its part vectors (PartTermClassifier) or its embedding."""
+    if isinstance(classifier, PartTermClassifier):
+        return classifier(parts.vectors)
+    embedding = parts.embedding
+    return classifier(embedding * embedding.shape[1] ** 0.5)  # unit rows -> unit-variance inputs
+
+
+def term_prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy from the softmax over terms to the sample's terms, uniform (weak supervision by
+    words, as Joulin et al. ECCV 2016). logits: (B, K) (term_logits); targets: (B, K) multi-hot.
+    Rows without a term are skipped."""
     count = targets.sum(dim=1)
     loss = -(targets * logits.log_softmax(dim=1)).sum(dim=1) / count.clamp(min=1)
     keep = count > 0
@@ -125,8 +152,9 @@ class LGURLoss(nn.Module):
     - `match` in forward: which texts describe which images beyond same identity (a crop "black
       jeans" is true of everyone in black jeans), for the cross-modal SDM targets and triplets;
     - term_prediction > 0 (with `terms` terms and embeddings of `embedding_dim`): that weight times
-      the term prediction loss of every branch, one linear classifier shared by both modalities;
-      `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot each.
+      the term prediction loss of every branch, one classifier shared by both modalities: linear on
+      the embedding, or with `part_terms` = (prototypes, part_dim) a PartTermClassifier on the part
+      vectors; `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot each.
     """
 
     def __init__(
@@ -139,6 +167,7 @@ class LGURLoss(nn.Module):
         term_prediction: float = 0.0,
         terms: int = 0,
         embedding_dim: int = 0,
+        part_terms: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.margin = margin
@@ -147,7 +176,10 @@ class LGURLoss(nn.Module):
         self.term_prediction = term_prediction
         self.generator = torch.Generator().manual_seed(seed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
-        self.term_classifier = nn.Linear(embedding_dim, terms) if term_prediction > 0 and terms else None
+        self.term_classifier: nn.Module | None = None
+        if term_prediction > 0 and terms:
+            linear = part_terms is None
+            self.term_classifier = nn.Linear(embedding_dim, terms) if linear else PartTermClassifier(*part_terms, terms)
 
     def forward(
         self,
@@ -194,9 +226,8 @@ class LGURLoss(nn.Module):
         if self.term_classifier is not None and term_targets is not None:
             for name, parts in branches.items():
                 targets = term_targets[0] if name.startswith("image") else term_targets[1]
-                losses[f"terms/{name}"] = self.term_prediction * term_prediction_loss(
-                    self.term_classifier, parts.embedding, targets
-                )
+                logits = term_logits(self.term_classifier, parts)
+                losses[f"terms/{name}"] = self.term_prediction * term_prediction_loss(logits, targets)
         if self.diversity > 0:
             dictionary = out.image_dictionary is not None
             shown = [out.image_dictionary, out.text_dictionary] if dictionary else [out.image, out.text]

@@ -108,6 +108,10 @@ class TrainConfig:
     # In-batch identity losses never ask for a detail that top and bottom colour already settle;
     # this asks for every detail the captions name, on both sides. Captions only, no labels.
     term_prediction: float = 0.0
+    # What predicts the terms: "embedding" (one linear classifier on the retrieval embedding) or
+    # "parts" (one per prototype, a term said when some part says it: losses.PartTermClassifier),
+    # so each detail is carried by one part and a part on the background predicts nothing.
+    terms_from: str = "embedding"
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -321,6 +325,7 @@ def neighbour_groups(neighbours: Tensor, group_size: int, g: torch.Generator) ->
 
 SAMPLES = ("captions", "images", "identities", "neighbours", "caption-neighbours")
 MATCHES = ("identities", "descriptions")
+TERMS_FROM = ("embedding", "parts")
 
 
 def epoch_order(
@@ -503,6 +508,10 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError("swapped-caption negatives are candidates of the SDM loss: give --sdm > 0")
     if cfg.matches not in MATCHES:
         raise ValueError(f"unknown matches {cfg.matches!r}: {', '.join(MATCHES)}")
+    if cfg.terms_from not in TERMS_FROM:
+        raise ValueError(f"unknown terms_from {cfg.terms_from!r}: {', '.join(TERMS_FROM)}")
+    if cfg.terms_from == "parts" and not cfg.use_pgu:
+        raise ValueError("--terms-from parts needs PGU (there are no part vectors with --no-pgu)")
 
 
 @dataclass
@@ -590,9 +599,10 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
     val_text = frozen_text_features(model.text_encoder, val_split.captions, cache, progress=bar)
 
     terms = len(texts.term_index or {})
+    part_terms = (model_config.num_prototypes, model_config.part_dim) if cfg.terms_from == "parts" else None
     criterion = LGURLoss(
         cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction, terms,
-        model_config.embedding_dim,
+        model_config.embedding_dim, part_terms,
     ).to(device)  # fmt: skip
     training_step = TrainingStep(model, criterion)
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))

@@ -19,7 +19,14 @@ from lgur.data.dataset import (
     swapped_caption,
 )
 from lgur.encoders import CNNEncoder, build_image_encoder
-from lgur.losses import similarity_distribution_matching, term_prediction_loss, triplet_ranking_loss
+from lgur.losses import (
+    PartTermClassifier,
+    similarity_distribution_matching,
+    term_logits,
+    term_prediction_loss,
+    triplet_ranking_loss,
+)
+from lgur.pgu import Parts
 from lgur.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
 
 
@@ -160,7 +167,7 @@ def test_term_prediction_matches_brute_force_and_skips_texts_without_terms() -> 
     for row, terms in ((0, [0, 2]), (2, [3])):  # row 1 names nothing: skipped, not a zero loss
         log_p = logits[row] - torch.logsumexp(logits[row], 0)
         want.append(-sum(log_p[t] for t in terms) / len(terms))
-    got = term_prediction_loss(classifier, e, targets)
+    got = term_prediction_loss(term_logits(classifier, Parts(e[:, None], None)), targets)  # one part: e itself
     assert got.detach().item() == pytest.approx(float(sum(want) / 2), rel=1e-9)
     got.backward()
     assert classifier.weight.grad.abs().sum() > 0
@@ -168,10 +175,33 @@ def test_term_prediction_matches_brute_force_and_skips_texts_without_terms() -> 
     sharp = torch.nn.Linear(4, 5, bias=False).double()
     with torch.no_grad():
         sharp.weight.copy_(torch.eye(5, 4, dtype=torch.float64) * 5)
-    one_hot = torch.eye(4, dtype=torch.float64)[:1]
-    right = term_prediction_loss(sharp, one_hot, torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64))
-    wrong = term_prediction_loss(sharp, one_hot, torch.tensor([[0, 1.0, 0, 0, 0]], dtype=torch.float64))
+    one_hot = Parts(torch.eye(4, dtype=torch.float64)[:1, None], None)
+    right = term_prediction_loss(term_logits(sharp, one_hot), torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64))
+    wrong = term_prediction_loss(term_logits(sharp, one_hot), torch.tensor([[0, 1.0, 0, 0, 0]], dtype=torch.float64))
     assert right < wrong - 1
+
+
+def test_part_term_prediction_is_a_mixture_over_parts_where_one_part_suffices() -> None:
+    g = torch.Generator().manual_seed(5)
+    head = PartTermClassifier(parts=3, part_dim=4, terms=5).double()
+    vectors = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    logits = head(vectors).detach()
+    for b in range(2):  # p(term) = sum over parts of the softmax over all (part, term) pairs
+        pairs = torch.stack(
+            [head.weight[p].T @ (F.normalize(vectors[b, p], dim=0) * 2.0) + head.bias[p] for p in range(3)]
+        )
+        want = pairs.flatten().softmax(0).view(3, 5).sum(0)
+        assert torch.allclose(logits[b].softmax(0), want.detach(), atol=1e-12)
+    # one part saying a term is enough: a detector on part 2 alone, parts 0-1 reading nothing
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.zero_()
+        head.weight[2, 0, 3] = 8.0  # part 2's first feature says term 3
+    reads = torch.zeros(1, 3, 4, dtype=torch.float64)
+    reads[0, :, 1] = 1.0  # every part reads something else...
+    reads[0, 2] = torch.tensor([1.0, 0, 0, 0])  # ...but part 2 reads the detail
+    term3 = torch.tensor([[0, 0, 0, 1.0, 0]], dtype=torch.float64)
+    assert term_prediction_loss(head(reads), term3) < 0.1
+    assert term_prediction_loss(head(reads[:, [0, 1, 0]]), term3) > 1.0  # no part reads it
 
 
 def test_description_terms_keep_each_colour_on_its_thing() -> None:
@@ -329,15 +359,16 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
 
 
 def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None:
-    from lgur.ablation import LITE0, TRUNK_OPTIONS, run_experiments, run_folder
+    from lgur.ablation import LITE0, TERMS, TRUNK_OPTIONS, run_experiments, run_folder
     from lgur.train import recipe
 
     folders = {run_folder(tmp_path, name) for name in TRUNK_OPTIONS}
     assert len(folders) == len(TRUNK_OPTIONS) and all(f.parent == tmp_path / "trunk" for f in folders)
     reference = TRUNK_OPTIONS[LITE0]
     assert all(options["preset"] == "cpu-lite0" for options in TRUNK_OPTIONS.values())
-    for name, options in TRUNK_OPTIONS.items():  # one change each against the reference
-        assert name == LITE0 or sum(options.get(k) != reference.get(k) for k in options | reference) == 1, name
+    for name, options in TRUNK_OPTIONS.items():  # one change each against the reference (or the terms row)
+        base = TRUNK_OPTIONS[TERMS] if "terms_from" in options else reference
+        assert name == LITE0 or sum(options.get(k) != base.get(k) for k in options | base) == 1, name
     random = recipe("cpu-lite0", data="d", out="o", model_overrides={"image.weights": None}).model_config()
     assert random.image.weights is None and random.image.timm_name == "tf_efficientnet_lite0"  # the same trunk
     with pytest.raises(ValueError, match="unknown experiments"):

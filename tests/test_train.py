@@ -102,10 +102,12 @@ def test_a_run_writes_its_files_and_resume_is_exact(world: Path, tmp_path: Path)
     )  # the app's relative atom weights divide by it
 
 
-def test_term_prediction_trains_both_modalities_and_resumes_exactly(world: Path, tmp_path: Path) -> None:
-    straight = train(_config(world, tmp_path / "a", term_prediction=1.0), progress=False)
-    train(_config(world, tmp_path / "b", term_prediction=1.0, stop_after=1), progress=False)
-    resumed = train(_config(world, tmp_path / "b", term_prediction=1.0), progress=False)
+@pytest.mark.parametrize("terms_from", ["embedding", "parts"])
+def test_term_prediction_trains_both_modalities_and_resumes_exactly(world: Path, tmp_path: Path, terms_from) -> None:
+    options = {"term_prediction": 1.0, "terms_from": terms_from}
+    straight = train(_config(world, tmp_path / "a", **options), progress=False)
+    train(_config(world, tmp_path / "b", stop_after=1, **options), progress=False)
+    resumed = train(_config(world, tmp_path / "b", **options), progress=False)
     for name in ("last.safetensors", "last_terms.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -115,7 +117,9 @@ def test_term_prediction_trains_both_modalities_and_resumes_exactly(world: Path,
     for branch in ("image", "text", "image_dictionary", "text_dictionary"):
         assert step[f"loss/terms/{branch}"] > 0, branch
     classifier = load_file(str(tmp_path / "a" / "last_terms.safetensors"))["weight"]
-    assert classifier.shape[0] >= 10  # the tiny world's captions share at least ten frequent terms
+    if terms_from == "parts":  # (prototypes, part_dim, terms): one classifier per prototype
+        assert classifier.shape[:2] == (6, TINY["part_dim"])
+    assert classifier.shape[0 if terms_from == "embedding" else -1] >= 10  # the tiny world shares >= 10 terms
 
 
 def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path: Path) -> None:
