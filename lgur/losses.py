@@ -89,6 +89,15 @@ def similarity_distribution_matching(
     return one_way(logits, match) + backward
 
 
+class TermClassifier(nn.Linear):
+    """Term prediction from a branch's retrieval embedding: one linear classifier over the terms."""
+
+    def forward(self, parts: Parts) -> Tensor:
+        """-> (B, K) term logits."""
+        embedding = parts.embedding
+        return super().forward(embedding * embedding.shape[1] ** 0.5)  # unit rows -> unit-variance inputs
+
+
 class PartTermClassifier(nn.Module):
     """Term prediction from the part vectors (option): each prototype has its own linear classifier
     over the terms and a term is said when some part says it: the terms' probabilities are the
@@ -102,23 +111,16 @@ class PartTermClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(parts, part_dim, terms).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(parts, terms).uniform_(-bound, bound))
 
-    def forward(self, vectors: Tensor) -> Tensor:
-        """(B, P, part_dim) part vectors -> (B, K) term logits, log-sum-exp over the parts."""
+    def forward(self, parts: Parts) -> Tensor:
+        """-> (B, K) term logits: per part (B, P, K), log-sum-exp over the parts."""
+        vectors = parts.vectors
         unit = F.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5  # unit-variance inputs
         return (torch.einsum("bpd,pdk->bpk", unit, self.weight) + self.bias).logsumexp(dim=1)
 
 
-def term_logits(classifier: nn.Module, parts: Parts) -> Tensor:
-    """(B, K) term logits of one branch: from its part vectors (PartTermClassifier) or its embedding."""
-    if isinstance(classifier, PartTermClassifier):
-        return classifier(parts.vectors)
-    embedding = parts.embedding
-    return classifier(embedding * embedding.shape[1] ** 0.5)  # unit rows -> unit-variance inputs
-
-
 def term_prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy from the softmax over terms to the sample's terms, uniform (weak supervision by
-    words, as Joulin et al. ECCV 2016). logits: (B, K) (term_logits); targets: (B, K) multi-hot.
+    words, as Joulin et al. ECCV 2016). logits: (B, K) (a term classifier's); targets: (B, K) multi-hot.
     Rows without a term are skipped."""
     count = targets.sum(dim=1)
     loss = -(targets * logits.log_softmax(dim=1)).sum(dim=1) / count.clamp(min=1)
@@ -153,7 +155,7 @@ class LGURLoss(nn.Module):
       jeans" is true of everyone in black jeans), for the cross-modal SDM targets and triplets;
     - term_prediction > 0 (with `terms` terms and embeddings of `embedding_dim`): that weight times
       the term prediction loss of every branch, one classifier shared by both modalities: linear on
-      the embedding, or with `part_terms` = (prototypes, part_dim) a PartTermClassifier on the part
+      the embedding (TermClassifier), or with `part_terms` = (prototypes, part_dim) a PartTermClassifier on the part
       vectors; `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot each.
     """
 
@@ -176,10 +178,11 @@ class LGURLoss(nn.Module):
         self.term_prediction = term_prediction
         self.generator = torch.Generator().manual_seed(seed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
-        self.term_classifier: nn.Module | None = None
+        self.term_classifier: TermClassifier | PartTermClassifier | None = None
         if term_prediction > 0 and terms:
-            linear = part_terms is None
-            self.term_classifier = nn.Linear(embedding_dim, terms) if linear else PartTermClassifier(*part_terms, terms)
+            self.term_classifier = (
+                TermClassifier(embedding_dim, terms) if part_terms is None else PartTermClassifier(*part_terms, terms)
+            )
 
     def forward(
         self,
@@ -226,7 +229,7 @@ class LGURLoss(nn.Module):
         if self.term_classifier is not None and term_targets is not None:
             for name, parts in branches.items():
                 targets = term_targets[0] if name.startswith("image") else term_targets[1]
-                logits = term_logits(self.term_classifier, parts)
+                logits = self.term_classifier(parts)
                 losses[f"terms/{name}"] = self.term_prediction * term_prediction_loss(logits, targets)
         if self.diversity > 0:
             dictionary = out.image_dictionary is not None

@@ -21,8 +21,8 @@ from lgur.data.dataset import (
 from lgur.encoders import CNNEncoder, build_image_encoder
 from lgur.losses import (
     PartTermClassifier,
+    TermClassifier,
     similarity_distribution_matching,
-    term_logits,
     term_prediction_loss,
     triplet_ranking_loss,
 )
@@ -159,25 +159,25 @@ def test_sdm_and_triplets_with_description_matches() -> None:
 
 def test_term_prediction_matches_brute_force_and_skips_texts_without_terms() -> None:
     g = torch.Generator().manual_seed(3)
-    classifier = torch.nn.Linear(4, 5).double()
+    classifier = TermClassifier(4, 5).double()
     e = F.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=1)
     targets = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.float64)
-    logits = classifier(e * 2.0).detach()  # unit rows scaled by sqrt(E) = 2
+    logits = F.linear(e * 2.0, classifier.weight, classifier.bias).detach()  # unit rows x sqrt(E)
     want = []
     for row, terms in ((0, [0, 2]), (2, [3])):  # row 1 names nothing: skipped, not a zero loss
         log_p = logits[row] - torch.logsumexp(logits[row], 0)
         want.append(-sum(log_p[t] for t in terms) / len(terms))
-    got = term_prediction_loss(term_logits(classifier, Parts(e[:, None], None)), targets)  # one part: e itself
+    got = term_prediction_loss(classifier(Parts(e[:, None], None)), targets)  # one part: e itself
     assert got.detach().item() == pytest.approx(float(sum(want) / 2), rel=1e-9)
     got.backward()
     assert classifier.weight.grad.abs().sum() > 0
     # an embedding that predicts its terms costs less than one that predicts others
-    sharp = torch.nn.Linear(4, 5, bias=False).double()
+    sharp = TermClassifier(4, 5, bias=False).double()
     with torch.no_grad():
         sharp.weight.copy_(torch.eye(5, 4, dtype=torch.float64) * 5)
     one_hot = Parts(torch.eye(4, dtype=torch.float64)[:1, None], None)
-    right = term_prediction_loss(term_logits(sharp, one_hot), torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64))
-    wrong = term_prediction_loss(term_logits(sharp, one_hot), torch.tensor([[0, 1.0, 0, 0, 0]], dtype=torch.float64))
+    right = term_prediction_loss(sharp(one_hot), torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64))
+    wrong = term_prediction_loss(sharp(one_hot), torch.tensor([[0, 1.0, 0, 0, 0]], dtype=torch.float64))
     assert right < wrong - 1
 
 
@@ -185,7 +185,7 @@ def test_part_term_prediction_is_a_mixture_over_parts_where_one_part_suffices() 
     g = torch.Generator().manual_seed(5)
     head = PartTermClassifier(parts=3, part_dim=4, terms=5).double()
     vectors = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
-    logits = head(vectors).detach()
+    logits = head(Parts(vectors, None)).detach()
     for b in range(2):  # p(term) = sum over parts of the softmax over all (part, term) pairs
         pairs = torch.stack(
             [head.weight[p].T @ (F.normalize(vectors[b, p], dim=0) * 2.0) + head.bias[p] for p in range(3)]
@@ -200,8 +200,8 @@ def test_part_term_prediction_is_a_mixture_over_parts_where_one_part_suffices() 
     reads[0, :, 1] = 1.0  # every part reads something else...
     reads[0, 2] = torch.tensor([1.0, 0, 0, 0])  # ...but part 2 reads the detail
     term3 = torch.tensor([[0, 0, 0, 1.0, 0]], dtype=torch.float64)
-    assert term_prediction_loss(head(reads), term3) < 0.1
-    assert term_prediction_loss(head(reads[:, [0, 1, 0]]), term3) > 1.0  # no part reads it
+    assert term_prediction_loss(head(Parts(reads, None)), term3) < 0.1
+    assert term_prediction_loss(head(Parts(reads[:, [0, 1, 0]], None)), term3) > 1.0  # no part reads it
 
 
 def test_description_terms_keep_each_colour_on_its_thing() -> None:
