@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
-from .config import PRESETS
+from .config import PRESETS, DetailTrainConfig
 
 
 def _write_json(result: dict, out: str | None) -> None:
@@ -132,12 +132,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not card.get("vocabulary"):
             raise SystemExit(f"{args.checkpoint}: its card records no training vocabulary, so no colour grounding")
         grounding = ColourGrounding(card["vocabulary"])
-    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, grounding)
+    if args.details and (model.details is None or not model.config.detail_weight):
+        raise SystemExit(f"{args.checkpoint}: no detail detector with a weight (python -m lgur train-details)")
+    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, grounding, args.details)
     if args.cmc:
         plot_cmc({args.split: cmc}, args.cmc)
     print(json.dumps(evaluation_report(args.checkpoint, args.split, metrics), indent=2) if args.json
           else format_metrics(metrics))  # fmt: skip
     return 0
+
+
+def cmd_train_details(args: argparse.Namespace) -> int:
+    from .details import train_details
+
+    cfg = DetailTrainConfig(epochs=args.epochs, sharpness=args.sharpness, seed=args.seed)
+    print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, print if not args.quiet else _silent))
+    return 0
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -228,7 +242,8 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 def cmd_query_bench(args: argparse.Namespace) -> int:
     from .querybench import format_query_bench, run_query_bench
 
-    result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed, args.probe)
+    result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed, args.probe,
+                             not args.no_details)  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else format_query_bench(result))
     _write_json(result, args.out)
     return 0
@@ -363,7 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--colour-grounding", action="store_true",
         help="read caption colour words the model never saw as the nearest training colour (as the app does)",
     )  # fmt: skip
+    evaluate.add_argument(
+        "--details", action="store_true",
+        help="add the detail detector's score to the cosine (as the app ranks; lgur.details)",
+    )  # fmt: skip
     evaluate.set_defaults(func=cmd_evaluate)
+
+    details = sub.add_parser(
+        "train-details", parents=[GIVEN, CACHE, QUIET],
+        help="train a detail detector on a checkpoint's frozen image encoder; write the checkpoint with it",
+    )  # fmt: skip
+    details.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
+    details.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
+    details.add_argument("--epochs", type=int, default=DetailTrainConfig.epochs)
+    details.add_argument("--sharpness", type=float, default=DetailTrainConfig.sharpness,
+                         help="patch pooling: 1 a soft mean, larger nearer the best patch")  # fmt: skip
+    details.add_argument("--seed", type=int, default=DetailTrainConfig.seed)
+    details.set_defaults(func=cmd_train_details)
 
     export = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")
     export.add_argument("--out", required=True)
@@ -437,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
     qb.add_argument("--count", type=int, default=200)
     qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
+    qb.add_argument("--no-details", action="store_true", help="rank by the embeddings' cosine alone (no detail score)")
     qb.set_defaults(func=cmd_query_bench)
 
     synth = sub.add_parser(

@@ -81,6 +81,13 @@ class LGURConfig:
     # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
     # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.
     identity_classifier: str = "parts"
+    # Not in the paper: a detail detector on the image encoder's tokens (lgur.details), trained after
+    # the model: the caption phrases it finds (none: no detector), its MLP width and pooling
+    # sharpness, and the weight of its phrase scores in the ranking score.
+    detail_terms: tuple[str, ...] = ()
+    detail_hidden: int = 256
+    detail_sharpness: float = 4.0
+    detail_weight: float = 0.0
     # Ablation switches: the global dual-encoder baseline turns both off.
     use_dga: bool = True
     use_pgu: bool = True
@@ -100,11 +107,27 @@ class LGURConfig:
             if image.get(key) is not None:
                 image[key] = tuple(image[key])
         text = data.pop("text", {})
+        if "detail_terms" in data:
+            data["detail_terms"] = tuple(data["detail_terms"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
         return cls(image=ImageEncoderConfig(**image), text=TextEncoderConfig(**text), **data)
+
+
+@dataclass
+class DetailTrainConfig:
+    """Training of a detail detector (lgur.details) on a trained model's frozen image encoder."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    hidden: int = 256
+    sharpness: float = 4.0
+    min_captions: int = 20  # a phrase detected is in at least this many training captions
+    seed: int = 0
 
 
 def paper_preset() -> LGURConfig:

@@ -19,6 +19,7 @@ from .checkpoint import card_path
 from .colours import ColourGrounding
 from .data.dataset import RetrievalSplit, TextFeatures, build_split, frozen_text_features, normalize
 from .data.readers import Record
+from .details import detail_scores
 from .files import atomic_write_bytes
 from .model import LGUR
 
@@ -76,10 +77,15 @@ def retrieval_metrics(
     return result
 
 
-def evaluate_split(model: LGUR, split: RetrievalSplit, features: TextFeatures) -> dict[str, Any]:
+def evaluate_split(
+    model: LGUR, split: RetrievalSplit, features: TextFeatures, details: list[str] | None = None
+) -> dict[str, Any]:
+    """details: the captions, to add the detail detector's score (lgur.details) as the app ranks."""
     image_emb = image_embeddings(model, split.images)
     text_emb = caption_embeddings(model, features)
     similarity = text_emb @ image_emb.t()
+    if details is not None:
+        similarity = similarity + detail_scores(model, details, split.images)
     standard = retrieval_metrics(similarity, split.caption_ids, split.image_ids)
     cross = retrieval_metrics(similarity, split.caption_ids, split.image_ids, exclude=split.caption_image)
     return {"standard": standard, "exclude_own_image": cross, "similarity": similarity}
@@ -145,13 +151,16 @@ def split_metrics(
     data: str | Path,
     cache: str | Path | None,
     grounding: ColourGrounding | None = None,
+    details: bool = False,
 ) -> tuple[dict[str, Any], list[float]]:
     """R@k and mAP of one split (own image excluded too; per attribute kind on the synthetic world)
     -> (metrics as recorded in a card, the CMC curve). With `grounding`, each caption's unknown
-    colour words are read as training colours first (as the app reads queries)."""
+    colour words are read as training colours first (as the app reads queries); with `details`,
+    the detail detector's score is added (as the app ranks)."""
     split = build_split(records, model.config.image.img_size)
     captions = [grounding.ground(c)[0] for c in split.captions] if grounding else split.captions
-    result = evaluate_split(model, split, frozen_text_features(model.text_encoder, captions, cache))
+    features = frozen_text_features(model.text_encoder, captions, cache)
+    result = evaluate_split(model, split, features, captions if details else None)
     metrics = _rounded(result["standard"]) | {"exclude_own_image": _rounded(result["exclude_own_image"])}
     side = Path(data) / "synthetic_attributes.json"
     if side.is_file():
@@ -169,7 +178,8 @@ def score_test_splits(
     vocabulary: list[str] | None = None,
 ) -> dict[str, Any]:
     """The test splits' metrics and CMC curves, as a card records them: {"metrics", "cmc"}. With the
-    training `vocabulary`, test-paraphrase is also scored with colour grounding (its own entry)."""
+    training `vocabulary`, test-paraphrase is also scored with colour grounding (its own entry); a
+    model with a detail detector is also scored with its detail score ("...+details")."""
     metrics: dict[str, Any] = {}
     curves = {}
     for name in ("test", "test-paraphrase"):
@@ -179,6 +189,12 @@ def score_test_splits(
         grounded = split_metrics(model, splits["test-paraphrase"], "test-paraphrase", data, cache,
                                  ColourGrounding(vocabulary))  # fmt: skip
         metrics[GROUNDED_PARAPHRASE], curves[GROUNDED_PARAPHRASE] = grounded
+    if model.details is not None and model.config.detail_weight > 0:  # also as the app ranks
+        for name, grounding in (("test", None), ("test-paraphrase", vocabulary and ColourGrounding(vocabulary))):
+            if splits.get(name):
+                entry = f"{GROUNDED_PARAPHRASE if grounding else name}+details"
+                metrics[entry], curves[entry] = split_metrics(model, splits[name], name, data, cache, grounding or None,
+                                                              details=True)  # fmt: skip
     if curves and cmc_plot:
         plot_cmc(curves, cmc_plot)
     return {"metrics": metrics, "cmc": {k: [round(x, 2) for x in v] for k, v in curves.items()}}

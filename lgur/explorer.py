@@ -32,9 +32,17 @@ log = logging.getLogger("lgur.app")
 INTRO = (
     "# LGUR Explorer\nDescribe a person; the model ranks the gallery and shows **why**: which body part each "
     "of its six part detectors looked at (LGUR's PGU prototypes), which of your words mattered, and the "
-    "shared dictionary atoms both sides were rebuilt from (DGA). The people are a synthetic world the "
-    "project generates."
+    "shared dictionary atoms both sides were rebuilt from (DGA), and where a detail detector saw the "
+    'phrases you typed ("black backpack"). The people are a synthetic world the project generates.'
 )
+MAX_DETAIL_MAPS = 4  # phrase maps after the prototype maps
+
+
+def detail_note(result: SearchResult) -> str:
+    """The detail detector's probability of each of the query's phrases on this result (phrases of two
+    words first: "black backpack" says more than "black")."""
+    shown = sorted(result.details.items(), key=lambda item: -item[0].count(" "))
+    return "Detail detector: " + ", ".join(f"**{html.escape(p)}** {100 * v:.0f}%" for p, v in shown) + "."
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,9 @@ class Explorer:
             return [], [], None, None, "", Choices(), Choices()
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
-        maps = prototype_overlays(result, response.grid, li, hi, self.prototypes)
+        maps = prototype_overlays(result, response.grid, li, hi, self.prototypes) + self.detail_overlays(
+            response, result
+        )
         words = word_highlights(response.query, pi, li, hi)
         relative = self.engine.relative_atoms
         chart = atom_chart(
@@ -182,8 +192,14 @@ class Explorer:
         charted = [a for a in result.salient_atoms if a in result.shared_atoms]  # starred on the chart
         elsewhere = len(result.shared_atoms) - len(charted)
         lines = [
-            f"**Result #{result.rank}** `{html.escape(result.file)}`, cosine similarity **{result.score:.3f}**.",
-            f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the score).",
+            f"**Result #{result.rank}** `{html.escape(result.file)}`, "
+            + (
+                f"score **{result.score:.3f}** = cosine similarity {result.cosine:.3f} + details "
+                f"{result.detail_score:+.3f}. {detail_note(result)}"
+                if result.details
+                else f"cosine similarity **{result.score:.3f}**."
+            ),  # fmt: skip
+            f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the similarity).",
             (
                 "Atoms particular to both (by weight relative to the average description and gallery image)"
                 if relative
@@ -211,6 +227,20 @@ class Explorer:
             Choices(word_choices, word),
             Choices(atom_choices, atom_choices[0][1] if atom_choices else None),
         )
+
+    def detail_overlays(self, response: SearchResponse, result: SearchResult) -> list[tuple[Any, str]]:
+        """Where the detail detector saw the query's phrases on this result (phrases of two words
+        first, at most MAX_DETAIL_MAPS), captioned with its probability of each."""
+        if not result.details:
+            return []
+        where = self.engine.detail_maps(response.query, result.path)
+        order = sorted(range(len(response.query.phrases)), key=lambda i: -response.query.phrases[i].count(" "))
+        image = display_rgb(result.path)
+        return [
+            (overlay(image, where[:, i], response.grid), f"{100 * result.details[phrase]:.0f}% {phrase}")
+            for i in order[:MAX_DETAIL_MAPS]
+            for phrase in [response.query.phrases[i]]
+        ]
 
     def details(
         self, response: SearchResponse | None, selected: int, word: str | None, atom: str | None

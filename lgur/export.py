@@ -33,7 +33,8 @@ def export_checkpoint(
     from .train import split_records
 
     model, card = load_checkpoint(checkpoint)
-    keep: dict[str, Any] = {k: v for k, v in card.items() if k in ("training", "data", "vocabulary", "atom_average")}
+    kept = ("training", "data", "vocabulary", "atom_average", "details")
+    keep: dict[str, Any] = {k: v for k, v in card.items() if k in kept}
     run = Path(checkpoint).parent / "result.json"
     if run.is_file():
         result = json.loads(run.read_text())

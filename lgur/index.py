@@ -26,6 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
@@ -36,13 +37,16 @@ from .model import LGUR
 log = logging.getLogger(__name__)
 
 FORMAT = "lgur-index"
-FORMAT_VERSION = 3  # 2: arrays and manifest in one file; 3: atom histogram weighted by m only where learned
+FORMAT_VERSION = 4  # 2: arrays and manifest in one file; 3: atom histogram weighted by m only where learned;
+# 4: the detail detector's phrase log-probabilities
 INDEX_FOLDER = ".lgur-index"  # inside the gallery unless told otherwise; hidden, so never indexed itself
 # Exact inner-product search up to this many images, IVF beyond. Measured on 2 cores with
 # 1536-d embeddings: exact search costs ~0.5 ms per 1,000 images per query, so past ~50k it
 # dominates the query time (`python -m lgur bench search`).
 EXACT_LIMIT = 50_000
-ARRAYS = ("embeddings", "parts", "prototype_attention", "foreground", "atom_histogram")
+# With an IVF index, a query with detail phrases re-ranks this many of the best by cosine.
+DETAIL_CANDIDATES = 1000
+ARRAYS = ("embeddings", "parts", "prototype_attention", "foreground", "atom_histogram", "detail_log_probs")
 
 
 class IndexUnusable(RuntimeError):
@@ -117,13 +121,29 @@ class GalleryIndex:
         self.kind, self.faiss_index = "ivf", index
         self.approximate_recall_at_10 = measure_recall(index, x, rng)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, details: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k best rows per query (Q, E) by cosine; with `details` (Q, K), the query's weighted
+        phrases (lgur.details), by cosine + details @ log p(phrase | image): exact up to EXACT_LIMIT
+        images, else over the DETAIL_CANDIDATES best by cosine."""
         if self.faiss_index is None:
             self.build_faiss()
         k = min(k, len(self))
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if details is None or not details.any():
+            return self.faiss_index.search(queries, k)
+        log_probs = self.arrays["detail_log_probs"]  # (G, K): the same detector as `details`, by the fingerprint
+        if self.kind == "flat":
+            rows = np.broadcast_to(np.arange(len(self)), (len(queries), len(self)))
+            scores = queries @ self.embeddings.astype(np.float32).T
+        else:
+            scores, rows = self.faiss_index.search(queries, max(k, DETAIL_CANDIDATES))
+            scores = np.where(rows < 0, -np.inf, scores)  # fewer candidates than asked: padding, last
+            rows = np.maximum(rows, 0)
+        scores = scores + np.einsum("qk,qck->qc", details.astype(np.float32), log_probs[rows].astype(np.float32))
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, 1).astype(np.float32), np.take_along_axis(rows, best, 1)
 
 
 def measure_recall(index: Any, x: np.ndarray, rng: np.random.Generator, queries: int = 200) -> float:
@@ -167,12 +187,14 @@ def index_arrays(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
         foreground = torch.ones(b, n)
     if attention is None:
         attention = torch.full((b, 1, 1, 1, n), 1.0 / n)
+    details = explained.detail_logits
     return {
         "embeddings": explained.embedding.float().numpy(),
         "parts": parts.half().numpy(),
         "prototype_attention": attention.half().numpy(),
         "foreground": foreground.half().numpy(),
         "atom_histogram": histogram.half().numpy(),
+        "detail_log_probs": (torch.zeros(b, 0) if details is None else F.logsigmoid(details)).half().numpy(),
     }
 
 
@@ -381,6 +403,7 @@ def _empty_arrays(model: LGUR) -> dict[str, np.ndarray]:
         "prototype_attention": np.zeros((0, c.pgu_layers, c.pgu_heads, p, h * w), np.float16),
         "foreground": np.zeros((0, h * w), np.float16),
         "atom_histogram": np.zeros((0, c.num_atoms), np.float16),
+        "detail_log_probs": np.zeros((0, len(c.detail_terms)), np.float16),
     }
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LGURConfig
+from .details import DetailDetector
 from .dga import DGA
 from .encoders import TextEncoder, build_image_encoder
 from .pgu import PGU, GlobalPooling, Parts
@@ -38,6 +39,7 @@ class ImageExplanation:
     grid: tuple[int, int]  # (rows, cols) of the patch grid, N = rows * cols
     patch_features: Tensor | None = None  # (B, N, D) the image encoder's output, before DGA
     foreground_learned: bool = False  # does m mean anything (LGUR.learns_foreground)?
+    detail_logits: Tensor | None = None  # (B, K) the detail detector's phrase logits (None: no detector)
 
     @property
     def atom_histogram(self) -> Tensor | None:
@@ -119,6 +121,9 @@ class LGUR(nn.Module):
             raise ValueError(f"identity_classifier must be 'parts' or 'whole', not {c.identity_classifier!r}")
         whole = c.identity_classifier == "whole"
         self.classifier = IdentityClassifier(num_parts, c.part_dim, num_identities, whole) if num_identities else None
+        self.details = (
+            DetailDetector(c.dim, len(c.detail_terms), c.detail_hidden, c.detail_sharpness) if c.detail_terms else None
+        )
 
     # -- features -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -181,6 +186,7 @@ class LGUR(nn.Module):
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
             patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
         parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground))
+        details = self.details(encoded)[0] if self.details is not None else None
         return ImageExplanation(
             parts.embedding,
             parts.vectors,
@@ -190,6 +196,7 @@ class LGUR(nn.Module):
             self.image_encoder.grid,
             encoded if need_weights else None,
             self.learns_foreground,
+            details,
         )
 
     def explain_texts(
@@ -217,6 +224,14 @@ class LGUR(nn.Module):
     def embed_texts(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Token ids and mask (B, T) -> (B, E) unit-norm retrieval embeddings."""
         return self.explain_texts(mask, ids, need_weights=False).embedding
+
+    def find_details(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> the detail detector's phrase probabilities (B, K) and where each phrase was
+        seen (B, N, K): its pooling weights over the patches."""
+        if self.details is None:
+            raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
+        logits, patches = self.details(self.image_encoder(images))
+        return torch.sigmoid(logits), self.details.where(patches)
 
     @property
     def learns_foreground(self) -> bool:

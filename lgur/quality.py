@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .atoms import TOP_ATOMS, encoded_atom_histograms
 from .data.dataset import normalize
+from .details import phrase_index, phrase_rows
 from .files import read_image
 from .losses import prototype_overlap
 from .model import LGUR
@@ -185,6 +186,8 @@ def explanation_quality(
     model.eval()
     fg_scores, fg_labels, overlaps = [], [], []
     pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
+    phrase_pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
+    phrases = phrase_index(model.config.detail_terms) if model.details is not None else None
     caption_atoms, image_atoms, pair_image, other_image = [], [], [], []
     rng = np.random.default_rng(0)
     kept: dict[str, dict[str, list]] = {
@@ -215,6 +218,7 @@ def explanation_quality(
             different = [chunk[o]["id"] != chunk[i]["id"] for o, i in zip(other.tolist(), owner.tolist())]
             pair_image.append(owner + start)
             other_image.append(torch.from_numpy(np.where(different, other + start, -1)))  # -1: same identity
+        where = model.find_details(normalize(images))[1].numpy() if phrases else None  # (B, N, K)
         fractions_of, label_maps = {}, {}
         for i, a in enumerate(chunk):
             with Image.open(data / side[a["file_path"]]["parts"]) as labels:
@@ -231,6 +235,12 @@ def explanation_quality(
                     for key, value in (("region", region.numpy()), ("embedding", explained.embedding[i].numpy()),
                                        ("label", attributes[kind]), ("group", a["id"])):  # fmt: skip
                         kept[kind][key].append(value)
+            if where is not None:  # the detail detector's map of each phrase of its captions that names a part
+                for row in {r for c in a["captions"] for r in phrase_rows(c, phrases)}:
+                    part = WORD_PART.get(model.config.detail_terms[row].split()[-1])
+                    if part is not None and fractions[:, part].sum() >= 0.5:
+                        hit = pointing_hit(where[i, :, row].reshape(grid), label_maps[i] == part)
+                        phrase_pointing[PARTS[part]].append((hit, energy_inside(where[i, :, row], fractions[:, part])))
             person = 1.0 - fractions[:, 0]
             area += fractions.mean(0)
             if explained.foreground is not None:
@@ -266,23 +276,10 @@ def explanation_quality(
         result["prototype_overlap"] = float(torch.cat(overlaps).mean())
         result["prototype_regions"] = region_labels(share / n, area / n)
     result["part_area_share"] = (area / n).round(4).tolist()
-    words = [x for v in pointing.values() for x in v]
-    if words:
-        result["pointing_game"] = {
-            "weighted_by_foreground": model.learns_foreground,
-            "accuracy": 100 * float(np.mean([h for h, _ in words])),
-            "energy_inside": 100 * float(np.mean([e for _, e in words])),
-            "words": len(words),
-            "by_part": {
-                part: {
-                    "accuracy": 100 * float(np.mean([h for h, _ in v])),
-                    "energy_inside": 100 * float(np.mean([e for _, e in v])),
-                    "words": len(v),
-                }  # fmt: skip
-                for part, v in pointing.items()
-                if v
-            },
-        }
+    if any(pointing.values()):
+        result["pointing_game"] = {"weighted_by_foreground": model.learns_foreground} | pointing_summary(pointing)
+    if any(phrase_pointing.values()):  # the same game for the detail detector's maps (lgur.details)
+        result["phrase_pointing_game"] = pointing_summary(phrase_pointing)
     if details:
         result["details"] = {
             kind: {
@@ -304,6 +301,17 @@ def explanation_quality(
     return result
 
 
+def pointing_summary(pointing: dict[str, list[tuple[bool, float]]]) -> dict[str, Any]:
+    """Pointing-game hits and energy inside the part, per part name -> accuracy and energy (%), overall and by part."""
+    every = [x for v in pointing.values() for x in v]
+
+    def figures(rows: list[tuple[bool, float]]) -> dict[str, Any]:
+        return {"accuracy": 100 * float(np.mean([h for h, _ in rows])),
+                "energy_inside": 100 * float(np.mean([e for _, e in rows])), "words": len(rows)}  # fmt: skip
+
+    return figures(every) | {"by_part": {part: figures(v) for part, v in pointing.items() if v}}
+
+
 def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tuple[str, str]]:
     """The headline figures of an explanation_quality result, as (what, figure) rows for a model card."""
     rows = []
@@ -315,6 +323,11 @@ def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tupl
         pg = result["pointing_game"]
         energy = f"{pg['energy_inside']:.1f}% of the energy inside"
         rows.append(("guidance pointing game", f"{pg['accuracy']:.1f}% of garment words peak on their part ({energy})"))
+    if "phrase_pointing_game" in result:
+        pg = result["phrase_pointing_game"]
+        energy = f"{pg['energy_inside']:.1f}% of the weight inside"
+        rows.append(("detail maps' pointing game", f"{pg['accuracy']:.1f}% of garment phrases peak on their part "
+                                                   f"({energy})"))  # fmt: skip
     if "shared_atoms" in result:
         sa = result["shared_atoms"]
         match, other = sa["matching_pairs"]["mean_shared"], sa["non_matching_pairs"]["mean_shared"]
@@ -352,6 +365,13 @@ def format_quality(result: dict[str, Any]) -> str:
         lines.append(
             f"pointing game (guidance maps of {pg['words']} part words): {pg['accuracy']:.1f}% hit, "
             f"{pg['energy_inside']:.1f}% of the energy inside the part; "
+            + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
+        )
+    if "phrase_pointing_game" in result:
+        pg = result["phrase_pointing_game"]
+        lines.append(
+            f"pointing game (detail detector's maps of {pg['words']} phrases naming a part): {pg['accuracy']:.1f}% "
+            f"hit, {pg['energy_inside']:.1f}% of the weight inside the part; "
             + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
         )
     if "shared_atoms" in result:

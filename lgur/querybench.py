@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .details import detail_scores
+
 # Everyday words per attribute value. A query names (kind, value) pairs; ANY matches every
 # value but "none" (e.g. "with a bag").
 ANY = "*"
@@ -344,8 +346,12 @@ def run_query_bench(
     count: int = 200,
     seed: int = 0,
     probe: bool = False,
+    details: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them.
+
+    details: rank as the app does, by cosine plus the detail score where the model has a detail
+    detector (lgur.details); False: by the embeddings' cosine alone.
 
     probe: also measure which attribute kinds the gallery embeddings carry (embedding_probe), and
     how far the query embeddings move when colours or garments are swapped (binding_probe), and
@@ -365,8 +371,12 @@ def run_query_bench(
     gallery_embeddings = image_embeddings(model, images)
     ids, mask = model.tokenize([q.text for q in queries])
     text_embeddings = model.embed_texts(ids, mask)
-    rankings = (text_embeddings @ gallery_embeddings.t()).argsort(dim=1, descending=True)[:, :10].numpy()
-    result = score(rankings, people, queries)
+    scores = text_embeddings @ gallery_embeddings.t()
+    details = details and model.details is not None and model.config.detail_weight > 0
+    if details:
+        scores = scores + detail_scores(model, [q.text for q in queries], images)
+    rankings = scores.argsort(dim=1, descending=True)[:, :10].numpy()
+    result = score(rankings, people, queries) | {"details": details}
     for row, ranking in zip(result["rows"], rankings):
         row["top10"] = [manifest[i]["file"] for i in ranking]
     if probe:

@@ -28,6 +28,7 @@ from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weig
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
 from .colours import ColourGrounding, ColourReading
 from .data.dataset import normalize, vocabulary_words
+from .details import query_details
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
@@ -79,6 +80,9 @@ class QueryEncoding:
     atom_weights: np.ndarray  # (atoms,) relative to the average query's (relative_weights)
     truncated: bool  # the query was longer than the text encoder reads
     colour_readings: list[ColourReading] = field(default_factory=list)  # "crimson" read as "red", ...
+    phrases: list[str] = field(default_factory=list)  # the phrases the detail detector knows (lgur.details)
+    phrase_rows: list[int] = field(default_factory=list)  # their rows in the detector
+    details: np.ndarray | None = None  # (K,) their weights in the score (None: no detail score)
 
 
 @dataclass
@@ -87,9 +91,9 @@ class SearchResult:
     row: int  # row in the gallery's index (-1 for a visitor's private upload)
     file: str  # relative to the gallery
     path: str  # absolute path of the image file
-    score: float  # cosine similarity
+    score: float  # the ranking score: cosine similarity, plus the detail score where the query has one
     part_similarity: np.ndarray  # (P,) cosine of each prototype's part vectors
-    part_contribution: np.ndarray  # (P,) each part's share of the score (sums to score)
+    part_contribution: np.ndarray  # (P,) each part's share of the cosine (sums to it)
     prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid (float16)
     foreground: np.ndarray  # (N,) (float16)
     atom_histogram: np.ndarray  # (atoms,) mean over patches, m-weighted where m is learned (float16)
@@ -98,11 +102,18 @@ class SearchResult:
     salient_atoms: list[int]  # the atoms that matter most to either (what the atom chart shows)
     parts: np.ndarray | None = None  # (P, part_dim) the image's part vectors (float16)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The query's detail phrases and this image's probability of each (lgur.details); score - cosine.
+    details: dict[str, float] = field(default_factory=dict)
+    detail_score: float = 0.0
+
+    @property
+    def cosine(self) -> float:
+        return self.score - self.detail_score
 
     @property
     def score_share(self) -> np.ndarray:
-        """(P,) each prototype's fraction of the score."""
-        return self.part_contribution / self.score if self.score else np.zeros_like(self.part_contribution)
+        """(P,) each prototype's fraction of the cosine."""
+        return self.part_contribution / self.cosine if self.cosine else np.zeros_like(self.part_contribution)
 
     @property
     def strongest_part(self) -> int:
@@ -114,6 +125,7 @@ class SearchResult:
             "rank": self.rank,
             "file": self.file,
             "score": round(self.score, 6),
+            **({"cosine": round(self.cosine, 6), "details": self.details} if self.details else {}),
             "part_similarity": [round(float(x), 6) for x in self.part_similarity],
             "part_contribution": [round(float(x), 6) for x in self.part_contribution],
             **({"metadata": self.metadata} if self.metadata else {}),
@@ -240,6 +252,7 @@ def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) 
     else:
         word_atoms = np.zeros((len(spans), 1), np.float32)
     histogram = word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32)
+    phrase_rows, details = query_details(model.config, text)
     return QueryEncoding(
         text=text,
         words=words,
@@ -252,6 +265,9 @@ def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) 
         atom_histogram=histogram,
         atom_weights=relative_weights(histogram, atom_average),
         truncated=truncated,
+        phrases=[model.config.detail_terms[r] for r in phrase_rows],
+        phrase_rows=phrase_rows,
+        details=details,
     )
 
 
@@ -274,12 +290,13 @@ def word_effects(model: LGUR, query: QueryEncoding, image_parts: np.ndarray) -> 
 
 
 def rank_hits(
-    embedding: np.ndarray, indexes: tuple[GalleryIndex, ...], k: int
+    embedding: np.ndarray, indexes: tuple[GalleryIndex, ...], k: int, details: np.ndarray | None = None
 ) -> list[tuple[float, GalleryIndex, int]]:
-    """The k best (score, index, row) over one or more indexes (the gallery and a visitor's uploads)."""
+    """The k best (score, index, row) over one or more indexes (the gallery and a visitor's uploads);
+    `details`: the query's detail vector (QueryEncoding.details)."""
     hits = []
     for index in indexes:
-        scores, rows = index.search(embedding[None], k)
+        scores, rows = index.search(embedding[None], k, None if details is None else details[None])
         hits += [(float(s), index, int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0]
     return sorted(hits, key=lambda hit: -hit[0])[:k]
 
@@ -305,6 +322,9 @@ def explain_hit(
     entry = index.entries[row]
     atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
     weights = relative_weights(atoms, image_atom_average)
+    phrases = zip(getattr(query, "phrases", []), getattr(query, "phrase_rows", []))  # an ImageQuery has none
+    log_probs = index.arrays["detail_log_probs"][row].astype(np.float32)
+    details = getattr(query, "details", None)
     return SearchResult(
         rank=rank,
         row=row if shared else -1,
@@ -322,6 +342,8 @@ def explain_hit(
         salient_atoms=salient_atoms(query.atom_weights, weights),
         parts=index.arrays["parts"][row],
         metadata=manifest.get(entry.path, {}) if shared else {},
+        details={p: round(float(np.exp(log_probs[r])), 4) for p, r in phrases} if len(log_probs) else {},
+        detail_score=float(details @ log_probs) if details is not None and len(log_probs) else 0.0,
     )
 
 
@@ -463,7 +485,8 @@ class SearchEngine:
 
     def search_ids(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """The fast path: (relative file, score) of the top k."""
-        scores, rows = self.index.search(self.embed_query(text)[None], k)
+        details = query_details(self.model.config, self.read_query(clean_query(text))[0])[1]
+        scores, rows = self.index.search(self.embed_query(text)[None], k, None if details is None else details[None])
         return [(self.index.entries[r].path, float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
 
     def search(self, text: str, k: int = 10, private: GalleryIndex | None = None) -> SearchResponse:
@@ -473,7 +496,7 @@ class SearchEngine:
         indexes = (self.index, private) if private is not None else (self.index,)
         results = [
             explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, index is self.index)
-            for rank, (score, index, row) in enumerate(rank_hits(query.embedding, indexes, k), 1)
+            for rank, (score, index, row) in enumerate(rank_hits(query.embedding, indexes, k, query.details), 1)
         ]
         response = SearchResponse(query, results, self.grid, time.perf_counter() - start)
         response.weak_spots = weak_spots(query.text, self.weak_kinds, self.colours)
@@ -491,6 +514,8 @@ class SearchEngine:
             raise QueryError("Pick an image of the gallery (its name as the gallery lists it).")
         query = self.encode_query(text)
         scores = self.index.embeddings.astype(np.float32) @ query.embedding.astype(np.float32)
+        if query.details is not None:  # the search's ranking score (GalleryIndex.search)
+            scores = scores + self.index.arrays["detail_log_probs"].astype(np.float32) @ query.details
         rank = 1 + int((scores > scores[row]).sum())
         best = int(np.argmax(scores))
         average = self.image_atom_average
@@ -545,6 +570,14 @@ class SearchEngine:
         weighted = self.model.learns_foreground
         weights = self.model.guidance_attention(self._images([image]), ids, mask, weighted)[0].mean(0).numpy()
         return np.stack([weights[:, span].sum(-1) for span in query.spans], -1) if query.spans else weights[:, :0]
+
+    @torch.inference_mode()
+    def detail_maps(self, query: QueryEncoding, image: str | Path) -> np.ndarray:
+        """(N, phrases): where on `image` (a result's path) the detail detector saw each of the query's
+        phrases (query.phrases): its pooling weights over the patches."""
+        if not query.phrase_rows or self.model.details is None:
+            return np.zeros((self.grid[0] * self.grid[1], 0), np.float32)
+        return self.model.find_details(self._images([image]))[1][0][:, query.phrase_rows].numpy()
 
 
 def format_results(response: SearchResponse) -> str:

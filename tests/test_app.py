@@ -70,6 +70,28 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert explorer.guidance(response, 1, None) is None
 
 
+def test_a_model_with_a_detail_detector_ranks_by_it_and_shows_where(tmp_path: Path) -> None:
+    phrases = ("backpack", "black", "black backpack", "jacket", "man", "red", "red jacket")
+    explorer = tiny_explorer(tmp_path, images=12, detail_terms=phrases, detail_weight=0.5)
+    _, _, response = explorer.search("a man in a red jacket", 5)
+    assert response.query.phrases == ["jacket", "man", "red", "red jacket"]
+    index = explorer.engine.index
+    for result in response.results:
+        log_probs = index.arrays["detail_log_probs"][result.row].astype(np.float32)
+        assert result.detail_score == pytest.approx(0.5 * np.mean(log_probs[[3, 4, 5, 6]]), abs=1e-4)
+        assert result.score == pytest.approx(float(index.embeddings[result.row] @ response.query.embedding)
+                                             + result.detail_score, abs=1e-4)  # fmt: skip
+        assert set(result.details) == set(response.query.phrases)
+    assert [r.score for r in response.results] == sorted((r.score for r in response.results), reverse=True)
+    maps, *_, summary, _, _ = explorer.explain(response, 0, "last", "mean", "P1")
+    prototypes = explorer.engine.model.config.num_prototypes + 1
+    assert [caption.split("% ", 1)[1] for _, caption in maps[prototypes:]] == ["red jacket", "jacket", "man", "red"]
+    assert "Detail detector: **red jacket**" in summary and "= cosine similarity" in summary
+    assert explorer.api_search("red jacket", 3)["results"][0]["details"].keys() == {"jacket", "red", "red jacket"}
+    _, _, plain = explorer.search("a person in grey", 3)  # no phrase it knows: cosine alone
+    assert plain.query.details is None and all(not r.details and r.detail_score == 0 for r in plain.results)
+
+
 @pytest.mark.parametrize("query", ["", "   ", "\n\t"])
 def test_empty_queries_get_a_message_not_an_error(explorer: explorer_app.Explorer, query: str) -> None:
     items, status, response = explorer.search(query, 10)

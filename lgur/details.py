@@ -1,0 +1,262 @@
+"""Detail detection (not in the paper): which caption phrases an image shows, and where.
+
+The retrieval embedding keeps a person's colours and loses small things: on the shipped model a
+query naming a bag's or the shoes' colour found them in 18% / 39% of its top 10. The image
+encoder still sees them. A detector reads the encoder's tokens (B, N, dim): a small MLP scores
+every patch for every phrase the training captions use about people ("black backpack", "white
+sneakers", "glasses"), and an image's score for a phrase pools its patches by log-mean-exp
+(between the mean and the max: a bag is a few patches). It is trained after the model, on its
+frozen encoder, with each image's identity's caption phrases as labels, so it needs captions
+only (as CUHK-PEDES has), never attribute labels.
+
+At search time the query's phrases that the detector knows add
+    detail_weight * mean over those phrases of log p(phrase | image)
+to the cosine similarity; `detail_weight` is chosen on the validation split. The pooling
+weights (a softmax over patches) say where each phrase was seen: the app draws them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DetailTrainConfig
+from .data.dataset import description_terms, person_terms
+
+DETAIL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2)  # the candidates the validation split chooses from
+
+
+class DetailDetector(nn.Module):
+    """(B, N, dim) image tokens -> phrase logits (B, K) and per-patch phrase logits (B, N, K)."""
+
+    def __init__(self, dim: int, terms: int, hidden: int = 256, sharpness: float = 4.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.sharpness = sharpness  # 1: log of the mean of exp (soft mean); large: the max patch
+        self.score = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, terms)
+        )
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        patches = self.score(tokens)  # (B, N, K)
+        r = self.sharpness
+        pooled = (torch.logsumexp(r * patches, dim=1) - math.log(patches.shape[1])) / r  # (B, K)
+        return pooled, patches
+
+    def where(self, patches: Tensor) -> Tensor:
+        """(B, N, K) patch logits -> (B, N, K) each phrase's pooling weights over the patches (sum to 1)."""
+        return torch.softmax(self.sharpness * patches, dim=1)
+
+
+# -- phrases --------------------------------------------------------------------------------
+
+
+def detail_vocabulary(captions: list[str], identities: list[int], min_captions: int = 20) -> list[str]:
+    """The phrases worth detecting: person terms (data.dataset.person_terms: they recur for one
+    identity) used by at least `min_captions` captions, sorted."""
+    terms = [description_terms(c) for c in captions]
+    kept = person_terms(terms, identities)
+    counts = Counter(t for caption in terms for t in caption & kept)
+    return sorted(t for t, n in counts.items() if n >= min_captions)
+
+
+def phrase_rows(text: str, index: dict[str, int]) -> list[int]:
+    """The detector's rows of the phrases a text asserts (description_terms), in row order."""
+    return sorted(index[t] for t in description_terms(text) if t in index)
+
+
+def phrase_weights(texts: list[str], index: dict[str, int]) -> Tensor:
+    """(Q, K): each text's known phrases, weight 1 / their count (a mean); zero rows for none."""
+    weights = torch.zeros(len(texts), len(index))
+    for row, text in enumerate(texts):
+        rows = phrase_rows(text, index)
+        if rows:
+            weights[row, rows] = 1.0 / len(rows)
+    return weights
+
+
+@lru_cache(maxsize=8)
+def phrase_index(terms: tuple[str, ...]) -> dict[str, int]:
+    return {t: i for i, t in enumerate(terms)}
+
+
+def query_details(config: Any, text: str) -> tuple[list[int], np.ndarray | None]:
+    """A query's phrases that a model's detail detector knows (their rows), and the query's detail
+    vector (K,): detail_weight / their count at those rows. (rows, None) when there is nothing to add."""
+    if not config.detail_terms:
+        return [], None
+    rows = phrase_rows(text, phrase_index(config.detail_terms))
+    if not rows or not config.detail_weight:
+        return rows, None
+    vector = np.zeros(len(config.detail_terms), np.float32)
+    vector[rows] = config.detail_weight / len(rows)
+    return rows, vector
+
+
+@torch.inference_mode()
+def detail_scores(model: Any, texts: list[str], images: Tensor, batch_size: int = 256) -> Tensor:
+    """(Q, G) what the detail detector adds to each text's score with each image (uint8 (G, 3, H, W)):
+    detail_weight * the mean over the text's known phrases of log p(phrase | image)."""
+    log_probs = F.logsigmoid(
+        torch.cat([model.details(tokens.float())[0] for tokens in encoder_tokens(model, images).split(batch_size)])
+    )
+    return model.config.detail_weight * phrase_weights(texts, phrase_index(model.config.detail_terms)) @ log_probs.t()
+
+
+def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor, index: dict[str, int]) -> Tensor:
+    """(images, K) multi-hot: every known phrase of any caption of the image's identity."""
+    said: dict[int, set[int]] = {}
+    for caption, identity in zip(captions, caption_ids.tolist(), strict=True):
+        said.setdefault(identity, set()).update(phrase_rows(caption, index))
+    targets = torch.zeros(len(image_ids), len(index))
+    for row, identity in enumerate(image_ids.tolist()):
+        targets[row, sorted(said.get(identity, ()))] = 1.0
+    return targets
+
+
+# -- training (after the model, on its frozen encoder) ------------------------------------------
+
+
+@torch.inference_mode()
+def encoder_tokens(model: Any, images: Tensor, flipped: bool = False, batch_size: int = 256) -> Tensor:
+    """uint8 (B, 3, H, W) -> (B, N, dim) float16 tokens of the model's image encoder (mirrored: `flipped`)."""
+    from .data.dataset import normalize
+
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        out.append(model.image_encoder(x.flip(-1) if flipped else x).half())
+    return torch.cat(out)
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> float:
+    """Mean over phrases (with a positive) of the average precision of ranking images by score, in %."""
+    values = []
+    for k in range(targets.shape[1]):
+        hits = targets[scores[:, k].argsort(descending=True), k]
+        if hits.sum() > 0:
+            precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+            values.append(float((precision * hits).sum() / hits.sum()))
+    return 100 * float(np.mean(values)) if values else 0.0
+
+
+def fit_detector(
+    tokens: Tensor,
+    targets: Tensor,
+    cfg: DetailTrainConfig,
+    val: tuple[Tensor, Tensor] | None = None,
+    report: Callable[[str], None] = print,
+) -> DetailDetector:
+    """Fit a detector to tokens (B, 2, N, dim) (each image and its mirror image) and multi-hot
+    phrase targets (B, K) by binary cross-entropy; `val` (tokens (V, N, dim), targets) is scored
+    by phrase mAP every 5 epochs. Returns the detector in eval mode."""
+    torch.manual_seed(cfg.seed)
+    detector = DetailDetector(tokens.shape[-1], targets.shape[1], cfg.hidden, cfg.sharpness)
+    optimizer = torch.optim.AdamW(detector.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(tokens) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                   pct_start=0.1)  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        detector.train()
+        order, total = torch.randperm(len(tokens), generator=generator), 0.0
+        for batch in order.split(cfg.batch_size):
+            mirrored = torch.randint(0, tokens.shape[1], (len(batch),), generator=generator)  # flip augmentation
+            logits, _ = detector(tokens[batch, mirrored].float())
+            loss = F.binary_cross_entropy_with_logits(logits, targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(batch)
+        if (epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs:
+            line = f"epoch {epoch + 1}: loss {total / len(tokens):.4f}"
+            if val is not None:
+                detector.eval()
+                with torch.inference_mode():
+                    line += f", val phrase mAP {average_precision(detector(val[0].float())[0], val[1]):.1f}"
+            report(line)
+    return detector.eval()
+
+
+def train_details(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: DetailTrainConfig | None = None,
+    cache: str | Path | None = "cache",
+    report: Callable[[str], None] = print,
+) -> Path:
+    """Train a detail detector on a checkpoint's frozen image encoder and write the checkpoint with
+    it (same storage precision; every other weight unchanged). The detail weight is the one of
+    DETAIL_WEIGHTS with the best validation R@1 over full captions and over crops of them (short
+    descriptions, as people type). Returns the new checkpoint's path."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data.dataset import build_split, caption_crops, frozen_text_features
+    from .data.readers import read_dataset
+    from .evaluate import caption_embeddings, image_embeddings, retrieval_metrics
+    from .train import split_records
+
+    cfg = cfg or DetailTrainConfig()
+    start = time.perf_counter()
+    model, card = load_checkpoint(checkpoint)
+    splits = split_records(read_dataset(data)[0], cfg.seed)
+    if not splits.get("train") or not splits.get("val"):
+        raise ValueError(f"{data}: training a detail detector needs a train and a val split")
+    size = model.config.image.img_size
+    train, val = build_split(splits["train"], size), build_split(splits["val"], size)
+    terms = detail_vocabulary(train.captions, train.caption_ids.tolist(), cfg.min_captions)
+    if not terms:
+        raise ValueError(f"{data}: no caption phrase recurs for one person in {cfg.min_captions}+ captions")
+    index = {t: i for i, t in enumerate(terms)}
+    report(f"{len(terms)} phrases; encoding {len(train.images)} training images (and their mirror images)")
+    tokens = torch.stack([encoder_tokens(model, train.images), encoder_tokens(model, train.images, True)], 1)
+    targets = identity_targets(train.captions, train.caption_ids, train.image_ids, index)
+    val_tokens = encoder_tokens(model, val.images)
+    val_targets = identity_targets(val.captions, val.caption_ids, val.image_ids, index)
+
+    detector = fit_detector(tokens, targets, cfg, (val_tokens, val_targets), report)
+    with torch.inference_mode():
+        val_logits = detector(val_tokens.float())[0]  # (images, K)
+    val_map, log_probs = average_precision(val_logits, val_targets), F.logsigmoid(val_logits)
+
+    # The detail weight, chosen on the validation split: full captions and one crop of each.
+    crops = [caption_crops(c, 1, np.random.default_rng([cfg.seed, i]))[0] for i, c in enumerate(val.captions)]
+    images = image_embeddings(model, val.images)
+    choice: dict[str, Any] = {}
+    for name, texts in (("captions", val.captions), ("crops", crops)):
+        similarity = caption_embeddings(model, frozen_text_features(model.text_encoder, texts, cache)) @ images.t()
+        bonus = phrase_weights(texts, index) @ log_probs.t()
+        choice[name] = {
+            str(w): round(retrieval_metrics(similarity + w * bonus, val.caption_ids, val.image_ids)["R@1"], 2)
+            for w in DETAIL_WEIGHTS
+        }  # fmt: skip
+    weight = max(DETAIL_WEIGHTS, key=lambda w: choice["captions"][str(w)] + choice["crops"][str(w)])
+    report(f"val R@1 by detail weight: captions {choice['captions']}, crops {choice['crops']}; chosen {weight}")
+
+    model.config.detail_terms = tuple(terms)
+    model.config.detail_hidden, model.config.detail_sharpness = cfg.hidden, cfg.sharpness
+    model.config.detail_weight = weight
+    model.details = detector
+    recomputed = ("format", "format_version", "config", "num_identities", "includes_classifier", "dtype", "parameters",
+                  "text_encoder", "weights_sha256")  # fmt: skip
+    kept = {k: v for k, v in card.items() if k not in recomputed}
+    kept["details"] = {
+        "training": asdict(cfg) | {"seconds": round(time.perf_counter() - start, 1), "from": Path(checkpoint).name},
+        "phrases": len(terms),
+        "val_phrase_mAP": round(val_map, 2),
+        "val_R@1_by_weight": choice,
+    }
+    return save_checkpoint(model, out, kept, dtype=card.get("dtype", "float32"),
+                           include_classifier=bool(card.get("includes_classifier")))  # fmt: skip

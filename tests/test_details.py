@@ -1,0 +1,167 @@
+"""The detail detector (lgur.details): phrases, pooling, fitting, ranking and the second-stage command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lgur.checkpoint import load_checkpoint
+from lgur.config import DetailTrainConfig
+from lgur.details import (
+    DETAIL_WEIGHTS,
+    DetailDetector,
+    average_precision,
+    fit_detector,
+    identity_targets,
+    phrase_rows,
+    phrase_weights,
+    query_details,
+    train_details,
+)
+from lgur.index import Entry, GalleryIndex
+from tests.conftest import tiny_config
+
+TERMS = ("backpack", "black", "black backpack", "jeans", "red", "red jacket", "jacket")
+INDEX = {t: i for i, t in enumerate(TERMS)}
+
+
+def test_a_query_asserts_its_phrases_with_colours_kept_on_their_things() -> None:
+    rows = phrase_rows("man in a red jacket, black backpack", INDEX)
+    assert [TERMS[r] for r in rows] == ["backpack", "black", "black backpack", "red", "red jacket", "jacket"]
+    assert "black jacket" not in [TERMS[r] for r in phrase_rows("red jacket, black backpack", INDEX)]
+    weights = phrase_weights(["red jacket", "a hat"], INDEX)
+    assert weights[0].sum() == pytest.approx(1.0) and weights[0, INDEX["red jacket"]] == pytest.approx(1 / 3)
+    assert weights[1].sum() == 0  # nothing known: no detail score
+
+
+def test_query_details_weighs_the_known_phrases_by_the_models_detail_weight() -> None:
+    config = tiny_config(detail_terms=TERMS, detail_weight=0.6)
+    rows, vector = query_details(config, "red jacket")
+    assert [TERMS[r] for r in rows] == ["red", "red jacket", "jacket"]
+    assert vector.sum() == pytest.approx(0.6) and np.count_nonzero(vector) == 3
+    assert query_details(config, "a hat") == ([], None)
+    assert query_details(tiny_config(), "red jacket") == ([], None)  # no detector
+    assert query_details(tiny_config(detail_terms=TERMS, detail_weight=0.0), "red jacket")[1] is None
+
+
+def test_pooling_lies_between_the_mean_and_the_best_patch_and_says_where() -> None:
+    detector = DetailDetector(16, 5, hidden=8, sharpness=4.0).eval()
+    tokens = torch.randn(3, 12, 16)
+    with torch.no_grad():
+        pooled, patches = detector(tokens)
+        where = detector.where(patches)
+    assert pooled.shape == (3, 5) and patches.shape == (3, 12, 5)
+    assert torch.all(pooled <= patches.amax(1) + 1e-5) and torch.all(pooled >= patches.mean(1) - 1e-5)
+    assert torch.allclose(where.sum(1), torch.ones(3, 5))
+    assert torch.equal(where.argmax(1), patches.argmax(1))
+
+
+def test_identity_targets_gather_every_caption_of_the_identity() -> None:
+    captions = ["a red jacket", "black backpack", "blue jeans"]
+    targets = identity_targets(captions, torch.tensor([7, 7, 8]), torch.tensor([8, 7]), INDEX)
+    assert [TERMS[k] for k in targets[1].nonzero().flatten()] == ["backpack", "black", "black backpack", "red",
+                                                                   "red jacket", "jacket"]  # fmt: skip
+    assert [TERMS[k] for k in targets[0].nonzero().flatten()] == ["jeans"]
+
+
+def test_average_precision_matches_hand_computed_values() -> None:
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.3]])  # phrase 0: hits at ranks 1, 3; phrase 1: 2
+    assert average_precision(scores, targets) == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1 / 2) / 2)
+
+
+def test_a_fitted_detector_finds_a_planted_detail_and_points_at_its_patch() -> None:
+    """Phrase k is present when some patch carries direction k: the detector must learn which images
+    have it (AP near 100) and where (its pooling weights peak on the planted patch)."""
+    generator = torch.Generator().manual_seed(0)
+    images, patches, dim, phrases = 600, 12, 16, 3
+    tokens = torch.randn(images, 1, patches, dim, generator=generator) * 0.5
+    targets = (torch.rand(images, phrases, generator=generator) < 0.3).float()
+    planted = torch.randint(0, patches, (images, phrases), generator=generator)
+    for i, k in targets.nonzero().tolist():
+        tokens[i, 0, planted[i, k], k] += 3.0
+    train, test = slice(0, 500), slice(500, None)
+    cfg = DetailTrainConfig(epochs=30, batch_size=50, lr=5e-3, hidden=32)
+    detector = fit_detector(tokens[train], targets[train], cfg, report=lambda _: None)
+    with torch.no_grad():
+        pooled, patch_logits = detector(tokens[test, 0])
+        where = detector.where(patch_logits)
+    assert average_precision(pooled, targets[test]) > 95
+    present = targets[test].nonzero().tolist()
+    pointed = [int(where[i, :, k].argmax()) == int(planted[500 + i, k]) for i, k in present]
+    assert np.mean(pointed) > 0.9
+
+
+def _index(embeddings: np.ndarray, log_probs: np.ndarray) -> GalleryIndex:
+    n = len(embeddings)
+    arrays = {"embeddings": embeddings.astype(np.float32), "detail_log_probs": log_probs.astype(np.float16)}
+    return GalleryIndex(Path("."), [Entry(f"{i}.jpg", "", 0, 0) for i in range(n)], arrays, "x")
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_the_index_ranks_by_cosine_plus_the_detail_score(approximate: bool, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(300, 8)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    log_probs = np.log(rng.uniform(0.01, 1, size=(300, 5)))
+    query, details = embeddings[:1] * 0.5, np.array([[0.0, 0.4, 0.0, 0.4, 0.0]], np.float32)
+    if approximate:  # the IVF path re-ranks the best candidates by cosine
+        monkeypatch.setattr("lgur.index.EXACT_LIMIT", 100)
+        monkeypatch.setattr("lgur.index.DETAIL_CANDIDATES", 300)
+    index = _index(embeddings, log_probs)
+    if approximate:
+        index.build_faiss()
+        assert index.kind == "ivf"
+        index.faiss_index.nprobe = index.faiss_index.nlist  # every list probed: the candidates are all rows
+    scores, rows = index.search(query, 10, details)
+    expected = query @ embeddings.T + details @ log_probs.astype(np.float16).astype(np.float32).T
+    assert rows[0].tolist() == np.argsort(-expected[0], kind="stable")[:10].tolist()
+    np.testing.assert_allclose(scores[0], expected[0, rows[0]], rtol=1e-4, atol=1e-5)
+    plain_scores, plain_rows = index.search(query, 10)  # no phrases: cosine alone
+    assert plain_rows[0, 0] == 0 and plain_scores[0, 0] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Path) -> None:
+    from lgur.data.readers import read_dataset
+    from lgur.evaluate import split_metrics
+    from lgur.synth.world import WorldSpec, generate_world
+    from lgur.train import split_records, train
+    from tests.test_train import _config
+
+    world = tmp_path / "world"
+    generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
+    train(_config(world, tmp_path / "run", epochs=1), progress=False)
+    base = tmp_path / "run" / "best.safetensors"
+    lines: list[str] = []
+    out = train_details(base, world, tmp_path / "with_details.safetensors",
+                        DetailTrainConfig(epochs=2, min_captions=2), tmp_path / "cache", lines.append)  # fmt: skip
+    model, card = load_checkpoint(out)
+    assert model.details is not None and model.config.detail_terms and model.config.detail_weight in DETAIL_WEIGHTS
+    assert card["details"]["phrases"] == len(model.config.detail_terms) and "val_R@1_by_weight" in card["details"]
+    assert any(line.startswith("epoch 2: loss") for line in lines)
+    before, after = load_file(str(base)), load_file(str(out))
+    assert set(after) - set(before) and all(k.startswith("details.") for k in set(after) - set(before))
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert json.loads((tmp_path / "with_details.json").read_text())["weights_sha256"] == card["weights_sha256"]
+    # The model explains with it, and the evaluation ranks with it as the app does.
+    h, w = model.config.image.img_size
+    probabilities, where = model.find_details(torch.randn(2, 3, h, w))
+    grid = model.image_encoder.grid
+    assert probabilities.shape == (2, len(model.config.detail_terms)) and where.shape[1] == grid[0] * grid[1]
+    records = split_records(read_dataset(world)[0], 0)["test"]
+    model.config.detail_weight = 0.5
+    plain, _ = split_metrics(model, records, "test", world, tmp_path / "cache")
+    detailed, _ = split_metrics(model, records, "test", world, tmp_path / "cache", details=True)
+    assert plain["queries"] == detailed["queries"] and plain != detailed
+    # Its maps are scored by the pointing game, as the guidance maps are.
+    from lgur.quality import explanation_quality
+
+    quality = explanation_quality(model, world, "test", limit=8)
+    game = quality["phrase_pointing_game"]
+    assert game["words"] > 0 and 0 <= game["accuracy"] <= 100 and set(game["by_part"]) <= set(quality["parts"])
