@@ -72,8 +72,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     label="prototype for the words",
                 )
             summary = gr.Markdown(elem_id="summary")
-            maps = gr.Gallery(label="Prototype attention (share of the score)",
-                              columns=7, height=280, object_fit="contain", elem_id="prototype-maps",
+            maps = gr.Gallery(label="Prototype attention (share of the similarity); then where each detail was seen",
+                              columns=7, height="auto", object_fit="contain", elem_id="prototype-maps",
                               format="jpeg")  # fmt: skip
             words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
                                        elem_id="words")  # fmt: skip

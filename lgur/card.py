@@ -29,6 +29,11 @@ def image_encoder(card: dict[str, Any]) -> str:
     return f"{image.get('timm_name')} at {size}{start}"
 
 
+def detail_detector(config: dict[str, Any]) -> str:
+    terms, weight = config.get("detail_terms"), config.get("detail_weight")
+    return f"{len(terms)} caption phrases, weight {weight} in the score (lgur.details)" if terms else ""
+
+
 def card_table(card: dict[str, Any], prototype_names: list[str]) -> str:
     """The Model tab's table (Markdown; every value escaped)."""
     config = card.get("config", {})
@@ -41,6 +46,7 @@ def card_table(card: dict[str, Any], prototype_names: list[str]) -> str:
         "embedding": f"{config.get('num_prototypes', 1) * config.get('part_dim', 0)}-d",
         "parameters (trainable / frozen)": counts,
         "training data": training_data(card),
+        "detail detector": detail_detector(config),
     }
     lines = ["| model | |", "| --- | --- |"] + [f"| {k} | {html.escape(str(v))} |" for k, v in rows.items() if v]
     for split, m in card.get("metrics", {}).items():
@@ -50,7 +56,8 @@ def card_table(card: dict[str, Any], prototype_names: list[str]) -> str:
         )
     for style, qb in card.get("query_bench", {}).items():
         lines.append(
-            f"| short queries ({html.escape(style)} set) | attribute precision@10 {qb['precision@10']:.1f}% · top-1 "
+            f"| short queries ({html.escape(style)} set{', with details' if qb.get('details') else ''}) | "
+            f"attribute precision@10 {qb['precision@10']:.1f}% · top-1 "
             f"right {qb['top1']:.1f}% · chance {qb['chance']:.1f}% ({qb['queries']} queries) |"
         )
     lines += [f"| {k} | {v} |" for k, v in summary_rows(card.get("explanations", {}), ", ".join(prototype_names))]

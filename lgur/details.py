@@ -10,8 +10,10 @@ frozen encoder, with each image's identity's caption phrases as labels, so it ne
 only (as CUHK-PEDES has), never attribute labels.
 
 At search time the query's phrases that the detector knows add
-    detail_weight * mean over those phrases of log p(phrase | image)
-to the cosine similarity; `detail_weight` is chosen on the validation split. The pooling
+    detail_weight * coverage * mean over those phrases of log p(phrase | image)
+to the cosine similarity, where coverage is the share of the query's content words those
+phrases hold (a query in words the detector never saw is ranked by its embedding, not by the
+few phrases it knows); `detail_weight` is chosen on the validation split. The pooling
 weights (a softmax over patches) say where each phrase was seen: the app draws them.
 """
 
@@ -32,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DetailTrainConfig
-from .data.dataset import description_terms, person_terms
+from .data.dataset import content_word, description_terms, person_terms, vocabulary_words
 
-DETAIL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2)  # the candidates the validation split chooses from
+DETAIL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 1.6, 2.0)  # the candidates the validation split chooses from
 
 
 class DetailDetector(nn.Module):
@@ -70,37 +72,46 @@ def detail_vocabulary(captions: list[str], identities: list[int], min_captions: 
     return sorted(t for t, n in counts.items() if n >= min_captions)
 
 
+@lru_cache(maxsize=8)
+def phrase_index(terms: tuple[str, ...]) -> dict[str, int]:
+    """phrase -> row of the detector."""
+    return {t: i for i, t in enumerate(terms)}
+
+
 def phrase_rows(text: str, index: dict[str, int]) -> list[int]:
     """The detector's rows of the phrases a text asserts (description_terms), in row order."""
     return sorted(index[t] for t in description_terms(text) if t in index)
 
 
-def phrase_weights(texts: list[str], index: dict[str, int]) -> Tensor:
-    """(Q, K): each text's known phrases, weight 1 / their count (a mean); zero rows for none."""
-    weights = torch.zeros(len(texts), len(index))
+def coverage(text: str, phrases: list[str]) -> float:
+    """The share of a text's content words that occur in its known phrases: how much of the text the
+    detail score speaks for ("a man in a vermilion anorak": man only, 1/3)."""
+    words = [w for w in vocabulary_words(text) if content_word(w)]
+    known = {w for phrase in phrases for w in phrase.split()}
+    return sum(w in known for w in words) / len(words) if words else 0.0
+
+
+def phrase_weights(texts: list[str], terms: tuple[str, ...]) -> Tensor:
+    """(Q, K): each text's known phrases, each weighted coverage / their count (a mean over the
+    phrases, scaled by how much of the text they cover); zero rows for none."""
+    index = phrase_index(terms)
+    weights = torch.zeros(len(texts), len(terms))
     for row, text in enumerate(texts):
         rows = phrase_rows(text, index)
         if rows:
-            weights[row, rows] = 1.0 / len(rows)
+            weights[row, rows] = coverage(text, [terms[r] for r in rows]) / len(rows)
     return weights
-
-
-@lru_cache(maxsize=8)
-def phrase_index(terms: tuple[str, ...]) -> dict[str, int]:
-    return {t: i for i, t in enumerate(terms)}
 
 
 def query_details(config: Any, text: str) -> tuple[list[int], np.ndarray | None]:
     """A query's phrases that a model's detail detector knows (their rows), and the query's detail
-    vector (K,): detail_weight / their count at those rows. (rows, None) when there is nothing to add."""
+    vector (K,): detail_weight x phrase_weights at those rows. (rows, None) when there is nothing to add."""
     if not config.detail_terms:
         return [], None
     rows = phrase_rows(text, phrase_index(config.detail_terms))
     if not rows or not config.detail_weight:
         return rows, None
-    vector = np.zeros(len(config.detail_terms), np.float32)
-    vector[rows] = config.detail_weight / len(rows)
-    return rows, vector
+    return rows, config.detail_weight * phrase_weights([text], config.detail_terms)[0].numpy()
 
 
 @torch.inference_mode()
@@ -110,7 +121,7 @@ def detail_scores(model: Any, texts: list[str], images: Tensor, batch_size: int 
     log_probs = F.logsigmoid(
         torch.cat([model.details(tokens.float())[0] for tokens in encoder_tokens(model, images).split(batch_size)])
     )
-    return model.config.detail_weight * phrase_weights(texts, phrase_index(model.config.detail_terms)) @ log_probs.t()
+    return model.config.detail_weight * phrase_weights(texts, model.config.detail_terms) @ log_probs.t()
 
 
 def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor, index: dict[str, int]) -> Tensor:
@@ -219,7 +230,8 @@ def train_details(
     terms = detail_vocabulary(train.captions, train.caption_ids.tolist(), cfg.min_captions)
     if not terms:
         raise ValueError(f"{data}: no caption phrase recurs for one person in {cfg.min_captions}+ captions")
-    index = {t: i for i, t in enumerate(terms)}
+    terms = tuple(terms)
+    index = phrase_index(terms)
     report(f"{len(terms)} phrases; encoding {len(train.images)} training images (and their mirror images)")
     tokens = torch.stack([encoder_tokens(model, train.images), encoder_tokens(model, train.images, True)], 1)
     targets = identity_targets(train.captions, train.caption_ids, train.image_ids, index)
@@ -237,7 +249,7 @@ def train_details(
     choice: dict[str, Any] = {}
     for name, texts in (("captions", val.captions), ("crops", crops)):
         similarity = caption_embeddings(model, frozen_text_features(model.text_encoder, texts, cache)) @ images.t()
-        bonus = phrase_weights(texts, index) @ log_probs.t()
+        bonus = phrase_weights(texts, terms) @ log_probs.t()
         choice[name] = {
             str(w): round(retrieval_metrics(similarity + w * bonus, val.caption_ids, val.image_ids)["R@1"], 2)
             for w in DETAIL_WEIGHTS
@@ -245,7 +257,7 @@ def train_details(
     weight = max(DETAIL_WEIGHTS, key=lambda w: choice["captions"][str(w)] + choice["crops"][str(w)])
     report(f"val R@1 by detail weight: captions {choice['captions']}, crops {choice['crops']}; chosen {weight}")
 
-    model.config.detail_terms = tuple(terms)
+    model.config.detail_terms = terms
     model.config.detail_hidden, model.config.detail_sharpness = cfg.hidden, cfg.sharpness
     model.config.detail_weight = weight
     model.details = detector

@@ -67,6 +67,17 @@ EXAMPLE_QUERIES = [
             ("bottom_colour", "blue"),
         ),
     ),  # fmt: skip
+    Example(
+        "a man with a black backpack and white sneakers",
+        (
+            ("gender", "male"),
+            ("bag_type", "backpack"),
+            ("bag_colour", "black"),
+            ("shoe_type", "sneakers"),
+            ("shoe_colour", "white"),
+        ),
+    ),  # fmt: skip
+    Example("someone in red boots", (("shoe_type", "boots"), ("shoe_colour", "red"))),
     Example("person holding an umbrella", (("carried_object", "umbrella"),)),
     Example(
         "a woman in a yellow top and blue jeans",

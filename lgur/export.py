@@ -71,7 +71,14 @@ def export_checkpoint(
         for style in ("default", "check"):
             bench = run_query_bench(path, gallery, style)
             report(format_query_bench(bench, show=0))
-            kept = ("queries", "precision@10", "top1", "chance", "by_kind")  # by_kind: the page's weak-spot notes
+            kept = (
+                "queries",
+                "precision@10",
+                "top1",
+                "chance",
+                "by_kind",
+                "details",
+            )  # by_kind: the page's weak-spot notes
             card["query_bench"][style] = {k: bench[k] for k in kept}
     record_in_card(path, card)
     return path

@@ -16,6 +16,7 @@ from lgur.details import (
     DETAIL_WEIGHTS,
     DetailDetector,
     average_precision,
+    coverage,
     fit_detector,
     identity_targets,
     phrase_rows,
@@ -34,9 +35,12 @@ def test_a_query_asserts_its_phrases_with_colours_kept_on_their_things() -> None
     rows = phrase_rows("man in a red jacket, black backpack", INDEX)
     assert [TERMS[r] for r in rows] == ["backpack", "black", "black backpack", "red", "red jacket", "jacket"]
     assert "black jacket" not in [TERMS[r] for r in phrase_rows("red jacket, black backpack", INDEX)]
-    weights = phrase_weights(["red jacket", "a hat"], INDEX)
+    weights = phrase_weights(["red jacket", "a hat", "red anorak"], TERMS)
     assert weights[0].sum() == pytest.approx(1.0) and weights[0, INDEX["red jacket"]] == pytest.approx(1 / 3)
     assert weights[1].sum() == 0  # nothing known: no detail score
+    # Half the content words are known: the detail score speaks for half the query.
+    assert weights[2].sum() == pytest.approx(0.5) and weights[2, INDEX["red"]] == pytest.approx(0.5)
+    assert coverage("a man in a vermilion anorak", ["man"]) == pytest.approx(1 / 3)
 
 
 def test_query_details_weighs_the_known_phrases_by_the_models_detail_weight() -> None:
@@ -44,6 +48,7 @@ def test_query_details_weighs_the_known_phrases_by_the_models_detail_weight() ->
     rows, vector = query_details(config, "red jacket")
     assert [TERMS[r] for r in rows] == ["red", "red jacket", "jacket"]
     assert vector.sum() == pytest.approx(0.6) and np.count_nonzero(vector) == 3
+    assert query_details(config, "red jacket, white hat")[1].sum() == pytest.approx(0.6 * 2 / 4)
     assert query_details(config, "a hat") == ([], None)
     assert query_details(tiny_config(), "red jacket") == ([], None)  # no detector
     assert query_details(tiny_config(detail_terms=TERMS, detail_weight=0.0), "red jacket")[1] is None
