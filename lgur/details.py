@@ -26,15 +26,18 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DetailTrainConfig
-from .data.dataset import content_word, description_terms, person_terms, vocabulary_words
+from .config import DetailTrainConfig, LGURConfig
+from .data.dataset import content_word, description_terms, normalize, person_terms, vocabulary_words
+
+if TYPE_CHECKING:
+    from .model import LGUR
 
 DETAIL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 1.6, 2.0)  # the candidates the validation split chooses from
 
@@ -103,7 +106,7 @@ def phrase_weights(texts: list[str], terms: tuple[str, ...]) -> Tensor:
     return weights
 
 
-def query_details(config: Any, text: str) -> tuple[list[int], np.ndarray | None]:
+def query_details(config: LGURConfig, text: str) -> tuple[list[int], np.ndarray | None]:
     """A query's phrases that a model's detail detector knows (their rows), and the query's detail
     vector (K,): detail_weight x phrase_weights at those rows. (rows, None) when there is nothing to add."""
     if not config.detail_terms:
@@ -115,9 +118,9 @@ def query_details(config: Any, text: str) -> tuple[list[int], np.ndarray | None]
 
 
 @torch.inference_mode()
-def detail_scores(model: Any, texts: list[str], images: Tensor, batch_size: int = 256) -> Tensor:
+def detail_scores(model: LGUR, texts: list[str], images: Tensor, batch_size: int = 256) -> Tensor:
     """(Q, G) what the detail detector adds to each text's score with each image (uint8 (G, 3, H, W)):
-    detail_weight * the mean over the text's known phrases of log p(phrase | image)."""
+    detail_weight x phrase_weights (coverage x a mean over the text's known phrases) @ log p(phrase | image)."""
     log_probs = F.logsigmoid(
         torch.cat([model.details(tokens.float())[0] for tokens in encoder_tokens(model, images).split(batch_size)])
     )
@@ -139,10 +142,8 @@ def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor
 
 
 @torch.inference_mode()
-def encoder_tokens(model: Any, images: Tensor, flipped: bool = False, batch_size: int = 256) -> Tensor:
+def encoder_tokens(model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256) -> Tensor:
     """uint8 (B, 3, H, W) -> (B, N, dim) float16 tokens of the model's image encoder (mirrored: `flipped`)."""
-    from .data.dataset import normalize
-
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):

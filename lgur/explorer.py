@@ -88,6 +88,17 @@ EXAMPLE_QUERIES = [
 EXAMPLES = [e.text for e in EXAMPLE_QUERIES]
 
 
+def detail_comparison(image: SearchResult, top: SearchResult) -> str:
+    """Why not this one, by the detail detector: both detail scores and each phrase's probability."""
+    phrases = ", ".join(
+        f"**{html.escape(p)}** {100 * v:.0f}% vs {100 * top.details.get(p, 0):.0f}%" for p, v in image.details.items()
+    )
+    return (
+        f"Detail score {image.detail_score:+.3f} against {top.detail_score:+.3f}; the detector's probability of "
+        f"each phrase, this image vs the top result: {phrases}."
+    )
+
+
 @dataclass
 class Choices:
     """A dropdown's options (label, value pairs or plain values) and the one picked."""
@@ -348,7 +359,7 @@ class Explorer:
             f"Atoms the top result shares with the query and this image does not: "
             f"{', '.join(map(str, comparison.atoms_it_lacks)) or 'none'}; shared only by this image: "
             f"{', '.join(map(str, comparison.atoms_only_it_has)) or 'none'}.",
-        ])  # fmt: skip
+        ] + ([detail_comparison(image, top)] if image.details else []))  # fmt: skip
         mine = prototype_overlays(image, response.grid, names=self.prototypes)[:-1]
         theirs = prototype_overlays(top, response.grid, names=self.prototypes)[:-1]
         maps = [item for pair in zip(mine, theirs) for item in pair]
