@@ -88,6 +88,7 @@ class GalleryIndex:
     faiss_index: Any = None
     approximate_recall_at_10: float | None = None
     _rows: dict[str, int] | None = field(default=None, repr=False)
+    _detail_log_probs: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.arrays["embeddings"])
@@ -133,17 +134,26 @@ class GalleryIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if details is None or not details.any():
             return self.faiss_index.search(queries, k)
-        log_probs = self.arrays["detail_log_probs"]  # (G, K): the same detector as `details`, by the fingerprint
+        # torch, not numpy: numpy's BLAS threads would spin against the model's on the same cores
+        log_probs = self.detail_log_probs  # (G, K): the same detector as `details`, by the fingerprint
+        wanted = torch.from_numpy(np.ascontiguousarray(details, dtype=np.float32))  # (Q, K)
         if self.kind == "flat":
-            rows = np.broadcast_to(np.arange(len(self)), (len(queries), len(self)))
-            scores = queries @ self.embeddings.astype(np.float32).T
+            scores = torch.from_numpy(queries) @ torch.from_numpy(self.embeddings).float().T + wanted @ log_probs.T
+            rows = torch.arange(len(self)).expand(len(queries), -1)
         else:
-            scores, rows = self.faiss_index.search(queries, max(k, DETAIL_CANDIDATES))
-            scores = np.where(rows < 0, -np.inf, scores)  # fewer candidates than asked: padding, last
-            rows = np.maximum(rows, 0)
-        scores = scores + np.einsum("qk,qck->qc", details.astype(np.float32), log_probs[rows].astype(np.float32))
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, best, 1).astype(np.float32), np.take_along_axis(rows, best, 1)
+            cosine, found = self.faiss_index.search(queries, max(k, DETAIL_CANDIDATES))
+            rows = torch.from_numpy(np.maximum(found, 0))
+            scores = torch.from_numpy(np.where(found < 0, -np.inf, cosine))  # fewer candidates than asked: last
+            scores = scores + torch.einsum("qk,qck->qc", wanted, log_probs[rows])
+        best = scores.topk(k, dim=1).indices
+        return scores.gather(1, best).numpy(), rows.gather(1, best).numpy()
+
+    @property
+    def detail_log_probs(self) -> torch.Tensor:
+        """(G, K) float32 view of the stored phrase log-probabilities, converted once."""
+        if self._detail_log_probs is None:
+            self._detail_log_probs = torch.from_numpy(self.arrays["detail_log_probs"]).float()
+        return self._detail_log_probs
 
 
 def measure_recall(index: Any, x: np.ndarray, rng: np.random.Generator, queries: int = 200) -> float:

@@ -515,7 +515,7 @@ class SearchEngine:
         query = self.encode_query(text)
         scores = self.index.embeddings.astype(np.float32) @ query.embedding.astype(np.float32)
         if query.details is not None:  # the search's ranking score (GalleryIndex.search)
-            scores = scores + self.index.arrays["detail_log_probs"].astype(np.float32) @ query.details
+            scores = scores + (self.index.detail_log_probs @ torch.from_numpy(query.details)).numpy()
         rank = 1 + int((scores > scores[row]).sum())
         best = int(np.argmax(scores))
         average = self.image_atom_average
