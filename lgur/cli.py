@@ -146,7 +146,11 @@ def cmd_train_details(args: argparse.Namespace) -> int:
     from .details import train_details
 
     cfg = DetailTrainConfig(epochs=args.epochs, sharpness=args.sharpness, seed=args.seed)
-    print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, print if not args.quiet else _silent))
+    report = print if not args.quiet else _silent
+    try:
+        print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, report, args.text_encoder))
+    except (ValueError, OSError) as error:  # a bad checkpoint or dataset: say which, no traceback
+        raise SystemExit(f"train-details: {error}") from None
     return 0
 
 
@@ -385,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     details = sub.add_parser(
-        "train-details", parents=[GIVEN, CACHE, QUIET],
+        "train-details", parents=[GIVEN, TEXT_ENCODER, CACHE, QUIET],
         help="train a detail detector on a checkpoint's frozen image encoder; write the checkpoint with it",
     )  # fmt: skip
     details.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")

@@ -10,8 +10,10 @@ frozen encoder, with each image's identity's caption phrases as labels, so it ne
 only (as CUHK-PEDES has), never attribute labels.
 
 At search time the query's phrases that the detector knows add
-    detail_weight * coverage * mean over those phrases of log p(phrase | image)
-to the cosine similarity, where coverage is the share of the query's content words those
+    detail_weight * coverage * mean over those phrases of lift(phrase, image)
+to the cosine similarity, where lift = log p(phrase | image) minus its mean over the training
+images (positive: the image shows the phrase more than a typical person; a constant per query,
+so it changes the score people read, not the ranking), and coverage is the share of the query's content words those
 phrases hold (a query in words the detector never saw is ranked by its embedding, not by the
 few phrases it knows); `detail_weight` is chosen on the validation split. The pooling
 weights (a softmax over patches) say where each phrase was seen: the app draws them.
@@ -51,12 +53,19 @@ class DetailDetector(nn.Module):
         self.score = nn.Sequential(
             nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, terms)
         )
+        # (K,) mean log p(phrase) over the training images: lift is measured against a typical person
+        self.register_buffer("reference", torch.zeros(terms))
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         patches = self.score(tokens)  # (B, N, K)
         r = self.sharpness
         pooled = (torch.logsumexp(r * patches, dim=1) - math.log(patches.shape[1])) / r  # (B, K)
         return pooled, patches
+
+    def lift(self, logits: Tensor) -> Tensor:
+        """(B, K) phrase logits -> log p(phrase | image) - its mean over the training images: > 0 where
+        the image shows the phrase more than a typical person does. What the detail score adds up."""
+        return F.logsigmoid(logits) - self.reference
 
     def where(self, patches: Tensor) -> Tensor:
         """(B, N, K) patch logits -> (B, N, K) each phrase's pooling weights over the patches (sum to 1)."""
@@ -120,11 +129,10 @@ def query_details(config: LGURConfig, text: str) -> tuple[list[int], np.ndarray 
 @torch.inference_mode()
 def detail_scores(model: LGUR, texts: list[str], images: Tensor, batch_size: int = 256) -> Tensor:
     """(Q, G) what the detail detector adds to each text's score with each image (uint8 (G, 3, H, W)):
-    detail_weight x phrase_weights (coverage x a mean over the text's known phrases) @ log p(phrase | image)."""
-    log_probs = F.logsigmoid(
-        torch.cat([model.details(tokens.float())[0] for tokens in encoder_tokens(model, images).split(batch_size)])
-    )
-    return model.config.detail_weight * phrase_weights(texts, model.config.detail_terms) @ log_probs.t()
+    detail_weight x phrase_weights (coverage x a mean over the text's known phrases) @ lift."""
+    detector = model.details
+    lift = torch.cat([detector.lift(detector(t.float())[0]) for t in encoder_tokens(model, images).split(batch_size)])
+    return model.config.detail_weight * phrase_weights(texts, model.config.detail_terms) @ lift.t()
 
 
 def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor, index: dict[str, int]) -> Tensor:
@@ -209,6 +217,7 @@ def train_details(
     cfg: DetailTrainConfig | None = None,
     cache: str | Path | None = "cache",
     report: Callable[[str], None] = print,
+    text_encoder_path: str | None = None,
 ) -> Path:
     """Train a detail detector on a checkpoint's frozen image encoder and write the checkpoint with
     it (same storage precision; every other weight unchanged). The detail weight is the one of
@@ -222,7 +231,7 @@ def train_details(
 
     cfg = cfg or DetailTrainConfig()
     start = time.perf_counter()
-    model, card = load_checkpoint(checkpoint)
+    model, card = load_checkpoint(checkpoint, text_encoder_path)
     splits = split_records(read_dataset(data)[0], cfg.seed)
     if not splits.get("train") or not splits.get("val"):
         raise ValueError(f"{data}: training a detail detector needs a train and a val split")
@@ -241,8 +250,10 @@ def train_details(
 
     detector = fit_detector(tokens, targets, cfg, (val_tokens, val_targets), report)
     with torch.inference_mode():
+        train_logits = torch.cat([detector(t.float())[0] for t in tokens[:, 0].split(cfg.batch_size)])
+        detector.reference.copy_(F.logsigmoid(train_logits).mean(0))
         val_logits = detector(val_tokens.float())[0]  # (images, K)
-    val_map, log_probs = average_precision(val_logits, val_targets), F.logsigmoid(val_logits)
+    val_map, lift = average_precision(val_logits, val_targets), detector.lift(val_logits)
 
     # The detail weight, chosen on the validation split: full captions and one crop of each.
     crops = [caption_crops(c, 1, np.random.default_rng([cfg.seed, i]))[0] for i, c in enumerate(val.captions)]
@@ -250,7 +261,7 @@ def train_details(
     choice: dict[str, Any] = {}
     for name, texts in (("captions", val.captions), ("crops", crops)):
         similarity = caption_embeddings(model, frozen_text_features(model.text_encoder, texts, cache)) @ images.t()
-        bonus = phrase_weights(texts, terms) @ log_probs.t()
+        bonus = phrase_weights(texts, terms) @ lift.t()
         choice[name] = {
             str(w): round(retrieval_metrics(similarity + w * bonus, val.caption_ids, val.image_ids)["R@1"], 2)
             for w in DETAIL_WEIGHTS

@@ -26,7 +26,6 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "lgur-index"
 FORMAT_VERSION = 4  # 2: arrays and manifest in one file; 3: atom histogram weighted by m only where learned;
-# 4: the detail detector's phrase log-probabilities
+# 4: the detail detector's phrase lifts
 INDEX_FOLDER = ".lgur-index"  # inside the gallery unless told otherwise; hidden, so never indexed itself
 # Exact inner-product search up to this many images, IVF beyond. Measured on 2 cores with
 # 1536-d embeddings: exact search costs ~0.5 ms per 1,000 images per query, so past ~50k it
@@ -46,7 +45,7 @@ INDEX_FOLDER = ".lgur-index"  # inside the gallery unless told otherwise; hidden
 EXACT_LIMIT = 50_000
 # With an IVF index, a query with detail phrases re-ranks this many of the best by cosine.
 DETAIL_CANDIDATES = 1000
-ARRAYS = ("embeddings", "parts", "prototype_attention", "foreground", "atom_histogram", "detail_log_probs")
+ARRAYS = ("embeddings", "parts", "prototype_attention", "foreground", "atom_histogram", "detail_lift")
 
 
 class IndexUnusable(RuntimeError):
@@ -88,7 +87,7 @@ class GalleryIndex:
     faiss_index: Any = None
     approximate_recall_at_10: float | None = None
     _rows: dict[str, int] | None = field(default=None, repr=False)
-    _detail_log_probs: torch.Tensor | None = field(default=None, repr=False)
+    _detail_lift: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.arrays["embeddings"])
@@ -124,7 +123,7 @@ class GalleryIndex:
 
     def search(self, queries: np.ndarray, k: int, details: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best rows per query (Q, E) by cosine; with `details` (Q, K), the query's weighted
-        phrases (lgur.details), by cosine + details @ log p(phrase | image): exact up to EXACT_LIMIT
+        phrases (lgur.details), by cosine + details @ lift(phrase, image): exact up to EXACT_LIMIT
         images, else over the DETAIL_CANDIDATES best by cosine."""
         if self.faiss_index is None:
             self.build_faiss()
@@ -135,25 +134,25 @@ class GalleryIndex:
         if details is None or not details.any():
             return self.faiss_index.search(queries, k)
         # torch, not numpy: numpy's BLAS threads would spin against the model's on the same cores
-        log_probs = self.detail_log_probs  # (G, K): the same detector as `details`, by the fingerprint
+        lift = self.detail_lift  # (G, K): the same detector as `details`, by the fingerprint
         wanted = torch.from_numpy(np.ascontiguousarray(details, dtype=np.float32))  # (Q, K)
         if self.kind == "flat":
-            scores = torch.from_numpy(queries) @ torch.from_numpy(self.embeddings).float().T + wanted @ log_probs.T
+            scores = torch.from_numpy(queries) @ torch.from_numpy(self.embeddings).float().T + wanted @ lift.T
             rows = torch.arange(len(self)).expand(len(queries), -1)
         else:
             cosine, found = self.faiss_index.search(queries, max(k, DETAIL_CANDIDATES))
             rows = torch.from_numpy(np.maximum(found, 0))
             scores = torch.from_numpy(np.where(found < 0, -np.inf, cosine))  # fewer candidates than asked: last
-            scores = scores + torch.einsum("qk,qck->qc", wanted, log_probs[rows])
+            scores = scores + torch.einsum("qk,qck->qc", wanted, lift[rows])
         best = scores.topk(k, dim=1).indices
         return scores.gather(1, best).numpy(), rows.gather(1, best).numpy()
 
     @property
-    def detail_log_probs(self) -> torch.Tensor:
-        """(G, K) float32 view of the stored phrase log-probabilities, converted once."""
-        if self._detail_log_probs is None:
-            self._detail_log_probs = torch.from_numpy(self.arrays["detail_log_probs"]).float()
-        return self._detail_log_probs
+    def detail_lift(self) -> torch.Tensor:
+        """(G, K) float32 copy of the stored phrase lifts (lgur.details), converted once."""
+        if self._detail_lift is None:
+            self._detail_lift = torch.from_numpy(self.arrays["detail_lift"]).float()
+        return self._detail_lift
 
 
 def measure_recall(index: Any, x: np.ndarray, rng: np.random.Generator, queries: int = 200) -> float:
@@ -204,7 +203,7 @@ def index_arrays(model: LGUR, images: np.ndarray) -> dict[str, np.ndarray]:
         "prototype_attention": attention.half().numpy(),
         "foreground": foreground.half().numpy(),
         "atom_histogram": histogram.half().numpy(),
-        "detail_log_probs": (torch.zeros(b, 0) if details is None else F.logsigmoid(details)).half().numpy(),
+        "detail_lift": (torch.zeros(b, 0) if details is None else model.details.lift(details)).half().numpy(),
     }
 
 
@@ -413,7 +412,7 @@ def _empty_arrays(model: LGUR) -> dict[str, np.ndarray]:
         "prototype_attention": np.zeros((0, c.pgu_layers, c.pgu_heads, p, h * w), np.float16),
         "foreground": np.zeros((0, h * w), np.float16),
         "atom_histogram": np.zeros((0, c.num_atoms), np.float16),
-        "detail_log_probs": np.zeros((0, len(c.detail_terms)), np.float16),
+        "detail_lift": np.zeros((0, len(c.detail_terms)), np.float16),
     }
 
 

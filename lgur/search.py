@@ -82,6 +82,7 @@ class QueryEncoding:
     colour_readings: list[ColourReading] = field(default_factory=list)  # "crimson" read as "red", ...
     phrases: list[str] = field(default_factory=list)  # the phrases the detail detector knows (lgur.details)
     phrase_rows: list[int] = field(default_factory=list)  # their rows in the detector
+    phrase_reference: list[float] = field(default_factory=list)  # their mean log p over the training images
     details: np.ndarray | None = None  # (K,) their weights in the score (None: no detail score)
 
 
@@ -267,6 +268,7 @@ def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) 
         truncated=truncated,
         phrases=[model.config.detail_terms[r] for r in phrase_rows],
         phrase_rows=phrase_rows,
+        phrase_reference=[float(model.details.reference[r]) for r in phrase_rows],
         details=details,
     )
 
@@ -322,9 +324,11 @@ def explain_hit(
     entry = index.entries[row]
     atoms = index.arrays["atom_histogram"][row]  # a float16 view, like the maps below
     weights = relative_weights(atoms, image_atom_average)
-    phrases = zip(getattr(query, "phrases", []), getattr(query, "phrase_rows", []))  # an ImageQuery has none
-    log_probs = index.arrays["detail_log_probs"][row].astype(np.float32)
-    details = getattr(query, "details", None)
+    # An ImageQuery has no phrases. A phrase's probability is exp(lift + its reference log p).
+    text_query = isinstance(query, QueryEncoding)
+    phrases = zip(query.phrases, query.phrase_rows, query.phrase_reference) if text_query else []
+    lift = index.arrays["detail_lift"][row].astype(np.float32)
+    details = query.details if text_query else None
     return SearchResult(
         rank=rank,
         row=row if shared else -1,
@@ -342,8 +346,8 @@ def explain_hit(
         salient_atoms=salient_atoms(query.atom_weights, weights),
         parts=index.arrays["parts"][row],
         metadata=manifest.get(entry.path, {}) if shared else {},
-        details={p: round(float(np.exp(log_probs[r])), 4) for p, r in phrases} if len(log_probs) else {},
-        detail_score=float(details @ log_probs) if details is not None and len(log_probs) else 0.0,
+        details={p: round(float(np.exp(lift[r] + ref)), 4) for p, r, ref in phrases} if len(lift) else {},
+        detail_score=float(details @ lift) if details is not None and len(lift) else 0.0,
     )
 
 
@@ -515,7 +519,7 @@ class SearchEngine:
         query = self.encode_query(text)
         scores = self.index.embeddings.astype(np.float32) @ query.embedding.astype(np.float32)
         if query.details is not None:  # the search's ranking score (GalleryIndex.search)
-            scores = scores + (self.index.detail_log_probs @ torch.from_numpy(query.details)).numpy()
+            scores = scores + (self.index.detail_lift @ torch.from_numpy(query.details)).numpy()
         rank = 1 + int((scores > scores[row]).sum())
         best = int(np.argmax(scores))
         average = self.image_atom_average

@@ -77,8 +77,8 @@ def test_a_model_with_a_detail_detector_ranks_by_it_and_shows_where(tmp_path: Pa
     assert response.query.phrases == ["jacket", "man", "red", "red jacket"]
     index = explorer.engine.index
     for result in response.results:
-        log_probs = index.arrays["detail_log_probs"][result.row].astype(np.float32)
-        assert result.detail_score == pytest.approx(0.5 * np.mean(log_probs[[3, 4, 5, 6]]), abs=1e-4)  # all known
+        lift = index.arrays["detail_lift"][result.row].astype(np.float32)
+        assert result.detail_score == pytest.approx(0.5 * np.mean(lift[[3, 4, 5, 6]]), abs=1e-4)  # all known
         assert result.score == pytest.approx(float(index.embeddings[result.row] @ response.query.embedding)
                                              + result.detail_score, abs=1e-4)  # fmt: skip
         assert set(result.details) == set(response.query.phrases)

@@ -64,6 +64,8 @@ def test_pooling_lies_between_the_mean_and_the_best_patch_and_says_where() -> No
     assert torch.all(pooled <= patches.amax(1) + 1e-5) and torch.all(pooled >= patches.mean(1) - 1e-5)
     assert torch.allclose(where.sum(1), torch.ones(3, 5))
     assert torch.equal(where.argmax(1), patches.argmax(1))
+    detector.reference.fill_(-0.5)
+    assert torch.allclose(detector.lift(pooled), torch.nn.functional.logsigmoid(pooled) + 0.5)
 
 
 def test_identity_targets_gather_every_caption_of_the_identity() -> None:
@@ -104,7 +106,7 @@ def test_a_fitted_detector_finds_a_planted_detail_and_points_at_its_patch() -> N
 
 def _index(embeddings: np.ndarray, log_probs: np.ndarray) -> GalleryIndex:
     n = len(embeddings)
-    arrays = {"embeddings": embeddings.astype(np.float32), "detail_log_probs": log_probs.astype(np.float16)}
+    arrays = {"embeddings": embeddings.astype(np.float32), "detail_lift": log_probs.astype(np.float16)}
     return GalleryIndex(Path("."), [Entry(f"{i}.jpg", "", 0, 0) for i in range(n)], arrays, "x")
 
 
@@ -147,6 +149,8 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
                         DetailTrainConfig(epochs=2, min_captions=2), tmp_path / "cache", lines.append)  # fmt: skip
     model, card = load_checkpoint(out)
     assert model.details is not None and model.config.detail_terms and model.config.detail_weight in DETAIL_WEIGHTS
+    reference = model.details.reference  # mean log p over the training images: what a lift of 0 means
+    assert reference.shape == (len(model.config.detail_terms),) and bool((reference < 0).all())
     assert card["details"]["phrases"] == len(model.config.detail_terms) and "val_R@1_by_weight" in card["details"]
     assert any(line.startswith("epoch 2: loss") for line in lines)
     before, after = load_file(str(base)), load_file(str(out))
@@ -170,3 +174,13 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     quality = explanation_quality(model, world, "test", limit=8)
     game = quality["phrase_pointing_game"]
     assert game["words"] > 0 and 0 <= game["accuracy"] <= 100 and set(game["by_part"]) <= set(quality["parts"])
+
+
+def test_train_details_refuses_a_pickled_checkpoint_with_a_message(tmp_path: Path) -> None:
+    from lgur.cli import main
+
+    (tmp_path / "model.pt").write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match=r"train-details: model.pt: only .safetensors checkpoints"):
+        main(["train-details", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path),
+              "--out", str(tmp_path / "out.safetensors")])  # fmt: skip
+    assert not (tmp_path / "out.safetensors").exists()
