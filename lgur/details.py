@@ -13,9 +13,9 @@ At search time the query's phrases that the detector knows add
     detail_weight * coverage * mean over those phrases of lift(phrase, image)
 to the cosine similarity, where lift = log p(phrase | image) minus its mean over the training
 images (positive: the image shows the phrase more than a typical person; a constant per query,
-so it changes the score people read, not the ranking), and coverage is the share of the query's content words those
-phrases hold (a query in words the detector never saw is ranked by its embedding, not by the
-few phrases it knows); `detail_weight` is chosen on the validation split. The pooling
+so it changes the score people read, not the ranking), and coverage is the share of the query's
+content words those phrases hold (a query in words the detector never saw is ranked by its
+embedding, not by the few phrases it knows); `detail_weight` is chosen on the validation split. The pooling
 weights (a softmax over patches) say where each phrase was seen: the app draws them.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DetailTrainConfig, LGURConfig
-from .data.dataset import content_word, description_terms, normalize, person_terms, vocabulary_words
+from .data.dataset import content_word, description_terms, frequent_terms, normalize, person_terms, vocabulary_words
 
 if TYPE_CHECKING:
     from .model import LGUR
@@ -80,8 +79,7 @@ def detail_vocabulary(captions: list[str], identities: list[int], min_captions: 
     identity) used by at least `min_captions` captions, sorted."""
     terms = [description_terms(c) for c in captions]
     kept = person_terms(terms, identities)
-    counts = Counter(t for caption in terms for t in caption & kept)
-    return sorted(t for t, n in counts.items() if n >= min_captions)
+    return frequent_terms([caption & kept for caption in terms], min_captions)
 
 
 @lru_cache(maxsize=8)
@@ -103,15 +101,19 @@ def coverage(text: str, phrases: list[str]) -> float:
     return sum(w in known for w in words) / len(words) if words else 0.0
 
 
+def known_phrases(text: str, terms: tuple[str, ...]) -> tuple[list[int], float]:
+    """A text's phrases that the detector knows (their rows) and each one's weight: coverage / their
+    count (a mean over the phrases, scaled by how much of the text they cover); 0 for none."""
+    rows = phrase_rows(text, phrase_index(terms))
+    return rows, coverage(text, [terms[r] for r in rows]) / len(rows) if rows else 0.0
+
+
 def phrase_weights(texts: list[str], terms: tuple[str, ...]) -> Tensor:
-    """(Q, K): each text's known phrases, each weighted coverage / their count (a mean over the
-    phrases, scaled by how much of the text they cover); zero rows for none."""
-    index = phrase_index(terms)
+    """(Q, K): each text's known phrases at their weight (known_phrases); zero rows for none."""
     weights = torch.zeros(len(texts), len(terms))
     for row, text in enumerate(texts):
-        rows = phrase_rows(text, index)
-        if rows:
-            weights[row, rows] = coverage(text, [terms[r] for r in rows]) / len(rows)
+        rows, weight = known_phrases(text, terms)
+        weights[row, rows] = weight
     return weights
 
 
@@ -120,19 +122,18 @@ def query_details(config: LGURConfig, text: str) -> tuple[list[int], np.ndarray 
     vector (K,): detail_weight x phrase_weights at those rows. (rows, None) when there is nothing to add."""
     if not config.detail_terms:
         return [], None
-    rows = phrase_rows(text, phrase_index(config.detail_terms))
+    rows, weight = known_phrases(text, config.detail_terms)
     if not rows or not config.detail_weight:
         return rows, None
-    return rows, config.detail_weight * phrase_weights([text], config.detail_terms)[0].numpy()
+    vector = np.zeros(len(config.detail_terms), np.float32)
+    vector[rows] = config.detail_weight * weight
+    return rows, vector
 
 
-@torch.inference_mode()
-def detail_scores(model: LGUR, texts: list[str], images: Tensor, batch_size: int = 256) -> Tensor:
-    """(Q, G) what the detail detector adds to each text's score with each image (uint8 (G, 3, H, W)):
-    detail_weight x phrase_weights (coverage x a mean over the text's known phrases) @ lift."""
-    detector = model.details
-    lift = torch.cat([detector.lift(detector(t.float())[0]) for t in encoder_tokens(model, images).split(batch_size)])
-    return model.config.detail_weight * phrase_weights(texts, model.config.detail_terms) @ lift.t()
+def detail_scores(config: LGURConfig, texts: list[str], lift: Tensor) -> Tensor:
+    """(Q, G) what the detail detector adds to each text's score with each image, from the images'
+    lifts (G, K) (evaluate.image_features): detail_weight x phrase_weights @ lift."""
+    return config.detail_weight * phrase_weights(texts, config.detail_terms) @ lift.t()
 
 
 def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor, index: dict[str, int]) -> Tensor:

@@ -28,15 +28,24 @@ GROUNDED_PARAPHRASE = "test-paraphrase+colour-grounding"  # the card's entry for
 
 
 @torch.inference_mode()
-def image_embeddings(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
-    """uint8 (N, 3, H, W) -> (N, E) unit-norm embeddings."""
+def image_features(model: LGUR, images: Tensor, batch_size: int = 128) -> tuple[Tensor, Tensor | None]:
+    """uint8 (N, 3, H, W) -> (N, E) unit-norm embeddings and, for a model with a detail detector, the
+    images' (N, K) phrase lifts (lgur.details) from the same pass; else None."""
     model.eval()
     device = next(model.parameters()).device
-    out = [
-        model.embed_images(normalize(images[i : i + batch_size]).to(device)).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0, model.config.embedding_dim)
+    embeddings, lifts = [], []
+    for i in range(0, len(images), batch_size):
+        explained = model.explain_images(normalize(images[i : i + batch_size]).to(device), need_weights=False)
+        embeddings.append(explained.embedding.cpu())
+        if explained.detail_logits is not None:
+            lifts.append(model.details.lift(explained.detail_logits).cpu())
+    empty = torch.empty(0, model.config.embedding_dim)
+    return (torch.cat(embeddings) if embeddings else empty), (torch.cat(lifts) if lifts else None)
+
+
+def image_embeddings(model: LGUR, images: Tensor, batch_size: int = 128) -> Tensor:
+    """uint8 (N, 3, H, W) -> (N, E) unit-norm embeddings."""
+    return image_features(model, images, batch_size)[0]
 
 
 @torch.inference_mode()
@@ -81,11 +90,11 @@ def evaluate_split(
     model: LGUR, split: RetrievalSplit, features: TextFeatures, details: list[str] | None = None
 ) -> dict[str, Any]:
     """details: the captions, to add the detail detector's score (lgur.details) as the app ranks."""
-    image_emb = image_embeddings(model, split.images)
+    image_emb, lift = image_features(model, split.images)
     text_emb = caption_embeddings(model, features)
     similarity = text_emb @ image_emb.t()
     if details is not None:
-        similarity = similarity + detail_scores(model, details, split.images)
+        similarity = similarity + detail_scores(model.config, details, lift)
     standard = retrieval_metrics(similarity, split.caption_ids, split.image_ids)
     cross = retrieval_metrics(similarity, split.caption_ids, split.image_ids, exclude=split.caption_image)
     return {"standard": standard, "exclude_own_image": cross, "similarity": similarity}

@@ -360,20 +360,16 @@ def format_quality(result: dict[str, Any]) -> str:
             + ", ".join(f"P{p + 1} {label}" for p, label in enumerate(regions["labels"]))
             + f"; {regions['distinct_regions']} prototypes each on a different part (>= 2x its area share)"
         )
-    if "pointing_game" in result:
-        pg = result["pointing_game"]
-        lines.append(
-            f"pointing game (guidance maps of {pg['words']} part words): {pg['accuracy']:.1f}% hit, "
-            f"{pg['energy_inside']:.1f}% of the energy inside the part; "
-            + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
-        )
-    if "phrase_pointing_game" in result:
-        pg = result["phrase_pointing_game"]
-        lines.append(
-            f"pointing game (detail detector's maps of {pg['words']} phrases naming a part): {pg['accuracy']:.1f}% "
-            f"hit, {pg['energy_inside']:.1f}% of the weight inside the part; "
-            + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
-        )
+    games = (("pointing_game", "guidance maps of {} part words", "energy"),
+             ("phrase_pointing_game", "detail detector's maps of {} phrases naming a part", "weight"))  # fmt: skip
+    for key, maps, mass in games:
+        if key in result:
+            pg = result[key]
+            lines.append(
+                f"pointing game ({maps.format(pg['words'])}): {pg['accuracy']:.1f}% hit, "
+                f"{pg['energy_inside']:.1f}% of the {mass} inside the part; "
+                + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
+            )
     if "shared_atoms" in result:
         sa = result["shared_atoms"]
         for name, counts in (("raw weight", sa), ("weight relative to the average", sa.get("relative"))):

@@ -358,7 +358,7 @@ def run_query_bench(
     when one thing's colour changes (colour_sensitivity).
     """
     from .checkpoint import load_checkpoint
-    from .evaluate import image_embeddings
+    from .evaluate import image_features
     from .files import read_image
 
     gallery = Path(gallery)
@@ -368,13 +368,13 @@ def run_query_bench(
     model, _ = load_checkpoint(checkpoint)
     size = model.config.image.img_size
     images = torch.from_numpy(np.stack([read_image(gallery / m["file"], size) for m in manifest]))
-    gallery_embeddings = image_embeddings(model, images)
+    gallery_embeddings, lift = image_features(model, images)
     ids, mask = model.tokenize([q.text for q in queries])
     text_embeddings = model.embed_texts(ids, mask)
     scores = text_embeddings @ gallery_embeddings.t()
     details = details and model.details is not None and model.config.detail_weight > 0
     if details:
-        scores = scores + detail_scores(model, [q.text for q in queries], images)
+        scores = scores + detail_scores(model.config, [q.text for q in queries], lift)
     rankings = scores.argsort(dim=1, descending=True)[:, :10].numpy()
     result = score(rankings, people, queries) | {"details": details}
     for row, ranking in zip(result["rows"], rankings):

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from .data.dataset import (
     caption_vocabulary,
     described_by,
     description_terms,
+    frequent_terms,
     frozen_text_features,
     normalize,
     person_terms,
@@ -495,8 +495,7 @@ def training_texts(
     if cfg.matches == "descriptions" or cfg.term_prediction > 0:
         texts.terms, texts.identity_terms = description_term_sets(all_texts, n, labels, int(labels.max()) + 1)
     if cfg.term_prediction > 0:
-        counts = Counter(t for terms in texts.terms[:n] for t in terms)
-        frequent = sorted(t for t, c in counts.items() if c >= TERM_MIN_CAPTIONS)
+        frequent = frequent_terms(texts.terms[:n], TERM_MIN_CAPTIONS)
         texts.term_index = {t: i for i, t in enumerate(frequent)}
     return texts
 

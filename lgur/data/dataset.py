@@ -174,6 +174,12 @@ def person_terms(terms: list[frozenset[str]], identities: list[int], min_excess:
     return frozenset(t for t in uses if repeated[t] / uses[t] - people[t] / total >= min_excess)
 
 
+def frequent_terms(terms: list[frozenset[str]], min_count: int) -> list[str]:
+    """The terms in at least `min_count` of these term sets (one per caption), sorted."""
+    counts = Counter(t for caption in terms for t in caption)
+    return sorted(t for t, n in counts.items() if n >= min_count)
+
+
 def described_by(texts: list[frozenset[str]], descriptions: list[frozenset[str]]) -> Tensor:
     """(len(descriptions), len(texts)) bool: is text j's every term among description i's terms?
 
