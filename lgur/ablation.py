@@ -89,9 +89,10 @@ def train_at_budget(
 
 
 def run_ablation(
-    data: str, out: str, epochs: int = 3, cache: str | None = None, seed: int = 0, progress: bool = True
-) -> dict[str, Any]:
-    """Train the four variants with identical data, seed, epochs and schedule; resumable per run."""
+    data: str, out: str, epochs: int = 3, cache: str | None = None, seed: int = 0, progress: bool = True,
+    preset: str = "cpu",
+) -> dict[str, Any]:  # fmt: skip
+    """Train the four variants of one recipe with identical data, seed, epochs and schedule; resumable per run."""
     out_dir = Path(out)
     results = {}
     # The decisive pair first, so a cut-short session still has the comparison that matters.
@@ -99,7 +100,9 @@ def run_ablation(
         switches = VARIANTS[name]
         no_prototypes = {} if switches["use_pgu"] else {"prototype_diversity": 0.0}  # nothing to diversify
         run = run_folder(out_dir, name)
-        results[name] = train_at_budget(data, run, epochs, cache, seed, progress, **switches, **no_prototypes)
+        results[name] = train_at_budget(
+            data, run, epochs, cache, seed, progress, preset=preset, **switches, **no_prototypes
+        )
         atomic_write_bytes(out_dir / "ablation.md", ablation_table(results).encode())
     results = {name: results[name] for name in VARIANTS}
     return save_tables(out_dir, "ablation", results, ablation_table(results))

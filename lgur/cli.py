@@ -227,7 +227,9 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
 def cmd_ablation(args: argparse.Namespace) -> int:
     from .ablation import run_ablation
 
-    result = run_ablation(args.data, args.out, args.epochs, args.cache, args.seed, progress=not args.quiet)
+    result = run_ablation(
+        args.data, args.out, args.epochs, args.cache, args.seed, progress=not args.quiet, preset=args.preset
+    )
     print(result["table"])
     return 0
 
@@ -433,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--out", default="runs/ablation")
     ablation.add_argument("--epochs", type=int, default=3)
     ablation.add_argument("--cache", help="shared folder for cached text features")
+    ablation.add_argument(
+        "--preset", default="cpu", choices=["cpu", "cpu-lite0"], help="recipe of the four variants (default: cpu)"
+    )
     ablation.set_defaults(func=cmd_ablation)
 
     experiments = sub.add_parser(
