@@ -24,7 +24,7 @@ from .data.dataset import content_word
 from .explain import atom_chart, display_rgb, overlay, prototype_names, prototype_overlays, word_highlights
 from .files import remove_temporaries
 from .gallery import private_sessions_root
-from .search import QueryError, SearchEngine, SearchResponse, SearchResult, result_count, word_effects
+from .search import QueryError, SearchEngine, SearchResponse, SearchResult, result_count, word_effects, words_left_out
 from .tabs import GALLERY_ROUTE, GalleryTab, ModelTab, PhotoSearch
 from .uploads import UploadLimits, UploadStore
 
@@ -145,8 +145,8 @@ class Explorer:
         self.gallery = GalleryTab(engine, store, shared_uploads, uploads)  # uploads: its sub-folder for shared ones
         self.model = ModelTab(engine, self.prototypes)
         remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
-        self._effects: dict[tuple, np.ndarray] = {}  # word_effects of recent results, oldest first
-        self._effects_lock = threading.Lock()
+        self._left_out: dict[bytes, tuple] = {}  # words_left_out of recent queries, oldest first
+        self._left_out_lock = threading.Lock()
 
     # -- search -------------------------------------------------------------------------------
     @property
@@ -277,28 +277,32 @@ class Explorer:
 
     def words_that_mattered(self, response: SearchResponse | None, selected: int) -> list[tuple[str, float | None]]:
         """Each query word with its effect on the selected result's score (the score with the word
-        left out, as a share of the largest effect: + helped, - hurt), for a highlighted text."""
+        left out, as a share of the largest effect: + helped, - hurt; None: "a", "with", not scored),
+        for a highlighted text."""
         if response is None or not response.results:
             return []
         effects = self.word_effects(response, response.results[min(max(int(selected), 0), len(response.results) - 1)])
-        scale = float(np.abs(effects).max()) if len(effects) else 0.0
-        if scale <= 0:
-            return [(w, None) for w in response.query.words]
-        return [(w, round(float(e) / scale, 3)) for w, e in zip(response.query.words, effects)]
+        scored = effects[~np.isnan(effects)]
+        scale = float(np.abs(scored).max()) if len(scored) else 0.0
+        return [
+            (w, None if scale <= 0 or np.isnan(e) else round(float(e) / scale, 3))
+            for w, e in zip(response.query.words, effects)
+        ]
 
     def word_effects(self, response: SearchResponse, result: SearchResult) -> np.ndarray:
-        """(W,) what each query word adds to the result's score (search.word_effects), kept for the
-        last few results: `explain` picks its word by it and `details` draws it right after."""
-        key = (response.query.token_ids.tobytes(), result.path, result.score)
-        with self._effects_lock:
-            if key in self._effects:
-                return self._effects[key]
-        effects = word_effects(self.engine.model, response.query, result.parts)
-        with self._effects_lock:
-            self._effects[key] = effects
-            while len(self._effects) > 64:
-                self._effects.pop(next(iter(self._effects)))  # the oldest
-        return effects
+        """(W,) what each query word adds to the result's score (search.word_effects; NaN: not
+        scored). The image-independent half is kept for the last few queries: `explain` picks its
+        word by it, `details` draws it right after, and another result of the query reuses it."""
+        key = response.query.token_ids.tobytes()
+        with self._left_out_lock:
+            left_out = self._left_out.get(key)
+        if left_out is None:
+            left_out = words_left_out(self.engine.model, response.query)
+            with self._left_out_lock:
+                self._left_out[key] = left_out
+                while len(self._left_out) > 16:
+                    self._left_out.pop(next(iter(self._left_out)))  # the oldest
+        return word_effects(self.engine.model, response.query, result.parts, left_out)
 
     def chart_atom_atlas(self, atom: str | None) -> tuple[list[tuple[Any, str]], str]:
         """The atlas of the atom picked from the chart; nothing while none is picked."""

@@ -27,7 +27,7 @@ from .atlas import Atlas
 from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weights, word_spans
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
 from .colours import ColourGrounding, ColourReading
-from .data.dataset import normalize, vocabulary_words
+from .data.dataset import content_word, normalize, vocabulary_words
 from .details import query_details
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
@@ -274,21 +274,36 @@ def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) 
 
 
 @torch.inference_mode()
-def word_effects(model: LGUR, query: QueryEncoding, image_parts: np.ndarray) -> np.ndarray:
-    """(W,) what each query word adds to an image's score: the cosine with the whole query minus the
-    cosine with the query without that word (its word pieces left out), all in one text batch."""
+def words_left_out(model: LGUR, query: QueryEncoding) -> tuple[list[int], torch.Tensor]:
+    """The query's describing words (their indexes; not "a" or "with": data.dataset.content_word)
+    and (1 + len, E) unit-norm embeddings: the whole query's, then the query's without each of
+    those words (its word pieces left out), all in one text batch. The part of `word_effects` that
+    does not depend on the image: computed once per query, it serves every result."""
     ids = query.token_ids
-    if not query.spans:
-        return np.zeros(0, np.float32)
-    rows = [ids] + [np.delete(ids, span) for span in query.spans]
+    scored = [i for i, word in enumerate(query.words) if content_word(word)]
+    rows = [ids] + [np.delete(ids, query.spans[i]) for i in scored]
     batch = np.zeros((len(rows), len(ids)), dtype=np.int64)  # 0: [PAD]; masked out below
     mask = np.zeros_like(batch, dtype=bool)
     for i, row in enumerate(rows):
         batch[i, : len(row)], mask[i, : len(row)] = row, True
-    texts = model.embed_texts(torch.from_numpy(batch), torch.from_numpy(mask))  # (1 + W, E)
+    return scored, model.embed_texts(torch.from_numpy(batch), torch.from_numpy(mask))
+
+
+def word_effects(
+    model: LGUR,
+    query: QueryEncoding,
+    image_parts: np.ndarray,
+    left_out: tuple[list[int], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """(W,) what each query word adds to an image's score: the cosine with the whole query minus the
+    cosine with the query without that word; NaN for the words not scored ("a", "with").
+    `left_out`: words_left_out(model, query), if already computed."""
+    scored, texts = left_out if left_out is not None else words_left_out(model, query)
     image = torch.nn.functional.normalize(torch.from_numpy(image_parts.astype(np.float32)).flatten(), dim=0)
     scores = (texts @ image).numpy()
-    return (scores[0] - scores[1:]).astype(np.float32)
+    effects = np.full(len(query.words), np.nan, np.float32)
+    effects[scored] = scores[0] - scores[1:]
+    return effects
 
 
 def rank_hits(

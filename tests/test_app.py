@@ -59,9 +59,19 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices.value)))
     assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices.value}**")
     assert explorer.details(None, 0, None, None) == (None, [], "", [])
-    # Which words mattered: one batch of leave-one-word-out scores, scaled to the largest effect.
+    # Which words mattered: one batch of leave-one-word-out scores, scaled to the largest effect;
+    # "a" and "in" are not scored.
     assert [w for w, _ in mattered] == response.query.words
-    assert max(abs(v) for _, v in mattered) == pytest.approx(1.0)
+    assert max(abs(v) for _, v in mattered if v is not None) == pytest.approx(1.0)
+    assert [w for w, v in mattered if v is None] == [w for w in response.query.words if w in ("a", "in", "with", "and")]
+    # Another result of the same query reuses the query's half of the work, with the same figures.
+    cached = dict(explorer._left_out)
+    assert response.query.token_ids.tobytes() in cached
+    again = explorer.words_that_mattered(response, 0)
+    assert all(explorer._left_out[key] is value for key, value in cached.items())  # nothing recomputed
+    fresh = word_effects(explorer.engine.model, response.query, response.results[0].parts)
+    scale = np.nanmax(np.abs(fresh))
+    assert [v for _, v in again] == [None if np.isnan(e) else pytest.approx(e / scale, abs=1e-3) for e in fresh]
     # Another layer and a single head give different maps.
     other = explorer.explain(response, 1, "1", "2", "P2")[0]
     assert not np.array_equal(np.asarray(maps[0][0]), np.asarray(other[0][0]))
