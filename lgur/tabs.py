@@ -142,6 +142,7 @@ class ModelTab:
         """The ablation and experiments tables that ship in `assets` (each file says how it was measured)."""
         titles = {
             "ablation.md": "Ablation",
+            "ablation_lite0.md": "Ablation with the pretrained trunk",
             "experiments.md": "The recipe's options, one at a time",
             "trunk.md": "The pretrained trunk's settings, one at a time",
         }
