@@ -145,7 +145,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_details(args: argparse.Namespace) -> int:
     from .details import train_details
 
-    cfg = DetailTrainConfig(epochs=args.epochs, sharpness=args.sharpness, seed=args.seed)
+    cfg = DetailTrainConfig(
+        epochs=args.epochs, sharpness=args.sharpness, seed=args.seed, stage=args.stage, stage_epochs=args.stage_epochs
+    )
     report = print if not args.quiet else _silent
     try:
         print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, report, args.text_encoder))
@@ -400,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     details.add_argument("--sharpness", type=float, default=DetailTrainConfig.sharpness,
                          help="patch pooling: 1 a soft mean, larger nearer the best patch")  # fmt: skip
     details.add_argument("--seed", type=int, default=DetailTrainConfig.seed)
+    details.add_argument(
+        "--stage",
+        action="store_true",
+        help="the detector keeps its own copy of the trunk's last stage, fine-tuned (EfficientNet trunks)",
+    )
+    details.add_argument("--stage-epochs", type=int, default=DetailTrainConfig.stage_epochs,
+                         help="epochs of fine-tuning that stage, after --epochs on the frozen tokens")  # fmt: skip
     details.set_defaults(func=cmd_train_details)
 
     export = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")

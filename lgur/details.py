@@ -21,6 +21,7 @@ weights (a softmax over patches) say where each phrase was seen: the app draws t
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -69,6 +70,28 @@ class DetailDetector(nn.Module):
     def where(self, patches: Tensor) -> Tensor:
         """(B, N, K) patch logits -> (B, N, K) each phrase's pooling weights over the patches (sum to 1)."""
         return torch.softmax(self.sharpness * patches, dim=1)
+
+
+class DetailStage(nn.Module):
+    """The detector's own copy of the image encoder's last trunk stage and token projection:
+    (B, C, rows, cols), the input of that stage -> (B, N, dim) tokens. It starts equal to the
+    encoder's (the same tokens), and `train-details --stage` fine-tunes it for the phrases while
+    the encoder, and so the embedding, stays as trained."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.stage = copy.deepcopy(encoder.last_stage)
+        self.proj = copy.deepcopy(encoder.proj)
+        self.position = nn.Parameter(encoder.position.detach().clone())
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = self.stage(features)  # (B, C', rows, cols)
+        return self.proj(x.flatten(2).transpose(1, 2)) + self.position
+
+    def train(self, mode: bool = True) -> DetailStage:
+        super().train(mode)
+        self.stage.eval()  # batch-norm statistics and drop-path stay the encoder's
+        return self
 
 
 # -- phrases --------------------------------------------------------------------------------
@@ -151,13 +174,19 @@ def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor
 
 
 @torch.inference_mode()
-def encoder_tokens(model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256) -> Tensor:
-    """uint8 (B, 3, H, W) -> (B, N, dim) float16 tokens of the model's image encoder (mirrored: `flipped`)."""
+def encoder_tokens(
+    model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256, stage_input: bool = False
+) -> Tensor:
+    """uint8 (B, 3, H, W) -> (B, N, dim) float16 tokens of the model's image encoder (mirrored:
+    `flipped`); with `stage_input`, the input of its trunk's last stage (B, C, rows, cols), which
+    a DetailStage reads."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
-        out.append(model.image_encoder(x.flip(-1) if flipped else x).half())
+        x = x.flip(-1) if flipped else x
+        encoder = model.image_encoder
+        out.append((encoder.forward_with_stage_input(x)[1] if stage_input else encoder(x)).half())
     return torch.cat(out)
 
 
@@ -178,37 +207,91 @@ def fit_detector(
     cfg: DetailTrainConfig,
     val: tuple[Tensor, Tensor] | None = None,
     report: Callable[[str], None] = print,
+    stage: DetailStage | None = None,
 ) -> DetailDetector:
-    """Fit a detector to tokens (B, 2, N, dim) (each image and its mirror image) and multi-hot
-    phrase targets (B, K) by binary cross-entropy; `val` (tokens (V, N, dim), targets) is scored
-    by phrase mAP every 5 epochs. Returns the detector in eval mode."""
+    """Fit a detector to multi-hot phrase targets (B, K) by binary cross-entropy; `val` (inputs,
+    targets) is scored by phrase mAP every 5 epochs. The inputs (B, 2, ...) hold each image and its
+    mirror image: encoder tokens (B, 2, N, dim), or with `stage`, the inputs of that stage
+    (B, 2, C, rows, cols). With a stage the detector is first fitted to the stage as it starts (the
+    encoder's own tokens), then both are fine-tuned together for `cfg.stage_epochs`. Returns the
+    detector (and leaves the stage) in eval mode."""
     torch.manual_seed(cfg.seed)
-    detector = DetailDetector(tokens.shape[-1], targets.shape[1], cfg.hidden, cfg.sharpness)
-    optimizer = torch.optim.AdamW(detector.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(tokens) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                   pct_start=0.1)  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
+    inputs, val_inputs = tokens, None if val is None else val[0]
+    if stage is not None:
+        inputs = torch.stack([detail_tokens(stage, tokens[:, i]) for i in range(tokens.shape[1])], 1)
+        val_inputs = None if val is None else detail_tokens(stage, val[0])
+    detector = DetailDetector(inputs.shape[-1], targets.shape[1], cfg.hidden, cfg.sharpness)
+    optimizer = torch.optim.AdamW(detector.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    val_set = None if val is None else (val_inputs, val[1])
+    run_epochs(detector, None, inputs, targets, optimizer, cfg.epochs, cfg.batch_size, generator, val_set, report)
+    if stage is not None:
+        del inputs, val_inputs
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": stage.parameters(), "lr": cfg.stage_lr},
+                {"params": detector.parameters(), "lr": cfg.stage_detector_lr},
+            ],
+            weight_decay=cfg.weight_decay,
+        )
+        report(f"fine-tuning the detector's own trunk stage for {cfg.stage_epochs} epochs")
+        run_epochs(detector, stage, tokens, targets, optimizer, cfg.stage_epochs, cfg.stage_batch_size, generator, val,
+                   report)  # fmt: skip
+        stage.eval()
+    return detector.eval()
+
+
+@torch.inference_mode()
+def detail_tokens(stage: DetailStage, features: Tensor, batch_size: int = 256) -> Tensor:
+    """(B, C, rows, cols) float16 stage inputs -> (B, N, dim) float16 tokens of the stage."""
+    stage.eval()
+    return torch.cat([stage(x.float()).half() for x in features.split(batch_size)])
+
+
+def run_epochs(
+    detector: DetailDetector,
+    stage: DetailStage | None,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    val: tuple[Tensor, Tensor] | None,
+    report: Callable[[str], None],
+) -> None:
+    """Epochs of binary cross-entropy over shuffled batches, each sample as itself or mirrored, with
+    a one-cycle schedule peaking at each parameter group's learning rate."""
+    steps = epochs * math.ceil(len(inputs) / batch_size)
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, peaks, total_steps=steps, pct_start=0.1)
+
+    def detect(x: Tensor) -> Tensor:
+        return detector(x.float() if stage is None else stage(x.float()))[0]
+
+    for epoch in range(epochs):
         detector.train()
-        order, total = torch.randperm(len(tokens), generator=generator), 0.0
-        for batch in order.split(cfg.batch_size):
-            mirrored = torch.randint(0, tokens.shape[1], (len(batch),), generator=generator)  # flip augmentation
-            logits, _ = detector(tokens[batch, mirrored].float())
-            loss = F.binary_cross_entropy_with_logits(logits, targets[batch])
+        if stage is not None:
+            stage.train()
+        order, total = torch.randperm(len(inputs), generator=generator), 0.0
+        for batch in order.split(batch_size):
+            mirrored = torch.randint(0, inputs.shape[1], (len(batch),), generator=generator)  # flip augmentation
+            loss = F.binary_cross_entropy_with_logits(detect(inputs[batch, mirrored]), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(batch)
-        if (epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs:
-            line = f"epoch {epoch + 1}: loss {total / len(tokens):.4f}"
+        if (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
+            line = f"epoch {epoch + 1}: loss {total / len(inputs):.4f}"
             if val is not None:
                 detector.eval()
+                if stage is not None:
+                    stage.eval()
                 with torch.inference_mode():
-                    line += f", val phrase mAP {average_precision(detector(val[0].float())[0], val[1]):.1f}"
+                    logits = torch.cat([detect(x) for x in val[0].split(256)])
+                line += f", val phrase mAP {average_precision(logits, val[1]):.1f}"
             report(line)
-    return detector.eval()
 
 
 def train_details(
@@ -243,17 +326,22 @@ def train_details(
         raise ValueError(f"{data}: no caption phrase recurs for one person in {cfg.min_captions}+ captions")
     terms = tuple(terms)
     index = phrase_index(terms)
+    stage = DetailStage(model.image_encoder) if cfg.stage else None  # its own copy of the last stage
     report(f"{len(terms)} phrases; encoding {len(train.images)} training images (and their mirror images)")
-    tokens = torch.stack([encoder_tokens(model, train.images), encoder_tokens(model, train.images, True)], 1)
+    inputs = torch.stack([encoder_tokens(model, train.images, flipped, stage_input=cfg.stage)
+                          for flipped in (False, True)], 1)  # fmt: skip
     targets = identity_targets(train.captions, train.caption_ids, train.image_ids, index)
-    val_tokens = encoder_tokens(model, val.images)
+    val_inputs = encoder_tokens(model, val.images, stage_input=cfg.stage)
     val_targets = identity_targets(val.captions, val.caption_ids, val.image_ids, index)
 
-    detector = fit_detector(tokens, targets, cfg, (val_tokens, val_targets), report)
+    detector = fit_detector(inputs, targets, cfg, (val_inputs, val_targets), report, stage)
     with torch.inference_mode():
-        train_logits = torch.cat([detector(t.float())[0] for t in tokens[:, 0].split(cfg.batch_size)])
-        detector.reference.copy_(F.logsigmoid(train_logits).mean(0))
-        val_logits = detector(val_tokens.float())[0]  # (images, K)
+
+        def detect(x: Tensor) -> Tensor:
+            return torch.cat([detector(t.float() if stage is None else stage(t.float()))[0] for t in x.split(256)])
+
+        detector.reference.copy_(F.logsigmoid(detect(inputs[:, 0])).mean(0))
+        val_logits = detect(val_inputs)  # (images, K)
     val_map, lift = average_precision(val_logits, val_targets), detector.lift(val_logits)
 
     # The detail weight, chosen on the validation split: full captions and one crop of each.
@@ -272,8 +360,8 @@ def train_details(
 
     model.config.detail_terms = terms
     model.config.detail_hidden, model.config.detail_sharpness = cfg.hidden, cfg.sharpness
-    model.config.detail_weight = weight
-    model.details = detector
+    model.config.detail_weight, model.config.detail_stage = weight, stage is not None
+    model.details, model.detail_stage = detector, stage
     recomputed = ("format", "format_version", "config", "num_identities", "includes_classifier", "dtype", "parameters",
                   "text_encoder", "weights_sha256")  # fmt: skip
     kept = {k: v for k, v in card.items() if k not in recomputed}

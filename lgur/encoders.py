@@ -148,10 +148,11 @@ class CNNEncoder(nn.Module):
         nn.init.trunc_normal_(self.position, std=0.02)
 
     def forward(self, images: Tensor) -> Tensor:
-        images = images * self.input_scale + self.input_shift
-        if not self.training:  # oneDNN's depthwise convolutions run ~1.4x faster on NHWC inputs (indexing, search)
-            images = images.contiguous(memory_format=torch.channels_last)
-        features = self.cnn(images)  # [(B, C, H / stride, W / stride)] for the grid's stride (and the context's)
+        features = self.cnn(self._trunk_input(images))  # [(B, C, H / stride, W / stride)]: grid (+ context)
+        return self.tokens(features)
+
+    def tokens(self, features: list[Tensor]) -> Tensor:
+        """The trunk's feature maps -> (B, N, dim) tokens with their positions."""
         if tuple(features[0].shape[-2:]) != self.grid:
             raise ValueError(f"image size gives a {tuple(features[0].shape[-2:])} grid, expected {self.grid}")
         tokens = self.proj(features[0].flatten(2).transpose(1, 2))  # (B, N, dim)
@@ -160,6 +161,27 @@ class CNNEncoder(nn.Module):
             context = F.interpolate(context, size=self.grid, mode="nearest")  # (B, dim, rows, cols)
             tokens = tokens + context.flatten(2).transpose(1, 2)
         return tokens + self.position
+
+    @property
+    def last_stage(self) -> nn.Module:
+        """The trunk's last block group (EfficientNet-style trunks, no context stride): the detail
+        detector may keep its own copy of it (lgur.details.DetailStage)."""
+        if self.context_proj is not None or not hasattr(self.cnn, "blocks") or not hasattr(self.cnn, "conv_stem"):
+            raise ValueError(f"{type(self.cnn).__name__} with this config has no single last stage to copy")
+        return self.cnn.blocks[-1]
+
+    def forward_with_stage_input(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """-> the tokens (as forward) and the input of the trunk's last stage (B, C, rows, cols)."""
+        x = self.cnn.bn1(self.cnn.conv_stem(self._trunk_input(images)))
+        for block in self.cnn.blocks[:-1]:
+            x = block(x)
+        return self.tokens([self.last_stage(x)]), x
+
+    def _trunk_input(self, images: Tensor) -> Tensor:
+        images = images * self.input_scale + self.input_shift
+        if not self.training:  # oneDNN's depthwise convolutions run ~1.4x faster on NHWC inputs (indexing, search)
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
 
 def resize_position_embedding(position: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:

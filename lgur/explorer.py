@@ -284,8 +284,10 @@ class Explorer:
         effects = self.word_effects(response, response.results[min(max(int(selected), 0), len(response.results) - 1)])
         scored = effects[~np.isnan(effects)]
         scale = float(np.abs(scored).max()) if len(scored) else 0.0
+        # An unscored word is plain text, and plain neighbours would run together ("witha"): it
+        # keeps its space.
         return [
-            (w, None if scale <= 0 or np.isnan(e) else round(float(e) / scale, 3))
+            (w + " ", None) if scale <= 0 or np.isnan(e) else (w, round(float(e) / scale, 3))
             for w, e in zip(response.query.words, effects)
         ]
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LGURConfig
-from .details import DetailDetector
+from .details import DetailDetector, DetailStage
 from .dga import DGA
 from .encoders import TextEncoder, build_image_encoder
 from .pgu import PGU, GlobalPooling, Parts
@@ -124,6 +124,7 @@ class LGUR(nn.Module):
         self.details = (
             DetailDetector(c.dim, len(c.detail_terms), c.detail_hidden, c.detail_sharpness) if c.detail_terms else None
         )
+        self.detail_stage = DetailStage(self.image_encoder) if c.detail_terms and c.detail_stage else None
 
     # -- features -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -179,14 +180,24 @@ class LGUR(nn.Module):
         return text, self.pgu(self.dga.reconstruct_text(words, mask).features, mask, need_weights)
 
     # -- retrieval and explanations (dictionary branch) -------------------------------------
+    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> the image encoder's tokens (B, N, dim), and the tokens the detail detector
+        reads: the same, or its own stage's (DetailStage)."""
+        if self.detail_stage is None:
+            encoded = self.image_encoder(images)
+            return encoded, encoded
+        encoded, stage_input = self.image_encoder.forward_with_stage_input(images)
+        return encoded, self.detail_stage(stage_input)
+
     def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:
-        patches = encoded = self.image_encoder(images)
+        encoded, detail_tokens = self.encode_images(images)
+        patches = encoded
         dictionary_weights = foreground = None
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
             patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
         parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground))
-        details = self.details(encoded)[0] if self.details is not None else None
+        details = self.details(detail_tokens)[0] if self.details is not None else None
         return ImageExplanation(
             parts.embedding,
             parts.vectors,
@@ -230,7 +241,7 @@ class LGUR(nn.Module):
         seen (B, N, K): its pooling weights over the patches."""
         if self.details is None:
             raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
-        logits, patches = self.details(self.image_encoder(images))
+        logits, patches = self.details(self.encode_images(images)[1])
         return torch.sigmoid(logits), self.details.where(patches)
 
     @property

@@ -184,3 +184,64 @@ def test_train_details_refuses_a_pickled_checkpoint_with_a_message(tmp_path: Pat
         main(["train-details", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path),
               "--out", str(tmp_path / "out.safetensors")])  # fmt: skip
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _lite0_model(**config) -> torch.nn.Module:
+    """A tiny model on the cpu-lite0 trunk (random weights: 64x32 input, 4x2 grid) with a detector."""
+    from lgur.config import cpu_lite0_preset
+    from lgur.model import LGUR
+
+    image = cpu_lite0_preset().image
+    image.img_size, image.weights = (64, 32), None
+    torch.manual_seed(0)
+    return LGUR(tiny_config(image=image, detail_terms=TERMS, **config), load_pretrained=False).eval()
+
+
+def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path: Path) -> None:
+    from lgur.checkpoint import save_checkpoint
+
+    model = _lite0_model(detail_stage=True)
+    images = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        tokens, stage_input = model.image_encoder.forward_with_stage_input(images)
+        assert torch.allclose(tokens, model.image_encoder(images), atol=1e-5)  # the same tokens, one more output
+        encoded, detail_tokens = model.encode_images(images)
+        assert torch.allclose(detail_tokens, encoded, atol=1e-5)  # an untrained copy reads what the encoder reads
+        for p in model.detail_stage.parameters():
+            p.add_(0.01)  # once fine-tuned, the detector's tokens differ and the embedding does not
+        encoded_after, moved = model.encode_images(images)
+        assert torch.equal(encoded_after, encoded) and not torch.allclose(moved, detail_tokens, atol=1e-4)
+        probabilities, where = model.find_details(images)
+    save_checkpoint(model, tmp_path / "stage.safetensors", {})
+    loaded, _ = load_checkpoint(tmp_path / "stage.safetensors")
+    assert loaded.config.detail_stage and loaded.detail_stage is not None
+    with torch.no_grad():
+        again, where_again = loaded.find_details(images)
+    assert torch.allclose(again, probabilities, atol=1e-5) and torch.allclose(where_again, where, atol=1e-5)
+
+
+def test_fitting_with_a_stage_fine_tunes_the_copy_and_leaves_the_encoder(tmp_path: Path) -> None:
+    from lgur.details import DetailStage
+
+    model = _lite0_model()
+    encoder_stage = {k: v.clone() for k, v in model.image_encoder.last_stage.state_dict().items()}
+    stage = DetailStage(model.image_encoder)
+    start = {k: v.clone() for k, v in stage.state_dict().items()}
+    with torch.no_grad():
+        inputs = torch.stack([model.image_encoder.forward_with_stage_input(torch.randn(40, 3, 64, 32))[1]] * 2, 1)
+    targets = (torch.rand(40, len(TERMS), generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    lines: list[str] = []
+    cfg = DetailTrainConfig(epochs=1, batch_size=20, hidden=16, stage=True, stage_epochs=1, stage_batch_size=20)
+    detector = fit_detector(inputs.half(), targets, cfg, (inputs[:8, 0].half(), targets[:8]), lines.append, stage)
+    assert not detector.training and not stage.training
+    assert any(not torch.equal(v, start[k]) for k, v in stage.state_dict().items())  # fine-tuned
+    assert all(torch.equal(v, encoder_stage[k]) for k, v in model.image_encoder.last_stage.state_dict().items())
+    assert any("fine-tuning" in line for line in lines) and sum("val phrase mAP" in line for line in lines) == 2
+
+
+def test_a_trunk_without_a_single_last_stage_is_refused_with_a_message() -> None:
+    from lgur.config import cpu_preset
+    from lgur.model import LGUR
+
+    with pytest.raises(ValueError, match="no single last stage"):
+        LGUR(tiny_config(image=cpu_preset().image, detail_terms=TERMS, detail_stage=True), load_pretrained=False)
