@@ -31,7 +31,10 @@ def image_encoder(card: dict[str, Any]) -> str:
 
 def detail_detector(config: dict[str, Any]) -> str:
     terms, weight = config.get("detail_terms"), config.get("detail_weight")
-    return f"{len(terms)} caption phrases, weight {weight} in the score (lgur.details)" if terms else ""
+    if not terms:
+        return ""
+    stage = ", on its own fine-tuned copy of the trunk's last stage" if config.get("detail_stage") else ""
+    return f"{len(terms)} caption phrases, weight {weight} in the score{stage} (lgur.details)"
 
 
 def card_table(card: dict[str, Any], prototype_names: list[str]) -> str:

@@ -422,7 +422,8 @@ def test_the_model_card_table_of_the_shipped_card() -> None:
     assert any(line.startswith("| short queries (default set, with details) |")
                and f"{default['precision@10']:.1f}%" in line for line in table)  # fmt: skip
     detector = f"| detail detector | {len(card['config']['detail_terms'])} caption phrases, weight "
-    assert any(line.startswith(detector) for line in table)
+    assert any(line.startswith(detector) and ("own fine-tuned copy" in line) == card["config"]["detail_stage"]
+               for line in table)  # fmt: skip
     assert any(line.startswith("| prototypes |") for line in table)
 
 
