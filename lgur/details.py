@@ -7,7 +7,9 @@ every patch for every phrase the training captions use about people ("black back
 sneakers", "glasses"), and an image's score for a phrase pools its patches by log-mean-exp
 (between the mean and the max: a bag is a few patches). It is trained after the model, on its
 frozen encoder, with each image's identity's caption phrases as labels, so it needs captions
-only (as CUHK-PEDES has), never attribute labels.
+only (as CUHK-PEDES has), never attribute labels. With a DetailStage (`train-details --stage`) it
+reads its own copy of the trunk's last stage instead, fine-tuned for the phrases: the encoder,
+and so the embedding, stays as trained.
 
 At search time the query's phrases that the detector knows add
     detail_weight * coverage * mean over those phrases of lift(phrase, image)
