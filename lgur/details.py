@@ -250,6 +250,12 @@ def detail_tokens(stage: DetailStage, features: Tensor, batch_size: int = 256) -
     return torch.cat([stage(x.float()).half() for x in features.split(batch_size)])
 
 
+@torch.inference_mode()
+def phrase_logits(detector: DetailDetector, stage: DetailStage | None, inputs: Tensor, batch_size: int = 256) -> Tensor:
+    """(B, K) phrase logits of encoder tokens, or with `stage`, of that stage's inputs, in batches."""
+    return torch.cat([detector(x.float() if stage is None else stage(x.float()))[0] for x in inputs.split(batch_size)])
+
+
 def run_epochs(
     detector: DetailDetector,
     stage: DetailStage | None,
@@ -290,8 +296,7 @@ def run_epochs(
                 detector.eval()
                 if stage is not None:
                     stage.eval()
-                with torch.inference_mode():
-                    logits = torch.cat([detect(x) for x in val[0].split(256)])
+                logits = phrase_logits(detector, stage, val[0])
                 line += f", val phrase mAP {average_precision(logits, val[1]):.1f}"
             report(line)
 
@@ -338,12 +343,8 @@ def train_details(
 
     detector = fit_detector(inputs, targets, cfg, (val_inputs, val_targets), report, stage)
     with torch.inference_mode():
-
-        def detect(x: Tensor) -> Tensor:
-            return torch.cat([detector(t.float() if stage is None else stage(t.float()))[0] for t in x.split(256)])
-
-        detector.reference.copy_(F.logsigmoid(detect(inputs[:, 0])).mean(0))
-        val_logits = detect(val_inputs)  # (images, K)
+        detector.reference.copy_(F.logsigmoid(phrase_logits(detector, stage, inputs[:, 0])).mean(0))
+        val_logits = phrase_logits(detector, stage, val_inputs)  # (images, K)
     val_map, lift = average_precision(val_logits, val_targets), detector.lift(val_logits)
 
     # The detail weight, chosen on the validation split: full captions and one crop of each.
