@@ -61,6 +61,9 @@ TRUNK_OPTIONS = {
     # one change against the row above, whose terms come from the whole embedding
     "the captions' terms predicted from the part vectors": TRUNK_REFERENCE
     | {"term_prediction": 1.0, "terms_from": "parts"},
+    # one change against the terms row: a register slot the prototypes may attend to instead of background
+    "prototypes with a register slot": TRUNK_REFERENCE
+    | {"term_prediction": 1.0, "model_overrides": {"pgu_register": True}},
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)

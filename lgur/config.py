@@ -77,6 +77,9 @@ class LGURConfig:
     # Not in the paper: the prototypes attend to image patches in proportion to the foreground
     # weight m (log m added to their attention logits), so no prototype spends itself on background.
     pgu_foreground: bool = False
+    # Not in the paper: a learned register slot in the prototypes' memory (lgur.pgu), an alternative
+    # to attending to the background when a prototype finds nothing to read.
+    pgu_register: bool = False
     # Identity classification: "parts", one classifier per prototype (paper), so every part must
     # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
     # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.

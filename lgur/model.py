@@ -112,8 +112,9 @@ class LGUR(nn.Module):
         )
         if c.use_pgu:
             self.pgu = PGU(
-                c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim, c.dropout
-            )
+                c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim,
+                c.dropout, c.pgu_register,
+            )  # fmt: skip
         else:
             self.pgu = GlobalPooling(c.dim, c.part_dim)
         num_parts = c.num_prototypes if c.use_pgu else 1

@@ -41,6 +41,8 @@ class PrototypeDecoderLayer(nn.Module):
 class Parts:
     vectors: Tensor  # (B, P, part_dim) one vector per prototype
     attention: list[Tensor] | None  # per layer: (B, H, P, L) prototype attention over the features
+    # per layer: (B, H, P) the attention each prototype gave the register (with a register, else None)
+    register_attention: list[Tensor] | None = None
 
     @property
     def embedding(self) -> Tensor:
@@ -59,9 +61,14 @@ class PGU(nn.Module):
         ffn_dim: int,
         part_dim: int,
         dropout: float,
+        register: bool = False,
     ) -> None:
         super().__init__()
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)  # (P, D)
+        # Not in the paper: one learned memory slot appended to every image's patches and caption's words,
+        # so a prototype that finds nothing to read there can attend to it instead of to the background
+        # (the attention sinks of Darcet et al., "Vision Transformers Need Registers", ICLR 2024).
+        self.register = nn.Parameter(torch.randn(1, dim) * 0.02) if register else None
         self.layers = nn.ModuleList(
             PrototypeDecoderLayer(dim, heads, head_dim, ffn_dim, dropout) for _ in range(layers)
         )
@@ -74,13 +81,26 @@ class PGU(nn.Module):
     ) -> Parts:
         """features: (B, L, D); mask: (B, L), True = valid (None for image patches); bias: (B, L) added to
         the prototypes' attention logits (the log foreground weight, with pgu_foreground)."""
-        queries = self.prototypes.unsqueeze(0).expand(features.shape[0], -1, -1)
+        batch = features.shape[0]
+        if self.register is not None:  # (B, L, D) -> (B, L + 1, D), the register last
+            features = torch.cat([features, self.register.expand(batch, 1, -1)], dim=1)
+            if mask is not None:
+                mask = F.pad(mask, (0, 1), value=True)
+            if bias is not None:
+                bias = F.pad(bias, (0, 1), value=0.0)
+        queries = self.prototypes.unsqueeze(0).expand(batch, -1, -1)
         attention = []
         for layer in self.layers:
             queries, weights = layer(queries, features, mask, need_weights, bias)
             attention.append(weights)
         vectors = torch.einsum("bpd,pde->bpe", self.norm(queries), self.projections)
-        return Parts(vectors, attention if need_weights else None)
+        if not need_weights:
+            return Parts(vectors, None)
+        if self.register is None:
+            return Parts(vectors, attention)
+        # What the maps draw: each prototype's attention over the real positions, renormalised to sum to 1.
+        over_features = [w[..., :-1] / w[..., :-1].sum(-1, keepdim=True).clamp(min=1e-12) for w in attention]
+        return Parts(vectors, over_features, [w[..., -1] for w in attention])
 
 
 class GlobalPooling(nn.Module):

@@ -305,3 +305,35 @@ def test_whole_identity_classifier_is_one_linear_map_over_the_concatenated_parts
     )
     with pytest.raises(ValueError, match="identity_classifier"):
         LGUR(tiny_config(identity_classifier="per-word"))
+
+
+def test_prototype_register_is_one_more_memory_slot_and_the_maps_cover_the_real_positions() -> None:
+    torch.manual_seed(0)
+    model = LGUR(tiny_config(pgu_register=True)).eval()
+    assert model.pgu.register is not None and LGUR(tiny_config()).pgu.register is None
+    images = random_images(model, 2)
+    ids_alone, mask_alone = model.tokenize(CAPTIONS[1:2])
+    ids, mask = model.tokenize(CAPTIONS[1:3])  # the first one padded
+    with torch.no_grad():
+        image, text = model.explain_images(images), model.explain_texts(mask, ids)
+        alone = model.explain_texts(mask_alone, ids_alone)
+        # the fused path and the explicit one agree with the register too
+        assert torch.allclose(model.embed_images(images), image.embedding, atol=1e-5)
+        assert torch.allclose(model.embed_texts(ids, mask), text.embedding, atol=1e-5)
+        parts = model.pgu(torch.randn(2, 5, model.config.dim), None, need_weights=True)
+    n = model.image_encoder.grid[0] * model.image_encoder.grid[1]
+    assert image.prototype_attention.shape[-1] == n  # the register is not drawn
+    assert torch.allclose(image.prototype_attention.sum(-1), torch.ones(()), atol=1e-5)
+    t = ids_alone.shape[1]
+    assert text.prototype_attention[0, ..., t:].abs().max() == 0  # padding stays unread
+    assert torch.allclose(alone.embedding[0], text.embedding[0], atol=1e-5)
+    # what it took, per layer: (B, H, P), strictly between 0 and 1
+    assert len(parts.register_attention) == model.config.pgu_layers
+    share = parts.register_attention[-1]
+    assert share.shape == (2, model.config.pgu_heads, model.config.num_prototypes)
+    assert ((share > 0) & (share < 1)).all()
+    # it changes the embedding: a prototype's reading now includes the register's value
+    with torch.no_grad():
+        before = model.embed_images(images)
+        model.pgu.register.copy_(torch.randn_like(model.pgu.register))  # not a constant: the memory is layer-normalised
+        assert not torch.allclose(before, model.embed_images(images), atol=1e-4)
