@@ -122,10 +122,11 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             )  # the name /why_not is the JSON endpoint's
 
             explain_inputs = [response_state, selected_state, layer, head, prototype]
-            explain_outputs = [maps, words, chart, foreground, summary, word, chart_atom]
-            # The guidance map and the atlas (an image encoder pass over 8 images) come just after.
-            details_inputs = [response_state, selected_state, word, chart_atom]
-            details_outputs = [guidance, chart_atom_patches, chart_atom_words, mattered]
+            explain_outputs = [maps, words, chart, foreground, summary, chart_atom]
+            # Which words mattered (the query re-read without each word), the guidance map of the word that
+            # mattered most and the atlas (an image encoder pass over 8 images) come just after.
+            details_inputs = [response_state, selected_state, layer, head, prototype, chart_atom]
+            details_outputs = [word, guidance, chart_atom_patches, chart_atom_words, mattered]
 
             def on_search(q, n, la, he, pr, request: gr.Request):
                 items, text, response = explorer.search(q, n, request.session_hash)
@@ -134,29 +135,28 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
             search_outputs = [results, status, response_state, selected_state, *explain_outputs]
             search_inputs = [query, k, layer, head, prototype]
-            # The full response (results and every panel) is callable too, for benchmarks and scripts.
+            # The first panels (/explore) and the rest (/explore_details) are callable too, for benchmarks.
+            on_details = lambda *v: panels(explorer.details(*v))  # noqa: E731
+            on_control = lambda *v: panels(explorer.explain(*v))  # noqa: E731
             go.click(on_search, search_inputs, search_outputs, api_name="explore", api_visibility="undocumented").then(
-                explorer.details, details_inputs, details_outputs, api_visibility="private"
+                on_details, details_inputs, details_outputs, api_name="explore_details", api_visibility="undocumented"
             )
             query.submit(on_search, search_inputs, search_outputs, api_visibility="private").then(
-                explorer.details, details_inputs, details_outputs, api_visibility="private"
+                on_details, details_inputs, details_outputs, api_visibility="private"
             )
 
             def on_select(response, la, he, pr, evt: gr.SelectData):
                 return (evt.index, *panels(explorer.explain(response, evt.index, la, he, pr)))
 
             results.select(on_select, [response_state, layer, head, prototype], [selected_state, *explain_outputs],
-                           api_visibility="private").then(explorer.details, details_inputs, details_outputs,
+                           api_visibility="private").then(on_details, details_inputs, details_outputs,
                                                           api_visibility="private")  # fmt: skip
-
-            def on_control(*values):
-                return panels(explorer.explain(*values))
 
             for control in (layer, head, prototype):
                 control.change(on_control, explain_inputs, explain_outputs, api_visibility="private").then(
-                    explorer.details, details_inputs, details_outputs, api_visibility="private"
+                    on_details, details_inputs, details_outputs, api_visibility="private"
                 )
-            # .input, not .change: explain() sets both dropdowns, and the chained details() draws their panels.
+            # .input, not .change: explain() and details() set these dropdowns and draw their panels.
             word.input(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 
             chart_atom.input(explorer.chart_atom_atlas, chart_atom, [chart_atom_patches, chart_atom_words],

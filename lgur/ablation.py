@@ -64,6 +64,9 @@ TRUNK_OPTIONS = {
     # one change against the terms row: a register slot the prototypes may attend to instead of background
     "prototypes with a register slot": TRUNK_REFERENCE
     | {"term_prediction": 1.0, "model_overrides": {"pgu_register": True}},
+    # one change against the terms row: the prototypes kept on the person as the shipped detector sees it
+    "prototypes kept on the person (the detail detector as teacher)": TRUNK_REFERENCE
+    | {"term_prediction": 1.0, "prototype_person": 2.0, "person_from": "assets/lgur_cpu.safetensors"},
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)

@@ -95,7 +95,8 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
                  "instances", "group_size", "neighbours_from_epoch", "sdm", "caption_crops", "crops_from_epoch",
                  "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
-                 "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from")  # fmt: skip
+                 "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
+                 "prototype_person", "person_from")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -371,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--terms-from", choices=["embedding", "parts"],  # train.TERMS_FROM
                        help="term prediction from the embedding (one classifier) or the part vectors (one per "
                        "prototype; a term is said when some part says it)")  # fmt: skip
+    train.add_argument("--prototype-person", type=float,
+                       help="not in the paper: weight of a penalty on the prototypes' attention outside the person, "
+                       "as the detail detector of --person-from sees it")  # fmt: skip
+    train.add_argument("--person-from", help="a checkpoint with a detail detector (train-details), the teacher")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.set_defaults(func=cmd_train)
 

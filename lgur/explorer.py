@@ -185,17 +185,13 @@ class Explorer:
 
     def explain(
         self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
-    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any, Any]:
-        """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes,
-        the query's words (for the guidance map) and the chart's atoms (for the atlas).
-
-        So that no panel opens empty, the word picked is the describing word (not "a" or "with") that
-        helped this result's score most, as "which words mattered" shows it (else the one the selected
-        prototype reads most), and the atom the first both sides share (else the chart's first);
-        `details` draws them.
+    ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any]:
+        """Panels for one result: prototype maps, highlighted words, atom chart, foreground map, notes
+        and the chart's atoms (for the atlas). So that no panel opens empty, the atom picked is the
+        first both sides share (else the chart's first); `details` draws its atlas.
         """
         if response is None or not response.results:
-            return [], [], None, None, "", Choices(), Choices()
+            return [], [], None, None, "", Choices()
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
         maps = prototype_overlays(result, response.grid, li, hi, self.prototypes) + self.detail_overlays(
@@ -232,12 +228,6 @@ class Explorer:
         ]
         if meta.get("captions"):
             lines.append(f"Gallery caption: _{html.escape(meta['captions'][0])}_")
-        word_choices = [f"{i + 1}: {w}" for i, w in enumerate(response.query.words)]
-        candidates = [i for i, (w, _) in enumerate(words) if content_word(w)] or range(len(words))
-        effects = self.word_effects(response, result)
-        helped = [i for i in candidates if i < len(effects) and effects[i] > 0]
-        pick = max(helped, key=lambda i: effects[i]) if helped else max(candidates, key=lambda i: words[i][1])
-        word = word_choices[pick] if words else None
         atom_choices = [(f"{a} (shared)", str(a)) for a in charted]
         atom_choices += [(str(a), str(a)) for a in result.salient_atoms if a not in charted]
         return (
@@ -246,7 +236,6 @@ class Explorer:
             chart,
             foreground,
             "\n\n".join(lines),
-            Choices(word_choices, word),
             Choices(atom_choices, atom_choices[0][1] if atom_choices else None),
         )
 
@@ -265,14 +254,35 @@ class Explorer:
         ]
 
     def details(
-        self, response: SearchResponse | None, selected: int, word: str | None, atom: str | None
-    ) -> tuple[Any, list[tuple[Any, str]], str, list[tuple[str, float | None]]]:
-        """The panels drawn after the rest: the guidance map of one word, the atlas of one atom, and
-        which words mattered to this result."""
+        self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str, atom: str | None
+    ) -> tuple[Any, Any, list[tuple[Any, str]], str, list[tuple[str, float | None]]]:
+        """The panels drawn just after `explain`'s: the query's words for the guidance picker, the
+        guidance map of the word picked, the atlas of one atom, and which words mattered to this result.
+
+        They come second because scoring the words (the query re-read without each one) is the slowest
+        part of a result's explanation. The word picked is the describing word (not "a" or "with") that
+        helped this result's score most, as "which words mattered" shows it, else the one the selected
+        prototype reads most, so that the guidance panel never opens empty.
+        """
+        if response is None or not response.results:
+            return Choices(), None, *self.chart_atom_atlas(atom), []
+        result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
+        words = response.query.words
+        choices = [f"{i + 1}: {w}" for i, w in enumerate(words)]
+        effects = self.word_effects(response, result)
+        candidates = [i for i, w in enumerate(words) if content_word(w)] or range(len(words))
+        helped = [i for i in candidates if effects[i] > 0]
+        if helped:
+            pick = max(helped, key=lambda i: effects[i])
+        else:
+            read = word_highlights(response.query, _prototype_index(prototype), _layer_index(layer), _head_index(head))
+            pick = max(candidates, key=lambda i: read[i][1], default=None)
+        word = choices[pick] if pick is not None else None
         return (
+            Choices(choices, word),
             self.guidance(response, selected, word),
             *self.chart_atom_atlas(atom),
-            self.words_that_mattered(response, selected),
+            self.scaled_effects(words, effects),
         )
 
     def words_that_mattered(self, response: SearchResponse | None, selected: int) -> list[tuple[str, float | None]]:
@@ -282,19 +292,24 @@ class Explorer:
         if response is None or not response.results:
             return []
         effects = self.word_effects(response, response.results[min(max(int(selected), 0), len(response.results) - 1)])
+        return self.scaled_effects(response.query.words, effects)
+
+    @staticmethod
+    def scaled_effects(words: list[str], effects: np.ndarray) -> list[tuple[str, float | None]]:
+        """word_effects as a highlighted text: each effect as a share of the largest (None: not scored)."""
         scored = effects[~np.isnan(effects)]
         scale = float(np.abs(scored).max()) if len(scored) else 0.0
         # An unscored word is plain text, and plain neighbours would run together ("witha"): it
         # keeps its space.
         return [
             (w + " ", None) if scale <= 0 or np.isnan(e) else (w, round(float(e) / scale, 3))
-            for w, e in zip(response.query.words, effects)
+            for w, e in zip(words, effects)
         ]
 
     def word_effects(self, response: SearchResponse, result: SearchResult) -> np.ndarray:
         """(W,) what each query word adds to the result's score (search.word_effects; NaN: not
-        scored). The image-independent half is kept for the last few queries: `explain` picks its
-        word by it, `details` draws it right after, and another result of the query reuses it."""
+        scored). The image-independent half is kept for the last few queries: another result of the
+        query reuses it."""
         key = response.query.token_ids.tobytes()
         with self._left_out_lock:
             left_out = self._left_out.get(key)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,11 @@ class TrainConfig:
     # "parts" (one per prototype, a term said when some part says it: losses.PartTermClassifier),
     # so each detail is carried by one part and a part on the background predicts nothing.
     terms_from: str = "embedding"
+    # Not in the paper: weight of the prototypes' attention (the maps the app draws) on what a teacher,
+    # `person_from` (a checkpoint with a detail detector: train-details), does not see as the person
+    # (LGUR.person_map): the attention mass times (1 - person map), averaged over prototypes.
+    prototype_person: float = 0.0
+    person_from: str | None = None
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -184,9 +190,18 @@ def recipe(name: str, **overrides: Any) -> TrainConfig:
 class TrainingStep(nn.Module):
     """Model + losses in one module, so DistributedDataParallel sees every trainable weight."""
 
-    def __init__(self, model: LGUR, criterion: LGURLoss) -> None:
+    def __init__(
+        self,
+        model: LGUR,
+        criterion: LGURLoss,
+        person_map: Callable[[Tensor], Tensor] | None = None,
+        person_weight: float = 0.0,
+    ) -> None:
+        """person_map: a frozen teacher's LGUR.person_map (a plain callable, so its weights are neither
+        trained nor saved), with its loss weight (TrainConfig.prototype_person)."""
         super().__init__()
         self.model, self.criterion = model, criterion
+        self.person_map, self.person_weight = person_map, person_weight
 
     def forward(
         self,
@@ -204,7 +219,8 @@ class TrainingStep(nn.Module):
         samples have one. match: (B, B) bool, image i is described by text j (default: same identity).
         term_targets: (B, K) multi-hot terms of the images and of the texts (term prediction).
         """
-        out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0)
+        need_weights = self.criterion.diversity > 0 or self.person_map is not None
+        out = self.model(images, mask, backbone_features=features, need_weights=need_weights)
         negatives = None
         if swapped is not None:
             swap_features, swap_mask, valid = swapped
@@ -217,6 +233,11 @@ class TrainingStep(nn.Module):
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
         losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets)
+        if self.person_map is not None:  # the maps the app draws: the last layer, heads averaged
+            outside = 1.0 - self.person_map(images)  # (B, N)
+            attention = retrieval.attention[-1].mean(1)  # (B, P, N)
+            losses["person/image"] = self.person_weight * (attention * outside[:, None, :]).sum(-1).mean()
+            losses["total"] = losses["total"] + losses["person/image"]
         return losses, retrieval.embedding.detach()
 
 
@@ -511,6 +532,8 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown terms_from {cfg.terms_from!r}: {', '.join(TERMS_FROM)}")
     if cfg.terms_from == "parts" and not cfg.use_pgu:
         raise ValueError("--terms-from parts needs PGU (there are no part vectors with --no-pgu)")
+    if cfg.prototype_person and (not cfg.person_from or not cfg.use_pgu):
+        raise ValueError("--prototype-person needs PGU and --person-from, a checkpoint with a detail detector")
 
 
 @dataclass
@@ -603,7 +626,14 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
         cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction, terms,
         model_config.embedding_dim, part_terms,
     ).to(device)  # fmt: skip
-    training_step = TrainingStep(model, criterion)
+    person_map = None
+    if cfg.prototype_person:
+        teacher = load_checkpoint(cfg.person_from, cfg.text_encoder_path)[0].to(device).eval().requires_grad_(False)
+        if teacher.details is None or teacher.image_encoder.grid != model.image_encoder.grid:
+            grid = model.image_encoder.grid
+            raise ValueError(f"{cfg.person_from}: the teacher needs a detail detector on the same {grid} grid")
+        person_map = teacher.person_map
+    training_step = TrainingStep(model, criterion, person_map, cfg.prototype_person)
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step
     if distributed:

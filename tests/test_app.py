@@ -28,9 +28,7 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     items, status, response = explorer.search(QUERY, 5)
     assert len(items) == 5 and all(Path(path).is_file() for path, _ in items)
     assert "5 results" in status
-    maps, words, chart, foreground, summary, word_choices, atom_choices = explorer.explain(
-        response, 1, "last", "mean", "P2"
-    )
+    maps, words, chart, foreground, summary, atom_choices = explorer.explain(response, 1, "last", "mean", "P2")
     assert len(maps) == explorer.engine.model.config.num_prototypes + 1
     assert all(isinstance(image, Image.Image) for image, _ in maps)
     shares = [float(caption.split("%")[0]) for _, caption in maps[:-1]]  # "38% P2 ...": the share shows first
@@ -41,6 +39,15 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert isinstance(chart, Image.Image) and chart.width > 300
     assert isinstance(foreground, Image.Image)
     assert "Result #2" in summary
+    assert not explorer._left_out  # the words are scored in the second step, not the first
+    result = response.results[1]
+    assert [int(v) for _, v in atom_choices.choices] == [
+        a for a in result.salient_atoms if a in result.shared_atoms
+    ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
+    assert atom_choices.value == atom_choices.choices[0][1]
+    word_choices, guidance, atlas, atlas_words, mattered = explorer.details(
+        response, 1, "last", "mean", "P2", atom_choices.value
+    )
     assert word_choices.choices[0] == "1: a"
     # No panel opens empty: the guidance map of the describing word (not "a") that helped this result's
     # score most, as "which words mattered" shows it (else the one the prototype reads most); the
@@ -50,15 +57,9 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     helped = [i for i in described if effects[i] > 0]
     top_word = max(helped, key=lambda i: effects[i]) if helped else max(described, key=lambda i: words[i][1])
     assert word_choices.value == word_choices.choices[top_word]
-    result = response.results[1]
-    assert [int(v) for _, v in atom_choices.choices] == [
-        a for a in result.salient_atoms if a in result.shared_atoms
-    ] + [a for a in result.salient_atoms if a not in result.shared_atoms]
-    assert atom_choices.value == atom_choices.choices[0][1]
-    guidance, atlas, atlas_words, mattered = explorer.details(response, 1, word_choices.value, atom_choices.value)
     assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices.value)))
     assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices.value}**")
-    assert explorer.details(None, 0, None, None) == (None, [], "", [])
+    assert explorer.details(None, 0, "last", "mean", "P1", None) == (explorer_app.Choices(), None, [], "", [])
     # Which words mattered: one batch of leave-one-word-out scores, scaled to the largest effect;
     # "a" and "in" are not scored.
     assert [w.strip() for w, _ in mattered] == response.query.words
@@ -94,7 +95,7 @@ def test_a_model_with_a_detail_detector_ranks_by_it_and_shows_where(tmp_path: Pa
                                              + result.detail_score, abs=1e-4)  # fmt: skip
         assert set(result.details) == set(response.query.phrases)
     assert [r.score for r in response.results] == sorted((r.score for r in response.results), reverse=True)
-    maps, *_, summary, _, _ = explorer.explain(response, 0, "last", "mean", "P1")
+    maps, *_, summary, _ = explorer.explain(response, 0, "last", "mean", "P1")
     prototypes = explorer.engine.model.config.num_prototypes + 1
     assert [caption.split("% ", 1)[1] for _, caption in maps[prototypes:]] == ["red jacket", "jacket", "man", "red"]
     assert "Detail detector: **red jacket**" in summary and "= cosine similarity" in summary
@@ -436,7 +437,7 @@ def test_a_selected_result_is_decoded_once(explorer: explorer_app.Explorer, monk
     real = lgur.files.open_rgb
     monkeypatch.setattr(lgur.files, "open_rgb", lambda path: opened.append(str(path)) or real(path))
     panels = explorer.explain(response, 3, "last", "mean", "P1")
-    explorer.details(response, 3, panels[5].value, panels[6].value)  # guidance map: the model reads it too
+    explorer.details(response, 3, "last", "mean", "P1", panels[5].value)  # guidance map: the model reads it too
     assert opened.count(response.results[3].path) == 1
 
 

@@ -174,6 +174,16 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     quality = explanation_quality(model, world, "test", limit=8)
     game = quality["phrase_pointing_game"]
     assert game["words"] > 0 and 0 <= game["accuracy"] <= 100 and set(game["by_part"]) <= set(quality["parts"])
+    # The detector as a teacher (train --prototype-person): where it sees the person, the surest patch 1;
+    # a run taught by it logs the penalty on its prototypes' attention outside that.
+    person = model.person_map(torch.randn(2, 3, h, w))
+    assert person.shape == (2, grid[0] * grid[1]) and bool((person >= 0).all())
+    assert torch.allclose(person.amax(-1), torch.ones(2))
+    train(_config(world, tmp_path / "taught", epochs=1, prototype_person=1.0, person_from=str(out)), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "taught" / "log.jsonl").read_text().splitlines()]
+    assert any(row.get("loss/person/image", 0) > 0 for row in rows)
+    with pytest.raises(ValueError, match="--person-from"):
+        train(_config(world, tmp_path / "untaught", prototype_person=1.0), progress=False)
 
 
 def test_train_details_refuses_a_pickled_checkpoint_with_a_message(tmp_path: Path) -> None:

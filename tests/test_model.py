@@ -337,3 +337,31 @@ def test_prototype_register_is_one_more_memory_slot_and_the_maps_cover_the_real_
         before = model.embed_images(images)
         model.pgu.register.copy_(torch.randn_like(model.pgu.register))  # not a constant: the memory is layer-normalised
         assert not torch.allclose(before, model.embed_images(images), atol=1e-4)
+
+
+def test_the_person_penalty_moves_the_drawn_prototype_attention_onto_the_person() -> None:
+    from lgur.train import TrainingStep
+
+    torch.manual_seed(0)
+    model = LGUR(tiny_config(), num_identities=3)
+    n = model.image_encoder.grid[0] * model.image_encoder.grid[1]
+    person = torch.zeros(3, n)
+    person[:, : n // 2] = 1.0  # the teacher: the person is the top half
+    step = TrainingStep(model, LGURLoss(seed=0), lambda images: person, person_weight=1.0)
+    images = random_images(model, 3)
+    ids, mask = model.tokenize(CAPTIONS)
+    features = model.text_encoder.backbone_features(ids, mask)
+    labels = torch.tensor([0, 1, 2])
+
+    def outside() -> torch.Tensor:
+        with torch.no_grad():
+            return step(images, features, mask, labels)[0]["person/image"]
+
+    model.eval()  # no dropout: the same forward before and after
+    before = outside()
+    optimizer = torch.optim.Adam(model.pgu.parameters(), lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        step(images, features, mask, labels)[0]["person/image"].backward()
+        optimizer.step()
+    assert 0 < outside() < 0.8 * before  # less of the drawn attention outside the person
