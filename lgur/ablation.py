@@ -67,6 +67,14 @@ TRUNK_OPTIONS = {
     # one change against the terms row: the prototypes kept on the person as the shipped detector sees it
     "prototypes kept on the person (the detail detector as teacher)": TRUNK_REFERENCE
     | {"term_prediction": 1.0, "prototype_person": 2.0, "person_from": "assets/lgur_cpu.safetensors"},
+    # one change against the row above: the teacher's map is 1 wherever it is half as sure as at its peak
+    "the same, the teacher's map saturated at half its peak": TRUNK_REFERENCE
+    | {
+        "term_prediction": 1.0,
+        "prototype_person": 2.0,
+        "person_from": "assets/lgur_cpu.safetensors",
+        "person_saturation": 0.5,
+    },
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)

@@ -246,15 +246,16 @@ class LGUR(nn.Module):
         return torch.sigmoid(logits), self.details.where(patches)
 
     @torch.no_grad()
-    def person_map(self, images: Tensor) -> Tensor:
+    def person_map(self, images: Tensor, saturation: float = 1.0) -> Tensor:
         """(B, 3, H, W) -> (B, N) in [0, 1]: how surely the detail detector sees some caption phrase at each
-        patch, relative to the image's surest patch. Where the person is, as the captions taught it (no
-        masks); a teacher for the prototypes' attention (train --prototype-person)."""
+        patch, relative to the image's surest patch, and 1 wherever that is at least `saturation`. Where
+        the person is, as the captions taught it (no masks); a teacher for the prototypes' attention
+        (train --prototype-person)."""
         if self.details is None:
             raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
         _, patches = self.details(self.encode_images(images)[1])  # (B, N, K) per-patch phrase logits
         surest = torch.sigmoid(patches).amax(-1)
-        return surest / surest.amax(-1, keepdim=True).clamp(min=1e-6)
+        return (surest / (saturation * surest.amax(-1, keepdim=True)).clamp(min=1e-6)).clamp(max=1.0)
 
     @property
     def learns_foreground(self) -> bool:

@@ -9,6 +9,7 @@ processes with `torchrun` (DistributedDataParallel: gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -115,9 +116,12 @@ class TrainConfig:
     terms_from: str = "embedding"
     # Not in the paper: weight of the prototypes' attention (the maps the app draws) on what a teacher,
     # `person_from` (a checkpoint with a detail detector: train-details), does not see as the person
-    # (LGUR.person_map): the attention mass times (1 - person map), averaged over prototypes.
+    # (LGUR.person_map): the attention mass times (1 - person map), averaged over prototypes. The map is 1
+    # wherever the teacher is at least `person_saturation` as sure as at its surest patch, so the penalty
+    # leaves the prototypes free to spread over the whole person (at 1.0 it pulls them all to one patch).
     prototype_person: float = 0.0
     person_from: str | None = None
+    person_saturation: float = 1.0
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -632,7 +636,7 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
         if teacher.details is None or teacher.image_encoder.grid != model.image_encoder.grid:
             grid = model.image_encoder.grid
             raise ValueError(f"{cfg.person_from}: the teacher needs a detail detector on the same {grid} grid")
-        person_map = teacher.person_map
+        person_map = functools.partial(teacher.person_map, saturation=cfg.person_saturation)
     training_step = TrainingStep(model, criterion, person_map, cfg.prototype_person)
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step

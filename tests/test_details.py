@@ -176,9 +176,12 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     assert game["words"] > 0 and 0 <= game["accuracy"] <= 100 and set(game["by_part"]) <= set(quality["parts"])
     # The detector as a teacher (train --prototype-person): where it sees the person, the surest patch 1;
     # a run taught by it logs the penalty on its prototypes' attention outside that.
-    person = model.person_map(torch.randn(2, 3, h, w))
+    images = torch.randn(2, 3, h, w)
+    person = model.person_map(images)
     assert person.shape == (2, grid[0] * grid[1]) and bool((person >= 0).all())
     assert torch.allclose(person.amax(-1), torch.ones(2))
+    saturated = model.person_map(images, saturation=0.5)  # 1 wherever the teacher is half as sure as at its peak
+    assert torch.allclose(saturated, (2 * person).clamp(max=1.0))
     train(_config(world, tmp_path / "taught", epochs=1, prototype_person=1.0, person_from=str(out)), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "taught" / "log.jsonl").read_text().splitlines()]
     assert any(row.get("loss/person/image", 0) > 0 for row in rows)
