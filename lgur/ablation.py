@@ -75,6 +75,15 @@ TRUNK_OPTIONS = {
         "person_from": "assets/lgur_cpu.safetensors",
         "person_saturation": 0.5,
     },
+    # one change against the row above: the penalty from the third epoch, once the prototypes have parted
+    "the same, the penalty from the third epoch": TRUNK_REFERENCE
+    | {
+        "term_prediction": 1.0,
+        "prototype_person": 2.0,
+        "person_from": "assets/lgur_cpu.safetensors",
+        "person_saturation": 0.5,
+        "person_from_epoch": 2,
+    },
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)

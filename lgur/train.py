@@ -122,6 +122,9 @@ class TrainConfig:
     prototype_person: float = 0.0
     person_from: str | None = None
     person_saturation: float = 1.0
+    # First epoch (0-based) of that penalty: from the start it holds all six prototypes on the same person
+    # map, where the diversity term has no gradient to part them; later, they have already parted.
+    person_from_epoch: int = 0
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -237,7 +240,7 @@ class TrainingStep(nn.Module):
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
         losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets)
-        if self.person_map is not None:  # the maps the app draws: the last layer, heads averaged
+        if self.person_map is not None and self.person_weight > 0:  # the maps drawn: last layer, heads averaged
             outside = 1.0 - self.person_map(images)  # (B, N)
             attention = retrieval.attention[-1].mean(1)  # (B, P, N)
             losses["person/image"] = self.person_weight * (attention * outside[:, None, :]).sum(-1).mean()
@@ -762,6 +765,8 @@ def train_one_epoch(run: Run, epoch: int, neighbours: Neighbours, progress: bool
     if run.world > 1:  # equal shards of whole batches, so identity groups stay together
         whole = len(order) // (cfg.batch_size * run.world) * cfg.batch_size * run.world
         order = order[:whole].view(-1, run.world, cfg.batch_size)[:, run.rank].flatten()
+    step = run.step_module.module if run.distributed else run.step_module
+    step.person_weight = cfg.prototype_person if epoch >= cfg.person_from_epoch else 0.0
     run.criterion.generator.manual_seed(cfg.seed * 7919 + epoch * 131 + run.rank)
     aug = torch.Generator().manual_seed(cfg.seed * 104_729 + epoch * 31 + run.rank)
     crop_draws = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 53 + run.rank)
