@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ class Atlas:
     def __init__(self, engine: SearchEngine) -> None:
         self.engine = engine
         self._word_atoms: tuple[list[str], np.ndarray] | None = None
+        # Each atom's images, read once per gallery index (at most num_atoms small entries): a
+        # result's panels open on an atom, and the next result's often on the same one.
+        self._images: tuple[object, dict[tuple[int, int], list[tuple[Path, np.ndarray]]]] = (None, {})
+        self._images_lock = threading.Lock()
 
     @torch.inference_mode()
     def patch_atoms(self, rows: list[int]) -> np.ndarray:
@@ -52,15 +57,25 @@ class Atlas:
         return explained.dictionary_weights.mean(1).numpy()
 
     def atom(self, atom: int, top_images: int = 8, top_words: int = 15) -> AtomAtlas:
-        """The images and words that use one atom most (the word table is computed once)."""
-        atoms = self.engine.index.arrays["atom_histogram"]
+        """The images and words that use one atom most (the word table is computed once, the images
+        once per atom and gallery index)."""
         if self.engine.model.dga is None:
             raise ValueError("this model has no dictionary")
         if not 0 <= atom < self.engine.model.config.num_atoms:
             raise ValueError(f"atoms are numbered 0 to {self.engine.model.config.num_atoms - 1}")
-        rows = [int(r) for r in np.argsort(-atoms[:, atom].astype(np.float32))[:top_images]]
-        weights = self.patch_atoms(rows)[..., atom] if rows else []
-        images = [(self.engine.gallery / self.engine.index.entries[r].path, w) for r, w in zip(rows, weights)]
+        index = self.engine.index
+        with self._images_lock:
+            if self._images[0] is not index:  # the gallery changed
+                self._images = (index, {})
+            images = self._images[1].get((atom, top_images))
+        if images is None:
+            atoms = index.arrays["atom_histogram"]
+            rows = [int(r) for r in np.argsort(-atoms[:, atom].astype(np.float32))[:top_images]]
+            weights = self.patch_atoms(rows)[..., atom] if rows else []
+            images = [(self.engine.gallery / index.entries[r].path, w) for r, w in zip(rows, weights)]
+            with self._images_lock:
+                if self._images[0] is index:
+                    self._images[1][(atom, top_images)] = images
         words, table = self.word_atoms()
         best = np.argsort(-table[:, atom])[:top_words] if len(words) else []
         return AtomAtlas(atom, images, [(words[i], float(table[i, atom])) for i in best])

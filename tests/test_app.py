@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -197,6 +198,21 @@ def test_model_tab(explorer: explorer_app.Explorer) -> None:
     assert atlas.words and all(w == w.lower() for w, _ in atlas.words)
     assert [v for _, v in atlas.words] == sorted((v for _, v in atlas.words), reverse=True)
     assert "numbered 0 to" in explorer.model.atom_atlas(10_000)[1] and explorer.model.atom_atlas(float("nan"))[0] == []
+    # An atom's images are read once per gallery index: again, no image is encoded; a new index reads them anew.
+    real, calls = explorer.engine.atlas.patch_atoms, []
+    explorer.engine.atlas.patch_atoms = lambda rows: calls.append(rows) or real(rows)
+    try:
+        again = explorer.engine.atlas.atom(3)
+        assert not calls and [p for p, _ in again.images] == [p for p, _ in atlas.images]
+        index = explorer.engine.index
+        explorer.engine.index = copy.copy(index)  # what refresh() does: another index object
+        try:
+            fresh = explorer.engine.atlas.atom(3)
+        finally:
+            explorer.engine.index = index
+        assert len(calls) == 1 and all(np.allclose(a, b) for (_, a), (_, b) in zip(fresh.images, atlas.images))
+    finally:
+        del explorer.engine.atlas.patch_atoms
 
 
 @pytest.fixture(scope="module")
