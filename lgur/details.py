@@ -250,10 +250,15 @@ def detail_tokens(stage: DetailStage, features: Tensor, batch_size: int = 256) -
     return torch.cat([stage(x.float()).half() for x in features.split(batch_size)])
 
 
+def detect(detector: DetailDetector, stage: DetailStage | None, inputs: Tensor) -> Tensor:
+    """(B, K) phrase logits of encoder tokens (B, N, dim), or with `stage`, of that stage's inputs."""
+    return detector(inputs.float() if stage is None else stage(inputs.float()))[0]
+
+
 @torch.inference_mode()
 def phrase_logits(detector: DetailDetector, stage: DetailStage | None, inputs: Tensor, batch_size: int = 256) -> Tensor:
-    """(B, K) phrase logits of encoder tokens, or with `stage`, of that stage's inputs, in batches."""
-    return torch.cat([detector(x.float() if stage is None else stage(x.float()))[0] for x in inputs.split(batch_size)])
+    """`detect` in batches, without gradients."""
+    return torch.cat([detect(detector, stage, x) for x in inputs.split(batch_size)])
 
 
 def run_epochs(
@@ -273,10 +278,6 @@ def run_epochs(
     steps = epochs * math.ceil(len(inputs) / batch_size)
     peaks = [group["lr"] for group in optimizer.param_groups]
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, peaks, total_steps=steps, pct_start=0.1)
-
-    def detect(x: Tensor) -> Tensor:
-        return detector(x.float() if stage is None else stage(x.float()))[0]
-
     for epoch in range(epochs):
         detector.train()
         if stage is not None:
@@ -284,7 +285,7 @@ def run_epochs(
         order, total = torch.randperm(len(inputs), generator=generator), 0.0
         for batch in order.split(batch_size):
             mirrored = torch.randint(0, inputs.shape[1], (len(batch),), generator=generator)  # flip augmentation
-            loss = F.binary_cross_entropy_with_logits(detect(inputs[batch, mirrored]), targets[batch])
+            loss = F.binary_cross_entropy_with_logits(detect(detector, stage, inputs[batch, mirrored]), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -226,8 +226,8 @@ class TrainingStep(nn.Module):
         samples have one. match: (B, B) bool, image i is described by text j (default: same identity).
         term_targets: (B, K) multi-hot terms of the images and of the texts (term prediction).
         """
-        need_weights = self.criterion.diversity > 0 or self.person_map is not None
-        out = self.model(images, mask, backbone_features=features, need_weights=need_weights)
+        taught = self.person_map is not None and self.person_weight > 0
+        out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0 or taught)
         negatives = None
         if swapped is not None:
             swap_features, swap_mask, valid = swapped
@@ -240,7 +240,7 @@ class TrainingStep(nn.Module):
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
         losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets)
-        if self.person_map is not None and self.person_weight > 0:  # the maps drawn: last layer, heads averaged
+        if taught:  # the maps drawn: the last layer, heads averaged
             outside = 1.0 - self.person_map(images)  # (B, N)
             attention = retrieval.attention[-1].mean(1)  # (B, P, N)
             losses["person/image"] = self.person_weight * (attention * outside[:, None, :]).sum(-1).mean()
