@@ -136,6 +136,17 @@ def save_checkpoint(
     return path
 
 
+def save_derived(model: LGUR, out: str | Path, card: dict[str, Any], updates: dict[str, Any]) -> Path:
+    """Write a checkpoint derived from one loaded with `card` (train-details, fit-foreground): the same
+    storage precision and classifier, the card's own entries carried over (what save_checkpoint
+    computes is computed again) with `updates` on top."""
+    computed = ("format", "format_version", "config", "num_identities", "includes_classifier", "dtype", "parameters",
+                "text_encoder", "weights_sha256")  # fmt: skip
+    kept = {k: v for k, v in card.items() if k not in computed} | updates
+    return save_checkpoint(model, out, kept, dtype=card.get("dtype", "float32"),
+                           include_classifier=bool(card.get("includes_classifier")))  # fmt: skip
+
+
 def check_allowed(path: Path, allowed_dirs: list[str | Path] | None) -> None:
     """Refuse a path that resolves (links followed) outside every allowed folder."""
     if allowed_dirs is None:

@@ -147,13 +147,26 @@ def cmd_train_details(args: argparse.Namespace) -> int:
     from .details import train_details
 
     cfg = DetailTrainConfig(
-        epochs=args.epochs, sharpness=args.sharpness, seed=args.seed, stage=args.stage, stage_epochs=args.stage_epochs
-    )
+        epochs=args.epochs, sharpness=args.sharpness, seed=args.seed, stage=args.stage, stage_epochs=args.stage_epochs,
+        foreground=args.foreground,
+    )  # fmt: skip
     report = print if not args.quiet else _silent
     try:
         print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, report, args.text_encoder))
     except (ValueError, OSError) as error:  # a bad checkpoint or dataset: say which, no traceback
         raise SystemExit(f"train-details: {error}") from None
+
+
+def cmd_fit_foreground(args: argparse.Namespace) -> int:
+    from .foreground import fit_foreground_checkpoint
+
+    report = print if not args.quiet else _silent
+    try:
+        path = fit_foreground_checkpoint(args.checkpoint, args.data, args.out, args.images, args.seed, report,
+                                         args.text_encoder)  # fmt: skip
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"fit-foreground: {error}") from None
+    print(path)
     return 0
 
 
@@ -420,7 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     details.add_argument("--stage-epochs", type=int, default=DetailTrainConfig.stage_epochs,
                          help="epochs of fine-tuning that stage, after --epochs on the frozen tokens")  # fmt: skip
+    details.add_argument("--no-foreground", dest="foreground", action="store_false",
+                         help="leave DGA's foreground weight m as training left it (default: fit it)")  # fmt: skip
     details.set_defaults(func=cmd_train_details)
+
+    foreground = sub.add_parser(
+        "fit-foreground", parents=[GIVEN, TEXT_ENCODER, QUIET],
+        help="fit DGA's foreground weight m to the detail detector's person map; write the checkpoint with it",
+    )  # fmt: skip
+    foreground.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
+    foreground.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
+    foreground.add_argument("--images", type=int, default=DetailTrainConfig.foreground_images,
+                            help="training images to fit on")  # fmt: skip
+    foreground.add_argument("--seed", type=int, default=0)
+    foreground.set_defaults(func=cmd_fit_foreground)
 
     export = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")
     export.add_argument("--out", required=True)

@@ -92,6 +92,9 @@ class LGURConfig:
     detail_sharpness: float = 4.0
     detail_weight: float = 0.0
     detail_stage: bool = False  # the detector reads its own fine-tuned copy of the trunk's last stage
+    # Not in the paper: DGA's foreground weight m fitted after training to the detector's person map
+    # (lgur.foreground), so that it means something where pgu_foreground is off.
+    foreground_fitted: bool = False
     # Ablation switches: the global dual-encoder baseline turns both off.
     use_dga: bool = True
     use_pgu: bool = True
@@ -139,6 +142,10 @@ class DetailTrainConfig:
     stage_lr: float = 2e-4
     stage_detector_lr: float = 3e-4
     stage_batch_size: int = 128
+    # Then fit DGA's foreground weight m to the detector's person map (lgur.foreground), on this many
+    # training images
+    foreground: bool = True
+    foreground_images: int = 2048
 
 
 def paper_preset() -> LGURConfig:

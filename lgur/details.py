@@ -315,10 +315,11 @@ def train_details(
     it (same storage precision; every other weight unchanged). The detail weight is the one of
     DETAIL_WEIGHTS with the best validation R@1 over full captions and over crops of them (short
     descriptions, as people type). Returns the new checkpoint's path."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, save_derived
     from .data.dataset import build_split, caption_crops, frozen_text_features
     from .data.readers import read_dataset
     from .evaluate import caption_embeddings, image_embeddings, retrieval_metrics
+    from .foreground import fit_foreground
     from .train import split_records
 
     cfg = cfg or DetailTrainConfig()
@@ -366,14 +367,14 @@ def train_details(
     model.config.detail_hidden, model.config.detail_sharpness = cfg.hidden, cfg.sharpness
     model.config.detail_weight, model.config.detail_stage = weight, stage is not None
     model.details, model.detail_stage = detector, stage
-    recomputed = ("format", "format_version", "config", "num_identities", "includes_classifier", "dtype", "parameters",
-                  "text_encoder", "weights_sha256")  # fmt: skip
-    kept = {k: v for k, v in card.items() if k not in recomputed}
-    kept["details"] = {
+    foreground = None
+    if cfg.foreground and model.dga is not None:
+        rows = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(cfg.seed))
+        foreground = fit_foreground(model, train.images[rows[: cfg.foreground_images]], val.images[:512], report=report)
+    details = {
         "training": asdict(cfg) | {"seconds": round(time.perf_counter() - start, 1), "from": Path(checkpoint).name},
         "phrases": len(terms),
         "val_phrase_mAP": round(val_map, 2),
         "val_R@1_by_weight": choice,
     }
-    return save_checkpoint(model, out, kept, dtype=card.get("dtype", "float32"),
-                           include_classifier=bool(card.get("includes_classifier")))  # fmt: skip
+    return save_derived(model, out, card, {"details": details | ({"foreground": foreground} if foreground else {})})

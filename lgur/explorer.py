@@ -151,8 +151,10 @@ class Explorer:
     # -- search -------------------------------------------------------------------------------
     @property
     def foreground_label(self) -> str:
-        """The m panel's label: said to be untrained in a model that does not learn m."""
-        return "DGA foreground weight m" + ("" if self.engine.model.learns_foreground else " (untrained here)")
+        """The m panel's label: where m comes from (trained, fitted after training, or untrained)."""
+        model = self.engine.model
+        source = "" if model.config.pgu_foreground else " (fitted to the detail detector)"
+        return "DGA foreground weight m" + (source if model.learns_foreground else " (untrained here)")
 
     @property
     def guidance_label(self) -> str:

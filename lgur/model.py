@@ -259,10 +259,11 @@ class LGUR(nn.Module):
 
     @property
     def learns_foreground(self) -> bool:
-        """Does training shape DGA's foreground weight m? Only with the foreground prior (pgu_foreground):
-        otherwise m scales PGU's memory before its pre-norm, which cancels it, so m stays untrained and
+        """Does DGA's foreground weight m mean anything? With the foreground prior (pgu_foreground)
+        training shapes it; otherwise m scales PGU's memory before its pre-norm, which cancels it, so
+        it stays untrained unless fitted after training (foreground_fitted, lgur.foreground), and
         explanations should not be weighted by it."""
-        return self.dga is not None and self.config.pgu_foreground
+        return self.dga is not None and (self.config.pgu_foreground or self.config.foreground_fitted)
 
     def guidance_attention(self, images: Tensor, ids: Tensor, mask: Tensor, weighted: bool = False) -> Tensor:
         """Cross-modality guidance for (image, caption) pairs: which words each patch reads.

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from lgur.checkpoint import load_checkpoint
 from lgur.config import DetailTrainConfig
+from lgur.data.dataset import normalize
 from lgur.details import (
     DETAIL_WEIGHTS,
     DetailDetector,
@@ -155,8 +156,10 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     assert any(line.startswith("epoch 2: loss") for line in lines)
     before, after = load_file(str(base)), load_file(str(out))
     assert set(after) - set(before) and all(k.startswith("details.") for k in set(after) - set(before))
+    fitted = {"dga.foreground.weight", "dga.foreground.bias"}  # m, fitted to the detector's person map
     for key, value in before.items():
-        assert torch.equal(value, after[key]), key
+        assert torch.equal(value, after[key]) != (key in fitted), key
+    assert model.config.foreground_fitted and model.learns_foreground and "val_loss" in card["details"]["foreground"]
     assert json.loads((tmp_path / "with_details.json").read_text())["weights_sha256"] == card["weights_sha256"]
     # The model explains with it, and the evaluation ranks with it as the app does.
     h, w = model.config.image.img_size
@@ -187,14 +190,23 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     assert any(row.get("loss/person/image", 0) > 0 for row in rows)
     with pytest.raises(ValueError, match="--person-from"):
         train(_config(world, tmp_path / "untaught", prototype_person=1.0), progress=False)
+    # m fitted again on its own (fit-foreground: for a checkpoint whose detector is already trained)
+    from lgur.cli import main
+
+    main(["fit-foreground", "--checkpoint", str(out), "--data", str(world), "--out", str(tmp_path / "fg.safetensors"),
+          "--images", "8", "--quiet"])  # fmt: skip
+    refitted, refitted_card = load_checkpoint(tmp_path / "fg.safetensors")
+    assert refitted.learns_foreground and refitted_card["details"]["phrases"] == card["details"]["phrases"]
+    assert refitted_card["details"]["foreground"]["images"] == 8
 
 
-def test_train_details_refuses_a_pickled_checkpoint_with_a_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["train-details", "fit-foreground"])
+def test_the_second_stage_commands_refuse_a_pickled_checkpoint_with_a_message(tmp_path: Path, command: str) -> None:
     from lgur.cli import main
 
     (tmp_path / "model.pt").write_bytes(b"not a safetensors file")
-    with pytest.raises(SystemExit, match=r"train-details: model.pt: only .safetensors checkpoints"):
-        main(["train-details", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path),
+    with pytest.raises(SystemExit, match=rf"{command}: model.pt: only .safetensors checkpoints"):
+        main([command, "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path),
               "--out", str(tmp_path / "out.safetensors")])  # fmt: skip
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -258,3 +270,31 @@ def test_a_trunk_without_a_single_last_stage_is_refused_with_a_message() -> None
 
     with pytest.raises(ValueError, match="no single last stage"):
         LGUR(tiny_config(image=cpu_preset().image, detail_terms=TERMS, detail_stage=True), load_pretrained=False)
+
+
+def test_fitting_the_foreground_weight_follows_the_person_map_and_leaves_the_embedding() -> None:
+    from lgur.foreground import fit_foreground, foreground_targets
+
+    model = _lite0_model()
+    images = torch.randint(0, 256, (16, 3, 64, 32), dtype=torch.uint8)
+    tokens, person = foreground_targets(model, images)
+    untrained = torch.nn.functional.binary_cross_entropy(model.dga.foreground_weights(tokens), person)
+    before = model.explain_images(normalize(images)).embedding
+    assert not model.learns_foreground  # m as training left it: explanations are not weighted by it
+    result = fit_foreground(model, images, images[:4], steps=200, report=lambda line: None)
+    fitted = torch.nn.functional.binary_cross_entropy(model.dga.foreground_weights(tokens), person)
+    assert fitted < untrained and result["loss"] == pytest.approx(fitted.item(), abs=2e-3) and "val_loss" in result
+    assert model.learns_foreground and model.config.foreground_fitted
+    # PGU's pre-norm cancels m: the embedding the index holds does not move
+    after = model.explain_images(normalize(images)).embedding
+    assert torch.nn.functional.cosine_similarity(before, after).min() > 0.9999
+
+
+def test_fitting_the_foreground_weight_needs_a_detector() -> None:
+    from lgur.foreground import fit_foreground
+    from lgur.model import LGUR
+
+    model = LGUR(tiny_config(), load_pretrained=False)
+    with pytest.raises(ValueError, match="detail detector"):
+        fit_foreground(model, torch.zeros(2, 3, 64, 32, dtype=torch.uint8), report=lambda line: None)
+    assert not model.config.foreground_fitted

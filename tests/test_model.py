@@ -223,6 +223,9 @@ def test_foreground_prior_changes_only_the_image_side() -> None:
     with_prior = LGUR(tiny_config(pgu_foreground=True)).eval()
     with_prior.load_state_dict(plain.state_dict())  # the option adds no weights
     assert with_prior.learns_foreground and not plain.learns_foreground
+    # m fitted after training (lgur.foreground) means something too; a model without DGA has no m
+    assert LGUR(tiny_config(foreground_fitted=True)).learns_foreground
+    assert not LGUR(tiny_config(foreground_fitted=True, use_dga=False)).learns_foreground
     images = random_images(plain, 2)
     ids, mask = plain.tokenize(CAPTIONS[:2])
     with torch.no_grad():
