@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
     train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
     train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
-    train.add_argument("--stop-after", type=int, help="end this invocation after N epochs (run again to resume)")
+    train.add_argument("--stop-after", type=int, help="end the run after its Nth epoch (rerun: resumes to it)")
     train.add_argument("--image-weights", help="local .safetensors of ImageNet weights for the image encoder")
     train.add_argument("--cache", help="folder for cached text features (default RUN/cache)")
     train.add_argument("--threads", type=int)

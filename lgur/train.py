@@ -129,7 +129,9 @@ class TrainConfig:
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
-    stop_after: int | None = None  # end this invocation after N epochs; run again to resume
+    # end the run after its Nth epoch of the schedule (counted from the start, so the same command
+    # resumes an interrupted run to the same place; raise it to go on)
+    stop_after: int | None = None
     use_dga: bool = True
     use_pgu: bool = True
     text_encoder_path: str | None = None
@@ -851,6 +853,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     run = setup(cfg, progress)
     neighbours = Neighbours.of(run)
     first_epoch = run.state["epoch"]
+    if cfg.stop_after and cfg.stop_after <= first_epoch < cfg.epochs:  # the same command after it stopped
+        return {"run": str(run.out), "stopped_after_epoch": first_epoch, "resume": "raise --stop-after to go on"}
     for epoch in range(first_epoch, cfg.epochs):
         stop = train_one_epoch(run, epoch, neighbours, progress)
         if run.main:
@@ -859,7 +863,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             dist.barrier()
         if stop:
             break
-        if cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+        if cfg.stop_after and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
             return {"run": str(run.out), "stopped_after_epoch": epoch + 1, "resume": "run the same command again"}
 
     result: dict[str, Any] = {"run": str(run.out), "best_epoch": run.state["best_epoch"]}

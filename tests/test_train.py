@@ -80,7 +80,10 @@ def test_a_run_writes_its_files_and_resume_is_exact(world: Path, tmp_path: Path)
     straight = train(_config(world, tmp_path / "a"), progress=False)
     stopped = train(_config(world, tmp_path / "b", stop_after=1), progress=False)
     assert stopped["stopped_after_epoch"] == 1 and not (tmp_path / "b" / "result.json").exists()
-    resumed = train(_config(world, tmp_path / "b"), progress=False)  # the same command again
+    # --stop-after counts the schedule's epochs, not one invocation's: the same command again trains nothing
+    again = train(_config(world, tmp_path / "b", stop_after=1), progress=False)
+    assert again["stopped_after_epoch"] == 1 and "raise --stop-after" in again["resume"]
+    resumed = train(_config(world, tmp_path / "b"), progress=False)  # without it: on to the schedule's end
     a, b = load_file(str(tmp_path / "a" / "last.safetensors")), load_file(str(tmp_path / "b" / "last.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
