@@ -87,6 +87,17 @@ TRUNK_OPTIONS = {
         "person_saturation": 0.5,
         "person_from_epoch": 2,
     },
+    # one change against the row above: twice the diversity term, so the prototypes squeezed onto the
+    # person part onto different regions of it
+    "the same, prototype diversity 4.0": TRUNK_REFERENCE
+    | {
+        "term_prediction": 1.0,
+        "prototype_person": 2.0,
+        "person_from": TEACHER,
+        "person_saturation": 0.5,
+        "person_from_epoch": 2,
+        "prototype_diversity": 4.0,
+    },
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)
