@@ -47,7 +47,11 @@ LITE0 = "pretrained EfficientNet-Lite0, 192x64, stride 16 (12x4 grid)"
 # The table's reference: cpu-lite0 as it was before term prediction joined its recipe.
 TRUNK_REFERENCE = {"preset": "cpu-lite0", "term_prediction": 0.0}
 TERMS = "the captions' terms predicted from both embeddings"  # the cpu-lite0 recipe as it is now
-TEACHER = "runs/teacher/lgur_cpu.safetensors"  # the person rows' teacher: the model shipped before them (1ef065b)
+TEACHER = "runs/teacher/lgur_cpu.safetensors"
+# The person rows' teacher is the model shipped before them: `git show 1ef065b:assets/lgur_cpu.safetensors`
+# (and .json) into runs/teacher/. Each row changes one setting of the row above it.
+TAUGHT = TRUNK_REFERENCE | {"term_prediction": 1.0, "prototype_person": 2.0, "person_from": TEACHER}
+TAUGHT_LATER = TAUGHT | {"person_saturation": 0.5, "person_from_epoch": 2}
 TRUNK_OPTIONS = {
     LITE0: TRUNK_REFERENCE,
     "trunk learning at 1e-4 (the paper's fine-tuning rate)": TRUNK_REFERENCE | {"lr_trunk": 1e-4},
@@ -65,39 +69,15 @@ TRUNK_OPTIONS = {
     # one change against the terms row: a register slot the prototypes may attend to instead of background
     "prototypes with a register slot": TRUNK_REFERENCE
     | {"term_prediction": 1.0, "model_overrides": {"pgu_register": True}},
-    # one change against the terms row: the prototypes kept on the person as a detail detector sees it. The
-    # teacher of these rows is the model shipped before them: `git show 1ef065b:assets/lgur_cpu.safetensors`
-    # (and .json) into runs/teacher/
-    "prototypes kept on the person (the detail detector as teacher)": TRUNK_REFERENCE
-    | {"term_prediction": 1.0, "prototype_person": 2.0, "person_from": TEACHER},
+    # one change against the terms row: the prototypes kept on the person as a detail detector sees it
+    "prototypes kept on the person (the detail detector as teacher)": TAUGHT,
     # one change against the row above: the teacher's map is 1 wherever it is half as sure as at its peak
-    "the same, the teacher's map saturated at half its peak": TRUNK_REFERENCE
-    | {
-        "term_prediction": 1.0,
-        "prototype_person": 2.0,
-        "person_from": TEACHER,
-        "person_saturation": 0.5,
-    },
+    "the same, the teacher's map saturated at half its peak": TAUGHT | {"person_saturation": 0.5},
     # one change against the row above: the penalty from the third epoch, once the prototypes have parted
-    "the same, the penalty from the third epoch": TRUNK_REFERENCE
-    | {
-        "term_prediction": 1.0,
-        "prototype_person": 2.0,
-        "person_from": TEACHER,
-        "person_saturation": 0.5,
-        "person_from_epoch": 2,
-    },
+    "the same, the penalty from the third epoch": TAUGHT_LATER,
     # one change against the row above: twice the diversity term, so the prototypes squeezed onto the
     # person part onto different regions of it
-    "the same, prototype diversity 4.0": TRUNK_REFERENCE
-    | {
-        "term_prediction": 1.0,
-        "prototype_person": 2.0,
-        "person_from": TEACHER,
-        "person_saturation": 0.5,
-        "person_from_epoch": 2,
-        "prototype_diversity": 4.0,
-    },
+    "the same, prototype diversity 4.0": TAUGHT_LATER | {"prototype_diversity": 4.0},
 }
 TABLES = {"recipe": ("experiments", OPTIONS), "trunk": ("trunk", TRUNK_OPTIONS)}
 QUALITY_IMAGES = 512  # explanation figures on the first test images (the full split takes minutes)

@@ -33,9 +33,9 @@ def foreground_targets(model: LGUR, images: Tensor, batch_size: int = 128) -> tu
     model.eval()
     tokens, maps = [], []
     for batch in images.split(batch_size):
-        x = normalize(batch)
-        tokens.append(model.image_encoder(x))
-        maps.append(model.person_map(x))
+        encoded, detail_tokens = model.encode_images(normalize(batch))  # the encoder runs once for both
+        tokens.append(encoded)
+        maps.append(model.person_map_of(detail_tokens))
     return torch.cat(tokens), torch.cat(maps)
 
 

@@ -253,7 +253,11 @@ class LGUR(nn.Module):
         (train --prototype-person)."""
         if self.details is None:
             raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
-        _, patches = self.details(self.encode_images(images)[1])  # (B, N, K) per-patch phrase logits
+        return self.person_map_of(self.encode_images(images)[1], saturation)
+
+    def person_map_of(self, detail_tokens: Tensor, saturation: float = 1.0) -> Tensor:
+        """`person_map` from the tokens the detector reads (encode_images' second output)."""
+        _, patches = self.details(detail_tokens)  # (B, N, K) per-patch phrase logits
         surest = torch.sigmoid(patches).amax(-1)
         return (surest / (saturation * surest.amax(-1, keepdim=True)).clamp(min=1e-6)).clamp(max=1.0)
 

@@ -853,18 +853,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     run = setup(cfg, progress)
     neighbours = Neighbours.of(run)
     first_epoch = run.state["epoch"]
-    if cfg.stop_after and cfg.stop_after <= first_epoch < cfg.epochs:  # the same command after it stopped
-        return {"run": str(run.out), "stopped_after_epoch": first_epoch, "resume": "raise --stop-after to go on"}
-    for epoch in range(first_epoch, cfg.epochs):
-        stop = train_one_epoch(run, epoch, neighbours, progress)
+    end = min(cfg.epochs, cfg.stop_after or cfg.epochs)  # --stop-after: the schedule's epoch to end at
+    out_of_time = False
+    for epoch in range(first_epoch, end):
+        out_of_time = train_one_epoch(run, epoch, neighbours, progress)
         if run.main:
             validate_and_save(run, epoch)
         if run.distributed:
             dist.barrier()
-        if stop:
+        if out_of_time:
             break
-        if cfg.stop_after and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
-            return {"run": str(run.out), "stopped_after_epoch": epoch + 1, "resume": "run the same command again"}
+    if end < cfg.epochs and not out_of_time:  # stopped on purpose: the best is tested when the run ends
+        stopped = max(end, first_epoch)
+        return {"run": str(run.out), "stopped_after_epoch": stopped, "resume": "raise --stop-after to go on"}
 
     result: dict[str, Any] = {"run": str(run.out), "best_epoch": run.state["best_epoch"]}
     result["train_seconds"] = run.state["seconds"]
