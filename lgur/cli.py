@@ -96,7 +96,8 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minut
                  "instances", "group_size", "neighbours_from_epoch", "sdm", "caption_crops", "crops_from_epoch",
                  "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
                  "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
-                 "prototype_person", "person_from", "person_saturation", "person_from_epoch")  # fmt: skip
+                 "prototype_person", "person_from", "person_saturation", "person_from_epoch",
+                 "diversity_on_person", "diversity_pairs", "diversity_rows")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -395,6 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the teacher's map is 1 wherever it is this share of its peak or more (default 1)",
     )
     train.add_argument("--person-from-epoch", type=int, help="first epoch (0-based) of the --prototype-person penalty")
+    train.add_argument(
+        "--diversity-on-person",
+        action="store_const",
+        const=True,
+        help="while --prototype-person is on, measure the prototypes' overlap on the teacher's person map only",
+    )
+    train.add_argument(
+        "--diversity-pairs",
+        choices=["all", "nearest"],
+        help="the diversity term averages all prototype pairs' overlap, or each prototype's with its nearest",
+    )
+    train.add_argument(
+        "--diversity-rows",
+        action="store_const",
+        const=True,
+        help="compare the image prototypes' row profiles (attention per grid row), not their maps",
+    )
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.set_defaults(func=cmd_train)
 

@@ -128,15 +128,33 @@ def term_prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return loss[keep].mean() if keep.any() else logits.sum() * 0.0
 
 
-def prototype_overlap(attention: Tensor) -> Tensor:
+DIVERSITY_PAIRS = ("all", "nearest")
+
+
+def prototype_overlap(
+    attention: Tensor, weights: Tensor | None = None, nearest: bool = False, rows: int | None = None
+) -> Tensor:
     """Mean cosine similarity between different prototypes' attention maps, per sample -> (B,).
 
     attention: (B, H, P, L) of one decoder layer (zero on padding). 0 when every prototype
-    reads disjoint positions, 1 when all read the same ones.
+    reads disjoint positions, 1 when all read the same ones. weights: optional (B, L) in [0, 1],
+    the maps are compared on attention x weights only (e.g. the person: two prototypes on one part
+    cannot then part by one of them moving to the background). nearest: each prototype's cosine
+    with its most similar other, averaged (a pair on one part weighs fully, not 1 / 15 of it).
+    rows: L is a grid of `rows` rows; compare the maps' row profiles (the attention summed over
+    each row), so two prototypes part only by reading different heights of the person (head,
+    upper body, legs, feet), as re-id's horizontal stripes, not two sides of one garment.
     """
-    maps = F.normalize(attention.mean(dim=1), dim=-1)  # (B, P, L), heads averaged
+    maps = attention.mean(dim=1)  # (B, P, L), heads averaged
+    if weights is not None:
+        maps = maps * weights[:, None, :]
+    if rows is not None:
+        maps = maps.unflatten(-1, (rows, -1)).sum(-1)  # (B, P, rows)
+    maps = F.normalize(maps, dim=-1)
     gram = maps @ maps.transpose(1, 2)  # (B, P, P)
     p = gram.shape[-1]
+    if nearest:
+        return gram.masked_fill(torch.eye(p, dtype=torch.bool, device=gram.device), -1.0).amax(-1).mean(-1)
     return (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)) / (p * (p - 1))
 
 
@@ -145,7 +163,10 @@ class LGURLoss(nn.Module):
 
     Options that are not in the paper:
     - diversity > 0: that weight times the overlap of the prototypes' last-layer attention on the
-      dictionary branches (the ones shown and searched);
+      dictionary branches (the ones shown and searched); `image_person` in forward: (B, N) where the
+      person is, the image maps' overlap is measured there only; diversity_pairs "nearest": each
+      prototype's overlap with its nearest other (default "all": the mean over all pairs);
+      diversity_rows: the image grid's rows, to compare the image maps' row profiles only;
     - sdm > 0: that weight times the similarity distribution matching loss on the cross-modal
       pairs (guided image vs raw text, dictionary image vs dictionary text), with a learned
       temperature starting at `temperature`; with `negatives`, each image's SDM row also holds
@@ -170,8 +191,14 @@ class LGURLoss(nn.Module):
         terms: int = 0,
         embedding_dim: int = 0,
         part_terms: tuple[int, int] | None = None,
+        diversity_pairs: str = "all",
+        diversity_rows: int | None = None,
     ) -> None:
         super().__init__()
+        if diversity_pairs not in DIVERSITY_PAIRS:
+            raise ValueError(f"unknown diversity pairs {diversity_pairs!r}: {', '.join(DIVERSITY_PAIRS)}")
+        self.diversity_nearest = diversity_pairs == "nearest"
+        self.diversity_rows = diversity_rows
         self.margin = margin
         self.diversity = diversity
         self.sdm = sdm
@@ -192,6 +219,7 @@ class LGURLoss(nn.Module):
         negatives: dict[str, Tensor] | None = None,
         match: Tensor | None = None,
         term_targets: tuple[Tensor, Tensor] | None = None,
+        image_person: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """negatives (SDM only): branch name ("text", "text_dictionary") -> (B, E) embeddings of a
         false caption for each sample (NaN rows: none), as extra candidates for the images.
@@ -237,6 +265,10 @@ class LGURLoss(nn.Module):
             for name, parts in zip(("image", "text"), shown, strict=True):
                 if parts.attention is None:
                     raise ValueError("the diversity term needs prototype attention (PGU, need_weights=True)")
-                losses[f"diversity/{name}"] = self.diversity * prototype_overlap(parts.attention[-1]).mean()
+                weights, rows = (image_person, self.diversity_rows) if name == "image" else (None, None)
+                losses[f"diversity/{name}"] = (
+                    self.diversity
+                    * prototype_overlap(parts.attention[-1], weights, self.diversity_nearest, rows).mean()
+                )
         losses["total"] = sum(losses.values())
         return losses

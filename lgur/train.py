@@ -125,6 +125,16 @@ class TrainConfig:
     # First epoch (0-based) of that penalty: from the start it holds all six prototypes on the same person
     # map, where the diversity term has no gradient to part them; later, they have already parted.
     person_from_epoch: int = 0
+    # While that penalty is on, measure the image prototypes' overlap (prototype_diversity) on the
+    # teacher's person map only: under the penalty, two prototypes on one part otherwise part most
+    # cheaply by one of them reading the background (trunk table: diversity 4.0, 97% background).
+    diversity_on_person: bool = False
+    # Which prototype pairs the diversity term averages: "all", or "nearest" (each prototype with its
+    # most similar other): six prototypes as two pairs on two parts overlap 0.19 on average, 0.9 nearest.
+    diversity_pairs: str = "all"
+    # Compare the image prototypes' row profiles (attention summed over each row of the grid) rather
+    # than their maps: two prototypes may not part by reading two sides of one garment.
+    diversity_rows: bool = False
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
@@ -205,12 +215,15 @@ class TrainingStep(nn.Module):
         criterion: LGURLoss,
         person_map: Callable[[Tensor], Tensor] | None = None,
         person_weight: float = 0.0,
+        diversity_on_person: bool = False,
     ) -> None:
         """person_map: a frozen teacher's LGUR.person_map (a plain callable, so its weights are neither
-        trained nor saved), with its loss weight (TrainConfig.prototype_person)."""
+        trained nor saved), with its loss weight (TrainConfig.prototype_person); while that weight is on,
+        `diversity_on_person` measures the image maps' overlap on that map (TrainConfig)."""
         super().__init__()
         self.model, self.criterion = model, criterion
         self.person_map, self.person_weight = person_map, person_weight
+        self.diversity_on_person = diversity_on_person
 
     def forward(
         self,
@@ -241,9 +254,11 @@ class TrainingStep(nn.Module):
                 if parts is not None
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
-        losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets)
-        if taught:  # the maps drawn: the last layer, heads averaged
-            outside = 1.0 - self.person_map(images)  # (B, N)
+        person = self.person_map(images) if taught else None  # (B, N)
+        on_person = person if self.diversity_on_person else None
+        losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets, on_person)
+        if person is not None:  # the maps drawn: the last layer, heads averaged
+            outside = 1.0 - person
             attention = retrieval.attention[-1].mean(1)  # (B, P, N)
             losses["person/image"] = self.person_weight * (attention * outside[:, None, :]).sum(-1).mean()
             losses["total"] = losses["total"] + losses["person/image"]
@@ -388,7 +403,8 @@ def epoch_order(
 
 
 def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) -> None:
-    """A second stage: the weights (identity classifier included) and SDM temperature of cfg.init_from.
+    """A second stage: the weights (identity classifier included), SDM temperature and term classifier
+    (its `*_terms.safetensors` beside it, when there) of cfg.init_from.
 
     The checkpoint must be of the same model; a CNN trunk may change its input size, and then its
     learned positions are resampled to the new grid.
@@ -411,6 +427,12 @@ def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) ->
     scale = card.get("training_state", {}).get("logit_scale")
     if criterion.logit_scale is not None and scale is not None:
         criterion.logit_scale.data.fill_(scale)
+    terms = Path(cfg.init_from).with_name(Path(cfg.init_from).stem + "_terms.safetensors")  # last_terms beside last
+    if criterion.term_classifier is not None and terms.is_file():
+        try:
+            criterion.term_classifier.load_state_dict(load_file(str(terms)))
+        except RuntimeError:  # another vocabulary of terms
+            log.warning("%s: its term classifier does not fit these data's terms; it starts afresh", terms)
 
 
 def split_records(records: list[Record], seed: int) -> dict[str, list[Record]]:
@@ -543,6 +565,8 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError("--terms-from parts needs PGU (there are no part vectors with --no-pgu)")
     if cfg.prototype_person and (not cfg.person_from or not cfg.use_pgu):
         raise ValueError("--prototype-person needs PGU and --person-from, a checkpoint with a detail detector")
+    if cfg.diversity_on_person and not (cfg.prototype_person and cfg.prototype_diversity):
+        raise ValueError("--diversity-on-person needs --prototype-diversity and --prototype-person (the person map)")
 
 
 @dataclass
@@ -633,7 +657,8 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
     part_terms = (model_config.num_prototypes, model_config.part_dim) if cfg.terms_from == "parts" else None
     criterion = LGURLoss(
         cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction, terms,
-        model_config.embedding_dim, part_terms,
+        model_config.embedding_dim, part_terms, cfg.diversity_pairs,
+        model.image_encoder.grid[0] if cfg.diversity_rows else None,
     ).to(device)  # fmt: skip
     person_map = None
     if cfg.prototype_person:
@@ -642,7 +667,7 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
             grid = model.image_encoder.grid
             raise ValueError(f"{cfg.person_from}: the teacher needs a detail detector on the same {grid} grid")
         person_map = functools.partial(teacher.person_map, saturation=cfg.person_saturation)
-    training_step = TrainingStep(model, criterion, person_map, cfg.prototype_person)
+    training_step = TrainingStep(model, criterion, person_map, cfg.prototype_person, cfg.diversity_on_person)
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step
     if distributed:
