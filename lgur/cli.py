@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--diversity-pairs",
-        choices=["all", "nearest"],
+        choices=["all", "nearest"],  # losses.DIVERSITY_PAIRS
         help="the diversity term averages all prototype pairs' overlap, or each prototype's with its nearest",
     )
     train.add_argument(

@@ -427,7 +427,8 @@ def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) ->
     scale = card.get("training_state", {}).get("logit_scale")
     if criterion.logit_scale is not None and scale is not None:
         criterion.logit_scale.data.fill_(scale)
-    terms = Path(cfg.init_from).with_name(Path(cfg.init_from).stem + "_terms.safetensors")  # last_terms beside last
+    start = Path(cfg.init_from)
+    terms = start.with_name(f"{start.stem}_terms.safetensors")  # a run's last_terms beside its last
     if criterion.term_classifier is not None and terms.is_file():
         try:
             criterion.term_classifier.load_state_dict(load_file(str(terms)))
