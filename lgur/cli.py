@@ -149,7 +149,7 @@ def cmd_train_details(args: argparse.Namespace) -> int:
 
     cfg = DetailTrainConfig(
         epochs=args.epochs, sharpness=args.sharpness, seed=args.seed, stage=args.stage, stage_epochs=args.stage_epochs,
-        foreground=args.foreground,
+        stage_blocks=args.stage_blocks, foreground=args.foreground,
     )  # fmt: skip
     report = print if not args.quiet else _silent
     try:
@@ -266,7 +266,7 @@ def cmd_query_bench(args: argparse.Namespace) -> int:
     from .querybench import format_query_bench, run_query_bench
 
     result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed, args.probe,
-                             not args.no_details)  # fmt: skip
+                             not args.no_details, not args.as_typed)  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else format_query_bench(result))
     _write_json(result, args.out)
     return 0
@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     details.add_argument("--stage-epochs", type=int, default=DetailTrainConfig.stage_epochs,
                          help="epochs of fine-tuning that stage, after --epochs on the frozen tokens")  # fmt: skip
+    details.add_argument("--stage-blocks", type=int, default=DetailTrainConfig.stage_blocks,
+                         help="how many of the trunk's last block groups that copy holds (with --stage)")  # fmt: skip
     details.add_argument("--no-foreground", dest="foreground", action="store_false",
                          help="leave DGA's foreground weight m as training left it (default: fit it)")  # fmt: skip
     details.set_defaults(func=cmd_train_details)
@@ -542,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--count", type=int, default=200)
     qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
     qb.add_argument("--no-details", action="store_true", help="rank by the embeddings' cosine alone (no detail score)")
+    qb.add_argument("--as-typed", action="store_true",
+                    help="the model reads the queries as typed (default: as the app does, lgur.reading)")  # fmt: skip
     qb.set_defaults(func=cmd_query_bench)
 
     synth = sub.add_parser(

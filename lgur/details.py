@@ -80,9 +80,10 @@ class DetailStage(nn.Module):
     encoder's (the same tokens), and `train-details --stage` fine-tunes it for the phrases while
     the encoder, and so the embedding, stays as trained."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, blocks: int = 1) -> None:
         super().__init__()
-        self.stage = copy.deepcopy(encoder.last_stage)
+        self.blocks = blocks  # how many of the trunk's last block groups it holds
+        self.stage = copy.deepcopy(encoder.last_stages(blocks))
         self.proj = copy.deepcopy(encoder.proj)
         self.position = nn.Parameter(encoder.position.detach().clone())
 
@@ -177,18 +178,18 @@ def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor
 
 @torch.inference_mode()
 def encoder_tokens(
-    model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256, stage_input: bool = False
+    model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256, stage_input: int = 0
 ) -> Tensor:
     """uint8 (B, 3, H, W) -> (B, N, dim) float16 tokens of the model's image encoder (mirrored:
-    `flipped`); with `stage_input`, the input of its trunk's last stage (B, C, rows, cols), which
-    a DetailStage reads."""
+    `flipped`); with `stage_input` > 0, the input of its trunk's last `stage_input` block groups
+    (B, C, rows, cols), which a DetailStage reads."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
         x = x.flip(-1) if flipped else x
         encoder = model.image_encoder
-        out.append((encoder.forward_with_stage_input(x)[1] if stage_input else encoder(x)).half())
+        out.append((encoder.forward_with_stage_input(x, stage_input)[1] if stage_input else encoder(x)).half())
     return torch.cat(out)
 
 
@@ -335,12 +336,13 @@ def train_details(
         raise ValueError(f"{data}: no caption phrase recurs for one person in {cfg.min_captions}+ captions")
     terms = tuple(terms)
     index = phrase_index(terms)
-    stage = DetailStage(model.image_encoder) if cfg.stage else None  # its own copy of the last stage
+    stage = DetailStage(model.image_encoder, cfg.stage_blocks) if cfg.stage else None  # its own trunk stage
     report(f"{len(terms)} phrases; encoding {len(train.images)} training images (and their mirror images)")
-    inputs = torch.stack([encoder_tokens(model, train.images, flipped, stage_input=cfg.stage)
+    stage_input = cfg.stage_blocks if cfg.stage else 0
+    inputs = torch.stack([encoder_tokens(model, train.images, flipped, stage_input=stage_input)
                           for flipped in (False, True)], 1)  # fmt: skip
     targets = identity_targets(train.captions, train.caption_ids, train.image_ids, index)
-    val_inputs = encoder_tokens(model, val.images, stage_input=cfg.stage)
+    val_inputs = encoder_tokens(model, val.images, stage_input=stage_input)
     val_targets = identity_targets(val.captions, val.caption_ids, val.image_ids, index)
 
     detector = fit_detector(inputs, targets, cfg, (val_inputs, val_targets), report, stage)
@@ -366,6 +368,7 @@ def train_details(
     model.config.detail_terms = terms
     model.config.detail_hidden, model.config.detail_sharpness = cfg.hidden, cfg.sharpness
     model.config.detail_weight, model.config.detail_stage = weight, stage is not None
+    model.config.detail_stage_blocks = cfg.stage_blocks if stage is not None else 1
     model.details, model.detail_stage = detector, stage
     foreground = None
     if cfg.foreground and model.dga is not None:

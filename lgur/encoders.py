@@ -166,16 +166,24 @@ class CNNEncoder(nn.Module):
     def last_stage(self) -> nn.Module:
         """The trunk's last block group (EfficientNet-style trunks, no context stride): the detail
         detector may keep its own copy of it (lgur.details.DetailStage)."""
+        return self.last_stages(1)
+
+    def last_stages(self, count: int = 1) -> nn.Module:
+        """The trunk's last `count` block groups: one group as itself, more as one Sequential."""
         if self.context_proj is not None or not hasattr(self.cnn, "blocks") or not hasattr(self.cnn, "conv_stem"):
             raise ValueError(f"{type(self.cnn).__name__} with this config has no single last stage to copy")
-        return self.cnn.blocks[-1]
+        if not 1 <= count < len(self.cnn.blocks):
+            raise ValueError(f"the trunk has {len(self.cnn.blocks)} block groups; a copy of its last {count} is not "
+                             f"possible (1 to {len(self.cnn.blocks) - 1})")  # fmt: skip
+        return self.cnn.blocks[-1] if count == 1 else nn.Sequential(*self.cnn.blocks[-count:])
 
-    def forward_with_stage_input(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """-> the tokens (as forward) and the input of the trunk's last stage (B, C, rows, cols)."""
+    def forward_with_stage_input(self, images: Tensor, count: int = 1) -> tuple[Tensor, Tensor]:
+        """-> the tokens (as forward) and the input of the trunk's last `count` block groups
+        (B, C, rows, cols)."""
         x = self.cnn.bn1(self.cnn.conv_stem(self._trunk_input(images)))
-        for block in self.cnn.blocks[:-1]:
+        for block in self.cnn.blocks[:-count]:
             x = block(x)
-        return self.tokens([self.last_stage(x)]), x
+        return self.tokens([self.last_stages(count)(x)]), x
 
     def _trunk_input(self, images: Tensor) -> Tensor:
         images = images * self.input_scale + self.input_shift

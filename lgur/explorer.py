@@ -179,6 +179,8 @@ class Explorer:
             status = f"ℹ️ {html.escape(note)}\n\n{status}"
         if response.colour_note:
             status = f"🎨 Colours read as the model knows them: {html.escape(response.colour_note)}.\n\n{status}"
+        if response.word_note:
+            status = f"✏️ Words read as the descriptions write them: {html.escape(response.word_note)}.\n\n{status}"
         if response.warning:
             status = f"⚠️ {html.escape(response.warning)}\n\n{status}"
         if not items:

@@ -125,7 +125,9 @@ class LGUR(nn.Module):
         self.details = (
             DetailDetector(c.dim, len(c.detail_terms), c.detail_hidden, c.detail_sharpness) if c.detail_terms else None
         )
-        self.detail_stage = DetailStage(self.image_encoder) if c.detail_terms and c.detail_stage else None
+        self.detail_stage = (
+            DetailStage(self.image_encoder, c.detail_stage_blocks) if c.detail_terms and c.detail_stage else None
+        )
 
     # -- features -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -187,7 +189,7 @@ class LGUR(nn.Module):
         if self.detail_stage is None:
             encoded = self.image_encoder(images)
             return encoded, encoded
-        encoded, stage_input = self.image_encoder.forward_with_stage_input(images)
+        encoded, stage_input = self.image_encoder.forward_with_stage_input(images, self.detail_stage.blocks)
         return encoded, self.detail_stage(stage_input)
 
     def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:

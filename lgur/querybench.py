@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .details import detail_scores
+from .reading import QueryReader
 
 # Everyday words per attribute value. A query names (kind, value) pairs; ANY matches every
 # value but "none" (e.g. "with a bag").
@@ -347,8 +348,12 @@ def run_query_bench(
     seed: int = 0,
     probe: bool = False,
     details: bool = True,
+    reading: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint, embed the gallery's images, rank each query's top 10 and score them.
+
+    reading: read each query as the app does (lgur.reading: unknown colour words and word forms,
+    from the card's training vocabulary); False: the model reads the queries as typed.
 
     details: rank as the app does, by cosine plus the detail score where the model has a detail
     detector (lgur.details); False: by the embeddings' cosine alone.
@@ -365,20 +370,24 @@ def run_query_bench(
     manifest = json.loads((gallery / "manifest.json").read_text())["images"]
     people = [m["attributes"] for m in manifest]
     queries = make_queries(people, count, seed, style)
-    model, _ = load_checkpoint(checkpoint)
+    model, card = load_checkpoint(checkpoint)
     size = model.config.image.img_size
     images = torch.from_numpy(np.stack([read_image(gallery / m["file"], size) for m in manifest]))
     gallery_embeddings, lift = image_features(model, images)
-    ids, mask = model.tokenize([q.text for q in queries])
+    reader = QueryReader(card.get("vocabulary", []) if reading else [], model.config.detail_terms)
+    texts = [reader.read(q.text).text for q in queries]
+    ids, mask = model.tokenize(texts)
     text_embeddings = model.embed_texts(ids, mask)
     scores = text_embeddings @ gallery_embeddings.t()
     details = details and model.details is not None and model.config.detail_weight > 0
     if details:
-        scores = scores + detail_scores(model.config, [q.text for q in queries], lift)
+        scores = scores + detail_scores(model.config, texts, lift)
     rankings = scores.argsort(dim=1, descending=True)[:, :10].numpy()
-    result = score(rankings, people, queries) | {"details": details}
-    for row, ranking in zip(result["rows"], rankings):
+    result = score(rankings, people, queries) | {"details": details, "read_as_the_app_does": reading}
+    for row, ranking, text in zip(result["rows"], rankings, texts):
         row["top10"] = [manifest[i]["file"] for i in ranking]
+        if text != row["query"]:
+            row["read_as"] = text
     if probe:
         kinds = sorted({kind for q in queries for kind in q.attributes})
         identities = [int(m["identity"]) for m in manifest]

@@ -26,12 +26,13 @@ import torch
 from .atlas import Atlas
 from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weights, word_spans
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
-from .colours import ColourGrounding, ColourReading
+from .colours import ColourReading
 from .data.dataset import content_word, normalize, vocabulary_words
 from .details import query_details
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
+from .reading import QueryReader, QueryReading, WordReading
 from .weaknesses import weak_spots
 
 MAX_QUERY_CHARS = 2000
@@ -68,7 +69,7 @@ def result_count(k: Any) -> int:
 
 @dataclass
 class QueryEncoding:
-    text: str  # what the model read: the cleaned query, unknown colour words grounded
+    text: str  # what the model read: the cleaned query, unknown words read as training words (lgur.reading)
     words: list[str]  # the query's words (word pieces merged), as typed
     token_ids: np.ndarray  # (T,) what the model read (so later explanations need no second tokenising)
     spans: list[list[int]]  # token positions of each word
@@ -80,6 +81,7 @@ class QueryEncoding:
     atom_weights: np.ndarray  # (atoms,) relative to the average query's (relative_weights)
     truncated: bool  # the query was longer than the text encoder reads
     colour_readings: list[ColourReading] = field(default_factory=list)  # "crimson" read as "red", ...
+    word_readings: list[WordReading] = field(default_factory=list)  # "tshirt" read as "t shirt", ...
     phrases: list[str] = field(default_factory=list)  # the phrases the detail detector knows (lgur.details)
     phrase_rows: list[int] = field(default_factory=list)  # their rows in the detector
     phrase_reference: list[float] = field(default_factory=list)  # their mean log p over the training images
@@ -162,10 +164,18 @@ class SearchResponse:
         readings = self.query.colour_readings
         return ", ".join(f"{r.word} -> {r.colour}" for r in readings) if readings else None
 
+    @property
+    def word_note(self) -> str | None:
+        """Words read in the form the training captions use: "tshirt -> t shirt"."""
+        readings = self.query.word_readings
+        return ", ".join(f"{r.typed} -> {r.read_as}" for r in readings) if readings else None
+
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"query": self.query.text, "results": [r.to_json() for r in self.results]}
         if self.query.colour_readings:
             body["colours_read_as"] = {r.word: r.colour for r in self.query.colour_readings}
+        if self.query.word_readings:
+            body["words_read_as"] = {r.typed: r.read_as for r in self.query.word_readings}
         if self.weak_spots:
             body["weak_spots"] = self.weak_spots
         return body | ({"warning": self.warning} if self.warning else {})
@@ -376,6 +386,7 @@ class SearchEngine:
         index_dir: Path | None = None,
         cache: int = 256,
         colour_grounding: bool = True,
+        word_forms: bool = True,
     ):
         self.model = model.eval()
         self.index = index
@@ -388,12 +399,12 @@ class SearchEngine:
         self._cache_lock = threading.Lock()  # the app serves several requests at once
         self.atlas = Atlas(self)  # what each dictionary atom stands for
         self.vocabulary = frozenset(self.card.get("vocabulary", []))
-        # Colour words the model never saw are read as the nearest training colour (lgur.colours).
-        self.grounding = ColourGrounding(self.vocabulary) if colour_grounding and self.vocabulary else None
+        # Words the model never saw are read as training words where that is unambiguous (lgur.reading).
+        self.reader = QueryReader(self.vocabulary, model.config.detail_terms, colour_grounding, word_forms)
         self.grid = model.image_encoder.grid
         # Per attribute kind, how often the model's top 10 has it (the card's query-bench figures).
         self.weak_kinds = self.card.get("query_bench", {}).get("default", {}).get("by_kind", {})
-        self.colours = self.grounding.targets if self.grounding else frozenset()
+        self.colours = self.reader.grounding.targets if self.reader.grounding else frozenset()
         # The average caption's atom histogram, measured when the checkpoint was trained or exported.
         average = self.card.get("atom_average", {}).get("text")
         self.text_atom_average = np.asarray(average, np.float32) if average else None
@@ -451,9 +462,9 @@ class SearchEngine:
         return report
 
     # -- query side ------------------------------------------------------------------------
-    def read_query(self, text: str) -> tuple[str, list[ColourReading]]:
-        """A cleaned query as the model reads it, and the colour words read as training colours."""
-        return self.grounding.ground(text) if self.grounding else (text, [])
+    def read_query(self, text: str) -> QueryReading:
+        """A cleaned query as the model reads it, and which words were read as which."""
+        return self.reader.read(text)
 
     @torch.inference_mode()
     def encode_query(self, text: str) -> QueryEncoding:
@@ -462,9 +473,9 @@ class SearchEngine:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        text, readings = self.read_query(key)
-        result = encode_text(self.model, text, self.text_atom_average)
-        result.colour_readings = readings
+        reading = self.read_query(key)
+        result = encode_text(self.model, reading.text, self.text_atom_average)
+        result.colour_readings, result.word_readings = reading.colours, reading.words
         with self._cache_lock:
             self._cache[key] = result
             if len(self._cache) > self._cache_size:
@@ -482,7 +493,7 @@ class SearchEngine:
             if key in self._embeddings:
                 self._embeddings.move_to_end(key)
                 return self._embeddings[key]
-        ids, mask = self.model.tokenize([self.read_query(key)[0]])
+        ids, mask = self.model.tokenize([self.read_query(key).text])
         embedding = self.model.embed_texts(ids, mask)[0].numpy()
         with self._cache_lock:
             self._embeddings[key] = embedding
@@ -504,7 +515,7 @@ class SearchEngine:
 
     def search_ids(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """The fast path: (relative file, score) of the top k."""
-        details = query_details(self.model.config, self.read_query(clean_query(text))[0])[1]
+        details = query_details(self.model.config, self.read_query(clean_query(text)).text)[1]
         scores, rows = self.index.search(self.embed_query(text)[None], k, None if details is None else details[None])
         return [(self.index.entries[r].path, float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
 
@@ -601,6 +612,7 @@ class SearchEngine:
 
 def format_results(response: SearchResponse) -> str:
     lines = [f"colours read as: {response.colour_note}"] if response.colour_note else []
+    lines += [f"words read as: {response.word_note}"] if response.word_note else []
     for r in response.results:
         parts = " ".join(f"{x:+.2f}" for x in r.part_similarity)
         lines.append(f"{r.rank:3d}  {r.score:.4f}  {r.file}  parts [{parts}]")

@@ -228,13 +228,16 @@ def _lite0_model(**config) -> torch.nn.Module:
     return LGUR(tiny_config(image=image, detail_terms=TERMS, **config), load_pretrained=False).eval()
 
 
-def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path: Path, blocks: int) -> None:
     from lgur.checkpoint import save_checkpoint
 
-    model = _lite0_model(detail_stage=True)
+    model = _lite0_model(detail_stage=True, detail_stage_blocks=blocks)
     images = torch.randn(3, 3, 64, 32)
     with torch.no_grad():
-        tokens, stage_input = model.image_encoder.forward_with_stage_input(images)
+        tokens, stage_input = model.image_encoder.forward_with_stage_input(images, blocks)
+        channels = model.image_encoder.cnn.blocks[-blocks - 1][-1].conv_pwl.out_channels
+        assert stage_input.shape[1] == channels  # the input of the last `blocks` block groups
         assert torch.allclose(tokens, model.image_encoder(images), atol=1e-5)  # the same tokens, one more output
         encoded, detail_tokens = model.encode_images(images)
         assert torch.allclose(detail_tokens, encoded, atol=1e-5)  # an untrained copy reads what the encoder reads
@@ -245,7 +248,7 @@ def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path
         probabilities, where = model.find_details(images)
     save_checkpoint(model, tmp_path / "stage.safetensors", {})
     loaded, _ = load_checkpoint(tmp_path / "stage.safetensors")
-    assert loaded.config.detail_stage and loaded.detail_stage is not None
+    assert loaded.config.detail_stage and loaded.detail_stage.blocks == blocks
     with torch.no_grad():
         again, where_again = loaded.find_details(images)
     assert torch.allclose(again, probabilities, atol=1e-5) and torch.allclose(where_again, where, atol=1e-5)
@@ -276,6 +279,8 @@ def test_a_trunk_without_a_single_last_stage_is_refused_with_a_message() -> None
 
     with pytest.raises(ValueError, match="no single last stage"):
         LGUR(tiny_config(image=cpu_preset().image, detail_terms=TERMS, detail_stage=True), load_pretrained=False)
+    with pytest.raises(ValueError, match="a copy of its last 5 is not possible"):
+        _lite0_model(detail_stage=True, detail_stage_blocks=5)
 
 
 def test_fitting_the_foreground_weight_follows_the_person_map_and_leaves_the_embedding() -> None:

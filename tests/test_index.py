@@ -257,7 +257,7 @@ def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> Non
     lift = engine.index.arrays["detail_lift"].astype(np.float64)  # the shipped model has a detail detector
     for query in ["a woman in a red coat with a black backpack", "man, grey shirt, blue jeans", "old man with a cap"]:
         top = engine.search_ids(query, 10)
-        _, details = query_details(engine.model.config, engine.read_query(query)[0])
+        _, details = query_details(engine.model.config, engine.read_query(query).text)
         brute = gallery @ engine.embed_query(query).astype(np.float64) + lift @ details.astype(np.float64)
         order = np.argsort(-brute, kind="stable")[:10]
         assert [f for f, _ in top] == [engine.index.entries[i].path for i in order]

@@ -134,3 +134,32 @@ def test_colour_sensitivity_finds_the_thing_whose_colour_is_ignored() -> None:
     assert min(seeing.values()) > 0.1
     assert blind["shoes"] == pytest.approx(0.0, abs=1e-6)
     assert min(blind[t] for t in ("top", "bottom", "bag")) > 0.1
+
+
+def test_the_bench_reads_queries_as_the_app_does(tmp_path: Path) -> None:
+    from lgur.checkpoint import save_checkpoint
+    from lgur.model import LGUR
+    from lgur.querybench import run_query_bench
+    from tests.conftest import tiny_config
+
+    manifest = json.loads((ROOT / "gallery" / "manifest.json").read_text())
+    manifest["images"] = [m for m in manifest["images"] if m["attributes"].get("shoe_type") == "sneakers"][:24]
+    gallery = tmp_path / "gallery"
+    for m in manifest["images"]:
+        (gallery / m["file"]).parent.mkdir(parents=True, exist_ok=True)
+        (gallery / m["file"]).write_bytes((ROOT / "gallery" / m["file"]).read_bytes())
+    (gallery / "manifest.json").write_text(json.dumps(manifest))
+    queries = make_queries([m["attributes"] for m in manifest["images"]], 40)
+    words = {w for q in queries for w in re.findall(r"[a-z]+", q.text)}
+    assert "sneakers" in words
+    vocabulary = sorted(words - {"sneakers"} | {"sneaker"})  # the model learned the singular only
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), tmp_path / "tiny.safetensors", {"vocabulary": vocabulary})
+
+    read = run_query_bench(checkpoint, gallery, count=40)
+    typed = run_query_bench(checkpoint, gallery, count=40, reading=False)
+    assert read["read_as_the_app_does"] and not typed["read_as_the_app_does"]
+    rewritten = [row for row in read["rows"] if "read_as" in row]
+    assert rewritten and all(re.search(r"\bsneakers\b", row["query"]) for row in rewritten)
+    assert all(row["read_as"] == re.sub(r"\bsneakers\b", "sneaker", row["query"]) for row in rewritten)
+    assert not any("read_as" in row for row in typed["rows"])

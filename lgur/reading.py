@@ -1,0 +1,119 @@
+"""How a query is read before the model sees it (not in the paper): words the model never saw
+are read as training words where that is unambiguous. Colour names go through colour grounding
+(lgur.colours, "crimson" -> "red"); other words through their written form, below.
+
+Word forms: a query word the model never saw is read in the form the training captions use.
+
+People type "tshirt" for "t-shirt", "back pack" for "backpack", "sneaker" for "sneakers". The
+frozen text encoder splits such words into pieces it places badly, and the detail detector
+(lgur.details) matches phrases by their words, so it finds nothing in them. Three readings, each
+only of words outside the training vocabulary, each to words inside it:
+
+- split: one unknown word that is a two-word caption phrase written as one ("tshirt" -> "t shirt",
+  "shoulderbag" -> "shoulder bag"); the phrase must be one the captions use, so "someone" is
+  not read as "some one";
+- join: two adjacent content words whose concatenation is a training word, and which the
+  captions do not use as a phrase of their own ("back pack" -> "backpack", "hand bag" -> "handbag");
+- number: an unknown word whose singular or plural is a training word ("sneaker" -> "sneakers").
+
+No synonym is guessed: a word with no such form ("trainers", "tee") stays as typed and is flagged
+as unknown, as before.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .colours import ColourGrounding, ColourReading
+from .data.dataset import content_word
+
+WORD = re.compile(r"[A-Za-z]+")
+
+
+@dataclass(frozen=True)
+class WordReading:
+    typed: str  # as typed: "tshirt", "back pack"
+    read_as: str  # the training form: "t shirt", "backpack"
+
+
+class WordForms:
+    """Reads unknown words in their training form, given the training vocabulary (its words) and
+    the two-word phrases its captions use (e.g. the detail detector's phrases)."""
+
+    def __init__(self, vocabulary: Iterable[str], phrases: Iterable[str] = ()) -> None:
+        self.vocabulary = frozenset(w.lower() for w in vocabulary)
+        self.phrases = frozenset(p.lower() for p in phrases if len(p.split()) == 2)
+        # "tshirt" -> "t shirt": each two-word phrase of known words, by its joined spelling
+        self.joined_phrases = {
+            a + b: f"{a} {b}"
+            for a, b in (p.split() for p in self.phrases)
+            if a in self.vocabulary and b in self.vocabulary and a + b not in self.vocabulary
+        }
+
+    def form_of(self, word: str) -> str | None:
+        """The training form of one unknown word (split or singular/plural); None if it has none."""
+        word = word.lower()
+        if word in self.vocabulary or not content_word(word):
+            return None
+        if word in self.joined_phrases:
+            return self.joined_phrases[word]
+        numbers = [word + "s", word + "es"]
+        if word.endswith("es"):
+            numbers.append(word[:-2])
+        if word.endswith("s"):
+            numbers.append(word[:-1])
+        known = [w for w in numbers if w in self.vocabulary and content_word(w)]
+        return known[0] if len(known) == 1 else None
+
+    def read(self, text: str) -> tuple[str, list[WordReading]]:
+        """-> the text with each unknown word in its training form, and what was read as what."""
+        readings: dict[str, WordReading] = {}
+        pieces = re.split(r"([A-Za-z]+)", text)  # [gap, word, gap, word, ..., gap]
+        out = [pieces[0]]
+        i = 1
+        while i < len(pieces):
+            word = pieces[i]
+            if i + 2 < len(pieces) and pieces[i + 1].isspace() and self._joins(word, pieces[i + 2]):
+                typed, form = f"{word}{pieces[i + 1]}{pieces[i + 2]}", (word + pieces[i + 2]).lower()
+                out += [form, pieces[i + 3]]
+                readings.setdefault(typed.lower(), WordReading(typed, form))
+                i += 4
+                continue
+            form = self.form_of(word)
+            if form is not None:
+                readings.setdefault(word.lower(), WordReading(word, form))
+            out += [form or word, pieces[i + 1]]
+            i += 2
+        return "".join(out), list(readings.values())
+
+    def _joins(self, first: str, second: str) -> bool:
+        """Read two words as one: their concatenation is a training word, and the captions do not
+        use them as a phrase of their own ("hand bag" -> "handbag"; "black bag" stays)."""
+        a, b = first.lower(), second.lower()
+        return content_word(a) and content_word(b) and a + b in self.vocabulary and f"{a} {b}" not in self.phrases
+
+
+@dataclass
+class QueryReading:
+    text: str  # what the model reads
+    colours: list[ColourReading]  # "crimson" read as "red", ...
+    words: list[WordReading]  # "tshirt" read as "t shirt", ...
+
+
+class QueryReader:
+    """A query as the app reads it: colour grounding, then word forms, both only of words outside
+    `vocabulary`; `phrases`: the captions' two-word phrases (the detail detector's, lgur.details)."""
+
+    def __init__(
+        self, vocabulary: Iterable[str], phrases: Iterable[str] = (), colours: bool = True, forms: bool = True
+    ) -> None:
+        vocabulary = list(vocabulary)
+        self.grounding = ColourGrounding(vocabulary) if colours and vocabulary else None
+        self.forms = WordForms(vocabulary, phrases) if forms and vocabulary else None
+
+    def read(self, text: str) -> QueryReading:
+        text, colours = self.grounding.ground(text) if self.grounding else (text, [])
+        text, words = self.forms.read(text) if self.forms else (text, [])
+        return QueryReading(text, colours, words)
