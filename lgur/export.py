@@ -78,6 +78,7 @@ def export_checkpoint(
                 "chance",
                 "by_kind",
                 "details",
+                "read_as_the_app_does",
             )  # by_kind: the page's weak-spot notes
             card["query_bench"][style] = {k: bench[k] for k in kept}
     record_in_card(path, card)

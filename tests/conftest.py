@@ -60,9 +60,11 @@ def free_port() -> int:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_explorer(root: Path, images: int = 24, seed: int = 3, shared_uploads: bool = False, **config):
-    """A tiny model (tiny_config(**config)) over its own copy of the first shipped gallery images (tests
-    may add files), with the manifest's captions of those images (the atlas's words)."""
+def tiny_explorer(
+    root: Path, images: int = 24, seed: int = 3, shared_uploads: bool = False, card: dict | None = None, **config
+):
+    """A tiny model (tiny_config(**config), its card `card`) over its own copy of the first shipped gallery
+    images (tests may add files), with the manifest's captions of those images (the atlas's words)."""
     import json
     import shutil
 
@@ -70,7 +72,7 @@ def tiny_explorer(root: Path, images: int = 24, seed: int = 3, shared_uploads: b
     from lgur.explorer import create
 
     torch.manual_seed(seed)
-    checkpoint = save_checkpoint(LGUR(tiny_config(**config)).eval(), root / "models" / "tiny.safetensors")
+    checkpoint = save_checkpoint(LGUR(tiny_config(**config)).eval(), root / "models" / "tiny.safetensors", card)
     gallery = root / "gallery"
     (gallery / "images").mkdir(parents=True)
     for src in sorted((REPO / "gallery" / "images").glob("*.jpg"))[:images]:

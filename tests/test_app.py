@@ -105,6 +105,19 @@ def test_a_model_with_a_detail_detector_ranks_by_it_and_shows_where(tmp_path: Pa
     assert plain.query.details is None and all(not r.details and r.detail_score == 0 for r in plain.results)
 
 
+def test_the_page_says_which_words_were_read_as_what(tmp_path: Path) -> None:
+    phrases = ("jacket", "man", "red", "red jacket")
+    card = {"vocabulary": ["a", "man", "in", "red", "jacket", "boots"]}
+    explorer = tiny_explorer(tmp_path, images=6, card=card, detail_terms=phrases, detail_weight=0.5)
+    _, status, response = explorer.search("a man in a Redjacket and crimson boot", 3)
+    assert response.query.text == "a man in a red jacket and red boots"
+    assert response.query.phrases == ["jacket", "man", "red", "red jacket"]  # the detector reads the split phrase
+    assert "Words read as the descriptions write them: Redjacket -&gt; red jacket, boot -&gt; boots." in status
+    assert "Colours read as the model knows them: crimson -&gt; red." in status
+    body = explorer.api_search("a man in a Redjacket", 3)
+    assert body["words_read_as"] == {"Redjacket": "red jacket"} and "warning" not in body
+
+
 @pytest.mark.parametrize("query", ["", "   ", "\n\t"])
 def test_empty_queries_get_a_message_not_an_error(explorer: explorer_app.Explorer, query: str) -> None:
     items, status, response = explorer.search(query, 10)
