@@ -33,7 +33,9 @@ def detail_detector(config: dict[str, Any]) -> str:
     terms, weight = config.get("detail_terms"), config.get("detail_weight")
     if not terms:
         return ""
-    stage = ", on its own fine-tuned copy of the trunk's last stage" if config.get("detail_stage") else ""
+    blocks = config.get("detail_stage_blocks", 1)
+    copy = "the trunk's last stage" if blocks == 1 else f"the trunk's last {blocks} stages"
+    stage = f", on its own fine-tuned copy of {copy}" if config.get("detail_stage") else ""
     return f"{len(terms)} caption phrases, weight {weight} in the score{stage} (lgur.details)"
 
 
@@ -59,7 +61,8 @@ def card_table(card: dict[str, Any], prototype_names: list[str]) -> str:
         )
     for style, qb in card.get("query_bench", {}).items():
         lines.append(
-            f"| short queries ({html.escape(style)} set{', with details' if qb.get('details') else ''}) | "
+            f"| short queries ({html.escape(style)} set{', with details' if qb.get('details') else ''}"
+            f"{', read as the app reads them' if qb.get('read_as_the_app_does') else ''}) | "
             f"attribute precision@10 {qb['precision@10']:.1f}% · top-1 "
             f"right {qb['top1']:.1f}% · chance {qb['chance']:.1f}% ({qb['queries']} queries) |"
         )

@@ -92,7 +92,7 @@ class LGURConfig:
     detail_sharpness: float = 4.0
     detail_weight: float = 0.0
     detail_stage: bool = False  # the detector reads its own fine-tuned copy of the trunk's last stage
-    detail_stage_blocks: int = 1  # ... of its last this many block groups
+    detail_stage_blocks: int = 1  # how many of the trunk's last block groups that copy holds
     # Not in the paper: DGA's foreground weight m fitted after training to the detector's person map
     # (lgur.foreground), so that it means something where pgu_foreground is off.
     foreground_fitted: bool = False
@@ -140,7 +140,7 @@ class DetailTrainConfig:
     # (the frozen encoder's tokens alone: phrase mAP stops at ~46 on the default world)
     stage: bool = False
     stage_epochs: int = 15  # after the detector's epochs on the stage as it starts
-    stage_blocks: int = 1  # how many of the trunk's last block groups the copy holds
+    stage_blocks: int = 2  # how many of the trunk's last block groups the copy holds (EXPERIMENTS.md)
     stage_lr: float = 2e-4
     stage_detector_lr: float = 3e-4
     stage_batch_size: int = 128

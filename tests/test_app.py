@@ -449,7 +449,8 @@ def test_the_model_card_table_of_the_shipped_card() -> None:
     assert f"| test | R@1 {test['R@1']} · R@5 {test['R@5']} · R@10 {test['R@10']} · mAP {test['mAP']} |" in table
     default = card["query_bench"]["default"]
     assert default["details"]  # ranked as the app ranks, with the detail score, and the table says so
-    assert any(line.startswith("| short queries (default set, with details) |")
+    assert default["read_as_the_app_does"]  # the queries read as the app reads them (lgur.reading)
+    assert any(line.startswith("| short queries (default set, with details, read as the app reads them) |")
                and f"{default['precision@10']:.1f}%" in line for line in table)  # fmt: skip
     detector = f"| detail detector | {len(card['config']['detail_terms'])} caption phrases, weight "
     assert any(line.startswith(detector) and ("own fine-tuned copy" in line) == card["config"]["detail_stage"]
