@@ -4,16 +4,17 @@ are read as training words where that is unambiguous. Colour names go through co
 
 Word forms: a query word the model never saw is read in the form the training captions use.
 
-People type "tshirt" for "t-shirt", "back pack" for "backpack", "sneaker" for "sneakers". The
+People type "tshirt" for "t-shirt", "pony tail" for "ponytail", "sneaker" for "sneakers". The
 frozen text encoder splits such words into pieces it places badly, and the detail detector
 (lgur.details) matches phrases by their words, so it finds nothing in them. Three readings, each
-only of words outside the training vocabulary, each to words inside it:
+to words inside the training vocabulary:
 
 - split: one unknown word that is a two-word caption phrase written as one ("tshirt" -> "t shirt",
   "shoulderbag" -> "shoulder bag"); the phrase must be one the captions use, so "someone" is
   not read as "some one";
 - join: two adjacent content words whose concatenation is a training word, and which the
-  captions do not use as a phrase of their own ("back pack" -> "backpack", "hand bag" -> "handbag");
+  captions do not use as a phrase of their own ("pony tail" -> "ponytail"; the
+  default world's captions say "back pack" too, so that stays);
 - number: an unknown word whose singular or plural is a training word ("sneaker" -> "sneakers").
 
 No synonym is guessed: a word with no such form ("trainers", "tee") stays as typed and is flagged
@@ -29,13 +30,11 @@ from dataclasses import dataclass
 from .colours import ColourGrounding, ColourReading
 from .data.dataset import content_word
 
-WORD = re.compile(r"[A-Za-z]+")
-
 
 @dataclass(frozen=True)
 class WordReading:
-    typed: str  # as typed: "tshirt", "back pack"
-    read_as: str  # the training form: "t shirt", "backpack"
+    typed: str  # as typed: "tshirt", "pony tail"
+    read_as: str  # the training form: "t shirt", "ponytail"
 
 
 class WordForms:
