@@ -178,18 +178,18 @@ def identity_targets(captions: list[str], caption_ids: Tensor, image_ids: Tensor
 
 @torch.inference_mode()
 def encoder_tokens(
-    model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256, stage_input: int = 0
+    model: LGUR, images: Tensor, flipped: bool = False, batch_size: int = 256, stage_blocks: int = 0
 ) -> Tensor:
     """uint8 (B, 3, H, W) -> (B, N, dim) float16 tokens of the model's image encoder (mirrored:
-    `flipped`); with `stage_input` > 0, the input of its trunk's last `stage_input` block groups
-    (B, C, rows, cols), which a DetailStage reads."""
+    `flipped`); with `stage_blocks` > 0, the input of its trunk's last `stage_blocks` block groups
+    (B, C, rows, cols), which a DetailStage of that many groups reads."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
         x = x.flip(-1) if flipped else x
         encoder = model.image_encoder
-        out.append((encoder.forward_with_stage_input(x, stage_input)[1] if stage_input else encoder(x)).half())
+        out.append((encoder.forward_with_stage_input(x, stage_blocks)[1] if stage_blocks else encoder(x)).half())
     return torch.cat(out)
 
 
@@ -338,11 +338,11 @@ def train_details(
     index = phrase_index(terms)
     stage = DetailStage(model.image_encoder, cfg.stage_blocks) if cfg.stage else None  # its own trunk stage
     report(f"{len(terms)} phrases; encoding {len(train.images)} training images (and their mirror images)")
-    stage_input = cfg.stage_blocks if cfg.stage else 0
-    inputs = torch.stack([encoder_tokens(model, train.images, flipped, stage_input=stage_input)
+    stage_blocks = cfg.stage_blocks if cfg.stage else 0
+    inputs = torch.stack([encoder_tokens(model, train.images, flipped, stage_blocks=stage_blocks)
                           for flipped in (False, True)], 1)  # fmt: skip
     targets = identity_targets(train.captions, train.caption_ids, train.image_ids, index)
-    val_inputs = encoder_tokens(model, val.images, stage_input=stage_input)
+    val_inputs = encoder_tokens(model, val.images, stage_blocks=stage_blocks)
     val_targets = identity_targets(val.captions, val.caption_ids, val.image_ids, index)
 
     detector = fit_detector(inputs, targets, cfg, (val_inputs, val_targets), report, stage)

@@ -181,9 +181,13 @@ class CNNEncoder(nn.Module):
         """-> the tokens (as forward) and the input of the trunk's last `count` block groups
         (B, C, rows, cols)."""
         x = self.cnn.bn1(self.cnn.conv_stem(self._trunk_input(images)))
-        for block in self.cnn.blocks[:-count]:
+        first = len(self.cnn.blocks) - count
+        for block in self.cnn.blocks[:first]:
             x = block(x)
-        return self.tokens([self.last_stages(count)(x)]), x
+        stage_input = x
+        for block in self.cnn.blocks[first:]:
+            x = block(x)
+        return self.tokens([x]), stage_input
 
     def _trunk_input(self, images: Tensor) -> Tensor:
         images = images * self.input_scale + self.input_shift

@@ -374,7 +374,7 @@ def run_query_bench(
     size = model.config.image.img_size
     images = torch.from_numpy(np.stack([read_image(gallery / m["file"], size) for m in manifest]))
     gallery_embeddings, lift = image_features(model, images)
-    reader = QueryReader(card.get("vocabulary", []) if reading else [], model.config.detail_terms)
+    reader = QueryReader(card.get("vocabulary", []), model.config.detail_terms, colours=reading, forms=reading)
     texts = [reader.read(q.text).text for q in queries]
     ids, mask = model.tokenize(texts)
     text_embeddings = model.embed_texts(ids, mask)

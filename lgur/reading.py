@@ -102,8 +102,8 @@ class QueryReading:
 
 
 class QueryReader:
-    """A query as the app reads it: colour grounding, then word forms, both only of words outside
-    `vocabulary`; `phrases`: the captions' two-word phrases (the detail detector's, lgur.details)."""
+    """A query as the app reads it: colour grounding of words outside `vocabulary`, then word forms
+    (WordForms); `phrases`: the captions' two-word phrases (the detail detector's, lgur.details)."""
 
     def __init__(
         self, vocabulary: Iterable[str], phrases: Iterable[str] = (), colours: bool = True, forms: bool = True
