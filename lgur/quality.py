@@ -3,7 +3,10 @@
 - Foreground weights: ROC-AUC of the per-patch weight m for "this patch is mostly person".
 - Prototypes: the share of each prototype's attention that falls on each body part,
   next to the share a uniform attention would give (the parts' area), so specialisation
-  shows as a departure from area; each prototype's region label; their overlap.
+  shows as a departure from area; each prototype's region label; their overlap. Beside them, the
+  least background a map at the model's grid can read while on a part (background_floor): a patch
+  holds some background wherever a part is smaller than a patch, so at 12x4 a map on the shoes
+  reads ~45-50% background however sharp it is.
 - Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
   word that names a garment or accessory of one part, does the peak of its guidance map
   (how much that word contributes to each patch: attention, times the foreground weight m
@@ -149,6 +152,26 @@ def region_labels(share: np.ndarray, area: np.ndarray, min_ratio: float = 2.0) -
     }
 
 
+def background_floor(fractions: list[np.ndarray]) -> dict[str, dict[str, float]]:
+    """The least background a map on each part can read at this grid, from the images' patch part
+    fractions (each (N, parts)): a map shaped like the part (attention in proportion to the part's
+    pixels in each patch) and a map on the part's best patch alone, their background shares averaged
+    over the images where the part is visible (as explanation_quality counts it). A prototype's
+    background share can only approach these; -> {part: {"part_shaped", "best_patch", "images"}}."""
+    floors: dict[str, dict[str, float]] = {}
+    for part in range(1, len(PARTS)):
+        shaped, best = [], []
+        for f in fractions:
+            if f[:, part].sum() < 0.5:  # hardly visible
+                continue
+            shaped.append(float(f[:, 0] @ f[:, part] / f[:, part].sum()))
+            best.append(float(f[np.argmax(f[:, part]), 0]))
+        if shaped:
+            floors[PARTS[part]] = {"part_shaped": float(np.mean(shaped)), "best_patch": float(np.mean(best)),
+                                   "images": len(shaped)}  # fmt: skip
+    return floors
+
+
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve via the rank-sum (Mann-Whitney U) statistic, ties averaged."""
     from scipy.stats import rankdata
@@ -195,6 +218,7 @@ def explanation_quality(
     }
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
+    every_fractions: list[np.ndarray] = []  # each image's (N, parts), for background_floor
     for start in range(0, len(annotations), batch_size):
         chunk = annotations[start : start + batch_size]
         images = torch.from_numpy(np.stack([read_image(data / "imgs" / a["file_path"], size) for a in chunk]))
@@ -225,6 +249,7 @@ def explanation_quality(
                 label_maps[i] = np.asarray(labels)  # (H, W) part ids at the image's pixels
             fractions = patch_part_fractions(label_maps[i], grid)  # (N, parts)
             fractions_of[i] = fractions
+            every_fractions.append(fractions)
             if details:
                 attributes = side[a["file_path"]]["attributes"]
                 for kind, part in DETAILS.items():
@@ -276,6 +301,7 @@ def explanation_quality(
         result["prototype_overlap"] = float(torch.cat(overlaps).mean())
         result["prototype_regions"] = region_labels(share / n, area / n)
     result["part_area_share"] = (area / n).round(4).tolist()
+    result["background_floor"] = background_floor(every_fractions)
     if any(pointing.values()):
         result["pointing_game"] = {"weighted_by_foreground": model.learns_foreground} | pointing_summary(pointing)
     if any(phrase_pointing.values()):  # the same game for the detail detector's maps (lgur.details)
@@ -387,6 +413,15 @@ def format_quality(result: dict[str, Any]) -> str:
             + ", ".join(
                 f"{kind.replace('_', ' ')} {v['region_features']:.1f}% -> {v['embedding']:.1f}% ({v['chance']:.1f}%)"
                 for kind, v in result["details"].items()
+            )
+        )
+    if result.get("background_floor"):
+        lines.append(
+            "least background a map on a part can read at this grid (shaped like the part; on its best patch "
+            "alone): "
+            + ", ".join(
+                f"{part} {100 * f['part_shaped']:.1f}% ({100 * f['best_patch']:.1f}%)"
+                for part, f in result["background_floor"].items()
             )
         )
     parts = result["parts"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lgur.quality import (
+    background_floor,
     energy_inside,
     explanation_quality,
     format_quality,
@@ -41,6 +42,19 @@ def test_patch_part_fractions() -> None:
     assert fractions[0, 3] == 1 and fractions[3, 4] == 0.75 and fractions[3, 5] == 0.25
 
 
+def test_background_floor_of_a_part_smaller_than_a_patch() -> None:
+    labels = np.zeros((4, 4), dtype=np.uint8)
+    labels[:2, :2] = 3  # "upper" fills the top-left patch
+    labels[3, 2:] = 5  # "shoes" fill half of the bottom-right patch
+    labels[3, 0] = 5  # and a quarter of the bottom-left one
+    floors = background_floor([patch_part_fractions(labels, (2, 2))])
+    assert floors["upper"] == {"part_shaped": 0.0, "best_patch": 0.0, "images": 1}
+    # shaped like the shoes: 2/3 of the attention on a half-background patch, 1/3 on a 3/4-background one
+    assert floors["shoes"]["part_shaped"] == pytest.approx(2 / 3 * 0.5 + 1 / 3 * 0.75)
+    assert floors["shoes"]["best_patch"] == pytest.approx(0.5)
+    assert "lower" not in floors  # not visible in any image: no floor
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("world")
@@ -63,6 +77,8 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tiny_world) -> None:
     assert shares.shape == (tiny_model.config.num_prototypes, 8)
     assert np.allclose(shares.sum(1), 1, atol=1e-3)  # each prototype's attention is spread over the parts
     assert sum(result["part_area_share"]) == pytest.approx(1, abs=1e-3)
+    for floor in result["background_floor"].values():  # no map on a part reads less background than these
+        assert 0 <= floor["best_patch"] <= 1 and 0 <= floor["part_shaped"] <= 1 and floor["images"] > 0
     assert result["pointing_game"]["words"] > 0  # captions name garments; their guidance maps are scored
     matching, other = result["shared_atoms"]["matching_pairs"], result["shared_atoms"]["non_matching_pairs"]
     test = [a for a in json.loads((tmp_path / "reid_raw.json").read_text()) if a["split"] == "test"]
@@ -76,6 +92,7 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tiny_world) -> None:
     assert rows["prototypes"].startswith("P1 head, P2; overlap")
     text = format_quality(result)
     assert "prototype overlap" in text and "pointing game" in text and "shared dictionary" in text
+    assert "least background a map on a part can read" in text
     assert "details" not in result  # only on request
 
 
