@@ -121,22 +121,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .colours import ColourGrounding
     from .data.readers import read_dataset
     from .evaluate import evaluation_report, format_metrics, plot_cmc, split_metrics
+    from .reading import QueryReader
 
     model, card = load_checkpoint(args.checkpoint, args.text_encoder)
     records = [r for r in read_dataset(args.data)[0] if r.split == args.split]
     if not records:
         raise SystemExit(f"no entries in split {args.split!r} of {args.data}")
-    grounding = None
-    if args.colour_grounding:
+    reader = None
+    if args.colour_grounding or args.read_as_app:
         if not card.get("vocabulary"):
-            raise SystemExit(f"{args.checkpoint}: its card records no training vocabulary, so no colour grounding")
-        grounding = ColourGrounding(card["vocabulary"])
+            raise SystemExit(f"{args.checkpoint}: its card records no training vocabulary, so no query reading")
+        reader = QueryReader(card["vocabulary"], model.config.detail_terms, forms=args.read_as_app)
     if args.details and (model.details is None or not model.config.detail_weight):
         raise SystemExit(f"{args.checkpoint}: no detail detector with a weight (python -m lgur train-details)")
-    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, grounding, args.details)
+    metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, reader, args.details)
     if args.cmc:
         plot_cmc({args.split: cmc}, args.cmc)
     print(json.dumps(evaluation_report(args.checkpoint, args.split, metrics), indent=2) if args.json
@@ -426,7 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
     evaluate.add_argument(
         "--colour-grounding", action="store_true",
-        help="read caption colour words the model never saw as the nearest training colour (as the app does)",
+        help="read caption colour words the model never saw as the nearest training colour (lgur.colours)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--read-as-app", action="store_true",
+        help="read captions as the app reads queries: colour grounding and word forms (lgur.reading)",
     )  # fmt: skip
     evaluate.add_argument(
         "--details", action="store_true",

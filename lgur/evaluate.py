@@ -16,15 +16,16 @@ import torch
 from torch import Tensor
 
 from .checkpoint import card_path
-from .colours import ColourGrounding
 from .data.dataset import RetrievalSplit, TextFeatures, build_split, frozen_text_features, normalize
 from .data.readers import Record
 from .details import detail_scores
 from .files import atomic_write_bytes
 from .model import LGUR
+from .reading import QueryReader
 
 RANKS = (1, 5, 10)
 GROUNDED_PARAPHRASE = "test-paraphrase+colour-grounding"  # the card's entry for that split, grounded
+READ_PARAPHRASE = "test-paraphrase+read-as-app"  # colour grounding and word forms (lgur.reading)
 
 
 @torch.inference_mode()
@@ -159,15 +160,15 @@ def split_metrics(
     name: str,
     data: str | Path,
     cache: str | Path | None,
-    grounding: ColourGrounding | None = None,
+    reader: QueryReader | None = None,
     details: bool = False,
 ) -> tuple[dict[str, Any], list[float]]:
     """R@k and mAP of one split (own image excluded too; per attribute kind on the synthetic world)
-    -> (metrics as recorded in a card, the CMC curve). With `grounding`, each caption's unknown
-    colour words are read as training colours first (as the app reads queries); with `details`,
-    the detail detector's score is added (as the app ranks)."""
+    -> (metrics as recorded in a card, the CMC curve). With a `reader`, each caption is read as the
+    app reads queries first (colour grounding, word forms: lgur.reading); with `details`, the detail
+    detector's score is added (as the app ranks)."""
     split = build_split(records, model.config.image.img_size)
-    captions = [grounding.ground(c)[0] for c in split.captions] if grounding else split.captions
+    captions = [reader.read(c).text for c in split.captions] if reader else split.captions
     features = frozen_text_features(model.text_encoder, captions, cache)
     result = evaluate_split(model, split, features, captions if details else None)
     metrics = _rounded(result["standard"]) | {"exclude_own_image": _rounded(result["exclude_own_image"])}
@@ -187,23 +188,26 @@ def score_test_splits(
     vocabulary: list[str] | None = None,
 ) -> dict[str, Any]:
     """The test splits' metrics and CMC curves, as a card records them: {"metrics", "cmc"}. With the
-    training `vocabulary`, test-paraphrase is also scored with colour grounding (its own entry); a
-    model with a detail detector is also scored with its detail score ("...+details")."""
+    training `vocabulary`, test-paraphrase is also scored with colour grounding alone (its own
+    entry); a model with a detail detector is also scored as the app ranks ("...+details"), the
+    paraphrases read as the app reads them (colour grounding and word forms)."""
     metrics: dict[str, Any] = {}
     curves = {}
     for name in ("test", "test-paraphrase"):
         if splits.get(name):
             metrics[name], curves[name] = split_metrics(model, splits[name], name, data, cache)
-    if vocabulary and splits.get("test-paraphrase"):
-        grounded = split_metrics(model, splits["test-paraphrase"], "test-paraphrase", data, cache,
-                                 ColourGrounding(vocabulary))  # fmt: skip
+    paraphrases = splits.get("test-paraphrase") if vocabulary else None
+    if paraphrases:
+        grounded = split_metrics(model, paraphrases, "test-paraphrase", data, cache,
+                                 QueryReader(vocabulary, forms=False))  # fmt: skip
         metrics[GROUNDED_PARAPHRASE], curves[GROUNDED_PARAPHRASE] = grounded
     if model.details is not None and model.config.detail_weight > 0:  # also as the app ranks
-        for name, grounding in (("test", None), ("test-paraphrase", vocabulary and ColourGrounding(vocabulary))):
-            if splits.get(name):
-                entry = f"{GROUNDED_PARAPHRASE if grounding else name}+details"
-                metrics[entry], curves[entry] = split_metrics(model, splits[name], name, data, cache, grounding or None,
-                                                              details=True)  # fmt: skip
+        reader = QueryReader(vocabulary, model.config.detail_terms) if paraphrases else None
+        for name, entry, split_reader in (("test", "test", None), ("test-paraphrase", READ_PARAPHRASE, reader)):
+            if splits.get(name) and (name == "test" or split_reader):
+                metrics[f"{entry}+details"], curves[f"{entry}+details"] = split_metrics(
+                    model, splits[name], name, data, cache, split_reader, details=True
+                )
     if curves and cmc_plot:
         plot_cmc(curves, cmc_plot)
     return {"metrics": metrics, "cmc": {k: [round(x, 2) for x in v] for k, v in curves.items()}}

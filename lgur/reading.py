@@ -4,10 +4,10 @@ are read as training words where that is unambiguous. Colour names go through co
 
 Word forms: a query word the model never saw is read in the form the training captions use.
 
-People type "tshirt" for "t-shirt", "pony tail" for "ponytail", "sneaker" for "sneakers". The
-frozen text encoder splits such words into pieces it places badly, and the detail detector
-(lgur.details) matches phrases by their words, so it finds nothing in them. Three readings, each
-to words inside the training vocabulary:
+People type "tshirt" for "t-shirt", "pony tail" for "ponytail", "sneaker" for "sneakers",
+"trainers" for "sneakers". The frozen text encoder splits such words into pieces it places badly,
+and the detail detector (lgur.details) matches phrases by their words, so it finds nothing in
+them. Four readings, each to words inside the training vocabulary:
 
 - split: one unknown word that is a two-word caption phrase written as one ("tshirt" -> "t shirt",
   "shoulderbag" -> "shoulder bag"); the phrase must be one the captions use, so "someone" is
@@ -15,10 +15,14 @@ to words inside the training vocabulary:
 - join: two adjacent content words whose concatenation is a training word, and which the
   captions do not use as a phrase of their own ("pony tail" -> "ponytail"; the
   default world's captions say "back pack" too, so that stays);
-- number: an unknown word whose singular or plural is a training word ("sneaker" -> "sneakers").
+- number: an unknown word whose singular or plural is a training word ("sneaker" -> "sneakers");
+- British English: an unknown word that the `breame` package (Wikipedia's list of British-only
+  terms, Apache-2.0) lists, read as the American term its entry gives ("trainers": "... (US:
+  sneakers)") or else as its definition ("rucksack": "a backpack"), only when every word of that
+  is a training word, so "a stupid person" is never read as "person" (british_terms).
 
-No synonym is guessed: a word with no such form ("trainers", "tee") stays as typed and is flagged
-as unknown, as before.
+No synonym is guessed beyond that table: a word with none of these ("tee") stays as typed and is
+flagged as unknown, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,31 @@ from dataclasses import dataclass
 
 from .colours import ColourGrounding, ColourReading
 from .data.dataset import content_word
+
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def british_terms(vocabulary: frozenset[str]) -> dict[str, str]:
+    """British-only words (breame's table) outside `vocabulary` -> the captions' words for the same
+    thing: the American term the entry gives, else the first clause of its definition, each taken
+    only when all its words are training words and the last is a content word."""
+    from breame.data.british_terms_constants import BRITISH_ENGLISH_ONLY_TERMS
+
+    table = {}
+    for term, definition in BRITISH_ENGLISH_ONLY_TERMS.items():
+        term = term.lower()
+        if not term.isalpha() or term in vocabulary:
+            continue
+        american = re.search(r"\(US:?\s*([^)]*)\)", definition)  # "(US: sneakers)"
+        readings = [american.group(1)] if american else []
+        readings.append(re.sub(r"\([^)]*\)", "", definition))  # "(informal) man, fellow" -> " man, fellow"
+        for reading in readings:
+            first = re.split(r"[.;,:]| or ", reading)[0].lower()
+            words = [w for w in re.findall(r"[a-z]+", first) if w not in ARTICLES]
+            if 0 < len(words) <= 3 and all(w in vocabulary for w in words) and content_word(words[-1]):
+                table[term] = " ".join(words)
+                break
+    return table
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,7 @@ class WordForms:
     def __init__(self, vocabulary: Iterable[str], phrases: Iterable[str] = ()) -> None:
         self.vocabulary = frozenset(w.lower() for w in vocabulary)
         self.phrases = frozenset(p.lower() for p in phrases if len(p.split()) == 2)
+        self.british = british_terms(self.vocabulary)  # "trainers" -> "sneakers"
         # "tshirt" -> "t shirt": each two-word phrase of known words, by its joined spelling
         self.joined_phrases = {
             a + b: f"{a} {b}"
@@ -52,7 +82,7 @@ class WordForms:
         }
 
     def form_of(self, word: str) -> str | None:
-        """The training form of one unknown word (split or singular/plural); None if it has none."""
+        """The training form of one unknown word (split, singular/plural, British term); None if it has none."""
         word = word.lower()
         if word in self.vocabulary or not content_word(word):
             return None
@@ -64,7 +94,10 @@ class WordForms:
         if word.endswith("s"):
             numbers.append(word[:-1])
         known = [w for w in numbers if w in self.vocabulary and content_word(w)]
-        return known[0] if len(known) == 1 else None
+        if len(known) == 1:
+            return known[0]
+        british = {self.british[w] for w in [word, *numbers] if w in self.british}  # "trainer" too
+        return british.pop() if len(british) == 1 else None
 
     def read(self, text: str) -> tuple[str, list[WordReading]]:
         """-> the text with each unknown word in its training form, and what was read as what."""

@@ -171,6 +171,13 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     plain, _ = split_metrics(model, records, "test", world, tmp_path / "cache")
     detailed, _ = split_metrics(model, records, "test", world, tmp_path / "cache", details=True)
     assert plain["queries"] == detailed["queries"] and plain != detailed
+    # The card's test figures: the paraphrases as the app reads and ranks them among them.
+    from lgur.evaluate import GROUNDED_PARAPHRASE, READ_PARAPHRASE, score_test_splits
+
+    splits = split_records(read_dataset(world)[0], 0)
+    scores = score_test_splits(model, world, splits, tmp_path / "cache", vocabulary=card["vocabulary"])
+    assert set(scores["metrics"]) == {"test", "test-paraphrase", GROUNDED_PARAPHRASE, "test+details",
+                                      f"{READ_PARAPHRASE}+details"}  # fmt: skip
     # Its maps are scored by the pointing game, as the guidance maps are.
     from lgur.quality import explanation_quality
 

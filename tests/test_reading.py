@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lgur.reading import QueryReader, WordForms, WordReading
+from lgur.reading import QueryReader, WordForms, WordReading, british_terms
 from lgur.search import SearchEngine
 from tests.conftest import tiny_engine
 
@@ -42,8 +42,23 @@ def test_singular_and_plural_forms() -> None:
 
 def test_known_words_and_words_with_no_form_are_never_rewritten() -> None:
     forms = WordForms(VOCABULARY, PHRASES)
-    text = "A man in white trainers, a tee and jeans with a backpack"
+    text = "A man in white sneakers, a tee and jeans with a backpack"
     assert forms.read(text) == (text, [])
+
+
+def test_british_words_are_read_as_the_captions_american_ones() -> None:
+    table = british_terms(frozenset([*VOCABULARY, "person"]))
+    # breame: "trainers": "training shoes, athletic shoes. (US: sneakers)."; "rucksack": "a backpack."
+    assert table["trainers"] == "sneakers" and table["rucksack"] == "backpack"
+    assert "pillock" not in table  # "(slang, derogatory) foolish person": "foolish" is no training word
+    assert all(word not in VOCABULARY and word != "person" for word in table)  # a known word is never rewritten
+    forms = WordForms(VOCABULARY, PHRASES)
+    assert forms.read("a man in white Trainers with a rucksack") == (
+        "a man in white sneakers with a backpack",
+        [WordReading("Trainers", "sneakers"), WordReading("rucksack", "backpack")],
+    )
+    assert forms.read("a black trainer")[0] == "a black sneakers"  # its plural is the British word
+    assert WordForms([*VOCABULARY, "trainers"]).read("white trainers")[1] == []  # a training word stays
 
 
 def test_each_rewrite_is_reported_once() -> None:
