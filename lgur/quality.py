@@ -345,6 +345,10 @@ def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tupl
         distinct = result.get("prototype_regions", {}).get("distinct_regions", "?")
         overlap = f"overlap {result['prototype_overlap']:.2f} (0 = disjoint maps)"
         rows.append(("prototypes", f"{prototype_names}; {overlap}; {distinct} on distinct body parts"))
+    if result.get("background_floor"):  # why a map on the shoes reads floor: the grid, not the model
+        floors = ", ".join(f"{REGION_NAMES.get(part, part)} {100 * f['part_shaped']:.0f}%"
+                           for part, f in result["background_floor"].items())  # fmt: skip
+        rows.append(("background in each part's own patches (this grid)", f"a map shaped like the part reads {floors}"))
     if "pointing_game" in result:
         pg = result["pointing_game"]
         energy = f"{pg['energy_inside']:.1f}% of the energy inside"
