@@ -202,11 +202,15 @@ def score_test_splits(
                                  QueryReader(vocabulary, forms=False))  # fmt: skip
         metrics[GROUNDED_PARAPHRASE], curves[GROUNDED_PARAPHRASE] = grounded
     if model.details is not None and model.config.detail_weight > 0:  # also as the app ranks
-        reader = QueryReader(vocabulary, model.config.detail_terms) if paraphrases else None
-        for name, entry, split_reader in (("test", "test", None), ("test-paraphrase", READ_PARAPHRASE, reader)):
-            if splits.get(name) and (name == "test" or split_reader):
-                metrics[f"{entry}+details"], curves[f"{entry}+details"] = split_metrics(
-                    model, splits[name], name, data, cache, split_reader, details=True
+        ranked = [("test", "test+details", None)]
+        if paraphrases:
+            ranked.append(
+                ("test-paraphrase", f"{READ_PARAPHRASE}+details", QueryReader(vocabulary, model.config.detail_terms))
+            )
+        for name, entry, reader in ranked:
+            if splits.get(name):
+                metrics[entry], curves[entry] = split_metrics(
+                    model, splits[name], name, data, cache, reader, details=True
                 )
     if curves and cmc_plot:
         plot_cmc(curves, cmc_plot)

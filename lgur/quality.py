@@ -6,7 +6,7 @@
   shows as a departure from area; each prototype's region label; their overlap. Beside them, the
   least background a map at the model's grid can read while on a part (background_floor): a patch
   holds some background wherever a part is smaller than a patch, so at 12x4 a map on the shoes
-  reads ~45-50% background however sharp it is.
+  reads close to half background however sharp it is.
 - Cross-modality guidance: the pointing game (Zhang et al., ECCV 2016). For each caption
   word that names a garment or accessory of one part, does the peak of its guidance map
   (how much that word contributes to each patch: attention, times the foreground weight m
