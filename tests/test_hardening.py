@@ -191,7 +191,7 @@ def test_concurrent_uploads_of_one_name_lose_nothing(tmp_path: Path) -> None:
     on_disk = load_index(engine.gallery, engine.index_dir, checkpoint_fingerprint(engine.card))
     assert len(on_disk) == 12 and {f"uploads/{p.name}" for p in stored} <= {e.path for e in on_disk.entries}
     for thread in threading.enumerate():  # the start-up's atlas word table writes through a temporary too
-        if thread.name == "atlas-words":
+        if thread.name == "warm-up":
             thread.join()
     assert not [p for p in engine.gallery.rglob(".*") if p.is_file() and p.name != ".lock"]  # no temporaries
     found = {f for f, _ in engine.search_ids("a person", 50)}

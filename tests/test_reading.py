@@ -89,3 +89,21 @@ def test_search_reads_and_reports_word_forms(tmp_path: Path) -> None:
     assert same.word_note is None and "words_read_as" not in same.to_json()
     plain = SearchEngine(engine.model, engine.index, engine.card, word_forms=False)
     assert plain.search("a woman with white sneaker", k=3).unknown_words == ["sneaker"]
+
+
+def test_garments_and_people_are_read_through_wordnet_only_when_their_first_senses_agree() -> None:
+    forms = WordForms([*VOCABULARY, "sweater", "trousers", "person"], PHRASES)
+    # the same sense: "knapsack, backpack, back pack, ..."; a kind of it: raincoat < coat, cardigan < sweater
+    assert forms.read("a man with a knapsack in a Raincoat") == (
+        "a man with a backpack in a coat",
+        [WordReading("knapsack", "backpack"), WordReading("Raincoat", "coat")],
+    )
+    assert forms.form_of("cardigans") == "sweater" and forms.form_of("gentlemen") == "man"
+    assert forms.form_of("sweatshirt") == "sweater"  # a pullover, which is a sweater
+    assert forms.form_of("slacks") == "trousers"  # WordNet's lemma is "trouser"; the captions' plural is taken
+    assert forms.form_of("spectacles") == "glasses"  # marked "plural" by WordNet: only slurs and the like are refused
+    assert forms.form_of("women") == "woman"  # an inflection of a training word
+    assert forms.form_of("plating") is None  # a kind of "coating", which is not what "coat" first means
+    assert forms.form_of("tee") is None  # first a golf tee
+    assert forms.form_of("prostitute") is None and forms.form_of("whore") is None  # never read into "woman"
+    assert forms.form_of("kitten") is None  # an animal: neither a garment, a thing carried nor a person
