@@ -201,8 +201,9 @@ class WordReading:
 
 
 class WordForms:
-    """Reads unknown words in their training form, given the training vocabulary (its words) and
-    the two-word phrases its captions use (e.g. the detail detector's phrases)."""
+    """Reads unknown words in their training form, given the training vocabulary (its words) and the
+    detail detector's phrases: its two-word ones are the captions' phrases, its one-word ones the
+    describing words a WordNet reading may land on. `wordnet`: WordNet's nouns (default: installed)."""
 
     def __init__(
         self, vocabulary: Iterable[str], phrases: Iterable[str] = (), wordnet: WordNetNouns | None = None
