@@ -74,7 +74,6 @@ class Synset:
     lexicographer_file: int  # 6: noun.artifact, 18: noun.person, ...
     lemmas: tuple[str, ...]  # "back_pack" for "back pack"
     hypernyms: tuple[str, ...]  # offsets of the senses it is a kind of
-    gloss: str
     unfit: bool  # a slur, an insult, an obscenity, ... (its usage as WordNet marks it, or its gloss)
 
 
@@ -84,7 +83,7 @@ class WordNetNouns:
     found by scanning once, not by seeking). Read on first use (about 0.15 s); a lookup is then a
     dictionary's."""
 
-    ARTIFACT, PERSON = 6, 18
+    DESCRIBED = frozenset({6, 18})  # the lexicographer files noun.artifact and noun.person
     _DETACH = (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
                ("ies", "y"), ("s", ""))  # fmt: skip
     _UNFIT = re.compile(r"offensive|derogatory|disparag|slur|obscen|vulgar|contempt|sex|insult|prostitut")
@@ -136,10 +135,13 @@ class WordNetNouns:
         candidates += [word[: -len(end)] + base for end, base in self._DETACH if word.endswith(end)]
         return list(dict.fromkeys(c for c in candidates if c and self.senses(c)))
 
-    def synset(self, offset: str) -> Synset:
+    def _line(self, offset: str) -> str:
         self._load()
         start = self._synsets[offset]
-        head, _, gloss = self._data[start : self._data.find(b"\n", start)].decode().partition("|")
+        return self._data[start : self._data.find(b"\n", start)].decode()
+
+    def synset(self, offset: str) -> Synset:
+        head, _, gloss = self._line(offset).partition("|")
         fields = head.split()
         count = int(fields[3], 16)
         lemmas = tuple(fields[4 + 2 * i].lower() for i in range(count))
@@ -148,11 +150,11 @@ class WordNetNouns:
         hypernyms = tuple(o for sym, o, pos, _ in pointers if sym in ("@", "@i") and pos == "n")
         usages = [o for sym, o, pos, _ in pointers if sym == ";u" and pos == "n"]  # "plural", "slang", ...
         unfit = bool(self._UNFIT.search(gloss)) or any(self._usage(o) & self._UNFIT_USAGE for o in usages)
-        return Synset(int(fields[1]), lemmas, hypernyms, gloss.strip(), unfit)
+        return Synset(int(fields[1]), lemmas, hypernyms, unfit)
 
     def _usage(self, offset: str) -> set[str]:
-        start = self._synsets[offset]
-        fields = self._data[start : self._data.find(b"\n", start)].decode().split()
+        """The names of a usage domain ("slang", "plural", ...)."""
+        fields = self._line(offset).split()
         return {fields[4 + 2 * i].lower() for i in range(int(fields[3], 16))}
 
 
@@ -168,7 +170,7 @@ def wordnet_reading(word: str, nouns: WordNetNouns, is_training_form: Callable[[
     lemma = lemmas[0]
     first = nouns.senses(lemma)[0]
     sense = nouns.synset(first)
-    if sense.unfit or sense.lexicographer_file not in (nouns.ARTIFACT, nouns.PERSON):
+    if sense.unfit or sense.lexicographer_file not in nouns.DESCRIBED:
         return None
 
     def names(offset: str, synset: Synset) -> list[str]:
@@ -184,11 +186,11 @@ def wordnet_reading(word: str, nouns: WordNetNouns, is_training_form: Callable[[
     same = names(first, sense)
     if same:
         return same[0]
-    level = [first]
+    level = [(first, sense)]
     for _ in range(2):  # what it is a kind of, then a kind of that ("sweatshirt" < pullover < sweater)
-        level = [h for o in level for h in nouns.synset(o).hypernyms]
-        level = [o for o in level if nouns.synset(o).lexicographer_file in (nouns.ARTIFACT, nouns.PERSON)]
-        kinds = {found[0] for o in level if (found := names(o, nouns.synset(o)))}
+        level = [(h, nouns.synset(h)) for _, synset in level for h in synset.hypernyms]
+        level = [(o, synset) for o, synset in level if synset.lexicographer_file in nouns.DESCRIBED]
+        kinds = {found[0] for o, synset in level if (found := names(o, synset))}
         if kinds:
             return kinds.pop() if len(kinds) == 1 else None
     return None
