@@ -195,6 +195,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise SystemExit(f"gallery folder {gallery} does not exist")
     index_dir = Path(args.index_dir).resolve() if args.index_dir else default_index_dir(gallery)
     model, card = load_checkpoint(checkpoint_of(args))
+    model.fold_batch_norms()
     text = index_gallery(model, checkpoint_fingerprint(card), gallery, index_dir, progress=not args.quiet)
     if text:
         print(text)

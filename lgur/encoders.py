@@ -21,6 +21,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -194,6 +195,40 @@ class CNNEncoder(nn.Module):
         if not self.training:  # oneDNN's depthwise convolutions run ~1.4x faster on NHWC inputs (indexing, search)
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+@torch.no_grad()
+def fold_batch_norms(module: nn.Module) -> int:
+    """Inference only, in place: every convolution whose next sibling is a BatchNorm (as timm's and
+    torchvision's CNNs register them) takes the normalisation into its weights and bias, and the
+    BatchNorm becomes what follows it inside timm's BatchNormAct2d (dropout, activation) or nothing.
+    About 30% off the EfficientNet trunk's time on 2 CPU cores. -> how many were folded.
+
+    Folding assumes the convolution's output goes straight into the BatchNorm; LGUR.fold_batch_norms
+    checks that on a probe batch.
+    """
+    if module.training:
+        raise ValueError("batch norms are folded for inference only: call .eval() first")
+    folded = 0
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if not (isinstance(conv, nn.Conv2d) and type(norm) in (nn.BatchNorm2d, BatchNormAct2d)):
+                continue
+            if norm.running_var is None or norm.num_features != conv.out_channels:
+                continue
+            scale = torch.rsqrt(norm.running_var + norm.eps)  # (C_out,)
+            shift = -norm.running_mean * scale
+            if norm.weight is not None:
+                scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.weight.copy_(conv.weight * scale[:, None, None, None])
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            after = nn.Sequential(norm.drop, norm.act) if type(norm) is BatchNormAct2d else nn.Identity()
+            parent._modules[second] = after
+            folded += 1
+    return folded
 
 
 def resize_position_embedding(position: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:

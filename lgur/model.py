@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .config import LGURConfig
 from .details import DetailDetector, DetailStage
 from .dga import DGA
-from .encoders import TextEncoder, build_image_encoder
+from .encoders import TextEncoder, build_image_encoder, fold_batch_norms
 from .pgu import PGU, GlobalPooling, Parts
 
 
@@ -128,6 +128,7 @@ class LGUR(nn.Module):
         self.detail_stage = (
             DetailStage(self.image_encoder, c.detail_stage_blocks) if c.detail_terms and c.detail_stage else None
         )
+        self.batch_norms_folded = False  # fold_batch_norms: serving only
 
     # -- features -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -286,9 +287,34 @@ class LGUR(nn.Module):
         weights = guided.weights  # masked softmax over words
         return weights * guided.foreground[:, None, :, None] if weighted else weights
 
+    # -- serving ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_batch_norms(self) -> int:
+        """Inference only: the image trunk's (and the detail stage's) BatchNorms folded into their
+        convolutions, checked on a probe batch. The weights then differ from the checkpoint's, so a
+        folded model is never saved (trainable_state_dict refuses). -> how many were folded."""
+        if self.training:
+            raise ValueError("batch norms are folded for inference only: call .eval() first")
+        probe = torch.randn(2, 3, *self.config.image.img_size, generator=torch.Generator().manual_seed(0))
+
+        def outputs() -> Tensor:
+            explained = self.explain_images(probe, need_weights=False)
+            logits = explained.detail_logits
+            return explained.embedding if logits is None else torch.cat([explained.embedding, logits.tanh()], 1)
+
+        before = outputs()
+        folded = sum(fold_batch_norms(m) for m in (self.image_encoder, self.detail_stage) if m is not None)
+        self.batch_norms_folded = self.batch_norms_folded or folded > 0
+        change = (outputs() - before).abs().max().item()
+        if change > 1e-4:  # a convolution whose output does not go straight to the BatchNorm after it
+            raise RuntimeError(f"folding the batch norms changed the model's outputs (by up to {change:.2g})")
+        return folded
+
     # -- bookkeeping ----------------------------------------------------------------------
     def trainable_state_dict(self, include_classifier: bool = False) -> dict[str, Tensor]:
         """Every weight except the frozen text backbone (which its fingerprint identifies)."""
+        if self.batch_norms_folded:
+            raise ValueError("this model's batch norms are folded for serving; save the model as loaded")
         return {
             k: v
             for k, v in self.state_dict().items()

@@ -433,6 +433,7 @@ class SearchEngine:
     ) -> tuple[SearchEngine, UpdateReport]:
         """Load the model and bring the gallery's index up to date (building it if needed)."""
         model, card = load_checkpoint(checkpoint, text_encoder_path)
+        model.fold_batch_norms()  # the same embeddings, sooner
         index_dir = Path(index_dir).resolve() if index_dir else default_index_dir(gallery)
         index, report = update_index(model, checkpoint_fingerprint(card), gallery, index_dir, progress=progress)
         return cls(model, index, card, read_manifest(Path(gallery)), index_dir), report

@@ -316,3 +316,51 @@ def test_fitting_the_foreground_weight_needs_a_detector() -> None:
     with pytest.raises(ValueError, match="detail detector"):
         fit_foreground(model, torch.zeros(2, 3, 64, 32, dtype=torch.uint8), report=lambda line: None)
     assert not model.config.foreground_fitted
+
+
+@pytest.mark.parametrize("trunk", ["lite0", "resnet18"])
+def test_folding_batch_norms_keeps_every_output_and_the_model_is_then_not_saved(tmp_path: Path, trunk: str) -> None:
+    from lgur.checkpoint import save_checkpoint
+    from lgur.config import cpu_preset
+    from lgur.model import LGUR
+
+    if trunk == "lite0":
+        model = _lite0_model(detail_stage=True, detail_stage_blocks=2)
+    else:
+        torch.manual_seed(0)
+        model = LGUR(tiny_config(image=cpu_preset().image, detail_terms=TERMS), load_pretrained=False).eval()
+    generator = torch.Generator().manual_seed(1)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics folding must carry
+        norm.running_mean.normal_(0, 0.5, generator=generator)
+        norm.running_var.uniform_(0.5, 2.0, generator=generator)
+        norm.weight.data.uniform_(0.5, 1.5, generator=generator)
+    images = torch.randn(3, 3, *model.config.image.img_size, generator=generator)
+    with torch.no_grad():
+        before = model.explain_images(images)
+        assert model.fold_batch_norms() > 0
+        after = model.explain_images(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(after.embedding, before.embedding, atol=1e-5)
+    assert torch.allclose(after.prototype_attention, before.prototype_attention, atol=1e-5)
+    assert torch.allclose(after.detail_logits, before.detail_logits, atol=1e-4)
+    with pytest.raises(ValueError, match="folded for serving"):
+        save_checkpoint(model, tmp_path / "folded.safetensors", {})
+    assert not (tmp_path / "folded.safetensors").exists()
+
+
+def test_folding_refuses_a_training_model_and_a_fold_that_changes_the_outputs(monkeypatch) -> None:
+    import lgur.model
+
+    model = _lite0_model()
+    with pytest.raises(ValueError, match="call .eval"):
+        model.train().fold_batch_norms()
+    model.eval()
+
+    def wrong(module: torch.nn.Module) -> int:  # as if a convolution's output did not go straight to its norm
+        with torch.no_grad():
+            next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(2)
+        return 1
+
+    monkeypatch.setattr(lgur.model, "fold_batch_norms", wrong)
+    with pytest.raises(RuntimeError, match="changed the model's outputs"):
+        model.fold_batch_norms()
