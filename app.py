@@ -42,10 +42,10 @@ def panels(explained: tuple) -> tuple:
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
+    gr.set_static_paths([explorer.engine.gallery])  # results are served from the gallery, not copied per answer
     with gr.Blocks(title="LGUR Explorer", delete_cache=(600, SESSION_SECONDS)) as demo:
         gr.Markdown(INTRO)
-        # Per visitor, kept an hour at most (and launch() caps how many sessions are kept).
-        response_state = gr.State(None, time_to_live=SESSION_SECONDS)
+        response_state = gr.State(None, time_to_live=SESSION_SECONDS)  # per visitor, an hour (launch() caps visitors)
         selected_state = gr.State(0, time_to_live=SESSION_SECONDS)
 
         def leave(request: gr.Request) -> None:  # the page closed: the visitor's uploads go (explorer.gallery.store)
