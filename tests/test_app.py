@@ -527,3 +527,19 @@ def test_the_atlas_word_table_is_kept_beside_the_index(tmp_path: Path, monkeypat
     (engine.index_dir / "atlas_words.npz").write_bytes(b"damaged")
     other, _ = SearchEngine.open(checkpoint, engine.gallery, progress=False)
     assert other.atlas.word_atoms()[0] == words  # a damaged file is computed again, never an error
+
+
+def test_a_tab_gets_the_results_from_the_gallery_and_every_image_of_the_answer(
+    served: str, explorer: explorer_app.Explorer
+) -> None:
+    from lgur.bench import PageClient
+
+    page = PageClient(served)
+    answer = page.call("explore", [QUERY, 3, "last", "mean", "P1"])
+    shown = [item["image"]["path"] for item in answer[0]["value"]]
+    gallery = explorer.engine.gallery.resolve()
+    assert len(shown) == 3 and all(Path(p).resolve().is_relative_to(gallery) for p in shown)  # not copied per answer
+    assert page.show(answer) is answer  # every file it points to is served (raises on a refused one)
+    maps = answer[4]
+    assert len(maps) >= explorer.engine.model.config.num_prototypes + 1
+    assert all(not Path(m["image"]["path"]).resolve().is_relative_to(gallery) for m in maps)  # drawn: the cache
