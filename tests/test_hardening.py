@@ -25,7 +25,7 @@ from PIL import Image
 
 import app as explorer_app
 from lgur.bench import rss_mib
-from lgur.checkpoint import CheckpointError, card_path, load_checkpoint, save_checkpoint
+from lgur.checkpoint import CheckpointError, card_path, load_checkpoint
 from lgur.data.readers import DatasetFormatError, read_dataset
 from lgur.index import load_index
 from lgur.search import QueryError, clean_query
@@ -131,6 +131,15 @@ def _own_explorer(root: Path, images: int = 16) -> explorer_app.Explorer:
     return tiny_explorer(root, images, seed=4, shared_uploads=True)
 
 
+def _copy_of_its_checkpoint(explorer: explorer_app.Explorer, path: Path) -> Path:
+    """The checkpoint the explorer serves (tiny_explorer's, beside its gallery), copied with its card to
+    `path` (the served model itself is folded for serving and is never saved)."""
+    served = next(explorer.engine.gallery.parent.glob("models/*.safetensors"))
+    shutil.copy(served, path)
+    shutil.copy(card_path(served), card_path(path))
+    return path
+
+
 def test_upload_batch_keeps_good_files_refuses_bad_ones(tmp_path: Path) -> None:
     explorer = _own_explorer(tmp_path / "own")
     before = {e.path for e in explorer.engine.index.entries}
@@ -227,7 +236,7 @@ def test_untrusted_model_files_are_refused(explorer: explorer_app.Explorer, tmp_
         load_checkpoint(models / "model.pt", allowed_dirs=[models])
     assert not marker.exists()
 
-    source = save_checkpoint(explorer.engine.model, models / "ok.safetensors")
+    source = _copy_of_its_checkpoint(explorer, models / "ok.safetensors")
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(source))
@@ -339,7 +348,7 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
     for src in SHIPPED[:20]:
         shutil.copy(src, gallery / "images" / src.name)
     checkpoint = tmp_path / "tiny.safetensors"
-    save_checkpoint(explorer.engine.model, checkpoint)
+    _copy_of_its_checkpoint(explorer, checkpoint)
     explorer_app.create(checkpoint, gallery, progress=False)  # a built, consistent index
     incoming = tmp_path / "incoming"
     incoming.mkdir()
