@@ -21,15 +21,15 @@ PROTOTYPE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48)
                      (240, 50, 230), (210, 245, 60)]  # fmt: skip
 
 
-def _colormap() -> np.ndarray:
-    """256 x 3 uint8 lookup table ('inferno'), made once."""
+def _palette() -> list[int]:
+    """'inferno' as a PIL palette (256 RGB triples, flat), made once: PIL applies it ~9x faster than a
+    numpy lookup."""
     import matplotlib
 
-    return (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8).flatten().tolist()
 
 
-_LUT = _colormap()
-_PALETTE = _LUT.flatten().tolist()  # the same table as a PIL palette: PIL applies it ~9x faster than numpy
+_PALETTE = _palette()
 
 
 def display_rgb(path: str | Path) -> Image.Image:
