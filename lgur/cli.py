@@ -97,7 +97,7 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minut
                  "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
                  "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
                  "prototype_person", "person_from", "person_saturation", "person_from_epoch",
-                 "diversity_on_person", "diversity_pairs", "diversity_rows")  # fmt: skip
+                 "diversity_on_person", "diversity_pairs", "diversity_rows", "frozen")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -367,8 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--init-from",
-        help="a second stage: start from this run checkpoint (its last.safetensors) with a fresh optimiser and "
-        "schedule",
+        help="a second stage: start from this checkpoint (a run's last.safetensors, or a shipped one: its identity "
+        "classifier is then imprinted) and its model, with a fresh optimiser and schedule",
+    )
+    train.add_argument(
+        "--freeze",
+        dest="frozen",
+        type=lambda text: tuple(name.strip() for name in text.split(",") if name.strip()),
+        help="modules held fixed, comma-separated (image_encoder,dga,details,detail_stage): a second stage that "
+        "changes only what reads them",
     )
     train.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
     train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")

@@ -80,6 +80,10 @@ class LGURConfig:
     # Not in the paper: a learned register slot in the prototypes' memory (lgur.pgu), an alternative
     # to attending to the background when a prototype finds nothing to read.
     pgu_register: bool = False
+    # Not in the paper: the image prototypes attend at twice the patch grid's resolution, reading the
+    # trunk's feature map at half the patch stride as well as the patches (lgur.pgu.FineMemory), so a
+    # map can follow a part smaller than a patch. CNN trunks with such a map (EfficientNet) only.
+    pgu_fine: bool = False
     # Identity classification: "parts", one classifier per prototype (paper), so every part must
     # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
     # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.

@@ -101,6 +101,7 @@ class CNNEncoder(nn.Module):
         super().__init__()
         probe = timm.create_model(config.timm_name, pretrained=False, features_only=True)
         reductions = probe.feature_info.reduction()
+        probe_names, probe_channels = probe.feature_info.module_name(), probe.feature_info.channels()
         del probe
         strides = [config.patch_size] + ([config.context_stride] if config.context_stride else [])
         for stride in strides:
@@ -111,6 +112,13 @@ class CNNEncoder(nn.Module):
                 f"context_stride {config.context_stride} must be coarser than patch_size {config.patch_size}"
             )
         stages = tuple(reductions.index(s) for s in strides)
+        # The feature map at half the patch stride (for PGU's fine read-out): its channels, and how many
+        # of the trunk's last block groups come after it (forward_with_stage_input). 0: not available.
+        half, names = config.patch_size // 2, probe_names
+        self.fine_channels = self.fine_blocks = 0
+        if half in reductions and names[reductions.index(half)].startswith("blocks.") and not config.context_stride:
+            self.fine_channels = probe_channels[reductions.index(half)]
+            self.fine_blocks = int(names[stages[0]].split(".")[1]) - int(names[reductions.index(half)].split(".")[1])
         from_hub = load_pretrained and config.pretrained and not (config.pretrained_path or config.weights)
         kwargs = dict(features_only=True, out_indices=stages, drop_path_rate=config.drop_path)
         try:
@@ -181,14 +189,17 @@ class CNNEncoder(nn.Module):
     def forward_with_stage_input(self, images: Tensor, count: int = 1) -> tuple[Tensor, Tensor]:
         """-> the tokens (as forward) and the input of the trunk's last `count` block groups
         (B, C, rows, cols)."""
+        tokens, (stage_input,) = self.forward_with_stage_inputs(images, (count,))
+        return tokens, stage_input
+
+    def forward_with_stage_inputs(self, images: Tensor, counts: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+        """-> the tokens (as forward) and, for each count, the input of the trunk's last `count` block groups."""
         x = self.cnn.bn1(self.cnn.conv_stem(self._trunk_input(images)))
-        first = len(self.cnn.blocks) - count
-        for block in self.cnn.blocks[:first]:
+        inputs = {}
+        for i, block in enumerate(self.cnn.blocks):
+            inputs[len(self.cnn.blocks) - i] = x
             x = block(x)
-        stage_input = x
-        for block in self.cnn.blocks[first:]:
-            x = block(x)
-        return self.tokens([x]), stage_input
+        return self.tokens([x]), [inputs[c] for c in counts]
 
     def _trunk_input(self, images: Tensor) -> Tensor:
         images = images * self.input_scale + self.input_shift

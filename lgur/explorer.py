@@ -198,7 +198,7 @@ class Explorer:
             return [], [], None, None, "", Choices()
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
-        maps = prototype_overlays(result, response.grid, li, hi, self.prototypes) + self.detail_overlays(
+        maps = prototype_overlays(result, response.prototype_grid, li, hi, self.prototypes) + self.detail_overlays(
             response, result
         )
         words = word_highlights(response.query, pi, li, hi)
@@ -385,8 +385,8 @@ class Explorer:
             f"{', '.join(map(str, comparison.atoms_it_lacks)) or 'none'}; shared only by this image: "
             f"{', '.join(map(str, comparison.atoms_only_it_has)) or 'none'}.",
         ] + ([detail_comparison(image, top)] if image.details else []))  # fmt: skip
-        mine = prototype_overlays(image, response.grid, names=self.prototypes)[:-1]
-        theirs = prototype_overlays(top, response.grid, names=self.prototypes)[:-1]
+        mine = prototype_overlays(image, response.prototype_grid, names=self.prototypes)[:-1]
+        theirs = prototype_overlays(top, response.prototype_grid, names=self.prototypes)[:-1]
         maps = [item for pair in zip(mine, theirs) for item in pair]
         maps = [(picture, f"{'this' if i % 2 == 0 else 'top'}: {caption}") for i, (picture, caption) in enumerate(maps)]
         return text, maps

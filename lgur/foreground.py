@@ -33,7 +33,7 @@ def foreground_targets(model: LGUR, images: Tensor, batch_size: int = 128) -> tu
     model.eval()
     tokens, maps = [], []
     for batch in images.split(batch_size):
-        encoded, detail_tokens = model.encode_images(normalize(batch))  # the encoder runs once for both
+        encoded, detail_tokens, _ = model.encode_images(normalize(batch))  # the encoder runs once for both
         tokens.append(encoded)
         maps.append(model.person_map_of(detail_tokens))
     return torch.cat(tokens), torch.cat(maps)

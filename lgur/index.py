@@ -405,11 +405,12 @@ def decoded_batches(
 def _empty_arrays(model: LGUR) -> dict[str, np.ndarray]:
     c = model.config
     h, w = model.image_encoder.grid
+    maps = 4 * h * w if c.pgu_fine else h * w  # the prototype maps' grid
     p = c.num_prototypes if c.use_pgu else 1
     return {
         "embeddings": np.zeros((0, c.embedding_dim), np.float32),
         "parts": np.zeros((0, p, c.part_dim), np.float16),
-        "prototype_attention": np.zeros((0, c.pgu_layers, c.pgu_heads, p, h * w), np.float16),
+        "prototype_attention": np.zeros((0, c.pgu_layers, c.pgu_heads, p, maps), np.float16),
         "foreground": np.zeros((0, h * w), np.float16),
         "atom_histogram": np.zeros((0, c.num_atoms), np.float16),
         "detail_lift": np.zeros((0, len(c.detail_terms)), np.float16),

@@ -41,10 +41,26 @@ class CrossAttention(nn.Module):
 
         Returns the output (B, N, D) and, if asked, the weights (B, H, N, M).
         """
+        k, v = self.keys_values(memory)
+        if k.dim() == 3:  # a shared memory (the dictionary): projected once, broadcast
+            k, v = k.unsqueeze(0).expand(x.shape[0], -1, -1, -1), v.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        return self.attend(x, k, v, memory_mask, need_weights, memory_bias)
+
+    def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """memory (B, M, D) -> keys and values (B, H, M, d); a shared memory (M, D) -> (H, M, d)."""
+        return self._split(self.to_k(memory)), self._split(self.to_v(memory))
+
+    def attend(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        memory_mask: Tensor | None = None,
+        need_weights: bool = False,
+        memory_bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Queries x (B, N, D) over keys and values (B, H, M, d) -> as forward."""
         q = self._split(self.to_q(x))  # (B, H, N, d)
-        k, v = self._split(self.to_k(memory)), self._split(self.to_v(memory))
-        if memory.dim() == 2:  # a shared memory (the dictionary): project once, broadcast
-            k, v = k.unsqueeze(0).expand(q.shape[0], -1, -1, -1), v.unsqueeze(0).expand(q.shape[0], -1, -1, -1)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
         if memory_bias is not None:  # an additive mask: the bias, -inf where masked
             bias = memory_bias[:, None, None, :].to(q.dtype)

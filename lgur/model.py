@@ -33,13 +33,19 @@ class TrainOutputs:
 class ImageExplanation:
     embedding: Tensor  # (B, E) L2-normalised, dictionary branch
     parts: Tensor  # (B, P, part_dim)
-    prototype_attention: Tensor | None  # (B, layers, H, P, N) over the patch grid
+    prototype_attention: Tensor | None  # (B, layers, H, P, N) over the patch grid (or prototype_grid)
     dictionary_weights: Tensor | None  # (B, H, N, atoms)
     foreground: Tensor | None  # (B, N) foreground weight m per patch
     grid: tuple[int, int]  # (rows, cols) of the patch grid, N = rows * cols
     patch_features: Tensor | None = None  # (B, N, D) the image encoder's output, before DGA
     foreground_learned: bool = False  # does m mean anything (LGUR.learns_foreground)?
     detail_logits: Tensor | None = None  # (B, K) the detail detector's phrase logits (None: no detector)
+    prototype_grid: tuple[int, int] | None = None  # the prototype maps' grid when finer than `grid` (pgu_fine)
+
+    @property
+    def prototype_shape(self) -> tuple[int, int]:
+        """(rows, cols) of prototype_attention's last axis."""
+        return self.prototype_grid or self.grid
 
     @property
     def atom_histogram(self) -> Tensor | None:
@@ -110,10 +116,13 @@ class LGUR(nn.Module):
             if c.use_dga
             else None
         )
+        fine_channels = getattr(self.image_encoder, "fine_channels", 0) if c.pgu_fine else 0
+        if c.pgu_fine and not (c.use_pgu and fine_channels):
+            raise ValueError(f"pgu_fine needs PGU and a CNN trunk with a map at half the stride ({c.image.timm_name})")
         if c.use_pgu:
             self.pgu = PGU(
                 c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim,
-                c.dropout, c.pgu_register,
+                c.dropout, c.pgu_register, fine_channels, self.image_encoder.grid,
             )  # fmt: skip
         else:
             self.pgu = GlobalPooling(c.dim, c.part_dim)
@@ -155,18 +164,21 @@ class LGUR(nn.Module):
 
         need_weights: also return each branch's prototype attention (for the diversity term).
         """
-        patches = self.image_encoder(images)  # (B, N, D)
+        if self.config.pgu_fine:
+            patches, (fine,) = self.image_encoder.forward_with_stage_inputs(images, (self.image_encoder.fine_blocks,))
+        else:
+            patches, fine = self.image_encoder(images), None  # (B, N, D)
         words = self.word_features(mask, ids, backbone_features)  # (B, T, D)
         text, text_dictionary = self.text_branches(words, mask, need_weights)
         if self.dga is None:
-            return TrainOutputs(image=self.pgu(patches, None, need_weights), text=text)
+            return TrainOutputs(image=self.pgu(patches, None, need_weights, fine=fine), text=text)
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches)
         bias = self._foreground_bias(image_dictionary.foreground)
         return TrainOutputs(
-            image=self.pgu(guided.features, None, need_weights, bias),
+            image=self.pgu(guided.features, None, need_weights, bias, fine),
             text=text,
-            image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias),
+            image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias, fine),
             text_dictionary=text_dictionary,
         )
 
@@ -184,23 +196,28 @@ class LGUR(nn.Module):
         return text, self.pgu(self.dga.reconstruct_text(words, mask).features, mask, need_weights)
 
     # -- retrieval and explanations (dictionary branch) -------------------------------------
-    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) -> the image encoder's tokens (B, N, dim), and the tokens the detail detector
-        reads: the same, or its own stage's (DetailStage)."""
-        if self.detail_stage is None:
+    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(B, 3, H, W) -> the image encoder's tokens (B, N, dim); the tokens the detail detector
+        reads: the same, or its own stage's (DetailStage); and the trunk's map at half the patch
+        stride for the prototypes' fine read-out (pgu_fine; else None). The trunk runs once."""
+        counts = [self.detail_stage.blocks] if self.detail_stage is not None else []
+        if self.config.pgu_fine:
+            counts.append(self.image_encoder.fine_blocks)
+        if not counts:
             encoded = self.image_encoder(images)
-            return encoded, encoded
-        encoded, stage_input = self.image_encoder.forward_with_stage_input(images, self.detail_stage.blocks)
-        return encoded, self.detail_stage(stage_input)
+            return encoded, encoded, None
+        encoded, stage_inputs = self.image_encoder.forward_with_stage_inputs(images, tuple(counts))
+        detail_tokens = encoded if self.detail_stage is None else self.detail_stage(stage_inputs[0])
+        return encoded, detail_tokens, stage_inputs[-1] if self.config.pgu_fine else None
 
     def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:
-        encoded, detail_tokens = self.encode_images(images)
+        encoded, detail_tokens, fine = self.encode_images(images)
         patches = encoded
         dictionary_weights = foreground = None
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
             patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
-        parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground))
+        parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground), fine)
         details = self.details(detail_tokens)[0] if self.details is not None else None
         return ImageExplanation(
             parts.embedding,
@@ -212,6 +229,7 @@ class LGUR(nn.Module):
             encoded if need_weights else None,
             self.learns_foreground,
             details,
+            self.pgu.fine.grid if fine is not None else None,
         )
 
     def explain_texts(

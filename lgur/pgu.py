@@ -7,7 +7,9 @@ caption's words, so both modalities are summarised at the same granularity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +30,19 @@ class PrototypeDecoderLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout)
 
     def forward(
-        self, queries: Tensor, memory: Tensor, mask: Tensor | None, need_weights: bool, bias: Tensor | None = None
+        self,
+        queries: Tensor,
+        memory: Tensor,
+        mask: Tensor | None,
+        need_weights: bool,
+        bias: Tensor | None = None,
+        refine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attention(
-            self.query_norm(queries), self.memory_norm(memory), mask, need_weights, memory_bias=bias
-        )
+        """refine: the memory's keys and values (B, H, L, d) -> those the prototypes attend to (FineMemory)."""
+        keys, values = self.attention.keys_values(self.memory_norm(memory))
+        if refine is not None:
+            keys, values = refine(keys, values)
+        attended, weights = self.attention.attend(self.query_norm(queries), keys, values, mask, need_weights, bias)
         queries = queries + attended
         return queries + self.ffn(self.ffn_norm(queries)), weights
 
@@ -50,6 +60,46 @@ class Parts:
         return F.normalize(self.vectors.flatten(1), dim=-1)
 
 
+class FineMemory(nn.Module):
+    """Not in the paper: the image prototypes attend at twice the patch grid's resolution.
+
+    At each fine position the keys and values are those of the patch it lies in (nearest
+    upsampling) plus a projection of the trunk's feature map there (at half the patch stride), so a
+    prototype can settle on the shoe inside a patch that is half floor. The projections start at
+    zero: then the attention is the patch grid's, spread evenly over each patch's four positions,
+    and the part vectors are unchanged.
+    """
+
+    def __init__(self, channels: int, inner: int, layers: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.keys = nn.ModuleList(nn.Linear(channels, inner, bias=False) for _ in range(layers))
+        self.values = nn.ModuleList(nn.Linear(channels, inner, bias=False) for _ in range(layers))
+        for linear in [*self.keys, *self.values]:
+            nn.init.zeros_(linear.weight)
+        rows, cols = grid
+        self.grid = (2 * rows, 2 * cols)
+        fine_rows = torch.arange(2 * rows).repeat_interleave(2 * cols) // 2
+        fine_cols = torch.arange(2 * cols).repeat(2 * rows) // 2
+        self.register_buffer("patch_of", fine_rows * cols + fine_cols, persistent=False)  # (4N,) fine -> patch
+
+    def upsample(self, x: Tensor, dim: int = -1) -> Tensor:
+        """Patch-grid values (..., N, ...) -> the fine grid's (..., 4N, ...) along `dim`, nearest."""
+        return x.index_select(dim, self.patch_of)
+
+    def refine(self, keys: Tensor, values: Tensor, tokens: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """keys, values (B, H, N, d) of the patches; tokens (B, 4N, C) normalised trunk features -> (B, H, 4N, d)."""
+        heads, head_dim = keys.shape[1], keys.shape[-1]
+
+        def split(t: Tensor) -> Tensor:  # (B, 4N, H*d) -> (B, H, 4N, d)
+            return t.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+        return (
+            self.upsample(keys, -2) + split(self.keys[layer](tokens)),
+            self.upsample(values, -2) + split(self.values[layer](tokens)),
+        )
+
+
 class PGU(nn.Module):
     def __init__(
         self,
@@ -62,8 +112,14 @@ class PGU(nn.Module):
         part_dim: int,
         dropout: float,
         register: bool = False,
+        fine_channels: int = 0,
+        grid: tuple[int, int] | None = None,
     ) -> None:
+        """fine_channels, grid: with fine_channels > 0, image prototypes may attend at twice the patch
+        grid's (rows, cols) resolution to a trunk feature map of that many channels (FineMemory)."""
         super().__init__()
+        if fine_channels and (register or grid is None):
+            raise ValueError("the fine read-out needs the patch grid, and does not combine with a register")
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)  # (P, D)
         # Not in the paper: one learned memory slot appended to every image's patches and caption's words,
         # so a prototype that finds nothing to read there can attend to it instead of to the background
@@ -72,16 +128,30 @@ class PGU(nn.Module):
         self.layers = nn.ModuleList(
             PrototypeDecoderLayer(dim, heads, head_dim, ffn_dim, dropout) for _ in range(layers)
         )
+        self.fine = FineMemory(fine_channels, heads * head_dim, layers, grid) if fine_channels else None
         self.norm = nn.LayerNorm(dim)
         # One bias-free projection per prototype, shared by both modalities: (P, D, part_dim).
         self.projections = nn.Parameter(torch.randn(num_prototypes, dim, part_dim) * dim**-0.5)
 
     def forward(
-        self, features: Tensor, mask: Tensor | None = None, need_weights: bool = False, bias: Tensor | None = None
+        self,
+        features: Tensor,
+        mask: Tensor | None = None,
+        need_weights: bool = False,
+        bias: Tensor | None = None,
+        fine: Tensor | None = None,
     ) -> Parts:
         """features: (B, L, D); mask: (B, L), True = valid (None for image patches); bias: (B, L) added to
-        the prototypes' attention logits (the log foreground weight, with pgu_foreground)."""
+        the prototypes' attention logits (the log foreground weight, with pgu_foreground); fine: image
+        patches only, (B, C, 2 rows, 2 cols) the trunk's feature map at half the patch stride, read
+        with the fine read-out (the attention is then over the fine grid, (B, H, P, 4L))."""
         batch = features.shape[0]
+        refine = None
+        if fine is not None:
+            if self.fine is None:
+                raise ValueError("this PGU has no fine read-out")
+            tokens = self.fine.norm(fine.flatten(2).transpose(1, 2))  # (B, 4L, C)
+            bias = None if bias is None else self.fine.upsample(bias)
         if self.register is not None:  # (B, L, D) -> (B, L + 1, D), the register last
             features = torch.cat([features, self.register.expand(batch, 1, -1)], dim=1)
             if mask is not None:
@@ -90,8 +160,10 @@ class PGU(nn.Module):
                 bias = F.pad(bias, (0, 1), value=0.0)
         queries = self.prototypes.unsqueeze(0).expand(batch, -1, -1)
         attention = []
-        for layer in self.layers:
-            queries, weights = layer(queries, features, mask, need_weights, bias)
+        for i, layer in enumerate(self.layers):
+            if fine is not None:
+                refine = partial(self.fine.refine, tokens=tokens, layer=i)
+            queries, weights = layer(queries, features, mask, need_weights, bias, refine)
             attention.append(weights)
         vectors = torch.einsum("bpd,pde->bpe", self.norm(queries), self.projections)
         if not need_weights:

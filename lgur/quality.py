@@ -218,7 +218,7 @@ def explanation_quality(
     }
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
-    every_fractions: list[np.ndarray] = []  # each image's (N, parts), for background_floor
+    every_fractions: list[np.ndarray] = []  # each image's (N, parts) at the prototype maps' grid, for background_floor
     for start in range(0, len(annotations), batch_size):
         chunk = annotations[start : start + batch_size]
         images = torch.from_numpy(np.stack([read_image(data / "imgs" / a["file_path"], size) for a in chunk]))
@@ -249,7 +249,9 @@ def explanation_quality(
                 label_maps[i] = np.asarray(labels)  # (H, W) part ids at the image's pixels
             fractions = patch_part_fractions(label_maps[i], grid)  # (N, parts)
             fractions_of[i] = fractions
-            every_fractions.append(fractions)
+            fine = explained.prototype_grid  # prototype maps finer than the patches (pgu_fine)
+            map_fractions = fractions if fine is None else patch_part_fractions(label_maps[i], fine)
+            every_fractions.append(map_fractions)
             if details:
                 attributes = side[a["file_path"]]["attributes"]
                 for kind, part in DETAILS.items():
@@ -273,7 +275,7 @@ def explanation_quality(
                 fg_labels.append(person > 0.5)
             if explained.prototype_attention is not None:
                 attention = explained.prototype_attention[i, -1].mean(0).numpy()  # (P, N), last layer
-                share += attention @ fractions
+                share += attention @ map_fractions
         if guidance is not None:
             for row, (i, _) in enumerate(captions):
                 fractions = fractions_of[i]

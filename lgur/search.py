@@ -97,7 +97,7 @@ class SearchResult:
     score: float  # the ranking score: cosine similarity, plus the detail score where the query has one
     part_similarity: np.ndarray  # (P,) cosine of each prototype's part vectors
     part_contribution: np.ndarray  # (P,) each part's share of the cosine (sums to it)
-    prototype_attention: np.ndarray  # (L, H, P, N) over the patch grid (float16)
+    prototype_attention: np.ndarray  # (L, H, P, N) over the prototype maps' grid (float16)
     foreground: np.ndarray  # (N,) (float16)
     atom_histogram: np.ndarray  # (atoms,) mean over patches, m-weighted where m is learned (float16)
     atom_weights: np.ndarray  # (atoms,) relative to the average gallery image (relative_weights)
@@ -139,7 +139,8 @@ class SearchResult:
 class SearchResponse:
     query: QueryEncoding
     results: list[SearchResult]
-    grid: tuple[int, int]
+    grid: tuple[int, int]  # the patch grid: foreground and detail maps
+    prototype_grid: tuple[int, int]  # the prototype maps' (finer with pgu_fine)
     seconds: float
     unknown_words: list[str] = field(default_factory=list)  # not in the training captions' vocabulary
     known_words: int | None = None  # how many of the query's words it has (None: no vocabulary recorded)
@@ -200,6 +201,7 @@ class PhotoResponse:
     query: ImageQuery
     results: list[SearchResult]
     grid: tuple[int, int]
+    prototype_grid: tuple[int, int]
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
@@ -402,6 +404,7 @@ class SearchEngine:
         # Words the model never saw are read as training words where that is unambiguous (lgur.reading).
         self.reader = QueryReader(self.vocabulary, model.config.detail_terms, colour_grounding, word_forms)
         self.grid = model.image_encoder.grid
+        self.prototype_grid = model.pgu.fine.grid if model.config.pgu_fine else self.grid
         # Per attribute kind, how often the model's top 10 has it (the card's query-bench figures).
         self.weak_kinds = self.card.get("query_bench", {}).get("default", {}).get("by_kind", {})
         self.colours = self.reader.grounding.targets if self.reader.grounding else frozenset()
@@ -536,7 +539,7 @@ class SearchEngine:
             explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, index is self.index)
             for rank, (score, index, row) in enumerate(rank_hits(query.embedding, indexes, k, query.details), 1)
         ]
-        response = SearchResponse(query, results, self.grid, time.perf_counter() - start)
+        response = SearchResponse(query, results, self.grid, self.prototype_grid, time.perf_counter() - start)
         response.weak_spots = weak_spots(query.text, self.weak_kinds, self.colours)
         if self.vocabulary:
             words = vocabulary_words(query.text)
@@ -590,7 +593,7 @@ class SearchEngine:
             explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, True)
             for rank, (score, index, row) in enumerate(hits, 1)
         ]
-        return PhotoResponse(query, results, self.grid, time.perf_counter() - start)
+        return PhotoResponse(query, results, self.grid, self.prototype_grid, time.perf_counter() - start)
 
     # -- on-demand explanations (one image) -------------------------------------------------
     def _images(self, paths: list[str | Path]) -> torch.Tensor:

@@ -54,14 +54,14 @@ class PhotoSearch:
             "Select one: its prototype maps appear beside the photo's; the same prototype reads the same body part "
             "in both."
         )
-        return items, status, response, photo_maps(response.query, response.grid, self.prototypes)
+        return items, status, response, photo_maps(response.query, response.prototype_grid, self.prototypes)
 
     def result_maps(self, response: PhotoResponse | None, selected: int) -> list[tuple[Any, str]]:
         """A photo search result's prototype maps, captioned with each part's share of the score."""
         if response is None or not response.results:
             return []
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
-        return prototype_overlays(result, response.grid, names=self.prototypes)
+        return prototype_overlays(result, response.prototype_grid, names=self.prototypes)
 
     def api_search(self, file: str, k: float = 10) -> dict[str, Any]:
         """The /search_by_photo endpoint: a gallery image (by name) as the query; JSON as /search."""

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .atoms import text_atom_average
-from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_optimizer_state
+from .checkpoint import load_checkpoint, load_optimizer_state, read_card, save_checkpoint, save_optimizer_state
 from .config import LGURConfig, preset
 from .data.dataset import (
     RetrievalSplit,
@@ -138,6 +138,10 @@ class TrainConfig:
     # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
     # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
     init_from: str | None = None
+    # Modules of the model (LGUR attribute names: image_encoder, dga, details, detail_stage, ...) held
+    # fixed, weights and batch-norm statistics: a second stage that changes only what reads them
+    # keeps a detail detector and a fitted foreground weight that were trained on them valid.
+    frozen: tuple[str, ...] = ()
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
     # end the run after its Nth epoch of the schedule (counted from the start, so the same command
     # resumes an interrupted run to the same place; raise it to go on)
@@ -151,7 +155,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> LGURConfig:
-        config = preset(self.preset)
+        # A second stage builds the model its checkpoint holds (a detail detector included), then the overrides.
+        config = LGURConfig.from_dict(read_card(self.init_from)["config"]) if self.init_from else preset(self.preset)
         config.use_dga, config.use_pgu = self.use_dga, self.use_pgu
         if self.text_encoder_path:
             config.text.path = self.text_encoder_path
@@ -216,14 +221,27 @@ class TrainingStep(nn.Module):
         person_map: Callable[[Tensor], Tensor] | None = None,
         person_weight: float = 0.0,
         diversity_on_person: bool = False,
+        frozen: tuple[str, ...] = (),
     ) -> None:
         """person_map: a frozen teacher's LGUR.person_map (a plain callable, so its weights are neither
         trained nor saved), with its loss weight (TrainConfig.prototype_person); while that weight is on,
-        `diversity_on_person` measures the image maps' overlap on that map (TrainConfig)."""
+        `diversity_on_person` measures the image maps' overlap on that map (TrainConfig). frozen: the
+        model's modules held fixed (TrainConfig.frozen)."""
         super().__init__()
         self.model, self.criterion = model, criterion
         self.person_map, self.person_weight = person_map, person_weight
         self.diversity_on_person = diversity_on_person
+        self.frozen = [getattr(model, name, None) for name in frozen]
+        for name, module in zip(frozen, self.frozen, strict=True):
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"cannot freeze {name!r}: the model has no such module")
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TrainingStep:
+        super().train(mode)
+        for module in self.frozen:  # batch-norm statistics and dropout stay fixed too
+            module.eval()
+        return self
 
     def forward(
         self,
@@ -255,6 +273,8 @@ class TrainingStep(nn.Module):
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
         person = self.person_map(images) if taught else None  # (B, N)
+        if person is not None and self.model.config.pgu_fine:  # the maps are on the fine grid
+            person = self.model.pgu.fine.upsample(person)
         on_person = person if self.diversity_on_person else None
         losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets, on_person)
         if person is not None:  # the maps drawn: the last layer, heads averaged
@@ -275,8 +295,9 @@ def trunk_groups_used(cfg: TrainConfig) -> bool:
 
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
+    # The fine read-out's projections start at zero in a second stage, so they learn at the heads' rate.
     heads = ("model.text_encoder.lstm", "model.classifier.", "model.pgu.projections", "model.pgu.projection",
-             "criterion.")  # fmt: skip
+             "model.pgu.fine.", "criterion.")  # fmt: skip
     split_trunk = trunk_groups_used(cfg)
     groups: dict[str, list] = {"heads": [], "body": [], "stem": [], "trunk": []}
     for name, param in step.named_parameters():
@@ -402,28 +423,32 @@ def epoch_order(
     return random_caption(torch.cat(picks))
 
 
-def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) -> None:
-    """A second stage: the weights (identity classifier included), SDM temperature and term classifier
-    (its `*_terms.safetensors` beside it, when there) of cfg.init_from.
+def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) -> bool:
+    """A second stage: the weights (identity classifier included, when there), SDM temperature and term
+    classifier (its `*_terms.safetensors` beside it, when there) of cfg.init_from. -> whether the
+    identity classifier still needs its first weights (imprint_classifier): a shipped checkpoint has none.
 
-    The checkpoint must be of the same model; a CNN trunk may change its input size, and then its
-    learned positions are resampled to the new grid.
+    The model is the checkpoint's (TrainConfig.model_config) with the run's overrides: a CNN trunk may
+    change its input size (its learned positions are then resampled to the new grid), and weights the
+    checkpoint lacks may only be the fine read-out's (pgu_fine: they start at zero, the model unchanged).
     """
     initial, card = load_checkpoint(cfg.init_from, cfg.text_encoder_path)
     weights = initial.state_dict()
-    old, new = initial.config.to_dict(), model.config.to_dict()
     old_grid, new_grid = initial.config.image.grid, model.config.image.grid
-    for c in (old, new):
-        c["image"].pop("img_size")
-    if initial.classifier is None or old != new or (old_grid != new_grid and model.config.image.kind != "cnn"):
-        raise ValueError(
-            f"{cfg.init_from}: a second stage starts from a checkpoint of the same model (a CNN trunk may change "
-            "its input size) with its identity classifier (a run's last.safetensors, trained on the same data)"
-        )
+    if old_grid != new_grid and model.config.image.kind != "cnn":
+        raise ValueError(f"{cfg.init_from}: only a CNN trunk may change its input size in a second stage")
     if old_grid != new_grid:
         key = "image_encoder.position"
         weights[key] = resize_position_embedding(weights[key], old_grid, new_grid)
-    model.load_state_dict(weights)
+    same_model = f"{cfg.init_from}: a second stage starts from a checkpoint of the same model"
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # a shape differs
+        raise ValueError(f"{same_model}: {str(error).splitlines()[-1].strip()}") from error
+    allowed = ("pgu.fine.", "classifier.") if model.classifier is not None else ("pgu.fine.",)
+    wrong = [k for k in missing if not k.startswith(allowed)] + list(unexpected)
+    if wrong:
+        raise ValueError(f"{same_model}; it differs in {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
     scale = card.get("training_state", {}).get("logit_scale")
     if criterion.logit_scale is not None and scale is not None:
         criterion.logit_scale.data.fill_(scale)
@@ -434,6 +459,32 @@ def start_from_checkpoint(model: LGUR, criterion: LGURLoss, cfg: TrainConfig) ->
             criterion.term_classifier.load_state_dict(load_file(str(terms)))
         except RuntimeError:  # another vocabulary of terms
             log.warning("%s: its term classifier does not fit these data's terms; it starts afresh", terms)
+    return any(k.startswith("classifier.") for k in missing)
+
+
+@torch.no_grad()
+def imprint_classifier(model: LGUR, split: RetrievalSplit, labels: Tensor, batch_size: int = 128) -> None:
+    """The identity classifier's first weights from the model itself (weight imprinting, Qi et al.,
+    CVPR 2018): each identity's mean part vector over its training images, unit length, scaled so that
+    an image's logit for its own identity is about 10 (labels: (N_captions,) of split's captions)."""
+    image_labels = torch.empty(len(split.images), dtype=torch.long)
+    image_labels[split.caption_image] = labels
+    was_training = model.training
+    model.eval()
+    parts = []
+    device = next(model.parameters()).device
+    for start in range(0, len(split.images), batch_size):
+        batch = normalize(split.images[start : start + batch_size].to(device))
+        parts.append(model.explain_images(batch, need_weights=False).parts.float().cpu())
+    model.train(was_training)
+    vectors = torch.cat(parts)  # (N, P, part_dim)
+    count = model.classifier.weight.shape[-1]
+    sums = torch.zeros(count, *vectors.shape[1:]).index_add_(0, image_labels, vectors)  # (C, P, part_dim)
+    means = F.normalize(sums, dim=-1) * (10.0 / vectors.norm(dim=-1).mean(0))[None, :, None]
+    weight = means.permute(1, 2, 0)  # (P, part_dim, C)
+    if model.classifier.whole:
+        weight = weight.flatten(0, 1).unsqueeze(0) / weight.shape[0] ** 0.5
+    model.classifier.weight.copy_(weight.to(device))
 
 
 def split_records(records: list[Record], seed: int) -> dict[str, list[Record]]:
@@ -615,11 +666,14 @@ class Run:
     def card(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The card of a checkpoint this run writes."""
         cfg, splits = self.cfg, self.splits
-        return {
+        card = {
             "training": {"config": dataclasses.asdict(cfg), "identities": self.identities, **(extra or {})},
             "data": {"path": str(cfg.data), "format_report": self.format_report, "train_images": len(splits["train"])},
             "vocabulary": self.vocabulary,
         }
+        if cfg.init_from and self.model.details is not None:  # a second stage keeps its detector's record
+            card["details"] = read_card(cfg.init_from).get("details", {})
+        return card
 
 
 def setup(cfg: TrainConfig, progress: bool) -> Run:
@@ -659,7 +713,7 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
     criterion = LGURLoss(
         cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction, terms,
         model_config.embedding_dim, part_terms, cfg.diversity_pairs,
-        model.image_encoder.grid[0] if cfg.diversity_rows else None,
+        (model.pgu.fine.grid if model_config.pgu_fine else model.image_encoder.grid)[0] if cfg.diversity_rows else None,
     ).to(device)  # fmt: skip
     person_map = None
     if cfg.prototype_person:
@@ -668,7 +722,9 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
             grid = model.image_encoder.grid
             raise ValueError(f"{cfg.person_from}: the teacher needs a detail detector on the same {grid} grid")
         person_map = functools.partial(teacher.person_map, saturation=cfg.person_saturation)
-    training_step = TrainingStep(model, criterion, person_map, cfg.prototype_person, cfg.diversity_on_person)
+    training_step = TrainingStep(
+        model, criterion, person_map, cfg.prototype_person, cfg.diversity_on_person, tuple(cfg.frozen)
+    )
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step
     if distributed:
@@ -689,7 +745,8 @@ def resume_or_start(run: Run) -> None:
     cfg, last = run.cfg, run.out / "last.safetensors"
     resuming = last.is_file() and (run.out / "last_optimizer.safetensors").is_file()
     if cfg.init_from and not resuming:
-        start_from_checkpoint(run.model, run.criterion, cfg)
+        if start_from_checkpoint(run.model, run.criterion, cfg):
+            imprint_classifier(run.model, run.train, run.labels)
         if run.main:
             log.info("second stage from %s", cfg.init_from)
     if resuming:

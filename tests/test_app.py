@@ -543,3 +543,23 @@ def test_a_tab_gets_the_results_from_the_gallery_and_every_image_of_the_answer(
     maps = answer[4]
     assert len(maps) >= explorer.engine.model.config.num_prototypes + 1
     assert all(not Path(m["image"]["path"]).resolve().is_relative_to(gallery) for m in maps)  # drawn: the cache
+
+
+def test_a_model_with_fine_prototype_maps_draws_them_at_their_own_grid(tmp_path: Path) -> None:
+    from lgur.config import cpu_lite0_preset
+
+    image = cpu_lite0_preset().image
+    image.img_size, image.weights = (64, 32), None  # a 4x2 patch grid, prototype maps at 8x4
+    explorer = tiny_explorer(tmp_path, images=6, image=image, pgu_fine=True)
+    engine = explorer.engine
+    assert engine.grid == (4, 2) and engine.prototype_grid == (8, 4)
+    arrays = engine.index.arrays
+    assert arrays["prototype_attention"].shape[-1] == 32 and arrays["foreground"].shape[-1] == 8
+    items, _, response = explorer.search(QUERY, 3)
+    assert len(items) == 3 and response.prototype_grid == (8, 4) and response.grid == (4, 2)
+    maps, _, _, foreground, _, _ = explorer.explain(response, 0, "last", "mean", "P1")
+    assert len(maps) == engine.model.config.num_prototypes + 1 and isinstance(foreground, Image.Image)
+    file = response.results[0].file
+    _, _, photo, own_maps = explorer.photos.search(file, None, 3)
+    assert photo.prototype_grid == (8, 4) and len(own_maps) == engine.model.config.num_prototypes
+    assert len(explorer.photos.result_maps(photo, 0)) == engine.model.config.num_prototypes + 1

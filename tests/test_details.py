@@ -246,11 +246,11 @@ def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path
         channels = model.image_encoder.cnn.blocks[-blocks - 1][-1].conv_pwl.out_channels
         assert stage_input.shape[1] == channels  # the input of the last `blocks` block groups
         assert torch.allclose(tokens, model.image_encoder(images), atol=1e-5)  # the same tokens, one more output
-        encoded, detail_tokens = model.encode_images(images)
+        encoded, detail_tokens, _ = model.encode_images(images)
         assert torch.allclose(detail_tokens, encoded, atol=1e-5)  # an untrained copy reads what the encoder reads
         for p in model.detail_stage.parameters():
             p.add_(0.01)  # once fine-tuned, the detector's tokens differ and the embedding does not
-        encoded_after, moved = model.encode_images(images)
+        encoded_after, moved, _ = model.encode_images(images)
         assert torch.equal(encoded_after, encoded) and not torch.allclose(moved, detail_tokens, atol=1e-4)
         probabilities, where = model.find_details(images)
     save_checkpoint(model, tmp_path / "stage.safetensors", {})

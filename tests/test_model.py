@@ -384,3 +384,44 @@ def test_the_person_penalty_moves_the_drawn_prototype_attention_onto_the_person(
         step(images, features, mask, labels)[0]["person/image"].backward()
         optimizer.step()
     assert 0 < outside() < 0.8 * before  # less of the drawn attention outside the person
+
+
+def test_the_fine_read_out_starts_as_the_patch_grid_and_can_then_read_inside_a_patch() -> None:
+    from tests.test_details import _lite0_model
+
+    coarse = _lite0_model(detail_stage=True, detail_stage_blocks=2)
+    fine = _lite0_model(detail_stage=True, detail_stage_blocks=2, pgu_fine=True)
+    missing, unexpected = fine.load_state_dict(coarse.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("pgu.fine.") for k in missing)
+    images = torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = coarse.explain_images(images), fine.explain_images(images)
+    rows, cols = a.grid
+    assert b.grid == a.grid and b.prototype_grid == b.prototype_shape == (2 * rows, 2 * cols)
+    assert a.prototype_grid is None and a.prototype_shape == a.grid
+    # Zero projections: the patch grid's attention spread evenly over each patch's four positions, the same
+    # embedding and detail logits.
+    torch.testing.assert_close(fine.pgu.fine.upsample(a.prototype_attention) / 4, b.prototype_attention)
+    torch.testing.assert_close(b.embedding, a.embedding)
+    torch.testing.assert_close(b.detail_logits, a.detail_logits)
+    # Learned projections: the four positions of a patch differ, the maps still sum to 1, and what the
+    # prototypes read there changes the embedding.
+    for linear in [*fine.pgu.fine.keys, *fine.pgu.fine.values]:
+        torch.nn.init.normal_(linear.weight, std=0.5)
+    with torch.no_grad():
+        c = fine.explain_images(images)
+    quarters = c.prototype_attention.unflatten(-1, (rows, 2, cols, 2))
+    assert not torch.allclose(quarters[..., 0, :, 0], quarters[..., 1, :, 1])
+    torch.testing.assert_close(c.prototype_attention.sum(-1), torch.ones(c.prototype_attention.shape[:-1]))
+    assert not torch.allclose(c.embedding, a.embedding)
+    # The training forward reads the same fine maps (every branch's image side).
+    fine.train()
+    ids, mask = fine.tokenize(CAPTIONS[:3])
+    out = fine(images, mask, ids, need_weights=True)
+    assert out.image_dictionary.attention[-1].shape[-1] == 4 * rows * cols == out.image.attention[-1].shape[-1]
+    assert out.text.attention[-1].shape[-1] == mask.shape[1]
+
+
+def test_the_fine_read_out_needs_a_trunk_with_a_map_at_half_the_stride() -> None:
+    with pytest.raises(ValueError, match="pgu_fine needs"):
+        LGUR(tiny_config(pgu_fine=True), load_pretrained=False)

@@ -146,10 +146,21 @@ def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path
     train(_config(world, tmp_path / "big", epochs=1, init_from=str(first), model_overrides=bigger), progress=False)
     card = json.loads((tmp_path / "big" / "best.json").read_text())
     assert card["config"]["image"]["img_size"] == [80, 32]
-    # A checkpoint without the identity classifier (an inference checkpoint) cannot start a stage.
+    # An inference checkpoint (no identity classifier) starts a stage with the classifier imprinted from
+    # the model's own part vectors; modules held fixed keep their weights and batch-norm statistics.
     best = tmp_path / "first" / "best.safetensors"
-    with pytest.raises(ValueError, match="identity classifier"):
-        train(_config(world, tmp_path / "bad", epochs=1, init_from=str(best)), progress=False)
+    held = _config(world, tmp_path / "held", epochs=1, init_from=str(best), frozen=("image_encoder", "dga"))
+    train(held, progress=False)
+    before, after = load_file(str(best)), load_file(str(tmp_path / "held" / "last.safetensors"))
+    kept = [k for k in before if k.startswith(("image_encoder.", "dga."))]
+    assert kept and all(torch.equal(before[k].float(), after[k].float()) for k in kept)
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before if k.startswith("pgu."))
+    assert "classifier.weight" in after and "classifier.weight" not in before
+    with pytest.raises(ValueError, match="cannot freeze 'trunk'"):
+        train(_config(world, tmp_path / "bad", epochs=1, init_from=str(best), frozen=("trunk",)), progress=False)
+    with pytest.raises(ValueError, match="of the same model"):
+        other = dict(TINY) | {"part_dim": 8}
+        train(_config(world, tmp_path / "bad1", epochs=1, init_from=str(best), model_overrides=other), progress=False)
     with pytest.raises(ValueError, match="SDM"):
         train(_config(world, tmp_path / "bad2", epochs=1, sdm=0.0, swaps_from_epoch=0), progress=False)
 
