@@ -135,8 +135,9 @@ class TrainConfig:
     # Compare the image prototypes' row profiles (attention summed over each row of the grid) rather
     # than their maps: two prototypes may not part by reading two sides of one garment.
     diversity_rows: bool = False
-    # A second stage: start from this run checkpoint's weights (identity classifier included, e.g.
-    # another run's last.safetensors) with a fresh optimiser and schedule. None: from scratch.
+    # A second stage: start from this checkpoint's model and weights (a run's last.safetensors with its
+    # identity classifier, or an inference checkpoint: the classifier is then imprinted) with a fresh
+    # optimiser and schedule. None: from scratch.
     init_from: str | None = None
     # Modules of the model (LGUR attribute names: image_encoder, dga, details, detail_stage, ...) held
     # fixed, weights and batch-norm statistics: a second stage that changes only what reads them
