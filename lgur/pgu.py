@@ -184,7 +184,12 @@ class GlobalPooling(nn.Module):
         self.projection = nn.Linear(dim, part_dim, bias=False)
 
     def forward(
-        self, features: Tensor, mask: Tensor | None = None, need_weights: bool = False, bias: Tensor | None = None
+        self,
+        features: Tensor,
+        mask: Tensor | None = None,
+        need_weights: bool = False,
+        bias: Tensor | None = None,
+        fine: Tensor | None = None,  # PGU's signature; the fine read-out needs PGU (never given here)
     ) -> Parts:
         pooled = masked_mean(features, mask)  # (B, D)
         return Parts(self.projection(self.norm(pooled)).unsqueeze(1), None)
