@@ -114,11 +114,11 @@ class CNNEncoder(nn.Module):
         stages = tuple(reductions.index(s) for s in strides)
         # The feature map at half the patch stride (for PGU's fine read-out): its channels, and how many
         # of the trunk's last block groups come after it (forward_with_stage_input). 0: not available.
-        half, names = config.patch_size // 2, probe_names
         self.fine_channels = self.fine_blocks = 0
-        if half in reductions and names[reductions.index(half)].startswith("blocks.") and not config.context_stride:
-            self.fine_channels = probe_channels[reductions.index(half)]
-            self.fine_blocks = int(names[stages[0]].split(".")[1]) - int(names[reductions.index(half)].split(".")[1])
+        half = reductions.index(config.patch_size // 2) if config.patch_size // 2 in reductions else None
+        if half is not None and probe_names[half].startswith("blocks.") and not config.context_stride:
+            self.fine_channels = probe_channels[half]
+            self.fine_blocks = int(probe_names[stages[0]].split(".")[1]) - int(probe_names[half].split(".")[1])
         from_hub = load_pretrained and config.pretrained and not (config.pretrained_path or config.weights)
         kwargs = dict(features_only=True, out_indices=stages, drop_path_rate=config.drop_path)
         try:

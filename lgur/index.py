@@ -405,7 +405,7 @@ def decoded_batches(
 def _empty_arrays(model: LGUR) -> dict[str, np.ndarray]:
     c = model.config
     h, w = model.image_encoder.grid
-    maps = 4 * h * w if c.pgu_fine else h * w  # the prototype maps' grid
+    maps = model.prototype_grid[0] * model.prototype_grid[1]
     p = c.num_prototypes if c.use_pgu else 1
     return {
         "embeddings": np.zeros((0, c.embedding_dim), np.float32),

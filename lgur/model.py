@@ -229,7 +229,7 @@ class LGUR(nn.Module):
             encoded if need_weights else None,
             self.learns_foreground,
             details,
-            self.pgu.fine.grid if fine is not None else None,
+            self.prototype_grid if fine is not None else None,
         )
 
     def explain_texts(
@@ -281,6 +281,11 @@ class LGUR(nn.Module):
         _, patches = self.details(detail_tokens)  # (B, N, K) per-patch phrase logits
         surest = torch.sigmoid(patches).amax(-1)
         return (surest / (saturation * surest.amax(-1, keepdim=True)).clamp(min=1e-6)).clamp(max=1.0)
+
+    @property
+    def prototype_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image prototypes' maps: the patch grid, or twice it with pgu_fine."""
+        return self.pgu.fine.grid if self.config.pgu_fine else self.image_encoder.grid
 
     @property
     def learns_foreground(self) -> bool:

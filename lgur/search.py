@@ -404,7 +404,7 @@ class SearchEngine:
         # Words the model never saw are read as training words where that is unambiguous (lgur.reading).
         self.reader = QueryReader(self.vocabulary, model.config.detail_terms, colour_grounding, word_forms)
         self.grid = model.image_encoder.grid
-        self.prototype_grid = model.pgu.fine.grid if model.config.pgu_fine else self.grid
+        self.prototype_grid = model.prototype_grid
         # Per attribute kind, how often the model's top 10 has it (the card's query-bench figures).
         self.weak_kinds = self.card.get("query_bench", {}).get("default", {}).get("by_kind", {})
         self.colours = self.reader.grounding.targets if self.reader.grounding else frozenset()

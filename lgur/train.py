@@ -714,7 +714,7 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
     criterion = LGURLoss(
         cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction, terms,
         model_config.embedding_dim, part_terms, cfg.diversity_pairs,
-        (model.pgu.fine.grid if model_config.pgu_fine else model.image_encoder.grid)[0] if cfg.diversity_rows else None,
+        model.prototype_grid[0] if cfg.diversity_rows else None,
     ).to(device)  # fmt: skip
     person_map = None
     if cfg.prototype_person:
