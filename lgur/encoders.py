@@ -201,6 +201,14 @@ class CNNEncoder(nn.Module):
             x = block(x)
         return self.tokens([x]), [inputs[c] for c in counts]
 
+    def stage_input(self, images: Tensor, count: int) -> Tensor:
+        """The input of the trunk's last `count` block groups (B, C, rows, cols), those groups not run:
+        all the detail detector's own stage needs (LGUR.detail_tokens)."""
+        x = self.cnn.bn1(self.cnn.conv_stem(self._trunk_input(images)))
+        for block in self.cnn.blocks[: len(self.cnn.blocks) - count]:
+            x = block(x)
+        return x
+
     def _trunk_input(self, images: Tensor) -> Tensor:
         images = images * self.input_scale + self.input_shift
         if not self.training:  # oneDNN's depthwise convolutions run ~1.4x faster on NHWC inputs (indexing, search)

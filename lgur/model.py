@@ -210,6 +210,13 @@ class LGUR(nn.Module):
         detail_tokens = encoded if self.detail_stage is None else self.detail_stage(stage_inputs[0])
         return encoded, detail_tokens, stage_inputs[-1] if self.config.pgu_fine else None
 
+    def detail_tokens(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> the tokens the detail detector reads (encode_images' second output), running
+        only as much of the trunk as they need: with its own stage, not the trunk's last groups."""
+        if self.detail_stage is None:
+            return self.image_encoder(images)
+        return self.detail_stage(self.image_encoder.stage_input(images, self.detail_stage.blocks))
+
     def explain_images(self, images: Tensor, need_weights: bool = True) -> ImageExplanation:
         encoded, detail_tokens, fine = self.encode_images(images)
         patches = encoded
@@ -263,7 +270,7 @@ class LGUR(nn.Module):
         seen (B, N, K): its pooling weights over the patches."""
         if self.details is None:
             raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
-        logits, patches = self.details(self.encode_images(images)[1])
+        logits, patches = self.details(self.detail_tokens(images))
         return torch.sigmoid(logits), self.details.where(patches)
 
     @torch.no_grad()
@@ -274,7 +281,7 @@ class LGUR(nn.Module):
         (train --prototype-person)."""
         if self.details is None:
             raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
-        return self.person_map_of(self.encode_images(images)[1], saturation)
+        return self.person_map_of(self.detail_tokens(images), saturation)
 
     def person_map_of(self, detail_tokens: Tensor, saturation: float = 1.0) -> Tensor:
         """`person_map` from the tokens the detector reads (encode_images' second output)."""

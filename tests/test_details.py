@@ -252,6 +252,7 @@ def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path
             p.add_(0.01)  # once fine-tuned, the detector's tokens differ and the embedding does not
         encoded_after, moved, _ = model.encode_images(images)
         assert torch.equal(encoded_after, encoded) and not torch.allclose(moved, detail_tokens, atol=1e-4)
+        assert torch.allclose(model.detail_tokens(images), moved, atol=1e-5)  # the short path: the same tokens
         probabilities, where = model.find_details(images)
     save_checkpoint(model, tmp_path / "stage.safetensors", {})
     loaded, _ = load_checkpoint(tmp_path / "stage.safetensors")
