@@ -119,6 +119,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from .lineage import LineageConfig, lineage
+
+    cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache)
+    try:
+        print(lineage(cfg, progress=not args.quiet, report=_silent if args.quiet else print))
+    except (ValueError, OSError) as error:  # a bad dataset or folder: say which, no traceback
+        raise SystemExit(f"lineage: {error}") from None
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data.readers import read_dataset
@@ -423,6 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.set_defaults(func=cmd_train)
+
+    chain = sub.add_parser(
+        "lineage", parents=[QUIET],
+        help="train the shipped model: every stage in order, each resumed or skipped when rerun (README)",
+    )  # fmt: skip
+    chain.add_argument("--data", required=True, help="the synthetic world (python -m lgur synth)")
+    chain.add_argument("--out", required=True, help="a folder for the stages; the model is OUT/lgur_cpu.safetensors")
+    chain.add_argument("--no-teacher", dest="teacher", action="store_false",
+                       help="leave out the teacher and the run it teaches (stages 2-3)")  # fmt: skip
+    chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
+    chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
+    chain.set_defaults(func=cmd_lineage)
 
     evaluate = sub.add_parser(
         "evaluate",

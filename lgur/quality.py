@@ -106,6 +106,7 @@ def energy_inside(word_map: np.ndarray, part_fraction: np.ndarray) -> float:
 
 def top_atom_overlap(a: Tensor, b: Tensor, k: int = TOP_ATOMS) -> Tensor:
     """(B, atoms) x (B, atoms) -> (B,) share of the k strongest atoms the two have in common."""
+    k = min(k, a.shape[1])  # a dictionary of fewer atoms: all of them
     top_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
     top_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
     return (top_a & top_b).sum(1).float() / k

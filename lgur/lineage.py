@@ -1,0 +1,103 @@
+"""The shipped model's training as one resumable command (`python -m lgur lineage`).
+
+The shipped model is not one run but a chain of stages, each starting from the one before
+(README, "Train, evaluate, measure"; MODEL_CARD for why each exists):
+
+1. `terms`: the preset's recipe (cpu-lite0: ImageNet trunk, term prediction), to `stop_after`;
+2. `teacher`: a detail detector on it (train-details), whose person map teaches stage 3;
+3. `person`: the same recipe again, the prototypes kept on the teacher's person map;
+4. `details`: that model's own detector (a copy of the trunk's last two stages; fits DGA's m);
+5. `fine`: the prototypes read a grid twice as fine, everything else held fixed;
+
+then the int8 export, measured on the world's test splits (and the gallery, if given). With
+`teacher=False`, stages 2 and 3 are left out and stage 4 reads stage 1's model.
+
+Each stage writes its own folder under `out`. A rerun skips finished stages and resumes the
+training stage it was stopped in (train resumes by itself), so the command can be interrupted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DetailTrainConfig
+
+FROZEN_FOR_FINE = ("image_encoder", "dga", "details", "detail_stage")
+
+
+@dataclass
+class LineageConfig:
+    data: str
+    out: str
+    teacher: bool = True  # stages 2-3; without, the detector and the fine stage follow stage 1
+    preset: str = "cpu-lite0"
+    stop_after: int | None = 14  # stages 1 and 3 end after this epoch of the recipe's schedule (best on val)
+    person_weight: float = 2.0  # TrainConfig.prototype_person of stages 3 and 5
+    person_saturation: float = 0.5
+    person_from_epoch: int = 2  # stage 3 only: the prototypes part first (stage 5 starts parted)
+    fine_epochs: int = 4
+    fine_warmup_steps: int = 50
+    fine_lr: float = 1e-3
+    fine_lr_backbone: float = 1e-4
+    details: DetailTrainConfig = field(default_factory=lambda: DetailTrainConfig(stage=True))
+    teacher_details: DetailTrainConfig = field(
+        default_factory=lambda: DetailTrainConfig(stage=True, stage_blocks=1, foreground=False)
+    )
+    train_settings: dict[str, Any] = field(default_factory=dict)  # any TrainConfig field, every training stage
+    gallery: str | None = None  # measured at the export too (the shipped gallery)
+    cache: str | None = None  # frozen text features, shared by the stages; default OUT/cache
+
+
+def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], None] = print) -> Path:
+    """Run the stages that have not finished; -> OUT/lgur_cpu.safetensors (int8, its card measured)."""
+    from .details import train_details
+    from .export import export_checkpoint
+    from .train import recipe, train
+
+    out = Path(cfg.out)
+    cache = cfg.cache or str(out / "cache")
+    final = out / "lgur_cpu.safetensors"
+    if final.is_file():
+        report(f"{final} exists: every stage has finished")
+        return final
+
+    def training(name: str, **settings: Any) -> Path:
+        report(f"stage {name}: training (resumes where it stopped)")
+        overrides = {**cfg.train_settings.get("model_overrides", {}), **settings.pop("model_overrides", {})}
+        values = {**cfg.train_settings, **settings, "model_overrides": overrides}
+        train(recipe(cfg.preset, data=cfg.data, out=str(out / name), cache_dir=cache, **values), progress=progress)
+        return out / name / "best.safetensors"
+
+    def int8(checkpoint: Path, name: str) -> Path:
+        path = out / name / "lgur_cpu.safetensors"
+        if not path.is_file():
+            export_checkpoint(checkpoint, path, "int8", cache=cache, report=report)
+        return path
+
+    def detector(checkpoint: Path, name: str, details: DetailTrainConfig) -> Path:
+        path = out / name / "lgur_cpu.safetensors"
+        if path.is_file():
+            report(f"stage {name}: done ({path})")
+        else:
+            report(f"stage {name}: detail detector")
+            train_details(checkpoint, cfg.data, path, details, cache, report)
+        return path
+
+    person = {"prototype_person": cfg.person_weight, "person_saturation": cfg.person_saturation}
+    base = training("terms", stop_after=cfg.stop_after)
+    if cfg.teacher:
+        teacher = detector(base, "teacher", cfg.teacher_details)
+        base = training("person", stop_after=cfg.stop_after, person_from=str(teacher),
+                        person_from_epoch=cfg.person_from_epoch, **person)  # fmt: skip
+    details = int8(detector(int8(base, "base-int8"), "details", cfg.details), "details-int8")
+    fine = training(
+        "fine", init_from=str(details), model_overrides={"pgu_fine": True}, frozen=FROZEN_FOR_FINE,
+        epochs=cfg.fine_epochs, stop_after=None, warmup_steps=cfg.fine_warmup_steps, lr=cfg.fine_lr,
+        lr_backbone=cfg.fine_lr_backbone, person_from=str(details), person_from_epoch=0, **person,
+    )  # fmt: skip
+    report("export: int8, measured on the test splits")
+    command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")
+    return export_checkpoint(fine, final, "int8", cfg.data, cfg.gallery, cache, command, report)

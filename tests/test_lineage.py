@@ -1,0 +1,48 @@
+"""The shipped model's training chain (lgur.lineage), run through on a tiny world and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from lgur.checkpoint import load_checkpoint, read_card
+from lgur.config import DetailTrainConfig
+from lgur.lineage import FROZEN_FOR_FINE, LineageConfig, lineage
+from lgur.synth.world import WorldSpec, generate_world
+
+SMALL = {"image.img_size": [64, 32], "dim": 32, "num_atoms": 16, "part_dim": 16, "pgu_head_dim": 16}
+
+
+def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> None:
+    world = tmp_path / "world"
+    generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
+    detector = DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1, foreground_images=64)
+    cfg = LineageConfig(
+        data=str(world), out=str(tmp_path / "chain"), stop_after=1, fine_epochs=1, fine_warmup_steps=0,
+        details=detector, teacher_details=DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1,
+                                                            stage_blocks=1, foreground=False),
+        train_settings={"epochs": 2, "batch_size": 8, "warmup_steps": 0, "model_overrides": SMALL},
+    )  # fmt: skip
+    lines: list[str] = []
+    final = lineage(cfg, progress=False, report=lines.append)
+    stages = [line.split(":")[0] for line in lines if line.startswith("stage ")]
+    assert stages == ["stage terms", "stage teacher", "stage person", "stage details", "stage fine"]
+    chain = tmp_path / "chain"
+    # Stage 3 was taught by stage 2's detector; stages 1 and 3 ended at stop_after.
+    person = read_card(chain / "person" / "best.safetensors")
+    assert person["training"]["config"]["person_from"] == str(chain / "teacher" / "lgur_cpu.safetensors")
+    assert person["training"]["config"]["stop_after"] == 1 and person["training"]["config"]["epochs"] == 2
+    # The fine stage changed only the prototypes' read-out (and what reads it), from stage 4's model.
+    model, card = load_checkpoint(final)
+    assert model.config.pgu_fine and model.details is not None and model.config.foreground_fitted
+    assert card["training"]["config"]["init_from"] == str(chain / "details-int8" / "lgur_cpu.safetensors")
+    assert tuple(card["training"]["config"]["frozen"]) == FROZEN_FOR_FINE and "test" in card["metrics"]
+    before, after = load_file(str(chain / "details-int8" / "lgur_cpu.safetensors")), load_file(str(final))
+    held = [k for k in before if k.split(".")[0] in FROZEN_FOR_FINE]
+    assert held and all((before[k] == after[k]).all() for k in held)
+    # Finished: a rerun does nothing, and says so.
+    stamp = final.stat().st_mtime_ns
+    again: list[str] = []
+    assert lineage(cfg, progress=False, report=again.append) == final and final.stat().st_mtime_ns == stamp
+    assert again == [f"{final} exists: every stage has finished"]
