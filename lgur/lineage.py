@@ -1,7 +1,7 @@
 """The shipped model's training as one resumable command (`python -m lgur lineage`).
 
 The shipped model is not one run but a chain of stages, each starting from the one before
-(README, "Train, evaluate, measure"; MODEL_CARD for why each exists):
+(docs/TRAINING.md, "The shipped model's stages"; MODEL_CARD for why each exists):
 
 1. `terms`: the preset's recipe (cpu-lite0: ImageNet trunk, term prediction), to `stop_after`;
 2. `teacher`: a detail detector on it (train-details), whose person map teaches stage 3;
