@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from .lineage import LineageConfig, lineage
 
-    cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache)
+    cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
+                        teacher_stop_after=args.teacher_stop_after)  # fmt: skip
     try:
         print(lineage(cfg, progress=not args.quiet, report=_silent if args.quiet else print))
     except (ValueError, OSError) as error:  # a bad dataset or folder: say which, no traceback
@@ -443,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--out", required=True, help="a folder for the stages; the model is OUT/lgur_cpu.safetensors")
     chain.add_argument("--no-teacher", dest="teacher", action="store_false",
                        help="leave out the teacher and the run it teaches (stages 2-3)")  # fmt: skip
+    chain.add_argument("--teacher-stop-after", type=int, metavar="EPOCH",
+                       help="end stage 1 (the teacher's input) after this epoch (default: as stage 3)")  # fmt: skip
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
     chain.set_defaults(func=cmd_lineage)

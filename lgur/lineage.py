@@ -35,6 +35,9 @@ class LineageConfig:
     teacher: bool = True  # stages 2-3; without, the detector and the fine stage follow stage 1
     preset: str = "cpu-lite0"
     stop_after: int | None = 14  # stages 1 and 3 end after this epoch of the recipe's schedule (best on val)
+    # With the teacher, stage 1 only feeds the teacher's detector, which needs a person map, not a strong
+    # retriever: it may end earlier (None: at stop_after)
+    teacher_stop_after: int | None = None
     person_weight: float = 2.0  # TrainConfig.prototype_person of stages 3 and 5
     person_saturation: float = 0.5
     person_from_epoch: int = 2  # stage 3 only: the prototypes part first (stage 5 starts parted)
@@ -87,7 +90,8 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
         return path
 
     person = {"prototype_person": cfg.person_weight, "person_saturation": cfg.person_saturation}
-    base = training("terms", stop_after=cfg.stop_after)
+    first_stop = cfg.teacher_stop_after if cfg.teacher and cfg.teacher_stop_after else cfg.stop_after
+    base = training("terms", stop_after=first_stop)
     if cfg.teacher:
         teacher = detector(base, "teacher", cfg.teacher_details)
         base = training("person", stop_after=cfg.stop_after, person_from=str(teacher),
@@ -100,4 +104,6 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
     )  # fmt: skip
     report("export: int8, measured on the test splits")
     command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")
+    if cfg.teacher and cfg.teacher_stop_after:
+        command += f" --teacher-stop-after {cfg.teacher_stop_after}"
     return export_checkpoint(fine, final, "int8", cfg.data, cfg.gallery, cache, command, report)

@@ -19,7 +19,8 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
     generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
     detector = DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1, foreground_images=64)
     cfg = LineageConfig(
-        data=str(world), out=str(tmp_path / "chain"), stop_after=1, fine_epochs=1, fine_warmup_steps=0,
+        data=str(world), out=str(tmp_path / "chain"), stop_after=2, teacher_stop_after=1, fine_epochs=1,
+        fine_warmup_steps=0,
         details=detector, teacher_details=DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1,
                                                             stage_blocks=1, foreground=False),
         train_settings={"epochs": 2, "batch_size": 8, "warmup_steps": 0, "model_overrides": SMALL},
@@ -29,10 +30,11 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
     stages = [line.split(":")[0] for line in lines if line.startswith("stage ")]
     assert stages == ["stage terms", "stage teacher", "stage person", "stage details", "stage fine"]
     chain = tmp_path / "chain"
-    # Stage 3 was taught by stage 2's detector; stages 1 and 3 ended at stop_after.
+    # Stage 3 was taught by stage 2's detector and ended at stop_after; stage 1, the teacher's input, earlier.
     person = read_card(chain / "person" / "best.safetensors")
     assert person["training"]["config"]["person_from"] == str(chain / "teacher" / "lgur_cpu.safetensors")
-    assert person["training"]["config"]["stop_after"] == 1 and person["training"]["config"]["epochs"] == 2
+    assert person["training"]["config"]["stop_after"] == 2 and person["training"]["config"]["epochs"] == 2
+    assert read_card(chain / "terms" / "best.safetensors")["training"]["config"]["stop_after"] == 1
     # The fine stage changed only the prototypes' read-out (and what reads it), from stage 4's model.
     model, card = load_checkpoint(final)
     assert model.config.pgu_fine and model.details is not None and model.config.foreground_fitted
