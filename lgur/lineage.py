@@ -3,7 +3,8 @@
 The shipped model is not one run but a chain of stages, each starting from the one before
 (docs/TRAINING.md, "The shipped model's stages"; MODEL_CARD for why each exists):
 
-1. `terms`: the preset's recipe (cpu-lite0: ImageNet trunk, term prediction), to `stop_after`;
+1. `terms`: the preset's recipe (cpu-lite0: ImageNet trunk, term prediction), to `stop_after`
+   (or `teacher_stop_after`, when only the teacher reads it);
 2. `teacher`: a detail detector on it (train-details), whose person map teaches stage 3;
 3. `person`: the same recipe again, the prototypes kept on the teacher's person map;
 4. `details`: that model's own detector (a copy of the trunk's last two stages; fits DGA's m);
