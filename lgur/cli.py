@@ -97,7 +97,8 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minut
                  "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
                  "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
                  "prototype_person", "person_from", "person_saturation", "person_from_epoch",
-                 "diversity_on_person", "diversity_pairs", "diversity_rows", "frozen")  # fmt: skip
+                 "diversity_on_person", "diversity_pairs", "diversity_rows", "frozen", "prototype_rows",
+                 "prototype_row_width")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -433,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="compare the image prototypes' row profiles (attention per grid row), not their maps",
     )
+    train.add_argument(
+        "--prototype-rows", type=lambda v: tuple(float(h) for h in v.split(",")), metavar="H1,H2,...",
+        help="a row prior: one height (0 top, 1 bottom) per prototype, given by their mean heights in a second stage",
+    )  # fmt: skip
+    train.add_argument("--prototype-row-width", type=float, help="the row prior's width, as a share of the height")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.set_defaults(func=cmd_train)
 

@@ -84,6 +84,11 @@ class LGURConfig:
     # trunk's feature map at half the patch stride as well as the patches (lgur.pgu.FineMemory), so a
     # map can follow a part smaller than a patch. CNN trunks with such a map (EfficientNet) only.
     pgu_fine: bool = False
+    # Not in the paper: each image prototype's height in the image (0 top, 1 bottom; one per prototype),
+    # a Gaussian log-prior of width prototype_row_width over its map's rows (lgur.pgu.PGU.set_rows), so
+    # prototypes read the person at different heights, as re-id's stripes. Empty: off (the paper).
+    prototype_rows: tuple[float, ...] = ()
+    prototype_row_width: float = 0.1
     # Identity classification: "parts", one classifier per prototype (paper), so every part must
     # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
     # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.
@@ -119,8 +124,9 @@ class LGURConfig:
             if image.get(key) is not None:
                 image[key] = tuple(image[key])
         text = data.pop("text", {})
-        if "detail_terms" in data:
-            data["detail_terms"] = tuple(data["detail_terms"])
+        for key in ("detail_terms", "prototype_rows"):
+            if key in data:
+                data[key] = tuple(data[key])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -37,7 +37,8 @@ class CrossAttention(nn.Module):
         memory_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, D); memory: (B, M, D) or (M, D) shared by the batch; memory_mask: (B, M), True = valid;
-        memory_bias: (B, M) added to every query's attention logits (e.g. a log prior over positions).
+        memory_bias: (B, M) added to every query's attention logits (e.g. a log prior over positions), or
+        (B or 1, 1, N, M) to each query's own.
 
         Returns the output (B, N, D) and, if asked, the weights (B, H, N, M).
         """
@@ -63,8 +64,8 @@ class CrossAttention(nn.Module):
         q = self._split(self.to_q(x))  # (B, H, N, d)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
         if memory_bias is not None:  # an additive mask: the bias, -inf where masked
-            bias = memory_bias[:, None, None, :].to(q.dtype)
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+            bias = (memory_bias if memory_bias.dim() == 4 else memory_bias[:, None, None, :]).to(q.dtype)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         drop = self.dropout if self.training else 0.0
         if need_weights:
             logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5

@@ -122,7 +122,8 @@ class LGUR(nn.Module):
         if c.use_pgu:
             self.pgu = PGU(
                 c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim,
-                c.dropout, c.pgu_register, fine_channels, self.image_encoder.grid,
+                c.dropout, c.pgu_register, fine_channels, self.image_encoder.grid, c.prototype_rows,
+                c.prototype_row_width,
             )  # fmt: skip
         else:
             self.pgu = GlobalPooling(c.dim, c.part_dim)
@@ -171,14 +172,14 @@ class LGUR(nn.Module):
         words = self.word_features(mask, ids, backbone_features)  # (B, T, D)
         text, text_dictionary = self.text_branches(words, mask, need_weights)
         if self.dga is None:
-            return TrainOutputs(image=self.pgu(patches, None, need_weights, fine=fine), text=text)
+            return TrainOutputs(image=self.pgu(patches, None, need_weights, fine=fine, image=True), text=text)
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches)
         bias = self._foreground_bias(image_dictionary.foreground)
         return TrainOutputs(
-            image=self.pgu(guided.features, None, need_weights, bias, fine),
+            image=self.pgu(guided.features, None, need_weights, bias, fine, image=True),
             text=text,
-            image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias, fine),
+            image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias, fine, image=True),
             text_dictionary=text_dictionary,
         )
 
@@ -224,7 +225,7 @@ class LGUR(nn.Module):
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
             patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
-        parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground), fine)
+        parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground), fine, image=True)
         details = self.details(detail_tokens)[0] if self.details is not None else None
         return ImageExplanation(
             parts.embedding,

@@ -114,12 +114,16 @@ class PGU(nn.Module):
         register: bool = False,
         fine_channels: int = 0,
         grid: tuple[int, int] | None = None,
+        rows: tuple[float, ...] = (),
+        row_width: float = 0.1,
     ) -> None:
         """fine_channels, grid: with fine_channels > 0, image prototypes may attend at twice the patch
-        grid's (rows, cols) resolution to a trunk feature map of that many channels (FineMemory)."""
+        grid's (rows, cols) resolution to a trunk feature map of that many channels (FineMemory).
+        rows, row_width: each image prototype's height in the image and the prior's width (set_rows)."""
         super().__init__()
         if fine_channels and (register or grid is None):
             raise ValueError("the fine read-out needs the patch grid, and does not combine with a register")
+        self.grid = grid
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)  # (P, D)
         # Not in the paper: one learned memory slot appended to every image's patches and caption's words,
         # so a prototype that finds nothing to read there can attend to it instead of to the background
@@ -132,6 +136,28 @@ class PGU(nn.Module):
         self.norm = nn.LayerNorm(dim)
         # One bias-free projection per prototype, shared by both modalities: (P, D, part_dim).
         self.projections = nn.Parameter(torch.randn(num_prototypes, dim, part_dim) * dim**-0.5)
+        self.register_buffer("row_prior", None, persistent=False)
+        self.set_rows(rows, row_width)
+
+    def set_rows(self, rows: tuple[float, ...], width: float = 0.1) -> None:
+        """Not in the paper: prototype p prefers the image's rows near height rows[p] (0 top, 1 bottom).
+
+        A Gaussian log-prior over the rows of its map, -((y - rows[p]) / width)^2 / 2, is added to its
+        attention logits over image positions in every layer (the words are not placed). Pedestrian
+        crops stand upright, so a prototype held near the head cannot settle on the torso beside
+        another: re-id's horizontal stripes (PCB, Sun et al., ECCV 2018), made soft. () removes it.
+        """
+        if not rows:
+            self.row_prior = None
+            return
+        if len(rows) != len(self.prototypes) or self.grid is None:
+            raise ValueError(f"prototype rows: one height per prototype ({len(self.prototypes)}), and the image grid")
+        if width <= 0 or not all(0.0 <= r <= 1.0 for r in rows):
+            raise ValueError(f"prototype rows are heights in [0, 1] with a width > 0, not {rows} and {width}")
+        height, width_cells = self.fine.grid if self.fine is not None else self.grid
+        y = ((torch.arange(height) + 0.5) / height).repeat_interleave(width_cells)  # (L,) each position's height
+        prior = -0.5 * ((y[None, :] - torch.tensor(rows)[:, None]) / width) ** 2  # (P, L)
+        self.row_prior = prior.to(self.prototypes.device)
 
     def forward(
         self,
@@ -140,11 +166,13 @@ class PGU(nn.Module):
         need_weights: bool = False,
         bias: Tensor | None = None,
         fine: Tensor | None = None,
+        image: bool = False,
     ) -> Parts:
         """features: (B, L, D); mask: (B, L), True = valid (None for image patches); bias: (B, L) added to
         the prototypes' attention logits (the log foreground weight, with pgu_foreground); fine: image
         patches only, (B, C, 2 rows, 2 cols) the trunk's feature map at half the patch stride, read
-        with the fine read-out (the attention is then over the fine grid, (B, H, P, 4L))."""
+        with the fine read-out (the attention is then over the fine grid, (B, H, P, 4L)); image: the
+        features are image patches (the row prior applies, set_rows)."""
         batch = features.shape[0]
         refine = None
         if fine is not None:
@@ -152,6 +180,9 @@ class PGU(nn.Module):
                 raise ValueError("this PGU has no fine read-out")
             tokens = self.fine.norm(fine.flatten(2).transpose(1, 2))  # (B, 4L, C)
             bias = None if bias is None else self.fine.upsample(bias)
+        if image and self.row_prior is not None:  # (B, L) and (P, L) -> (B or 1, 1, P, L)
+            prior = self.row_prior[None, None]
+            bias = prior if bias is None else bias[:, None, None, :] + prior
         if self.register is not None:  # (B, L, D) -> (B, L + 1, D), the register last
             features = torch.cat([features, self.register.expand(batch, 1, -1)], dim=1)
             if mask is not None:
@@ -190,6 +221,7 @@ class GlobalPooling(nn.Module):
         need_weights: bool = False,
         bias: Tensor | None = None,
         fine: Tensor | None = None,  # PGU's signature; the fine read-out needs PGU (never given here)
+        image: bool = False,
     ) -> Parts:
         pooled = masked_mean(features, mask)  # (B, D)
         return Parts(self.projection(self.norm(pooled)).unsqueeze(1), None)

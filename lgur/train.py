@@ -135,6 +135,12 @@ class TrainConfig:
     # Compare the image prototypes' row profiles (attention summed over each row of the grid) rather
     # than their maps: two prototypes may not part by reading two sides of one garment.
     diversity_rows: bool = False
+    # Heights (0 top, 1 bottom) for the image prototypes' row prior (LGURConfig.prototype_rows), one per
+    # prototype. A second stage hands them out by the prototypes' mean heights at its start
+    # (place_prototypes), so the prior agrees with what each reads already and two prototypes on one
+    # part (twins the diversity term cannot part: their gradients are the same) get different heights.
+    prototype_rows: tuple[float, ...] | None = None
+    prototype_row_width: float = 0.1
     # A second stage: start from this checkpoint's model and weights (a run's last.safetensors with its
     # identity classifier, or an inference checkpoint: the classifier is then imprinted) with a fresh
     # optimiser and schedule. None: from scratch.
@@ -176,6 +182,8 @@ class TrainConfig:
                 except json.JSONDecodeError:
                     pass  # a plain string
             setattr(target, leaf, tuple(value) if isinstance(value, list) else value)
+        if self.prototype_rows and not self.init_from:  # from scratch: in the order given
+            config.prototype_rows, config.prototype_row_width = tuple(self.prototype_rows), self.prototype_row_width
         return config
 
 
@@ -488,6 +496,37 @@ def imprint_classifier(model: LGUR, split: RetrievalSplit, labels: Tensor, batch
     model.classifier.weight.copy_(weight.to(device))
 
 
+@torch.no_grad()
+def place_prototypes(
+    model: LGUR, split: RetrievalSplit, heights: tuple[float, ...], width: float, count: int = 512, batch: int = 128
+) -> tuple[float, ...]:
+    """Give each image prototype one of `heights` for its row prior (PGU.set_rows) by a linear assignment
+    to the prototypes' mean heights: where their last-layer maps lie on the first `count` training
+    images. -> the heights in prototype order (also set in model.config)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(heights) != model.config.num_prototypes:
+        raise ValueError(f"prototype rows: {len(heights)} heights for {model.config.num_prototypes} prototypes")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    means = []
+    for start in range(0, min(count, len(split.images)), batch):
+        explained = model.explain_images(normalize(split.images[start : min(start + batch, count)].to(device)))
+        rows, cols = explained.prototype_shape
+        maps = explained.prototype_attention[:, -1].mean(1).float().cpu()  # (B, P, N)
+        y = ((torch.arange(rows) + 0.5) / rows).repeat_interleave(cols)  # (N,)
+        means.append(maps @ y)  # (B, P)
+    model.train(was_training)
+    mean_height = torch.cat(means).mean(0)  # (P,)
+    cost = (mean_height[:, None] - torch.tensor(heights)[None, :]).abs()
+    prototypes, slots = linear_sum_assignment(cost.numpy())
+    placed = tuple(float(heights[s]) for _, s in sorted(zip(prototypes, slots)))
+    model.pgu.set_rows(placed, width)
+    model.config.prototype_rows, model.config.prototype_row_width = placed, width
+    return placed
+
+
 def split_records(records: list[Record], seed: int) -> dict[str, list[Record]]:
     splits: dict[str, list[Record]] = {}
     for r in records:
@@ -618,6 +657,8 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError("--terms-from parts needs PGU (there are no part vectors with --no-pgu)")
     if cfg.prototype_person and (not cfg.person_from or not cfg.use_pgu):
         raise ValueError("--prototype-person needs PGU and --person-from, a checkpoint with a detail detector")
+    if cfg.prototype_rows and not cfg.use_pgu:
+        raise ValueError("--prototype-rows needs PGU (there are no prototypes with --no-pgu)")
     if cfg.diversity_on_person and not (cfg.prototype_person and cfg.prototype_diversity):
         raise ValueError("--diversity-on-person needs --prototype-diversity and --prototype-person (the person map)")
 
@@ -746,12 +787,21 @@ def resume_or_start(run: Run) -> None:
     cfg, last = run.cfg, run.out / "last.safetensors"
     resuming = last.is_file() and (run.out / "last_optimizer.safetensors").is_file()
     if cfg.init_from and not resuming:
-        if start_from_checkpoint(run.model, run.criterion, cfg):
+        needs_classifier = start_from_checkpoint(run.model, run.criterion, cfg)
+        if cfg.prototype_rows:  # before imprinting: the prior changes the part vectors
+            placed = place_prototypes(run.model, run.train, cfg.prototype_rows, cfg.prototype_row_width)
+            if run.main:
+                log.info("prototype rows: %s", ", ".join(f"P{p + 1} {h:.2f}" for p, h in enumerate(placed)))
+        if needs_classifier:
             imprint_classifier(run.model, run.train, run.labels)
         if run.main:
             log.info("second stage from %s", cfg.init_from)
     if resuming:
         resumed, last_card = load_checkpoint(last, cfg.text_encoder_path)
+        if resumed.config.prototype_rows:  # placed when the run started (place_prototypes)
+            run.model.pgu.set_rows(resumed.config.prototype_rows, resumed.config.prototype_row_width)
+            run.model.config.prototype_rows = resumed.config.prototype_rows
+            run.model.config.prototype_row_width = resumed.config.prototype_row_width
         run.model.load_state_dict(resumed.state_dict())
         load_optimizer_state(run.optimizer, run.out / "last_optimizer.safetensors")
         run.state = last_card["training_state"]

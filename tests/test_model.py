@@ -425,3 +425,40 @@ def test_the_fine_read_out_starts_as_the_patch_grid_and_can_then_read_inside_a_p
 def test_the_fine_read_out_needs_a_trunk_with_a_map_at_half_the_stride() -> None:
     with pytest.raises(ValueError, match="pgu_fine needs"):
         LGUR(tiny_config(pgu_fine=True), load_pretrained=False)
+
+
+def test_the_row_prior_holds_each_prototype_near_its_height_and_leaves_the_words_alone(tmp_path) -> None:
+    from lgur.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = LGUR(tiny_config(), num_identities=3).eval()
+    images = random_images(model, 4)
+    ids, mask = model.tokenize(CAPTIONS[:2])
+    rows, cols = model.image_encoder.grid
+    height = ((torch.arange(rows) + 0.5) / rows).repeat_interleave(cols)  # each patch's height
+
+    def mean_heights() -> torch.Tensor:  # (P,) where each prototype's last-layer map lies
+        with torch.no_grad():
+            maps = model.explain_images(images).prototype_attention[:, -1].mean(1)  # (B, P, N)
+        return (maps @ height).mean(0)
+
+    def words() -> torch.Tensor:
+        with torch.no_grad():
+            return model.embed_texts(ids, mask)
+
+    plain_heights, plain_words = mean_heights(), words()
+    wanted = (0.05, 0.95, 0.05, 0.95, 0.5, 0.5)
+    model.pgu.set_rows(wanted, 0.1)
+    placed = mean_heights()
+    assert (placed[[0, 2]] < 0.2).all() and (placed[[1, 3]] > 0.8).all()  # plain maps lie mid-height
+    assert ((placed - torch.tensor(wanted)).abs() < (plain_heights - torch.tensor(wanted)).abs()).all()
+    assert torch.equal(words(), plain_words)  # the captions' words have no rows
+    model.config.prototype_rows, model.config.prototype_row_width = wanted, 0.1
+    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "rows.safetensors", {}))
+    assert loaded.config.prototype_rows == wanted and torch.equal(loaded.pgu.row_prior, model.pgu.row_prior)
+    model.pgu.set_rows(())  # off again: the model it was
+    assert torch.allclose(mean_heights(), plain_heights)
+    with pytest.raises(ValueError, match="one height per prototype"):
+        model.pgu.set_rows((0.1, 0.9))
+    with pytest.raises(ValueError, match="heights in"):
+        model.pgu.set_rows((0.1, 0.2, 0.3, 0.4, 0.5, 1.5))

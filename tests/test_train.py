@@ -259,3 +259,32 @@ def test_a_frozen_stem_keeps_its_imagenet_filters_while_the_rest_of_the_trunk_le
     stem, later = "image_encoder.cnn.conv_stem.weight", "image_encoder.cnn.blocks.3.0.conv_pw.weight"
     assert torch.equal(trained[stem], imagenet["_conv_stem.weight"])  # frozen for the run's only epoch
     assert not torch.equal(trained[later], imagenet["_blocks.5._expand_conv.weight"])  # learns at lr_trunk
+
+
+def test_a_second_stage_places_the_row_prior_by_where_the_prototypes_read(world: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lgur.model import LGUR
+    from lgur.train import place_prototypes
+    from tests.conftest import tiny_config
+
+    # Prototypes held at known heights (top, bottom, top, bottom, middle, middle) get the nearest new ones.
+    torch.manual_seed(0)
+    model = LGUR(tiny_config()).eval()
+    model.pgu.set_rows((0.05, 0.95, 0.05, 0.95, 0.5, 0.5), 0.05)
+    h, w = model.config.image.img_size
+    images = SimpleNamespace(images=torch.randint(0, 256, (16, 3, h, w), dtype=torch.uint8))
+    placed = place_prototypes(model, images, (0.9, 0.1, 0.5, 0.2, 0.8, 0.45), 0.1, count=16)
+    assert set(placed[0::2][:2]) == {0.1, 0.2} and set(placed[1::2][:2]) == {0.9, 0.8}
+    assert set(placed[4:]) == {0.5, 0.45} and model.config.prototype_rows == placed
+    with pytest.raises(ValueError, match="2 heights for 6 prototypes"):
+        place_prototypes(model, images, (0.1, 0.9), 0.1)
+    # In a run: placed once at the start, written in the checkpoint's config, kept when the run resumes.
+    train(_config(world, tmp_path / "first", epochs=1), progress=False)
+    heights = (0.1, 0.25, 0.4, 0.6, 0.75, 0.9)
+    stage = dict(epochs=2, init_from=str(tmp_path / "first" / "best.safetensors"), prototype_rows=heights)
+    train(_config(world, tmp_path / "rows", stop_after=1, **stage), progress=False)
+    started = json.loads((tmp_path / "rows" / "last.json").read_text())["config"]["prototype_rows"]
+    assert sorted(started) == sorted(heights)
+    train(_config(world, tmp_path / "rows", **stage), progress=False)  # resumed
+    assert json.loads((tmp_path / "rows" / "best.json").read_text())["config"]["prototype_rows"] == started
