@@ -98,7 +98,7 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minut
                  "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
                  "prototype_person", "person_from", "person_saturation", "person_from_epoch",
                  "diversity_on_person", "diversity_pairs", "diversity_rows", "frozen", "prototype_rows",
-                 "prototype_row_width")  # fmt: skip
+                 "prototype_row_width", "person_fine")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -417,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the teacher's map is 1 wherever it is this share of its peak or more (default 1)",
     )
     train.add_argument("--person-from-epoch", type=int, help="first epoch (0-based) of the --prototype-person penalty")
+    train.add_argument(
+        "--person-fine", action="store_const", const=True,
+        help="with pgu_fine: the teacher's person map at the fine grid (shift-and-stitch), not its patches'",
+    )  # fmt: skip
     train.add_argument(
         "--diversity-on-person",
         action="store_const",

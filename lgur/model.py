@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LGURConfig
@@ -287,8 +288,33 @@ class LGUR(nn.Module):
     def person_map_of(self, detail_tokens: Tensor, saturation: float = 1.0) -> Tensor:
         """`person_map` from the tokens the detector reads (encode_images' second output)."""
         _, patches = self.details(detail_tokens)  # (B, N, K) per-patch phrase logits
-        surest = torch.sigmoid(patches).amax(-1)
-        return (surest / (saturation * surest.amax(-1, keepdim=True)).clamp(min=1e-6)).clamp(max=1.0)
+        return _relative(torch.sigmoid(patches).amax(-1), saturation)
+
+    @torch.no_grad()
+    def fine_person_map(self, images: Tensor, saturation: float = 1.0) -> Tensor:
+        """`person_map` at twice the patch grid (B, 4N), by shift-and-stitch (Long et al., CVPR 2015): the
+        detector runs on the image shifted by half a patch down, right and both, and each half-size cell
+        keeps the least sure of the four patches that hold it. A patch that is half leg, half ground is
+        sure of the person; the shifted patch holding only its ground half is not, so the ground beside
+        a leg is told from the leg, which the patch grid cannot do."""
+        if self.details is None:
+            raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
+        (rows, cols), (height, width) = self.image_encoder.grid, images.shape[-2:]
+        half_h, half_w = height // rows // 2, width // cols // 2
+        fine_rows, fine_cols = (torch.arange(2 * n, device=images.device) for n in (rows, cols))
+        phases = []
+        for dy in (0, half_h):
+            for dx in (0, half_w):
+                # the content moves up and left by (dy, dx), the far edges repeated: patch (i, j) now holds
+                # the pixels from (i * patch + dy, j * patch + dx), so fine cell (r, c) lies in patch
+                # ((r - [dy > 0]) // 2, (c - [dx > 0]) // 2) (clamped: the first cell has no shifted patch)
+                shifted = F.pad(images, (0, dx, 0, dy), mode="replicate")[..., dy:, dx:]
+                _, patches = self.details(self.detail_tokens(shifted))
+                surest = torch.sigmoid(patches).amax(-1).unflatten(-1, (rows, cols))  # (B, rows, cols)
+                r = ((fine_rows - int(dy > 0)) // 2).clamp(0, rows - 1)
+                c = ((fine_cols - int(dx > 0)) // 2).clamp(0, cols - 1)
+                phases.append(surest[:, r][:, :, c])  # (B, 2 rows, 2 cols)
+        return _relative(torch.stack(phases).amin(0).flatten(1), saturation)
 
     @property
     def prototype_grid(self) -> tuple[int, int]:
@@ -356,3 +382,8 @@ class LGUR(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {"trainable": trainable, "frozen": frozen}
+
+
+def _relative(surest: Tensor, saturation: float) -> Tensor:
+    """(B, N) detector certainty -> relative to the image's surest position, 1 from `saturation` of it up."""
+    return (surest / (saturation * surest.amax(-1, keepdim=True)).clamp(min=1e-6)).clamp(max=1.0)

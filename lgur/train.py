@@ -125,6 +125,10 @@ class TrainConfig:
     # First epoch (0-based) of that penalty: from the start it holds all six prototypes on the same person
     # map, where the diversity term has no gradient to part them; later, they have already parted.
     person_from_epoch: int = 0
+    # With pgu_fine: the teacher's person map at the fine grid (LGUR.fine_person_map, shift-and-stitch)
+    # rather than its patch map repeated over each patch's four cells, which cannot tell a leg from the
+    # ground beside it in one patch (the ground the feet prototypes read is 98% in such patches).
+    person_fine: bool = False
     # While that penalty is on, measure the image prototypes' overlap (prototype_diversity) on the
     # teacher's person map only: under the penalty, two prototypes on one part otherwise part most
     # cheaply by one of them reading the background (trunk table: diversity 4.0, 97% background).
@@ -281,9 +285,10 @@ class TrainingStep(nn.Module):
                 if parts is not None
             }
         retrieval = out.image_dictionary if out.image_dictionary is not None else out.image
-        person = self.person_map(images) if taught else None  # (B, N)
-        if person is not None and self.model.config.pgu_fine:  # the maps are on the fine grid
-            person = self.model.pgu.fine.upsample(person)
+        person = self.person_map(images) if taught else None  # (B, N), or (B, 4N) already fine (person_fine)
+        fine = self.model.pgu.fine if self.model.config.pgu_fine else None
+        if person is not None and fine is not None and person.shape[-1] != fine.patch_of.numel():
+            person = fine.upsample(person)  # the maps are on the fine grid, the teacher's is not
         on_person = person if self.diversity_on_person else None
         losses = self.criterion(out, labels, self.model.classifier, negatives, match, term_targets, on_person)
         if person is not None:  # the maps drawn: the last layer, heads averaged
@@ -763,7 +768,10 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
         if teacher.details is None or teacher.image_encoder.grid != model.image_encoder.grid:
             grid = model.image_encoder.grid
             raise ValueError(f"{cfg.person_from}: the teacher needs a detail detector on the same {grid} grid")
-        person_map = functools.partial(teacher.person_map, saturation=cfg.person_saturation)
+        if cfg.person_fine and not model.config.pgu_fine:
+            raise ValueError("--person-fine teaches maps on the fine grid: it needs pgu_fine (--set pgu_fine=true)")
+        read = teacher.fine_person_map if cfg.person_fine else teacher.person_map
+        person_map = functools.partial(read, saturation=cfg.person_saturation)
     training_step = TrainingStep(
         model, criterion, person_map, cfg.prototype_person, cfg.diversity_on_person, tuple(cfg.frozen)
     )

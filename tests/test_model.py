@@ -462,3 +462,28 @@ def test_the_row_prior_holds_each_prototype_near_its_height_and_leaves_the_words
         model.pgu.set_rows((0.1, 0.9))
     with pytest.raises(ValueError, match="heights in"):
         model.pgu.set_rows((0.1, 0.2, 0.3, 0.4, 0.5, 1.5))
+
+
+def test_the_fine_person_map_tells_the_half_of_a_patch_that_holds_the_person() -> None:
+    class PatchMeans(torch.nn.Module):  # a detector as sure of the person as a patch is bright
+        def __init__(self, patch: int) -> None:
+            super().__init__()
+            self.patch = patch
+
+        def forward(self, images: torch.Tensor) -> tuple[None, torch.Tensor]:
+            means = F.avg_pool2d(images[:, :1], self.patch).flatten(1)  # (B, N)
+            return None, torch.logit(means.clamp(1e-4, 1 - 1e-4))[..., None]  # (B, N, 1 phrase)
+
+    model = LGUR(tiny_config(), num_identities=3).eval()
+    (rows, cols), (h, w) = model.image_encoder.grid, model.config.image.img_size
+    patch = h // rows
+    model.details = PatchMeans(patch)
+    model.detail_tokens = lambda images: images  # the detector reads the pixels themselves
+    images = torch.zeros(1, 3, h, w)
+    r, c = 5, 3  # one bright cell, half a patch on each side: the bottom-right quarter of patch (2, 1)
+    images[..., r * patch // 2 : (r + 1) * patch // 2, c * patch // 2 : (c + 1) * patch // 2] = 1.0
+    coarse = model.person_map(images).reshape(rows, cols)
+    assert coarse[2, 1] == 1.0 and (coarse > 0.01).sum() == 1  # the whole patch, all four of its cells
+    fine = model.fine_person_map(images).reshape(2 * rows, 2 * cols)
+    assert fine[r, c] == 1.0 and (fine > 0.01).sum() == 1  # the cell alone: its three neighbours in the patch
+    # each lie in some shifted patch without the bright cell
