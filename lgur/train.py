@@ -127,7 +127,7 @@ class TrainConfig:
     person_from_epoch: int = 0
     # With pgu_fine: the teacher's person map at the fine grid (LGUR.fine_person_map, shift-and-stitch)
     # rather than its patch map repeated over each patch's four cells, which cannot tell a leg from the
-    # ground beside it in one patch (the ground the feet prototypes read is 98% in such patches).
+    # ground beside it in one patch (on the ground the feet prototypes read it penalises 0.02 per unit).
     person_fine: bool = False
     # While that penalty is on, measure the image prototypes' overlap (prototype_diversity) on the
     # teacher's person map only: under the penalty, two prototypes on one part otherwise part most
