@@ -287,8 +287,12 @@ class LGUR(nn.Module):
 
     def person_map_of(self, detail_tokens: Tensor, saturation: float = 1.0) -> Tensor:
         """`person_map` from the tokens the detector reads (encode_images' second output)."""
+        return _relative(self._surest_phrase(detail_tokens), saturation)
+
+    def _surest_phrase(self, detail_tokens: Tensor) -> Tensor:
+        """(B, N, dim) -> (B, N) the detector's probability of its surest phrase at each patch."""
         _, patches = self.details(detail_tokens)  # (B, N, K) per-patch phrase logits
-        return _relative(torch.sigmoid(patches).amax(-1), saturation)
+        return torch.sigmoid(patches).amax(-1)
 
     @torch.no_grad()
     def fine_person_map(self, images: Tensor, saturation: float = 1.0) -> Tensor:
@@ -309,12 +313,16 @@ class LGUR(nn.Module):
                 # the pixels from (i * patch + dy, j * patch + dx), so fine cell (r, c) lies in patch
                 # ((r - [dy > 0]) // 2, (c - [dx > 0]) // 2) (clamped: the first cell has no shifted patch)
                 shifted = F.pad(images, (0, dx, 0, dy), mode="replicate")[..., dy:, dx:]
-                _, patches = self.details(self.detail_tokens(shifted))
-                surest = torch.sigmoid(patches).amax(-1).unflatten(-1, (rows, cols))  # (B, rows, cols)
+                surest = self._surest_phrase(self.detail_tokens(shifted)).unflatten(-1, (rows, cols))
                 r = ((fine_rows - int(dy > 0)) // 2).clamp(0, rows - 1)
                 c = ((fine_cols - int(dx > 0)) // 2).clamp(0, cols - 1)
                 phases.append(surest[:, r][:, :, c])  # (B, 2 rows, 2 cols)
         return _relative(torch.stack(phases).amin(0).flatten(1), saturation)
+
+    def set_prototype_rows(self, rows: tuple[float, ...], width: float) -> None:
+        """The image prototypes' row prior (LGURConfig.prototype_rows, PGU.set_rows), in the config too."""
+        self.pgu.set_rows(rows, width)
+        self.config.prototype_rows, self.config.prototype_row_width = tuple(rows), width
 
     @property
     def prototype_grid(self) -> tuple[int, int]:

@@ -18,6 +18,12 @@ from torch import Tensor, nn
 from .layers import CrossAttention, FeedForward, masked_mean
 
 
+def position_heights(grid: tuple[int, int]) -> Tensor:
+    """(rows, cols) -> (rows * cols,) each grid position's height in the image, 0 top, 1 bottom (centres)."""
+    rows, cols = grid
+    return ((torch.arange(rows) + 0.5) / rows).repeat_interleave(cols)
+
+
 class PrototypeDecoderLayer(nn.Module):
     """Pre-norm cross-attention of the prototypes over the features, then a feed-forward."""
 
@@ -154,8 +160,7 @@ class PGU(nn.Module):
             raise ValueError(f"prototype rows: one height per prototype ({len(self.prototypes)}), and the image grid")
         if width <= 0 or not all(0.0 <= r <= 1.0 for r in rows):
             raise ValueError(f"prototype rows are heights in [0, 1] with a width > 0, not {rows} and {width}")
-        height, width_cells = self.fine.grid if self.fine is not None else self.grid
-        y = ((torch.arange(height) + 0.5) / height).repeat_interleave(width_cells)  # (L,) each position's height
+        y = position_heights(self.fine.grid if self.fine is not None else self.grid)  # (L,)
         prior = -0.5 * ((y[None, :] - torch.tensor(rows)[:, None]) / width) ** 2  # (P, L)
         self.row_prior = prior.to(self.prototypes.device)
 

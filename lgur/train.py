@@ -51,6 +51,7 @@ from .evaluate import evaluate_split, record_in_card, score_test_splits
 from .files import atomic_write_bytes
 from .losses import LGURLoss, same_identity
 from .model import LGUR
+from .pgu import position_heights
 
 log = logging.getLogger(__name__)
 
@@ -518,17 +519,14 @@ def place_prototypes(
     means = []
     for start in range(0, min(count, len(split.images)), batch):
         explained = model.explain_images(normalize(split.images[start : min(start + batch, count)].to(device)))
-        rows, cols = explained.prototype_shape
         maps = explained.prototype_attention[:, -1].mean(1).float().cpu()  # (B, P, N)
-        y = ((torch.arange(rows) + 0.5) / rows).repeat_interleave(cols)  # (N,)
-        means.append(maps @ y)  # (B, P)
+        means.append(maps @ position_heights(explained.prototype_shape))  # (B, P)
     model.train(was_training)
     mean_height = torch.cat(means).mean(0)  # (P,)
     cost = (mean_height[:, None] - torch.tensor(heights)[None, :]).abs()
     prototypes, slots = linear_sum_assignment(cost.numpy())
     placed = tuple(float(heights[s]) for _, s in sorted(zip(prototypes, slots)))
-    model.pgu.set_rows(placed, width)
-    model.config.prototype_rows, model.config.prototype_row_width = placed, width
+    model.set_prototype_rows(placed, width)
     return placed
 
 
@@ -807,9 +805,7 @@ def resume_or_start(run: Run) -> None:
     if resuming:
         resumed, last_card = load_checkpoint(last, cfg.text_encoder_path)
         if resumed.config.prototype_rows:  # placed when the run started (place_prototypes)
-            run.model.pgu.set_rows(resumed.config.prototype_rows, resumed.config.prototype_row_width)
-            run.model.config.prototype_rows = resumed.config.prototype_rows
-            run.model.config.prototype_row_width = resumed.config.prototype_row_width
+            run.model.set_prototype_rows(resumed.config.prototype_rows, resumed.config.prototype_row_width)
         run.model.load_state_dict(resumed.state_dict())
         load_optimizer_state(run.optimizer, run.out / "last_optimizer.safetensors")
         run.state = last_card["training_state"]
