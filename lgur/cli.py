@@ -442,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prototype-rows", type=lambda v: tuple(float(h) for h in v.split(",")), metavar="H1,H2,...",
         help="a row prior: one height (0 top, 1 bottom) per prototype, given by their mean heights in a second stage",
     )  # fmt: skip
-    train.add_argument("--prototype-row-width", type=float, help="the row prior's width, as a share of the height")
+    train.add_argument(
+        "--prototype-row-width", type=lambda v: float(v) if "," not in v else tuple(float(w) for w in v.split(",")),
+        metavar="W or W1,W2,...",
+        help="the row prior's width, as a share of the height: one, or one per decoder layer (0: that layer free)",
+    )  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.set_defaults(func=cmd_train)
 

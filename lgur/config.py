@@ -87,8 +87,9 @@ class LGURConfig:
     # Not in the paper: each image prototype's height in the image (0 top, 1 bottom; one per prototype),
     # a Gaussian log-prior of width prototype_row_width over its map's rows (lgur.pgu.PGU.set_rows), so
     # prototypes read the person at different heights, as re-id's stripes. Empty: off (the paper).
+    # The width: one for every decoder layer, or one per layer (0: that layer reads freely).
     prototype_rows: tuple[float, ...] = ()
-    prototype_row_width: float = 0.1
+    prototype_row_width: float | tuple[float, ...] = 0.1
     # Identity classification: "parts", one classifier per prototype (paper), so every part must
     # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
     # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.
@@ -124,8 +125,8 @@ class LGURConfig:
             if image.get(key) is not None:
                 image[key] = tuple(image[key])
         text = data.pop("text", {})
-        for key in ("detail_terms", "prototype_rows"):
-            if key in data:
+        for key in ("detail_terms", "prototype_rows", "prototype_row_width"):
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known

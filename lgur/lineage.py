@@ -8,7 +8,7 @@ The shipped model is not one run but a chain of stages, each starting from the o
 2. `teacher`: a detail detector on it (train-details), whose person map teaches stage 3;
 3. `person`: the same recipe again, the prototypes kept on the teacher's person map;
 4. `details`: that model's own detector (a copy of the trunk's last two stages; fits DGA's m);
-5. `fine`: the prototypes read a grid twice as fine, everything else held fixed;
+5. `fine`: the prototypes read a grid twice as fine, each at its own height, everything else held fixed;
 
 then the int8 export, measured on the world's test splits (and the gallery, if given). With
 `teacher=False`, stages 2 and 3 are left out and stage 4 reads stage 1's model.
@@ -46,6 +46,12 @@ class LineageConfig:
     fine_warmup_steps: int = 50
     fine_lr: float = 1e-3
     fine_lr_backbone: float = 1e-4
+    # The fine stage's row prior (TrainConfig.prototype_rows: head, shoulders, waist, thighs, shins, feet,
+    # handed out by where the prototypes read) in its drawn layer only, the first reading freely; and the
+    # teacher's person map at the fine grid (person_fine), so the feet are told from the ground beside them
+    fine_rows: tuple[float, ...] = (0.18, 0.32, 0.45, 0.6, 0.77, 0.94)
+    fine_row_width: float | tuple[float, ...] = (0.0, 0.05)
+    fine_person: bool = True
     details: DetailTrainConfig = field(default_factory=lambda: DetailTrainConfig(stage=True))
     teacher_details: DetailTrainConfig = field(
         default_factory=lambda: DetailTrainConfig(stage=True, stage_blocks=1, foreground=False)
@@ -102,6 +108,8 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
         "fine", init_from=str(details), model_overrides={"pgu_fine": True}, frozen=FROZEN_FOR_FINE,
         epochs=cfg.fine_epochs, stop_after=None, warmup_steps=cfg.fine_warmup_steps, lr=cfg.fine_lr,
         lr_backbone=cfg.fine_lr_backbone, person_from=str(details), person_from_epoch=0, **person,
+        prototype_rows=cfg.fine_rows or None, prototype_row_width=cfg.fine_row_width, person_fine=cfg.fine_person,
+        final_test=False,  # the int8 export below is measured on the same splits
     )  # fmt: skip
     report("export: int8, measured on the test splits")
     command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")

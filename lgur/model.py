@@ -319,7 +319,7 @@ class LGUR(nn.Module):
                 phases.append(surest[:, r][:, :, c])  # (B, 2 rows, 2 cols)
         return _relative(torch.stack(phases).amin(0).flatten(1), saturation)
 
-    def set_prototype_rows(self, rows: tuple[float, ...], width: float) -> None:
+    def set_prototype_rows(self, rows: tuple[float, ...], width: float | tuple[float, ...]) -> None:
         """The image prototypes' row prior (LGURConfig.prototype_rows, PGU.set_rows), in the config too."""
         self.pgu.set_rows(rows, width)
         self.config.prototype_rows, self.config.prototype_row_width = tuple(rows), width

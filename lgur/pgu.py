@@ -121,7 +121,7 @@ class PGU(nn.Module):
         fine_channels: int = 0,
         grid: tuple[int, int] | None = None,
         rows: tuple[float, ...] = (),
-        row_width: float = 0.1,
+        row_width: float | tuple[float, ...] = 0.1,
     ) -> None:
         """fine_channels, grid: with fine_channels > 0, image prototypes may attend at twice the patch
         grid's (rows, cols) resolution to a trunk feature map of that many channels (FineMemory).
@@ -145,24 +145,29 @@ class PGU(nn.Module):
         self.register_buffer("row_prior", None, persistent=False)
         self.set_rows(rows, row_width)
 
-    def set_rows(self, rows: tuple[float, ...], width: float = 0.1) -> None:
+    def set_rows(self, rows: tuple[float, ...], width: float | tuple[float, ...] = 0.1) -> None:
         """Not in the paper: prototype p prefers the image's rows near height rows[p] (0 top, 1 bottom).
 
         A Gaussian log-prior over the rows of its map, -((y - rows[p]) / width)^2 / 2, is added to its
-        attention logits over image positions in every layer (the words are not placed). Pedestrian
-        crops stand upright, so a prototype held near the head cannot settle on the torso beside
-        another: re-id's horizontal stripes (PCB, Sun et al., ECCV 2018), made soft. () removes it.
+        attention logits over image positions (the words are not placed). Pedestrian crops stand
+        upright, so a prototype held near the head cannot settle on the torso beside another: re-id's
+        horizontal stripes (PCB, Sun et al., ECCV 2018), made soft. width: one for every layer, or one
+        per layer, 0 leaving that layer free. () removes it.
         """
         if not rows:
             self.row_prior = None
             return
+        widths = (width,) * len(self.layers) if isinstance(width, (int, float)) else tuple(width)
         if len(rows) != len(self.prototypes) or self.grid is None:
             raise ValueError(f"prototype rows: one height per prototype ({len(self.prototypes)}), and the image grid")
-        if width <= 0 or not all(0.0 <= r <= 1.0 for r in rows):
-            raise ValueError(f"prototype rows are heights in [0, 1] with a width > 0, not {rows} and {width}")
+        if len(widths) != len(self.layers) or min(widths) < 0 or max(widths) <= 0:
+            raise ValueError(f"prototype row width: one or one per layer ({len(self.layers)}), >= 0, not {width}")
+        if not all(0.0 <= r <= 1.0 for r in rows):
+            raise ValueError(f"prototype rows are heights in [0, 1], not {rows}")
         y = position_heights(self.fine.grid if self.fine is not None else self.grid)  # (L,)
-        prior = -0.5 * ((y[None, :] - torch.tensor(rows)[:, None]) / width) ** 2  # (P, L)
-        self.row_prior = prior.to(self.prototypes.device)
+        distance = y[None, :] - torch.tensor(rows)[:, None]  # (P, L)
+        prior = [-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in widths]
+        self.row_prior = torch.stack(prior).to(self.prototypes.device)  # (layers, P, L)
 
     def forward(
         self,
@@ -185,21 +190,21 @@ class PGU(nn.Module):
                 raise ValueError("this PGU has no fine read-out")
             tokens = self.fine.norm(fine.flatten(2).transpose(1, 2))  # (B, 4L, C)
             bias = None if bias is None else self.fine.upsample(bias)
-        if image and self.row_prior is not None:  # (B, L) and (P, L) -> (B or 1, 1, P, L)
-            prior = self.row_prior[None, None]
-            bias = prior if bias is None else bias[:, None, None, :] + prior
+        layer_bias = [bias] * len(self.layers)
+        if image and self.row_prior is not None:  # (B, L) and (P, L) -> (B or 1, 1, P, L), per layer
+            prior = self.row_prior[:, None, None]
+            layer_bias = list(prior if bias is None else bias[None, :, None, None, :] + prior)
         if self.register is not None:  # (B, L, D) -> (B, L + 1, D), the register last
             features = torch.cat([features, self.register.expand(batch, 1, -1)], dim=1)
             if mask is not None:
                 mask = F.pad(mask, (0, 1), value=True)
-            if bias is not None:
-                bias = F.pad(bias, (0, 1), value=0.0)
+            layer_bias = [None if b is None else F.pad(b, (0, 1), value=0.0) for b in layer_bias]
         queries = self.prototypes.unsqueeze(0).expand(batch, -1, -1)
         attention = []
         for i, layer in enumerate(self.layers):
             if fine is not None:
                 refine = partial(self.fine.refine, tokens=tokens, layer=i)
-            queries, weights = layer(queries, features, mask, need_weights, bias, refine)
+            queries, weights = layer(queries, features, mask, need_weights, layer_bias[i], refine)
             attention.append(weights)
         vectors = torch.einsum("bpd,pde->bpe", self.norm(queries), self.projections)
         if not need_weights:

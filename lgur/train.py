@@ -145,7 +145,7 @@ class TrainConfig:
     # (place_prototypes), so the prior agrees with what each reads already and two prototypes on one
     # part (twins the diversity term cannot part: their gradients are the same) get different heights.
     prototype_rows: tuple[float, ...] | None = None
-    prototype_row_width: float = 0.1
+    prototype_row_width: float | tuple[float, ...] = 0.1  # one, or one per decoder layer (0: free)
     # A second stage: start from this checkpoint's model and weights (a run's last.safetensors with its
     # identity classifier, or an inference checkpoint: the classifier is then imprinted) with a fresh
     # optimiser and schedule. None: from scratch.
@@ -155,6 +155,7 @@ class TrainConfig:
     # keeps a detail detector and a fitted foreground weight that were trained on them valid.
     frozen: tuple[str, ...] = ()
     max_minutes: float | None = None  # stop early; the best-on-val model is still tested
+    final_test: bool = True  # test the best-on-val model when the run ends (the lineage measures its export)
     # end the run after its Nth epoch of the schedule (counted from the start, so the same command
     # resumes an interrupted run to the same place; raise it to go on)
     stop_after: int | None = None
@@ -504,7 +505,12 @@ def imprint_classifier(model: LGUR, split: RetrievalSplit, labels: Tensor, batch
 
 @torch.no_grad()
 def place_prototypes(
-    model: LGUR, split: RetrievalSplit, heights: tuple[float, ...], width: float, count: int = 512, batch: int = 128
+    model: LGUR,
+    split: RetrievalSplit,
+    heights: tuple[float, ...],
+    width: float | tuple[float, ...],
+    count: int = 512,
+    batch: int = 128,
 ) -> tuple[float, ...]:
     """Give each image prototype one of `heights` for its row prior (PGU.set_rows) by a linear assignment
     to the prototypes' mean heights: where their last-layer maps lie on the first `count` training
@@ -1008,7 +1014,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"run": str(run.out), "best_epoch": run.state["best_epoch"]}
     result["train_seconds"] = run.state["seconds"]
     if run.main:
-        result["metrics"] = test_best(run)
+        if cfg.final_test:
+            result["metrics"] = test_best(run)
         result["total_seconds"] = time.perf_counter() - started
         atomic_write_bytes(run.out / "result.json", json.dumps(result, indent=2).encode())
     if run.distributed:

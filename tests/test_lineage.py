@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -40,6 +41,10 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
     assert model.config.pgu_fine and model.details is not None and model.config.foreground_fitted
     assert card["training"]["config"]["init_from"] == str(chain / "details-int8" / "lgur_cpu.safetensors")
     assert tuple(card["training"]["config"]["frozen"]) == FROZEN_FOR_FINE and "test" in card["metrics"]
+    # ... each prototype at its own height (handed out by where it read), taught at the fine grid.
+    assert sorted(model.config.prototype_rows) == sorted(cfg.fine_rows) and card["training"]["config"]["person_fine"]
+    assert tuple(model.config.prototype_row_width) == cfg.fine_row_width
+    assert "metrics" not in json.loads((chain / "fine" / "result.json").read_text())  # tested once, at the export
     before, after = load_file(str(chain / "details-int8" / "lgur_cpu.safetensors")), load_file(str(final))
     held = [k for k in before if k.split(".")[0] in FROZEN_FOR_FINE]
     assert held and all((before[k] == after[k]).all() for k in held)

@@ -456,8 +456,17 @@ def test_the_row_prior_holds_each_prototype_near_its_height_and_leaves_the_words
     model.config.prototype_rows, model.config.prototype_row_width = wanted, 0.1
     loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "rows.safetensors", {}))
     assert loaded.config.prototype_rows == wanted and torch.equal(loaded.pgu.row_prior, model.pgu.row_prior)
+    model.set_prototype_rows(wanted, (0.0, 0.1))  # the first layer free, the drawn one placed
+    with torch.no_grad():
+        first, last = model.explain_images(images).prototype_attention[:, :2].mean(2).unbind(1)  # (B, P, N)
+    assert torch.allclose((last @ height).mean(0), placed, atol=0.1)
+    assert ((first @ height).mean(0) - plain_heights).abs().max() < 0.02  # the first layer reads as without
+    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "layers.safetensors", {}))
+    assert loaded.config.prototype_row_width == (0.0, 0.1) and torch.equal(loaded.pgu.row_prior, model.pgu.row_prior)
     model.pgu.set_rows(())  # off again: the model it was
     assert torch.allclose(mean_heights(), plain_heights)
+    with pytest.raises(ValueError, match="one or one per layer"):
+        model.pgu.set_rows(wanted, (0.1, 0.1, 0.1))
     with pytest.raises(ValueError, match="one height per prototype"):
         model.pgu.set_rows((0.1, 0.9))
     with pytest.raises(ValueError, match="heights in"):
