@@ -191,7 +191,7 @@ class PGU(nn.Module):
             tokens = self.fine.norm(fine.flatten(2).transpose(1, 2))  # (B, 4L, C)
             bias = None if bias is None else self.fine.upsample(bias)
         layer_bias = [bias] * len(self.layers)
-        if image and self.row_prior is not None:  # (B, L) and (P, L) -> (B or 1, 1, P, L), per layer
+        if image and self.row_prior is not None:  # (B, L) and (layers, P, L) -> per layer (B or 1, 1, P, L)
             prior = self.row_prior[:, None, None]
             layer_bias = list(prior if bias is None else bias[None, :, None, None, :] + prior)
         if self.register is not None:  # (B, L, D) -> (B, L + 1, D), the register last
