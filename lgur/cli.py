@@ -123,8 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from .lineage import LineageConfig, lineage
 
+    chosen = {"teacher_stop_after": args.teacher_stop_after} if args.teacher_stop_after is not None else {}
     cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
-                        teacher_stop_after=args.teacher_stop_after)  # fmt: skip
+                        **chosen)  # fmt: skip
     try:
         print(lineage(cfg, progress=not args.quiet, report=_silent if args.quiet else print))
     except (ValueError, OSError) as error:  # a bad dataset or folder: say which, no traceback
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--no-teacher", dest="teacher", action="store_false",
                        help="leave out the teacher and the run it teaches (stages 2-3)")  # fmt: skip
     chain.add_argument("--teacher-stop-after", type=int, metavar="EPOCH",
-                       help="end stage 1 (the teacher's input) after this epoch (default: as stage 3)")  # fmt: skip
+                       help="end stage 1 (the teacher's input) after this epoch (default 13)")  # fmt: skip
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
     chain.set_defaults(func=cmd_lineage)

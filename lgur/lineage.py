@@ -36,9 +36,9 @@ class LineageConfig:
     teacher: bool = True  # stages 2-3; without, the detector and the fine stage follow stage 1
     preset: str = "cpu-lite0"
     stop_after: int | None = 14  # stages 1 and 3 end after this epoch of the recipe's schedule (best on val)
-    # With the teacher, stage 1 only feeds the teacher's detector, which needs a person map, not a strong
-    # retriever: it may end earlier (None: at stop_after)
-    teacher_stop_after: int | None = None
+    # With the teacher, stage 1 only feeds the teacher's detector, which reads its best-on-val epoch: 13 of
+    # the default world's 14 (2026-12-04), so a 14th would be trained to be thrown away (None: stop_after)
+    teacher_stop_after: int | None = 13
     person_weight: float = 2.0  # TrainConfig.prototype_person of stages 3 and 5
     person_saturation: float = 0.5
     person_from_epoch: int = 2  # stage 3 only: the prototypes part first (stage 5 starts parted)
@@ -113,6 +113,6 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
     )  # fmt: skip
     report("export: int8, measured on the test splits")
     command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")
-    if cfg.teacher and cfg.teacher_stop_after:
+    if cfg.teacher and cfg.teacher_stop_after != LineageConfig.teacher_stop_after:
         command += f" --teacher-stop-after {cfg.teacher_stop_after}"
     return export_checkpoint(fine, final, "int8", cfg.data, cfg.gallery, cache, command, report)
