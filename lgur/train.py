@@ -128,7 +128,7 @@ class TrainConfig:
     person_from_epoch: int = 0
     # With pgu_fine: the teacher's person map at the fine grid (LGUR.fine_person_map, shift-and-stitch)
     # rather than its patch map repeated over each patch's four cells, which cannot tell a leg from the
-    # ground beside it in one patch (on the ground the feet prototypes read it penalises 0.02 per unit).
+    # ground beside it in one patch (on the ground the feet prototypes read: 0.02-0.08 per unit, 0.16-0.24 fine).
     person_fine: bool = False
     # While that penalty is on, measure the image prototypes' overlap (prototype_diversity) on the
     # teacher's person map only: under the penalty, two prototypes on one part otherwise part most
