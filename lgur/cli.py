@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--no-teacher", dest="teacher", action="store_false",
                        help="leave out the teacher and the run it teaches (stages 2-3)")  # fmt: skip
     chain.add_argument("--teacher-stop-after", type=int, metavar="EPOCH",
-                       help="end stage 1 (the teacher's input) after this epoch (default 13)")  # fmt: skip
+                       help="end stage 1 (the teacher's input) after this epoch (default 4)")  # fmt: skip
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
     chain.set_defaults(func=cmd_lineage)

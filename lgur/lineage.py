@@ -36,9 +36,10 @@ class LineageConfig:
     teacher: bool = True  # stages 2-3; without, the detector and the fine stage follow stage 1
     preset: str = "cpu-lite0"
     stop_after: int | None = 14  # stages 1 and 3 end after this epoch of the recipe's schedule (best on val)
-    # With the teacher, stage 1 only feeds the teacher's detector, which reads its best-on-val epoch: 13 of
-    # the default world's 14 (2026-12-04), so a 14th would be trained to be thrown away (None: stop_after)
-    teacher_stop_after: int | None = 13
+    # With the teacher, stage 1 only feeds the teacher's detector, which needs a person map, not a strong
+    # retriever: epoch 4 of the recipe's schedule (val R@1 63.5) parts the prototypes as well as epoch 13
+    # and saves about 30 min (docs/EXPERIMENTS.md, "A cheaper teacher"; None: stop_after)
+    teacher_stop_after: int | None = 4
     person_weight: float = 2.0  # TrainConfig.prototype_person of stages 3 and 5
     person_saturation: float = 0.5
     person_from_epoch: int = 2  # stage 3 only: the prototypes part first (stage 5 starts parted)
@@ -46,11 +47,11 @@ class LineageConfig:
     fine_warmup_steps: int = 50
     fine_lr: float = 1e-3
     fine_lr_backbone: float = 1e-4
-    # The fine stage's row prior (TrainConfig.prototype_rows: head, shoulders, waist, thighs, shins, feet,
+    # The fine stage's row prior (TrainConfig.prototype_rows: head, collar, chest, waist, shins, feet,
     # handed out by where the prototypes read) in its drawn layer only, the first reading freely; and the
     # teacher's person map at the fine grid (person_fine), so the feet are told from the ground beside them
-    fine_rows: tuple[float, ...] = (0.18, 0.32, 0.45, 0.6, 0.77, 0.94)
-    fine_row_width: float | tuple[float, ...] = (0.0, 0.05)
+    fine_rows: tuple[float, ...] = (0.12, 0.25, 0.42, 0.58, 0.77, 0.94)
+    fine_row_width: float | tuple[float, ...] = (0.0, 0.04)
     fine_person: bool = True
     details: DetailTrainConfig = field(default_factory=lambda: DetailTrainConfig(stage=True))
     teacher_details: DetailTrainConfig = field(
