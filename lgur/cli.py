@@ -9,6 +9,7 @@ import time
 
 from . import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
 from .config import PRESETS, DetailTrainConfig
+from .lineage import LineageConfig
 
 
 def _write_json(result: dict, out: str | None) -> None:
@@ -121,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from .lineage import LineageConfig, lineage
+    from .lineage import lineage
 
     chosen = {"teacher_stop_after": args.teacher_stop_after} if args.teacher_stop_after is not None else {}
     cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
@@ -460,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--no-teacher", dest="teacher", action="store_false",
                        help="leave out the teacher and the run it teaches (stages 2-3)")  # fmt: skip
     chain.add_argument("--teacher-stop-after", type=int, metavar="EPOCH",
-                       help="end stage 1 (the teacher's input) after this epoch (default 4)")  # fmt: skip
+                       help="end stage 1 (the teacher's input) after this epoch "
+                       f"(default {LineageConfig.teacher_stop_after})")  # fmt: skip
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
     chain.set_defaults(func=cmd_lineage)
