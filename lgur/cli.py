@@ -41,7 +41,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth.world import WorldSpec, generate_world
+    from .synth.world import SPLITS, WorldSpec, generate_world
 
     spec = WorldSpec(
         seed=args.seed,
@@ -50,9 +50,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         test_identities=args.test_identities,
         min_images=args.min_images,
         max_images=args.max_images,
+        framing=args.framing,
     )
     start = time.perf_counter()
-    summary = generate_world(spec, args.out, workers=args.workers, progress=not args.quiet)
+    splits = tuple(args.splits.split(",")) if args.splits else SPLITS
+    summary = generate_world(spec, args.out, workers=args.workers, progress=not args.quiet, splits=splits)
     print(json.dumps(summary | {"seconds": round(time.perf_counter() - start, 1)}, indent=2))
     return 0
 
@@ -613,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--min-images", type=int, default=2, help="images per identity, at least")
     synth.add_argument("--max-images", type=int, default=3, help="images per identity, at most")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth.add_argument("--framing", choices=("world", "detector"), default="world",
+                       help="detector: the same images framed as a person detector frames its crops")  # fmt: skip
+    synth.add_argument("--splits", default=None, help="comma-separated, e.g. val,test (default: all)")
     synth.set_defaults(func=cmd_synth)
 
     gallery = sub.add_parser(

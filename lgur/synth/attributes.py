@@ -7,7 +7,7 @@ and neutral colours dominate, so many people look alike, as in real data.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -82,6 +82,10 @@ class Attributes:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Attributes:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
 
 # Attribute kinds that captions mention and the ambiguity report checks.
 CAPTIONED_KINDS = [
@@ -146,3 +150,33 @@ def sample_attributes(rng: np.random.Generator) -> Attributes:
         height=float(rng.uniform(0.9, 1.0) if age != "young" or rng.random() < 0.8 else rng.uniform(0.82, 0.9)),
         build=float(rng.uniform(0.85, 1.2) + (0.08 if not female else 0.0)),
     )
+
+
+# -- counterfactuals: the same person with one attribute changed ------------------------------------
+
+COUNTERFACTUAL_KINDS = ("bag_colour", "top_colour", "glasses", "headwear", "bag_type")
+# Colours far enough apart that a viewer names them differently (no navy for black, no beige for white).
+DISTINCT_COLOURS = ("black", "white", "red", "blue", "green", "yellow", "pink", "purple", "orange")
+
+
+def counterfactual(a: Attributes, kind: str, rng: np.random.Generator) -> Attributes | None:
+    """The same identity with `kind` changed and everything else kept; None where the change does
+    not apply (a bag colour for someone who carries no bag)."""
+    if kind in ("bag_colour", "top_colour"):
+        if kind == "bag_colour" and a.bag_type == "none":
+            return None
+        current = getattr(a, kind)
+        return replace(a, **{kind: str(rng.choice([c for c in DISTINCT_COLOURS if c != current]))})
+    if kind == "glasses":
+        return replace(a, glasses=str(rng.choice(["glasses", "sunglasses"])) if a.glasses == "none" else "none")
+    if kind == "headwear":
+        if a.headwear != "none":
+            return replace(a, headwear="none", headwear_colour="none")
+        return replace(a, headwear=str(rng.choice(["cap", "beanie", "hat"])),
+                       headwear_colour=str(rng.choice(DISTINCT_COLOURS)))  # fmt: skip
+    if kind == "bag_type":
+        if a.bag_type == "none":
+            return replace(a, bag_type="backpack", bag_colour=str(rng.choice(DISTINCT_COLOURS)))
+        others = [t for t in ("backpack", "shoulder bag", "handbag") if t != a.bag_type]
+        return replace(a, bag_type=str(rng.choice(others)))
+    raise ValueError(f"counterfactual kinds are {COUNTERFACTUAL_KINDS}, not {kind!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -22,6 +22,7 @@ BACKGROUND, HAIR, SKIN, UPPER, LOWER, SHOES, BAG, ACCESSORY = range(len(PARTS))
 
 IMAGE_SIZE = (256, 96)  # (height, width) of the stored images
 SUPERSAMPLE = 3
+FEET = 0.97  # the world's camera stands a person's feet at this height of the image
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,14 @@ class Camera:
     occluder: str  # "none" | "pole" | "low wall"
     occluder_pos: float
     crop: tuple[float, float, float, float]  # fractions cut from (top, bottom, left, right)
+    shift_y: float = 0.0  # vertical offset of the person, fraction of height (positive: down)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Camera:
+        return cls(**{**data, "tint": tuple(data["tint"]), "crop": tuple(data["crop"])})
 
 
 def sample_camera(rng: np.random.Generator, view: str | None = None) -> Camera:
@@ -68,6 +74,34 @@ def sample_camera(rng: np.random.Generator, view: str | None = None) -> Camera:
         occluder_pos=float(rng.uniform(0.15, 0.85)),
         crop=tuple(float(c) for c in rng.uniform(0, 0.06, size=4)),
     )
+
+
+# A person detector's crops: the person 0.55-1.0 of the image height, off centre by up to 0.15 each
+# way, so a part may lie anywhere and the head or the feet may be cut off.
+DETECTOR_HEIGHT = (0.55, 1.0)
+DETECTOR_OFFSET = 0.15
+
+
+def detector_framing(camera: Camera, person_height: float, rng: np.random.Generator) -> Camera:
+    """The same camera (view, pose, scene, light) with a person detector's framing (DETECTOR_HEIGHT,
+    DETECTOR_OFFSET); person_height: the identity's Attributes.height."""
+    height = float(rng.uniform(*DETECTOR_HEIGHT))
+    centre = 0.5 + float(rng.uniform(-DETECTOR_OFFSET, DETECTOR_OFFSET))
+    scale = height / person_height
+    return replace(
+        camera,
+        scale=scale,
+        shift_x=float(rng.uniform(-DETECTOR_OFFSET, DETECTOR_OFFSET)),
+        shift_y=centre + height / 2 - FEET,  # the feet at the centre plus half the height
+        crop=(0.0, 0.0, 0.0, 0.0),
+    )
+
+
+def placed(camera: Camera, person_height: float, height: float, centre: float) -> Camera:
+    """The same camera with the person `height` of the image tall, centred at `centre` (0 top, 1 bottom),
+    in plain sight (no occluder)."""
+    return replace(camera, scale=height / person_height, shift_x=0.0, shift_y=centre + height / 2 - FEET,
+                   crop=(0.0, 0.0, 0.0, 0.0), occluder="none")  # fmt: skip
 
 
 def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
@@ -188,7 +222,7 @@ def draw_person(canvas: Canvas, a: Attributes, cam: Camera, h: int, w: int) -> N
     width_scale = 0.62 if cam.view == "side" else 1.0  # the body is narrower in profile
     b = _Body(
         cx=w * (0.5 + cam.shift_x),
-        top=h * 0.97 - u,
+        top=h * (FEET + cam.shift_y) - u,
         u=u,
         shoulder=u * (0.100 if female else 0.118) * a.build * width_scale,
         waist=u * (0.072 if female else 0.085) * a.build * width_scale,

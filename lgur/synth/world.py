@@ -22,7 +22,7 @@ import numpy as np
 from ..files import atomic_write_bytes
 from .attributes import CAPTIONED_KINDS, Attributes, sample_attributes
 from .captions import CaptionWriter, words
-from .render import encode_jpeg, encode_png, render, sample_camera
+from .render import detector_framing, encode_jpeg, encode_png, render, sample_camera
 
 SPLITS = ("train", "val", "test")
 PARAPHRASE = "test-paraphrase"
@@ -37,6 +37,9 @@ class WorldSpec:
     min_images: int = 2  # images per identity, uniform in [min, max]
     max_images: int = 3
     captions_per_image: int = 2
+    # "world": the world's own camera (the person 0.80-0.94 of the height, feet near the bottom);
+    # "detector": the same images framed as a person detector frames its crops (render.detector_framing)
+    framing: str = "world"
 
     def identities(self, split: str) -> int:
         return {"train": self.train_identities, "val": self.val_identities, "test": self.test_identities}[split]
@@ -67,6 +70,10 @@ def _generate_identity(args: tuple[WorldSpec, str, int, str]) -> list[dict[str, 
     for k in range(count):
         rng = _stream(spec, split, index, 1 + k)
         camera = sample_camera(rng, views[k % 3] if rng.random() < 0.8 else None)
+        if spec.framing == "detector":  # the same camera, framed from its own stream
+            camera = detector_framing(camera, attributes.height, _stream(spec, split, index, 1 + k, 3))
+        elif spec.framing != "world":
+            raise ValueError(f"framing is 'world' or 'detector', not {spec.framing!r}")
         rendering = render(attributes, camera)
         name = f"{pid:05d}_{k}"
         image_rel, parts_rel = f"{split}/{name}.jpg", f"parts/{split}/{name}.png"
@@ -118,14 +125,23 @@ def generate_split(
 
 
 def generate_world(
-    spec: WorldSpec, out: str | Path, workers: int | None = None, progress: bool = True
+    spec: WorldSpec,
+    out: str | Path,
+    workers: int | None = None,
+    progress: bool = True,
+    splits: tuple[str, ...] = SPLITS,
 ) -> dict[str, Any]:
-    """Write a whole world to `out` in the CUHK-PEDES layout plus the side file of attributes."""
+    """Write a world to `out` in the CUHK-PEDES layout plus the side file of attributes: every split,
+    or those named (e.g. val and test with detector framing, beside a world of the same seed)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    unknown = set(splits) - set(SPLITS)
+    if unknown or not splits:
+        raise ValueError(f"splits are some of {SPLITS}, not {sorted(unknown) or 'none'}")
     entries = []
     for split in SPLITS:
-        entries += generate_split(spec, split, out, workers, progress)
+        if split in splits:
+            entries += generate_split(spec, split, out, workers, progress)
     annotations = [
         {"id": e["id"], "file_path": e["file_path"], "captions": e["captions"], "split": e["split"]} for e in entries
     ]
