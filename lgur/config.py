@@ -66,6 +66,9 @@ class LGURConfig:
     reconstruction_heads: int = 6
     reconstruction_head_dim: int = 64
     reconstruction_ffn_dim: int = 768
+    # Not in the paper: multiplies DGA's attention logits over the atoms (1: the paper), so that each
+    # patch and word is rebuilt from a few atoms the explorer can name, not from all 400 almost equally.
+    atom_sharpness: float = 1.0
     # PGU: shared prototypes and their cross-attention decoder
     num_prototypes: int = 6
     pgu_layers: int = 2

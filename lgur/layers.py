@@ -35,17 +35,18 @@ class CrossAttention(nn.Module):
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
         memory_bias: Tensor | None = None,
+        sharpness: float = 1.0,
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, D); memory: (B, M, D) or (M, D) shared by the batch; memory_mask: (B, M), True = valid;
         memory_bias: (B, M) added to every query's attention logits (e.g. a log prior over positions), or
-        (B or 1, 1, N, M) to each query's own.
+        (B or 1, 1, N, M) to each query's own; sharpness: multiplies the scaled dot products.
 
         Returns the output (B, N, D) and, if asked, the weights (B, H, N, M).
         """
         k, v = self.keys_values(memory)
         if k.dim() == 3:  # a shared memory (the dictionary): projected once, broadcast
             k, v = k.unsqueeze(0).expand(x.shape[0], -1, -1, -1), v.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
-        return self.attend(x, k, v, memory_mask, need_weights, memory_bias)
+        return self.attend(x, k, v, memory_mask, need_weights, memory_bias, sharpness)
 
     def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory (B, M, D) -> keys and values (B, H, M, d); a shared memory (M, D) -> (H, M, d)."""
@@ -59,6 +60,7 @@ class CrossAttention(nn.Module):
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
         memory_bias: Tensor | None = None,
+        sharpness: float = 1.0,
     ) -> tuple[Tensor, Tensor | None]:
         """Queries x (B, N, D) over keys and values (B, H, M, d) -> as forward."""
         q = self._split(self.to_q(x))  # (B, H, N, d)
@@ -68,7 +70,7 @@ class CrossAttention(nn.Module):
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         drop = self.dropout if self.training else 0.0
         if need_weights:
-            logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+            logits = (q @ k.transpose(-2, -1)) * (sharpness * self.head_dim**-0.5)
             if mask is not None and mask.dtype == torch.bool:
                 logits = logits.masked_fill(~mask, float("-inf"))
             elif mask is not None:
@@ -77,7 +79,9 @@ class CrossAttention(nn.Module):
             out = F.dropout(weights, drop, self.training) @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=drop, scale=sharpness * self.head_dim**-0.5
+            )
         out = out.transpose(1, 2).flatten(2)  # (B, N, H*d)
         return self.to_out(out), weights
 

@@ -28,6 +28,8 @@ class TrainOutputs:
     text: Parts  # raw text
     image_dictionary: Parts | None = None  # R(V, D) * m
     text_dictionary: Parts | None = None  # R(T, D)
+    image_atoms: Tensor | None = None  # (B, H, N, atoms) R(V, D)'s attention over the atoms, when asked
+    text_atoms: Tensor | None = None  # (B, H, T, atoms) R(T, D)'s, zero on padding
 
 
 @dataclass
@@ -113,6 +115,7 @@ class LGUR(nn.Module):
                 c.reconstruction_head_dim,
                 c.reconstruction_ffn_dim,
                 c.dropout,
+                c.atom_sharpness,
             )
             if c.use_dga
             else None
@@ -161,27 +164,34 @@ class LGUR(nn.Module):
         ids: Tensor | None = None,
         backbone_features: Tensor | None = None,
         need_weights: bool = False,
+        need_atoms: bool = False,
     ) -> TrainOutputs:
         """images (B, 3, H, W) paired with captions (mask (B, T), ids or cached features).
 
-        need_weights: also return each branch's prototype attention (for the diversity term).
+        need_weights: also return each branch's prototype attention (for the diversity term);
+        need_atoms: also the dictionary branches' attention over the atoms (for the atom entropy).
         """
         if self.config.pgu_fine:
             patches, (fine,) = self.image_encoder.forward_with_stage_inputs(images, (self.image_encoder.fine_blocks,))
         else:
             patches, fine = self.image_encoder(images), None  # (B, N, D)
         words = self.word_features(mask, ids, backbone_features)  # (B, T, D)
-        text, text_dictionary = self.text_branches(words, mask, need_weights)
         if self.dga is None:
+            text, _ = self.text_branches(words, mask, need_weights)
             return TrainOutputs(image=self.pgu(patches, None, need_weights, fine=fine, image=True), text=text)
+        text = self.pgu(words, mask, need_weights)
+        text_rebuilt = self.dga.reconstruct_text(words, mask, need_atoms)
+        text_dictionary = self.pgu(text_rebuilt.features, mask, need_weights)
         guided = self.dga.guide_image(patches, words, mask)
-        image_dictionary = self.dga.reconstruct_image(patches)
+        image_dictionary = self.dga.reconstruct_image(patches, need_atoms)
         bias = self._foreground_bias(image_dictionary.foreground)
         return TrainOutputs(
             image=self.pgu(guided.features, None, need_weights, bias, fine, image=True),
             text=text,
             image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias, fine, image=True),
             text_dictionary=text_dictionary,
+            image_atoms=image_dictionary.weights,
+            text_atoms=text_rebuilt.weights,
         )
 
     def _foreground_bias(self, foreground: Tensor | None) -> Tensor | None:

@@ -75,6 +75,13 @@ class TrainConfig:
     warmup_steps: int = 0
     margin: float = 0.3
     prototype_diversity: float = 0.0  # not in the paper: weight of the prototype-overlap penalty
+    # Not in the paper: weight of the entropy of DGA's atom weights (heads averaged) per patch and per
+    # word, so each is rebuilt from a few atoms (with LGURConfig.atom_sharpness).
+    atom_entropy: float = 0.0
+    # Not in the paper: the share of training images reframed as a person detector frames its crops
+    # (data.dataset.reframe: the person 0.55-1.0 of the height, moved up to 0.15 each way), so that the
+    # prototypes learn to find the parts wherever they are rather than at fixed heights.
+    framing: float = 0.0
     sdm: float = 0.0  # not in the paper: weight of the similarity distribution matching loss
     temperature: float = 0.07  # initial (learned) temperature of that loss
     seed: int = 0
@@ -237,6 +244,7 @@ class TrainingStep(nn.Module):
         person_weight: float = 0.0,
         diversity_on_person: bool = False,
         frozen: tuple[str, ...] = (),
+        atom_entropy: float = 0.0,
     ) -> None:
         """person_map: a frozen teacher's LGUR.person_map (a plain callable, so its weights are neither
         trained nor saved), with its loss weight (TrainConfig.prototype_person); while that weight is on,
@@ -246,11 +254,17 @@ class TrainingStep(nn.Module):
         self.model, self.criterion = model, criterion
         self.person_map, self.person_weight = person_map, person_weight
         self.diversity_on_person = diversity_on_person
-        self.frozen = [getattr(model, name, None) for name in frozen]
-        for name, module in zip(frozen, self.frozen, strict=True):
+        self.atom_entropy = atom_entropy
+        self.frozen = []
+        for name in frozen:  # a module of LGUR, or one inside it ("dga.foreground")
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
             if not isinstance(module, nn.Module):
                 raise ValueError(f"cannot freeze {name!r}: the model has no such module")
             module.requires_grad_(False)
+            self.frozen.append(module)
 
     def train(self, mode: bool = True) -> TrainingStep:
         super().train(mode)
@@ -275,7 +289,9 @@ class TrainingStep(nn.Module):
         term_targets: (B, K) multi-hot terms of the images and of the texts (term prediction).
         """
         taught = self.person_map is not None and self.person_weight > 0
-        out = self.model(images, mask, backbone_features=features, need_weights=self.criterion.diversity > 0 or taught)
+        atoms = self.atom_entropy > 0
+        need_weights = self.criterion.diversity > 0 or taught
+        out = self.model(images, mask, backbone_features=features, need_weights=need_weights, need_atoms=atoms)
         negatives = None
         if swapped is not None:
             swap_features, swap_mask, valid = swapped
@@ -298,7 +314,22 @@ class TrainingStep(nn.Module):
             attention = retrieval.attention[-1].mean(1)  # (B, P, N)
             losses["person/image"] = self.person_weight * (attention * outside[:, None, :]).sum(-1).mean()
             losses["total"] = losses["total"] + losses["person/image"]
+        if atoms and out.image_atoms is not None:
+            losses["atoms"] = (
+                self.atom_entropy * 0.5 * (atom_entropy(out.image_atoms) + atom_entropy(out.text_atoms, mask))
+            )
+            losses["total"] = losses["total"] + losses["atoms"]
         return losses, retrieval.embedding.detach()
+
+
+def atom_entropy(weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean entropy (nats) of the heads-averaged atom weights (B, H, L, atoms) over the valid positions."""
+    p = weights.mean(1)  # (B, L, atoms)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)  # (B, L)
+    if mask is None:
+        return entropy.mean()
+    valid = mask.to(entropy.dtype)
+    return (entropy * valid).sum() / valid.sum().clamp(min=1.0)
 
 
 STEM = ("model.image_encoder.cnn.conv_stem.", "model.image_encoder.cnn.bn1.", "model.image_encoder.cnn.blocks.0.",
@@ -777,7 +808,7 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
         read = teacher.fine_person_map if cfg.person_fine else teacher.person_map
         person_map = functools.partial(read, saturation=cfg.person_saturation)
     training_step = TrainingStep(
-        model, criterion, person_map, cfg.prototype_person, cfg.diversity_on_person, tuple(cfg.frozen)
+        model, criterion, person_map, cfg.prototype_person, cfg.diversity_on_person, tuple(cfg.frozen), cfg.atom_entropy
     )
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step
@@ -921,7 +952,8 @@ def train_one_epoch(run: Run, epoch: int, neighbours: Neighbours, progress: bool
     stop = False
     for b in bar:
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        images = normalize(augment(run.train.images[run.train.caption_image[idx]], run.pad, aug)).to(run.device)
+        images = run.train.images[run.train.caption_image[idx]]
+        images = normalize(augment(images, run.pad, aug, cfg.framing)).to(run.device)
         text = batch_texts(run, idx, epoch, crop_draws)
         features, mask = run.texts.features.batch(text)
         swapped = swapped_batch(run, text, epoch)

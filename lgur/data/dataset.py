@@ -49,8 +49,48 @@ def normalize(images: Tensor) -> Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def augment(images: Tensor, pad: int, generator: torch.Generator) -> Tensor:
-    """The paper's augmentation: zero-pad, random crop back to size, random horizontal flip."""
+# Where the synthetic world's camera puts a person: about 0.87 of the image height, centred at 0.535.
+WORLD_PERSON_HEIGHT, WORLD_PERSON_CENTRE = 0.87, 0.535
+
+
+def reframe(
+    images: Tensor,
+    generator: torch.Generator,
+    share: float = 1.0,
+    height: tuple[float, float] = (0.55, 1.0),
+    offset: float = 0.15,
+) -> Tensor:
+    """Frame a share of uint8 images (B, 3, H, W) as a person detector frames its crops: the person
+    `height` of the image (at random in that range), moved up to `offset` of the size each way; the
+    image's border rows and columns fill what the frame adds, and what leaves it is cut off."""
+    b = images.shape[0]
+    chosen = torch.rand(b, generator=generator) < share
+    zoom = torch.empty(b).uniform_(height[0], height[1], generator=generator) / WORLD_PERSON_HEIGHT
+    dy = torch.empty(b).uniform_(-offset, offset, generator=generator)
+    dx = torch.empty(b).uniform_(-offset, offset, generator=generator)
+    if not chosen.any():
+        return images
+    idx = chosen.nonzero().squeeze(1)
+    z, ty, tx = zoom[idx], 2 * dy[idx], 2 * dx[idx]  # normalised coordinates span 2
+    centre = 2 * WORLD_PERSON_CENTRE - 1
+    # output y = z * (input y - centre) + ty: the person's centre lands at the frame's centre plus the offset
+    theta = torch.zeros(len(idx), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / z
+    theta[:, 0, 2] = -tx / z
+    theta[:, 1, 2] = centre - ty / z
+    picked = images[idx].float()
+    grid = F.affine_grid(theta, list(picked.shape), align_corners=False)
+    moved = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = images.clone()
+    out[idx] = moved.round().clamp(0, 255).to(images.dtype)
+    return out
+
+
+def augment(images: Tensor, pad: int, generator: torch.Generator, framing: float = 0.0) -> Tensor:
+    """The paper's augmentation: zero-pad, random crop back to size, random horizontal flip; before it,
+    with framing > 0, that share of the images reframed as a detector frames people (reframe)."""
+    if framing > 0:
+        images = reframe(images, generator, framing)
     b, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
