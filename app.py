@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from lgur import DEFAULT_GALLERY  # noqa: E402
 from lgur.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from lgur.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
 from lgur.explorer import EXAMPLES, GALLERY_ROUTE, INTRO, Choices, Explorer, create, server_address  # noqa: E402
 from lgur.files import MAX_FILE_BYTES  # noqa: E402
 from lgur.search import MAX_RESULTS  # noqa: E402
@@ -72,31 +73,31 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     label="prototype for the words",
                 )
             summary = gr.Markdown(elem_id="summary")
-            maps = gr.Gallery(label="Prototype attention (share of the similarity); then where each detail was seen",
-                              columns=7, height="auto", object_fit="contain", elem_id="prototype-maps",
-                              format="jpeg")  # fmt: skip
+            maps = gr.Gallery(label="Prototype attention (share of the similarity, what it reads here); then where "
+                              "each detail was seen", columns=7, height="auto", object_fit="contain",
+                              elem_id="prototype-maps", format="jpeg")  # fmt: skip
+            gr.HTML(MAP_LEGEND, elem_id="maps-legend")
             words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
                                        elem_id="words")  # fmt: skip
+            gr.HTML(WORDS_LEGEND, elem_id="words-legend")
             mattered = gr.HighlightedText(
                 label="Which words mattered for this result: the score without each word (+ helped, - hurt)",
                 elem_id="word-effects",
             )
+            gr.HTML(EFFECTS_LEGEND, elem_id="effects-legend")
             with gr.Row():
                 with gr.Column(scale=3):
                     gr.Markdown("**DGA: the dictionary atoms the query and the image were rebuilt from**")
                     chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart", format="png")
-                foreground = gr.Image(
-                    label=explorer.foreground_label, type="pil", elem_id="foreground", scale=1, format="jpeg"
-                )
+                with gr.Column(scale=1):
+                    foreground = gr.Image(label=explorer.foreground_label, type="pil", elem_id="foreground",
+                                          format="jpeg")  # fmt: skip
+                    gr.HTML(FOREGROUND_LEGEND, elem_id="foreground-legend")
             with gr.Row():
                 word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
-                guidance = gr.Image(
-                    label=explorer.guidance_label,
-                    type="pil",
-                    scale=1,
-                    elem_id="guidance",
-                    format="jpeg",
-                )
+                with gr.Column(scale=1):
+                    guidance = gr.Image(label=explorer.guidance_label, type="pil", elem_id="guidance", format="jpeg")
+                    gr.HTML(MAP_LEGEND, elem_id="guidance-legend")
             with gr.Row():
                 chart_atom = gr.Dropdown([], label="What is an atom of the chart? Pick one (shared ones first)",
                                          elem_id="chart-atom", scale=1)  # fmt: skip

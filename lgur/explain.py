@@ -7,6 +7,7 @@ data; nothing here runs the model or computes an explanation.
 from __future__ import annotations
 
 import functools
+import html
 import os
 from pathlib import Path
 
@@ -52,6 +53,29 @@ def _base(image: Image.Image) -> Image.Image:
     )
 
 
+def _css(rgb: tuple[int, int, int] | np.ndarray) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in rgb)
+
+
+def legend(low: str, high: str, colours: list[str]) -> str:
+    """An HTML colour bar from `low` to `high` over the given CSS colours."""
+    bar = f"background: linear-gradient(to right, {', '.join(colours)})"
+    return (f'<div class="legend"><span>{html.escape(low)}</span><span class="legend-bar" style="{bar}"></span>'
+            f"<span>{html.escape(high)}</span></div>")  # fmt: skip
+
+
+HEAT_COLOURS = [_css(np.array(_PALETTE[3 * i : 3 * i + 3])) for i in (0, 64, 128, 192, 255)]
+# What the page's colour scales mean (Gradio colours a HighlightedText score s > 0 red, s < 0 purple,
+# with opacity |s|)
+MAP_LEGEND = legend("least of this map", "most of this map (each map scaled to its own range)", HEAT_COLOURS)
+FOREGROUND_LEGEND = legend("least foreground (m) on this image", "most (scaled to this image's range)", HEAT_COLOURS)
+WORDS_LEGEND = legend("not read by the prototype", "read most (its strongest word = full red)",
+                      ["rgba(239,68,60,0.05)", "rgba(239,68,60,1)"])  # fmt: skip
+EFFECTS_LEGEND = legend("hurt the score most (full purple)", "helped most (full red); uncoloured: not scored",
+                        ["rgba(128,90,213,1)", "rgba(128,90,213,0.05)", "rgba(239,68,60,0.05)",
+                         "rgba(239,68,60,1)"])  # fmt: skip
+
+
 def select_map(attention: np.ndarray, prototype: int, layer: int = -1, head: int | None = None) -> np.ndarray:
     """attention (L, H, P, N) -> (N,): one prototype's map for a layer, one head or the mean of heads."""
     per_layer = attention[layer]
@@ -65,6 +89,69 @@ def overlay(image: Image.Image, values: np.ndarray, grid: tuple[int, int], alpha
     heat = Image.fromarray((v * 255).astype(np.uint8)).resize(DISPLAY_SIZE, Image.Resampling.BILINEAR)
     heat.putpalette(_PALETTE)  # "L" -> "P": each grey level becomes its colour of the table
     return Image.blend(_base(image), heat.convert("RGB"), alpha)
+
+
+# A prototype is named by a phrase when its map puts at least this many times a flat map's weight where
+# the detector sees the phrase (chosen on the val split: docs/EXPERIMENTS.md, "Names read on this image").
+MIN_READING = 2.0
+MIN_PHRASE_PROBABILITY = 0.5  # the phrases the detector sees on the image
+
+
+def pool_to_grid(maps: np.ndarray, map_grid: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """(P, cells of map_grid) -> (P, cells of grid), summed over the cells each coarse cell holds."""
+    (rows, cols), (fine_rows, fine_cols) = grid, map_grid
+    r, c = fine_rows // rows, fine_cols // cols
+    return maps.reshape(-1, rows, r, cols, c).sum((2, 4)).reshape(len(maps), rows * cols)
+
+
+def prototype_readings(
+    maps: np.ndarray, map_grid: tuple[int, int], where: np.ndarray, probabilities: np.ndarray,
+    terms: tuple[str, ...], grid: tuple[int, int], min_reading: float = MIN_READING,
+) -> list[tuple[str, float] | None]:  # fmt: skip
+    """What each prototype reads on *this* image: of the detector's phrases seen on it, the one where the
+    prototype's map (P, cells) concentrates most, as (phrase, concentration), else None. Concentration:
+    the map's weight where the phrase is seen (its map `where` (N, K)) over a flat map's (1 = no more
+    than anywhere). Two-word phrases ("black backpack") are preferred to a single word when both pass."""
+    maps = pool_to_grid(maps.astype(np.float32), map_grid, grid)  # the detector's grid
+    maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
+    seen = np.flatnonzero(probabilities >= MIN_PHRASE_PROBABILITY)
+    readings: list[tuple[str, float] | None] = []
+    if not len(seen):
+        return [None] * len(maps)
+    spots = where[:, seen].astype(np.float32)
+    spots = spots / np.maximum(spots.sum(0, keepdims=True), 1e-12)  # (N, seen) each phrase's map sums to 1
+    concentration = maps @ spots * where.shape[0]  # (P, seen)
+    pairs = np.array([" " in terms[k] for k in seen])
+    for row in concentration:
+        passing = row >= min_reading
+        pool = passing & pairs if (passing & pairs).any() else passing
+        if not pool.any():
+            readings.append(None)
+            continue
+        best = int(np.argmax(np.where(pool, row, -np.inf)))
+        readings.append((terms[seen[best]], float(row[best])))
+    return readings
+
+
+def reading_name(prototype: int, reading: tuple[str, float] | None) -> str:
+    """'P3 black backpack', or 'P3' where the prototype reads nothing in particular on this image."""
+    return f"P{prototype + 1} {reading[0]}" if reading else f"P{prototype + 1}"
+
+
+def atom_names(
+    words: list[str], table: np.ndarray, atoms: list[int], min_ratio: float = 3.0
+) -> dict[int, tuple[str, float] | None]:
+    """Each atom's most specific word: its weight on the atom over the atom's average weight over the
+    words (table (W, atoms), from the atlas), as (word, ratio); None below min_ratio (no word stands out)."""
+    if not len(words):
+        return {a: None for a in atoms}
+    average = np.maximum(table.mean(0), 1e-12)
+    named: dict[int, tuple[str, float] | None] = {}
+    for atom in atoms:
+        ratios = table[:, atom] / average[atom]
+        best = int(np.argmax(ratios))
+        named[atom] = (words[best], float(ratios[best])) if ratios[best] >= min_ratio else None
+    return named
 
 
 def prototype_names(card: dict, count: int) -> list[str]:
@@ -81,7 +168,8 @@ def prototype_overlays(
     head: int | None = None,
     names: list[str] | None = None,
 ) -> list[tuple[Image.Image, str]]:
-    """One overlay per prototype, captioned with its name and share of the score, plus a combined view."""
+    """One overlay per prototype, captioned with its share of the score and its name (what it reads on
+    this image: prototype_readings), plus a combined view."""
     image = display_rgb(result.path)
     items = []
     for p, share in enumerate(result.score_share):

@@ -21,7 +21,17 @@ from urllib.parse import quote
 import numpy as np
 
 from .data.dataset import content_word
-from .explain import atom_chart, display_rgb, overlay, prototype_names, prototype_overlays, word_highlights
+from .explain import (
+    MIN_READING,
+    atom_chart,
+    atom_names,
+    display_rgb,
+    overlay,
+    prototype_names,
+    prototype_overlays,
+    reading_name,
+    word_highlights,
+)
 from .files import remove_temporaries
 from .gallery import private_sessions_root
 from .search import QueryError, SearchEngine, SearchResponse, SearchResult, result_count, word_effects, words_left_out
@@ -36,6 +46,24 @@ INTRO = (
     'phrases you typed ("black backpack"). The people are a synthetic world the project generates.'
 )
 MAX_DETAIL_MAPS = 4  # phrase maps after the prototype maps
+
+
+def reading_note(readings: list[tuple[str, float] | None]) -> str:
+    """How the prototypes are named: by what each reads on this image, where it reads something."""
+    unnamed = [f"P{p + 1}" for p, r in enumerate(readings) if r is None]
+    note = (
+        "Each prototype is named by the detail it reads on this image (the phrase the detector sees where "
+        f"its map is at least {MIN_READING:g}x as strong as a flat map)"
+    )
+    return note + (f"; {', '.join(unnamed)} read nothing in particular here." if unnamed else ".")
+
+
+def atoms_note(atoms: list[int], names: dict[int, tuple[str, float] | None]) -> str:
+    """The chart's atoms, each with the word that uses it most over its average (where one stands out)."""
+    named = [f"{a} *{html.escape(n[0])}* ({n[1]:.0f}x)" for a in atoms if (n := names.get(a))]
+    if not named:
+        return "No atom of the chart is used by one word much more than by the others."
+    return "Atoms of the chart, by the word that uses each most (times its average use): " + ", ".join(named) + "."
 
 
 def detail_note(result: SearchResult) -> str:
@@ -139,11 +167,13 @@ class Explorer:
         model = engine.model.config
         self.layers = ["last"] + [str(i + 1) for i in range(model.pgu_layers)]
         self.heads = ["mean"] + [str(i + 1) for i in range(model.pgu_heads)]
-        self.prototypes = prototype_names(self.card, model.num_prototypes if model.use_pgu else 1)
+        count = model.num_prototypes if model.use_pgu else 1
+        # Plain numbers where no image is in view; on an image, what each reads there (readings)
+        self.prototypes = [f"P{p + 1}" for p in range(count)]
         store = UploadStore(sessions or private_sessions_root() / secrets.token_hex(4), limits, cache)
         self.photos = PhotoSearch(engine, store, self.prototypes)
         self.gallery = GalleryTab(engine, store, shared_uploads, uploads)  # uploads: its sub-folder for shared ones
-        self.model = ModelTab(engine, self.prototypes)
+        self.model = ModelTab(engine, prototype_names(self.card, count))  # the card's measured regions
         remove_temporaries(engine.gallery / uploads)  # copies cut short by a crash: never accepted
         self._left_out: dict[bytes, tuple] = {}  # words_left_out of recent queries, oldest first
         self._left_out_lock = threading.Lock()
@@ -198,7 +228,9 @@ class Explorer:
             return [], [], None, None, "", Choices()
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
         li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
-        maps = prototype_overlays(result, response.prototype_grid, li, hi, self.prototypes) + self.detail_overlays(
+        readings = self.engine.prototype_readings(result, li)
+        names = [reading_name(p, r) for p, r in enumerate(readings)]  # what each reads on this image
+        maps = prototype_overlays(result, response.prototype_grid, li, hi, names) + self.detail_overlays(
             response, result
         )
         words = word_highlights(response.query, pi, li, hi)
@@ -221,7 +253,9 @@ class Explorer:
                 if result.details
                 else f"cosine similarity **{result.score:.3f}**."
             ),  # fmt: skip
-            f"Strongest part: **{self.prototypes[best]}** ({100 * result.score_share[best]:.0f}% of the similarity).",
+            f"Strongest part: **{names[best]}** ({100 * result.score_share[best]:.0f}% of the similarity). "
+            + reading_note(readings),
+            atoms_note(result.salient_atoms, self.atom_names(result.salient_atoms)),
             (
                 "Atoms particular to both (by weight relative to the average description and gallery image)"
                 if relative
@@ -242,6 +276,15 @@ class Explorer:
             "\n\n".join(lines),
             Choices(atom_choices, atom_choices[0][1] if atom_choices else None),
         )
+
+    def readings(self, result: SearchResult, layer: int = -1) -> list[str]:
+        """Each prototype's name on this image: 'P3 black backpack', or 'P3' where it reads nothing in particular."""
+        return [reading_name(p, r) for p, r in enumerate(self.engine.prototype_readings(result, layer))]
+
+    def atom_names(self, atoms: list[int]) -> dict[int, tuple[str, float] | None]:
+        """Each atom's most specific word over the gallery's captions (the atlas's word table)."""
+        words, table = self.engine.atlas.word_atoms()
+        return atom_names(words, table, atoms)
 
     def detail_overlays(self, response: SearchResponse, result: SearchResult) -> list[tuple[Any, str]]:
         """Where the detail detector saw the query's phrases on this result (phrases of two words
@@ -385,8 +428,8 @@ class Explorer:
             f"{', '.join(map(str, comparison.atoms_it_lacks)) or 'none'}; shared only by this image: "
             f"{', '.join(map(str, comparison.atoms_only_it_has)) or 'none'}.",
         ] + ([detail_comparison(image, top)] if image.details else []))  # fmt: skip
-        mine = prototype_overlays(image, response.prototype_grid, names=self.prototypes)[:-1]
-        theirs = prototype_overlays(top, response.prototype_grid, names=self.prototypes)[:-1]
+        mine = prototype_overlays(image, response.prototype_grid, names=self.readings(image))[:-1]
+        theirs = prototype_overlays(top, response.prototype_grid, names=self.readings(top))[:-1]
         maps = [item for pair in zip(mine, theirs) for item in pair]
         maps = [(picture, f"{'this' if i % 2 == 0 else 'top'}: {caption}") for i, (picture, caption) in enumerate(maps)]
         return text, maps

@@ -9,8 +9,10 @@ only draws them. A full response for 10 results needs one text forward pass.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -618,7 +620,32 @@ class SearchEngine:
         phrases (query.phrases): its pooling weights over the patches."""
         if not query.phrase_rows or self.model.details is None:
             return np.zeros((self.grid[0] * self.grid[1], 0), np.float32)
-        return self.model.find_details(self._images([image]))[1][0][:, query.phrase_rows].numpy()
+        return self._details_of(image)[1][:, query.phrase_rows]
+
+    def _details_of(self, image: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """The detector on one image: each phrase's probability (K,) and where it was seen (N, K); kept for
+        a few images (keyed by the file's modification time and size), since a result's panels share it."""
+        stat = os.stat(image)
+        return self._details_cached(str(image), stat.st_mtime_ns, stat.st_size)
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (the engine lives as long as the app)
+    @torch.inference_mode()
+    def _details_cached(self, image: str, modified: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, where = self.model.find_details(self._images([image]))
+        return probabilities[0].numpy(), where[0].numpy()
+
+    def prototype_readings(self, result: SearchResult | ImageQuery, layer: int = -1) -> list[tuple[str, float] | None]:
+        """What each prototype reads on a result's (or a query photo's) image (explain.prototype_readings):
+        a phrase the detector sees there where the prototype's map concentrates, or None."""
+        from .explain import prototype_readings
+
+        count = result.prototype_attention.shape[2]
+        if self.model.details is None:
+            return [None] * count
+        probabilities, where = self._details_of(result.path)
+        maps = result.prototype_attention[layer].astype(np.float32).mean(0)  # (P, cells) heads averaged
+        return prototype_readings(maps, self.prototype_grid, where, probabilities, self.model.config.detail_terms,
+                                  self.grid)  # fmt: skip
 
 
 def format_results(response: SearchResponse) -> str:

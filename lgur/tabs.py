@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .card import card_table
-from .explain import display_rgb, overlay, photo_maps, prototype_overlays
+from .explain import display_rgb, overlay, photo_maps, prototype_overlays, reading_name
 from .files import MAX_FILE_BYTES, check_image
 from .gallery import add_images, gallery_page
 from .search import PhotoResponse, QueryError, SearchEngine, result_count
@@ -54,14 +54,16 @@ class PhotoSearch:
             "Select one: its prototype maps appear beside the photo's; the same prototype reads the same body part "
             "in both."
         )
-        return items, status, response, photo_maps(response.query, response.prototype_grid, self.prototypes)
+        names = [reading_name(p, r) for p, r in enumerate(self.engine.prototype_readings(response.query))]
+        return items, status, response, photo_maps(response.query, response.prototype_grid, names)
 
     def result_maps(self, response: PhotoResponse | None, selected: int) -> list[tuple[Any, str]]:
         """A photo search result's prototype maps, captioned with each part's share of the score."""
         if response is None or not response.results:
             return []
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
-        return prototype_overlays(result, response.prototype_grid, names=self.prototypes)
+        names = [reading_name(p, r) for p, r in enumerate(self.engine.prototype_readings(result))]
+        return prototype_overlays(result, response.prototype_grid, names=names)
 
     def api_search(self, file: str, k: float = 10) -> dict[str, Any]:
         """The /search_by_photo endpoint: a gallery image (by name) as the query; JSON as /search."""
