@@ -128,7 +128,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     chosen = {"teacher_stop_after": args.teacher_stop_after} if args.teacher_stop_after is not None else {}
     cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
-                        **chosen)  # fmt: skip
+                        framed=args.framed, **chosen)  # fmt: skip
     try:
         print(lineage(cfg, progress=not args.quiet, report=_silent if args.quiet else print))
     except (ValueError, OSError) as error:  # a bad dataset or folder: say which, no traceback
@@ -196,7 +196,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write an inference checkpoint; with --data, evaluate *it* and record those metrics in its card."""
     from .export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, args.dtype, args.data, args.gallery, args.cache, args.command)
+    path = export_checkpoint(args.checkpoint, args.out, args.dtype, args.data, args.gallery, args.cache, args.command,
+                             framed=args.framed)  # fmt: skip
     print(path)
     return 0
 
@@ -253,8 +254,14 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
     from .quality import explanation_quality, format_quality
 
     model, _ = load_checkpoint(args.checkpoint)
-    result = explanation_quality(model, args.data, args.split, args.limit, details=args.details)
-    print(json.dumps(result, indent=2) if args.json else format_quality(result))
+    if args.framed:  # the measures a template must fail, on detector-framed images and counterfactuals
+        from .faithfulness import faithfulness, format_faithfulness
+
+        result = faithfulness(model, args.data, args.framed, args.split, args.limit)
+        print(json.dumps(result, indent=2) if args.json else format_faithfulness(result))
+    else:
+        result = explanation_quality(model, args.data, args.split, args.limit, details=args.details)
+        print(json.dumps(result, indent=2) if args.json else format_quality(result))
     _write_json(result, args.out)
     return 0
 
@@ -467,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default {LineageConfig.teacher_stop_after})")  # fmt: skip
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
+    chain.add_argument("--framed", help="also measure the exported model on this detector-framed world of the "
+                       "same seed (synth --framing detector): retrieval, explanations beside templates")  # fmt: skip
     chain.set_defaults(func=cmd_lineage)
 
     evaluate = sub.add_parser(
@@ -534,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
     export.add_argument("--gallery", help="run query-bench on this gallery (into its card)")
     export.add_argument("--command", help="the training command, recorded in the card")
+    export.add_argument("--framed", help="also measure it on this detector-framed world (with --data)")
     export.set_defaults(func=cmd_export)
 
     index = sub.add_parser(
@@ -584,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality.add_argument("--data", required=True, help="a world folder written by `synth`")
     quality.add_argument("--split", default="test")
+    quality.add_argument("--framed", help="a detector-framed world of the same seed (synth --framing detector): "
+                         "the measures beside templates that ignore the image (lgur.faithfulness)")  # fmt: skip
     quality.add_argument("--limit", type=int, help="only the first N images")
     quality.add_argument(
         "--details",

@@ -93,7 +93,7 @@ def overlay(image: Image.Image, values: np.ndarray, grid: tuple[int, int], alpha
 
 # A prototype is named by a phrase when its map puts at least this many times a flat map's weight where
 # the detector sees the phrase (chosen on the val split: docs/EXPERIMENTS.md, "Names read on this image").
-MIN_READING = 2.0
+MIN_READING = 4.0
 MIN_PHRASE_PROBABILITY = 0.5  # the phrases the detector sees on the image
 
 
@@ -111,7 +111,8 @@ def prototype_readings(
     """What each prototype reads on *this* image: of the detector's phrases seen on it, the one where the
     prototype's map (P, cells) concentrates most, as (phrase, concentration), else None. Concentration:
     the map's weight where the phrase is seen (its map `where` (N, K)) over a flat map's (1 = no more
-    than anywhere). Two-word phrases ("black backpack") are preferred to a single word when both pass."""
+    than anywhere). A phrase naming a thing ("black backpack", "backpack") is preferred to one that
+    does not ("black"), and two words to one, when both pass."""
     maps = pool_to_grid(maps.astype(np.float32), map_grid, grid)  # the detector's grid
     maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
     seen = np.flatnonzero(probabilities >= MIN_PHRASE_PROBABILITY)
@@ -121,10 +122,15 @@ def prototype_readings(
     spots = where[:, seen].astype(np.float32)
     spots = spots / np.maximum(spots.sum(0, keepdims=True), 1e-12)  # (N, seen) each phrase's map sums to 1
     concentration = maps @ spots * where.shape[0]  # (P, seen)
+    # Preferred: a phrase that names a thing ("black backpack", "backpack"), then two words, then any
+    from .quality import WORD_PART
+
+    things = np.array([terms[k].split()[-1] in WORD_PART for k in seen])
     pairs = np.array([" " in terms[k] for k in seen])
     for row in concentration:
         passing = row >= min_reading
-        pool = passing & pairs if (passing & pairs).any() else passing
+        pool = next((tier for tier in (passing & things & pairs, passing & things, passing & pairs) if tier.any()),
+                    passing)  # fmt: skip
         if not pool.any():
             readings.append(None)
             continue

@@ -20,9 +20,12 @@ def export_checkpoint(
     cache: str | Path | None = "cache",
     command: str | None = None,
     report: Callable[[str], None] = print,
+    framed: str | Path | None = None,
 ) -> Path:
     """Write the inference checkpoint; with `data`, evaluate it on the test splits (and, on the
-    synthetic world, measure its explanations); with `gallery`, run query-bench on it. Each
+    synthetic world, measure its explanations); with `framed` (a detector-framed world of the same
+    seed), also its retrieval there and the explanation measures beside templates (lgur.faithfulness),
+    each prototype scored on the part it reads on val; with `gallery`, run query-bench on it. Each
     measurement is reported as a line and stored in the card, which is written once at the end."""
     from .atoms import text_atom_average
     from .data.dataset import caption_vocabulary
@@ -66,6 +69,17 @@ def export_checkpoint(
         if (Path(data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations
             card["explanations"] = explanation_quality(exported, data, "test")
             report(format_quality(card["explanations"]))
+    if data and framed:
+        from .evaluate import split_metrics
+        from .faithfulness import faithfulness, format_faithfulness, part_points, pointing
+
+        framed_splits = split_records(read_dataset(framed)[0], seed=0)
+        card["metrics"]["test-framed"] = split_metrics(exported, framed_splits["test"], "test", framed, cache)[0]
+        m = card["metrics"]["test-framed"]
+        report(f"test-framed: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
+        assignment = pointing(exported, framed, "val", part_points(data))["regions"]["assignment"]  # read on val
+        card["faithfulness"] = faithfulness(exported, data, framed, "test", assignment=assignment)
+        report(format_faithfulness(card["faithfulness"]))
     if gallery:  # short typed queries against the gallery the app ships
         card["query_bench"] = {}
         for style in ("default", "check"):

@@ -450,14 +450,21 @@ def atom_specificity(model: LGUR, captions: list[str], top: int = 5, min_count: 
             "share_at_least_3x": 100 * float((ratios_ >= 3).mean()), "atoms": named}  # fmt: skip
 
 
-def faithfulness(model: LGUR, data: str | Path, framed: str | Path, split: str = "val",
-                 limit: int | None = 200) -> dict[str, Any]:  # fmt: skip
+def faithfulness(model: LGUR, data: str | Path, framed: str | Path, split: str = "val", limit: int | None = 200,
+                 assignment: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every measure above on `framed`'s split (a detector-framed world of the same seed), with the
-    fixed-point template read off `data`'s training labels."""
+    fixed-point template read off `data`'s training labels; assignment: the part each prototype is
+    scored on in the pointing game (read on val; default: on this split)."""
+    from .quality import explanation_quality
+
     points = part_points(data)
     small = None if limit is None else max(limit // 2, 1)
+    maps = explanation_quality(model, framed, split, limit, points=points)
     result = {
-        "pointing": pointing(model, framed, split, points, limit),
+        "split": split,
+        "pointing": pointing(model, framed, split, points, limit, assignment=assignment),
+        "word_maps": maps.get("pointing_game"),
+        "detail_maps": maps.get("phrase_pointing_game"),
         "equivariance": equivariance(model, framed, split, small),
         "deletion": deletion(model, framed, split, small),
         "counterfactuals": counterfactuals(model, framed, split, limit),
@@ -465,3 +472,49 @@ def faithfulness(model: LGUR, data: str | Path, framed: str | Path, split: str =
     if model.dga is not None:
         result["dictionary"] = dictionary_sparsity(model, framed, split, limit)
     return result
+
+
+def format_faithfulness(result: dict[str, Any]) -> str:
+    """One table: each measure, the model's figure, what the templates score, the target."""
+    rows = [("measure", "model", "fixed point", "centre", "uniform / mean map", "target")]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None or x != x else f"{x:.1f}"
+
+    p = result["pointing"]
+    rows.append(("pointing game, prototype maps (% on their part)", pct(p["model"]), pct(p["fixed_point"]),
+                 pct(p["centre"]), pct(p["uniform"]), "fixed point + 15"))  # fmt: skip
+    for key, name in (("word_maps", "word (guidance) maps"), ("detail_maps", "detail maps")):
+        g = result.get(key)
+        if g:
+            rows.append((f"pointing game, {name}", pct(g["accuracy"]), pct(g.get("fixed_point")),
+                         pct(g.get("centre")), pct(g.get("uniform")), "fixed point + 15"))  # fmt: skip
+    e = result["equivariance"]
+    drawn = ", ".join(f"{x:.2f}" for x in e["drawn_layer"])
+    rows.append(("equivariance, drawn layer (centroid move / person move)", drawn, "0", "0", "0", ">= 0.7 each"))
+    rows.append(("equivariance, first layer", ", ".join(f"{x:.2f}" for x in e["first_layer"]), "0", "0", "0", ""))
+    d = result["deletion"]
+    rows.append(("deletion: part-vector drop, top 10% blanked", f"{d['model_drop']:.4f} ({d['ratio']:.2f}x)", "", "",
+                 f"{d['template_drop']:.4f}", ">= 2x the mean map's"))  # fmt: skip
+    c = result["counterfactuals"]
+    rows.append(("counterfactuals: old phrase loses, new gains (%)", pct(c["phrase_old_loses_new_gains"]), "", "",
+                 "", ">= 90"))  # fmt: skip
+    rows.append(("counterfactuals: largest drop = prototype reading the change (%)",
+                 pct(c["largest_drop_reads_change"]), "", "",
+                 f"{pct(c['template_largest_drop'])} (chance {c['chance']:.0f})", ">= 70"))  # fmt: skip
+    if "dictionary" in result:
+        dg = result["dictionary"]
+        rows.append(("DGA effective atoms per patch / person patch / word",
+                     f"{dg['per_patch']:.1f} / {dg['per_person_patch']:.1f} / {dg['per_word']:.1f}", "", "",
+                     str(dg["uniform_template"]), "<= 25"))  # fmt: skip
+        sp = dg["specificity"]
+        if sp.get("atoms_shown"):
+            rows.append(("DGA atoms shown with a word >= 3x its average (%)", pct(sp["share_at_least_3x"]), "", "", "",
+                         "100"))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"explanations on {result.get('split', '?')} (detector-framed); templates ignore the image"]
+    for n, row in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

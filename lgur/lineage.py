@@ -9,6 +9,9 @@ The shipped model is not one run but a chain of stages, each starting from the o
 3. `person`: the same recipe again, the prototypes kept on the teacher's person map;
 4. `details`: that model's own detector (a copy of the trunk's last two stages; fits DGA's m);
 5. `fine`: the prototypes read a grid twice as fine, each at its own height, everything else held fixed;
+6. `follow`: the prototypes freed of their heights and taught on images framed as a person detector
+   frames them, so each map follows its part wherever it is; DGA's dictionary attention sharpened so
+   that each patch and word is rebuilt from a few atoms (the trunk, the detector and m held fixed);
 
 then the int8 export, measured on the world's test splits (and the gallery, if given). With
 `teacher=False`, stages 2 and 3 are left out and stage 4 reads stage 1's model.
@@ -27,6 +30,7 @@ from typing import Any
 from .config import DetailTrainConfig
 
 FROZEN_FOR_FINE = ("image_encoder", "dga", "details", "detail_stage")
+FROZEN_FOR_FOLLOW = ("image_encoder", "dga.foreground", "details", "detail_stage")  # DGA's atoms and attention learn
 
 
 @dataclass
@@ -53,6 +57,12 @@ class LineageConfig:
     fine_rows: tuple[float, ...] = (0.12, 0.25, 0.42, 0.58, 0.77, 0.94)
     fine_row_width: float | tuple[float, ...] = (0.0, 0.04)
     fine_person: bool = True
+    # Stage 6 (follow): from stage 5's int8 export; None leaves it out (stage 5 is then the model)
+    follow_epochs: int | None = 4
+    follow_framing: float = 0.5  # TrainConfig.framing: the share of images reframed as a detector frames them
+    atom_sharpness: float = 8.0  # LGURConfig.atom_sharpness (val: 36 effective atoms per patch at the start)
+    atom_entropy: float = 0.1  # TrainConfig.atom_entropy
+    framed: str | None = None  # a detector-framed world of the same seed, measured at the export
     details: DetailTrainConfig = field(default_factory=lambda: DetailTrainConfig(stage=True))
     teacher_details: DetailTrainConfig = field(
         default_factory=lambda: DetailTrainConfig(stage=True, stage_blocks=1, foreground=False)
@@ -112,8 +122,19 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
         prototype_rows=cfg.fine_rows or None, prototype_row_width=cfg.fine_row_width, person_fine=cfg.fine_person,
         final_test=False,  # the int8 export below is measured on the same splits
     )  # fmt: skip
+    if cfg.follow_epochs:
+        placed = int8(fine, "fine-int8")
+        freed = {"prototype_rows": [], "atom_sharpness": cfg.atom_sharpness}
+        fine = training(
+            "follow", init_from=str(placed), model_overrides=freed,
+            frozen=FROZEN_FOR_FOLLOW, epochs=cfg.follow_epochs, stop_after=None, warmup_steps=cfg.fine_warmup_steps,
+            lr=cfg.fine_lr, lr_backbone=cfg.fine_lr_backbone, person_from=str(placed), person_from_epoch=0, **person,
+            person_fine=cfg.fine_person, atom_entropy=cfg.atom_entropy, framing=cfg.follow_framing, final_test=False,
+        )  # fmt: skip
     report("export: int8, measured on the test splits")
     command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")
     if cfg.teacher and cfg.teacher_stop_after != LineageConfig.teacher_stop_after:
         command += f" --teacher-stop-after {cfg.teacher_stop_after}"
-    return export_checkpoint(fine, final, "int8", cfg.data, cfg.gallery, cache, command, report)
+    if cfg.framed:
+        command += f" --framed {cfg.framed}"
+    return export_checkpoint(fine, final, "int8", cfg.data, cfg.gallery, cache, command, report, cfg.framed)

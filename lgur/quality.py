@@ -202,21 +202,35 @@ def explanation_quality(
     limit: int | None = None,
     batch_size: int = 64,
     details: bool = False,
+    points: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """points: (parts, 2) each part's mean position (lgur.faithfulness.part_points): each pointing-game
+    hit is then scored beside what a template scores on the same (image, part): a fixed point per part,
+    the centre, a uniform map."""
     data = Path(data)
     annotations = [a for a in json.loads((data / "reid_raw.json").read_text()) if a["split"] == split][:limit]
     side = json.loads((data / "synthetic_attributes.json").read_text())
     size, grid = model.config.image.img_size, model.image_encoder.grid
     model.eval()
     fg_scores, fg_labels, overlaps = [], [], []
-    pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
-    phrase_pointing: dict[str, list[tuple[bool, float]]] = {PARTS[p]: [] for p in PART_WORDS}
+    pointing: dict[str, list[tuple[float, ...]]] = {PARTS[p]: [] for p in PART_WORDS}
+    phrase_pointing: dict[str, list[tuple[float, ...]]] = {PARTS[p]: [] for p in PART_WORDS}
     phrases = phrase_index(model.config.detail_terms) if model.details is not None else None
     caption_atoms, image_atoms, pair_image, other_image = [], [], [], []
     rng = np.random.default_rng(0)
     kept: dict[str, dict[str, list]] = {
         kind: {"region": [], "embedding": [], "label": [], "group": []} for kind in DETAILS
     }
+
+    def templates(mask: np.ndarray, part: int) -> tuple[float, ...]:
+        """What the fixed point, the centre and a uniform map score on this (image, part)."""
+        if points is None:
+            return ()
+        from .faithfulness import template_map, uniform_hit
+
+        return (float(pointing_hit(template_map(points[part], grid), mask)),
+                float(pointing_hit(template_map((0.5, 0.5), grid), mask)), uniform_hit(mask))  # fmt: skip
+
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
     every_fractions: list[np.ndarray] = []  # each image's (N, parts) at the prototype maps' grid, for background_floor
@@ -268,7 +282,8 @@ def explanation_quality(
                     part = WORD_PART.get(model.config.detail_terms[row].split()[-1])
                     if part is not None and fractions[:, part].sum() >= 0.5:
                         hit = pointing_hit(where[i, :, row].reshape(grid), label_maps[i] == part)
-                        phrase_pointing[PARTS[part]].append((hit, energy_inside(where[i, :, row], fractions[:, part])))
+                        energy = energy_inside(where[i, :, row], fractions[:, part])
+                        phrase_pointing[PARTS[part]].append((hit, energy, *templates(label_maps[i] == part, part)))
             person = 1.0 - fractions[:, 0]
             area += fractions.mean(0)
             if explained.foreground is not None:
@@ -289,7 +304,8 @@ def explanation_quality(
                         continue
                     word_map = guidance[row][:, positions].sum(1).numpy()  # (N,)
                     hit = pointing_hit(word_map.reshape(grid), label_maps[i] == part)
-                    pointing[PARTS[part]].append((hit, energy_inside(word_map, fractions[:, part])))
+                    energy = energy_inside(word_map, fractions[:, part])
+                    pointing[PARTS[part]].append((hit, energy, *templates(label_maps[i] == part, part)))
     n = len(annotations)
     result: dict[str, Any] = {"split": split, "images": n, "parts": PARTS}
     if fg_scores:
@@ -330,13 +346,17 @@ def explanation_quality(
     return result
 
 
-def pointing_summary(pointing: dict[str, list[tuple[bool, float]]]) -> dict[str, Any]:
+def pointing_summary(pointing: dict[str, list[tuple[float, ...]]]) -> dict[str, Any]:
     """Pointing-game hits and energy inside the part, per part name -> accuracy and energy (%), overall and by part."""
     every = [x for v in pointing.values() for x in v]
 
-    def figures(rows: list[tuple[bool, float]]) -> dict[str, Any]:
-        return {"accuracy": 100 * float(np.mean([h for h, _ in rows])),
-                "energy_inside": 100 * float(np.mean([e for _, e in rows])), "words": len(rows)}  # fmt: skip
+    def figures(rows: list[tuple[float, ...]]) -> dict[str, Any]:
+        out = {"accuracy": 100 * float(np.mean([r[0] for r in rows])),
+               "energy_inside": 100 * float(np.mean([r[1] for r in rows])), "words": len(rows)}  # fmt: skip
+        if rows and len(rows[0]) == 5:  # beside the templates on the same (image, part) pairs
+            for k, name in ((2, "fixed_point"), (3, "centre"), (4, "uniform")):
+                out[name] = 100 * float(np.mean([r[k] for r in rows]))
+        return out
 
     return figures(every) | {"by_part": {part: figures(v) for part, v in pointing.items() if v}}
 

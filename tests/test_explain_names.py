@@ -38,12 +38,12 @@ def test_pool_to_grid_sums_the_fine_cells() -> None:
 
 
 def test_each_prototype_named_by_what_it_reads_here() -> None:
-    where = _where({0: [4, 5], 1: [4, 5], 2: [2, 3], 3: [0]})
+    where = _where({0: [4], 1: [4], 2: [2], 3: [0]})
     probabilities = np.array([0.9, 0.8, 0.7, 0.2])  # glasses not seen on this image
     coarse = np.full((3, 8), 0.1, np.float32)
-    coarse[0, [4, 5]] = 3.0  # on the backpack
-    coarse[1, [2, 3]] = 3.0  # on the shirt
-    coarse[2, 0] = 3.0  # where glasses would be, but none are seen: nothing in particular
+    coarse[0, 4] = 30.0  # on the backpack
+    coarse[1, 2] = 30.0  # on the shirt
+    coarse[2, 0] = 30.0  # where glasses would be, but none are seen: nothing in particular
     readings = prototype_readings(_fine(coarse), (8, 4), where, probabilities, TERMS, GRID)
     assert readings[0][0] == "black backpack"  # the two-word phrase over the bare colour
     assert readings[1][0] == "red shirt" and readings[1][1] > 2
@@ -53,9 +53,9 @@ def test_each_prototype_named_by_what_it_reads_here() -> None:
 
 def test_the_same_prototype_is_named_differently_on_another_person() -> None:
     coarse = np.full((1, 8), 0.1, np.float32)
-    coarse[0, [4, 5]] = 3.0
-    carrying = prototype_readings(_fine(coarse), (8, 4), _where({1: [4, 5]}), np.array([0, 0.9, 0, 0]), TERMS, GRID)
-    without = prototype_readings(_fine(coarse), (8, 4), _where({2: [2, 3]}), np.array([0, 0, 0.9, 0]), TERMS, GRID)
+    coarse[0, 4] = 30.0
+    carrying = prototype_readings(_fine(coarse), (8, 4), _where({1: [4]}), np.array([0, 0.9, 0, 0]), TERMS, GRID)
+    without = prototype_readings(_fine(coarse), (8, 4), _where({2: [2]}), np.array([0, 0, 0.9, 0]), TERMS, GRID)
     assert carrying == [("black backpack", carrying[0][1])] and without == [None]
 
 

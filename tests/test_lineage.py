@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lgur.checkpoint import load_checkpoint, read_card
 from lgur.config import DetailTrainConfig
-from lgur.lineage import FROZEN_FOR_FINE, LineageConfig, lineage
+from lgur.lineage import FROZEN_FOR_FINE, FROZEN_FOR_FOLLOW, LineageConfig, lineage
 from lgur.synth.world import WorldSpec, generate_world
 
 SMALL = {"image.img_size": [64, 32], "dim": 32, "num_atoms": 16, "part_dim": 16, "pgu_head_dim": 16}
@@ -29,25 +29,42 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
     lines: list[str] = []
     final = lineage(cfg, progress=False, report=lines.append)
     stages = [line.split(":")[0] for line in lines if line.startswith("stage ")]
-    assert stages == ["stage terms", "stage teacher", "stage person", "stage details", "stage fine"]
+    assert stages == ["stage terms", "stage teacher", "stage person", "stage details", "stage fine", "stage follow"]
     chain = tmp_path / "chain"
     # Stage 3 was taught by stage 2's detector and ended at stop_after; stage 1, the teacher's input, earlier.
     person = read_card(chain / "person" / "best.safetensors")
     assert person["training"]["config"]["person_from"] == str(chain / "teacher" / "lgur_cpu.safetensors")
     assert person["training"]["config"]["stop_after"] == 2 and person["training"]["config"]["epochs"] == 2
     assert read_card(chain / "terms" / "best.safetensors")["training"]["config"]["stop_after"] == 1
-    # The fine stage changed only the prototypes' read-out (and what reads it), from stage 4's model.
-    model, card = load_checkpoint(final)
-    assert model.config.pgu_fine and model.details is not None and model.config.foreground_fitted
-    assert card["training"]["config"]["init_from"] == str(chain / "details-int8" / "lgur_cpu.safetensors")
-    assert tuple(card["training"]["config"]["frozen"]) == FROZEN_FOR_FINE and "test" in card["metrics"]
+    # The fine stage changed only the prototypes' read-out (and what reads it), from stage 4's model, ...
+    fine, fine_card = load_checkpoint(chain / "fine-int8" / "lgur_cpu.safetensors")
+    assert fine.config.pgu_fine and fine.details is not None and fine.config.foreground_fitted
+    assert fine_card["training"]["config"]["init_from"] == str(chain / "details-int8" / "lgur_cpu.safetensors")
+    assert tuple(fine_card["training"]["config"]["frozen"]) == FROZEN_FOR_FINE
     # ... each prototype at its own height (handed out by where it read), taught at the fine grid.
-    assert sorted(model.config.prototype_rows) == sorted(cfg.fine_rows) and card["training"]["config"]["person_fine"]
-    assert tuple(model.config.prototype_row_width) == cfg.fine_row_width
-    assert "metrics" not in json.loads((chain / "fine" / "result.json").read_text())  # tested once, at the export
-    before, after = load_file(str(chain / "details-int8" / "lgur_cpu.safetensors")), load_file(str(final))
+    assert (
+        sorted(fine.config.prototype_rows) == sorted(cfg.fine_rows) and fine_card["training"]["config"]["person_fine"]
+    )
+    assert tuple(fine.config.prototype_row_width) == cfg.fine_row_width
+    before, after = (
+        load_file(str(chain / "details-int8" / "lgur_cpu.safetensors")),
+        load_file(str(chain / "fine-int8" / "lgur_cpu.safetensors")),
+    )
     held = [k for k in before if k.split(".")[0] in FROZEN_FOR_FINE]
     assert held and all((before[k] == after[k]).all() for k in held)
+    # The follow stage freed the prototypes of their heights, taught them on reframed images and
+    # sharpened the dictionary's attention; the trunk, the detector and m held fixed.
+    model, card = load_checkpoint(final)
+    config = card["training"]["config"]
+    assert config["init_from"] == str(chain / "fine-int8" / "lgur_cpu.safetensors")
+    assert tuple(config["frozen"]) == FROZEN_FOR_FOLLOW and config["framing"] == cfg.follow_framing
+    assert model.config.prototype_rows == () and model.config.atom_sharpness == cfg.atom_sharpness
+    assert config["atom_entropy"] == cfg.atom_entropy and "test" in card["metrics"]
+    assert "metrics" not in json.loads((chain / "follow" / "result.json").read_text())  # tested once, at the export
+    followed = load_file(str(final))
+    held = [k for k in after if k.startswith(("image_encoder.", "dga.foreground.", "details.", "detail_stage."))]
+    assert held and all((after[k] == followed[k]).all() for k in held)
+    assert any(not (after[k] == followed[k]).all() for k in after if k.startswith("dga.reconstruction."))
     # Finished: a rerun does nothing, and says so.
     stamp = final.stat().st_mtime_ns
     again: list[str] = []
