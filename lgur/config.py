@@ -69,6 +69,7 @@ class LGURConfig:
     # Not in the paper: multiplies DGA's attention logits over the atoms (1: the paper), so that each
     # patch and word is rebuilt from a few atoms the explorer can name, not from all 400 almost equally.
     atom_sharpness: float = 1.0
+    atom_top_k: int = 0  # not in the paper: each head reads its k strongest atoms only (0: all 400)
     # PGU: shared prototypes and their cross-attention decoder
     num_prototypes: int = 6
     pgu_layers: int = 2
@@ -93,6 +94,10 @@ class LGURConfig:
     # The width: one for every decoder layer, or one per layer (0: that layer reads freely).
     prototype_rows: tuple[float, ...] = ()
     prototype_row_width: float | tuple[float, ...] = 0.1
+    # "image": those heights are in the frame; "person": in the person's extent in each image (0 its top, 1
+    # its feet), as the model's own detail detector sees the person (LGUR.person_extent), so the maps
+    # follow the person wherever a detector's crop puts them
+    prototype_anchor: str = "image"
     # Identity classification: "parts", one classifier per prototype (paper), so every part must
     # identify the person alone; "whole" (not in the paper), one classifier over the concatenated
     # parts, so a part may carry a detail (shoe colour) that identifies no one by itself.

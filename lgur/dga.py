@@ -36,8 +36,11 @@ class ReconstructionBlock(nn.Module):
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
         sharpness: float = 1.0,
+        top_k: int = 0,
     ) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attention(self.norm(x), self.norm(memory), memory_mask, need_weights, None, sharpness)
+        attended, weights = self.attention(
+            self.norm(x), self.norm(memory), memory_mask, need_weights, None, sharpness, top_k
+        )
         x = x + attended
         return x + self.ffn(self.ffn_norm(x)), weights
 
@@ -59,11 +62,13 @@ class DGA(nn.Module):
         ffn_dim: int,
         dropout: float,
         atom_sharpness: float = 1.0,
+        atom_top_k: int = 0,
     ) -> None:
         """atom_sharpness: multiplies the attention logits over the atoms (not over the words of the
-        guidance), so that each patch and word is rebuilt from a few atoms rather than from all of them."""
+        guidance); atom_top_k > 0: each head rebuilds a patch or word from its k strongest atoms only. Both
+        so that each patch and word is rebuilt from a few atoms rather than from all of them."""
         super().__init__()
-        self.atom_sharpness = atom_sharpness
+        self.atom_sharpness, self.atom_top_k = atom_sharpness, atom_top_k
         self.dictionary = nn.Parameter(torch.randn(num_atoms, dim) * 0.02)  # the shared atoms
         self.reconstruction = ReconstructionBlock(dim, heads, head_dim, ffn_dim, dropout)
         self.foreground = nn.Linear(dim, 1)  # learned without supervision
@@ -73,13 +78,17 @@ class DGA(nn.Module):
 
     def reconstruct_image(self, patches: Tensor, need_weights: bool = False) -> Reconstruction:
         """R(V, D) * m: patches (B, N, D) rebuilt from the atoms, weighted by foreground."""
-        rebuilt, weights = self.reconstruction(patches, self.dictionary, None, need_weights, self.atom_sharpness)
+        rebuilt, weights = self.reconstruction(
+            patches, self.dictionary, None, need_weights, self.atom_sharpness, self.atom_top_k
+        )
         m = self.foreground_weights(patches)
         return Reconstruction(rebuilt * m.unsqueeze(-1), weights, m)
 
     def reconstruct_text(self, tokens: Tensor, mask: Tensor, need_weights: bool = False) -> Reconstruction:
         """R(T, D): tokens (B, T, D) rebuilt from the atoms; padded rows are zeroed."""
-        rebuilt, weights = self.reconstruction(tokens, self.dictionary, None, need_weights, self.atom_sharpness)
+        rebuilt, weights = self.reconstruction(
+            tokens, self.dictionary, None, need_weights, self.atom_sharpness, self.atom_top_k
+        )
         valid = mask.to(rebuilt.dtype)
         if weights is not None:
             weights = weights * valid[:, None, :, None]

@@ -36,17 +36,19 @@ class CrossAttention(nn.Module):
         need_weights: bool = False,
         memory_bias: Tensor | None = None,
         sharpness: float = 1.0,
+        top_k: int = 0,
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, D); memory: (B, M, D) or (M, D) shared by the batch; memory_mask: (B, M), True = valid;
         memory_bias: (B, M) added to every query's attention logits (e.g. a log prior over positions), or
-        (B or 1, 1, N, M) to each query's own; sharpness: multiplies the scaled dot products.
+        (B or 1, 1, N, M) to each query's own; sharpness: multiplies the scaled dot products; top_k > 0:
+        each query attends to its k strongest memory entries only (per head).
 
         Returns the output (B, N, D) and, if asked, the weights (B, H, N, M).
         """
         k, v = self.keys_values(memory)
         if k.dim() == 3:  # a shared memory (the dictionary): projected once, broadcast
             k, v = k.unsqueeze(0).expand(x.shape[0], -1, -1, -1), v.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
-        return self.attend(x, k, v, memory_mask, need_weights, memory_bias, sharpness)
+        return self.attend(x, k, v, memory_mask, need_weights, memory_bias, sharpness, top_k)
 
     def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory (B, M, D) -> keys and values (B, H, M, d); a shared memory (M, D) -> (H, M, d)."""
@@ -61,6 +63,7 @@ class CrossAttention(nn.Module):
         need_weights: bool = False,
         memory_bias: Tensor | None = None,
         sharpness: float = 1.0,
+        top_k: int = 0,
     ) -> tuple[Tensor, Tensor | None]:
         """Queries x (B, N, D) over keys and values (B, H, M, d) -> as forward."""
         q = self._split(self.to_q(x))  # (B, H, N, d)
@@ -69,14 +72,18 @@ class CrossAttention(nn.Module):
             bias = (memory_bias if memory_bias.dim() == 4 else memory_bias[:, None, None, :]).to(q.dtype)
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         drop = self.dropout if self.training else 0.0
-        if need_weights:
+        if need_weights or 0 < top_k < k.shape[-2]:
             logits = (q @ k.transpose(-2, -1)) * (sharpness * self.head_dim**-0.5)
             if mask is not None and mask.dtype == torch.bool:
                 logits = logits.masked_fill(~mask, float("-inf"))
             elif mask is not None:
                 logits = logits + mask
+            if 0 < top_k < logits.shape[-1]:  # all but the k strongest out (ties at the k-th stay in)
+                kth = logits.topk(top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
             weights = logits.softmax(dim=-1)
             out = F.dropout(weights, drop, self.training) @ v
+            weights = weights if need_weights else None
         else:
             weights = None
             out = F.scaled_dot_product_attention(

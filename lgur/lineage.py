@@ -9,9 +9,9 @@ The shipped model is not one run but a chain of stages, each starting from the o
 3. `person`: the same recipe again, the prototypes kept on the teacher's person map;
 4. `details`: that model's own detector (a copy of the trunk's last two stages; fits DGA's m);
 5. `fine`: the prototypes read a grid twice as fine, each at its own height, everything else held fixed;
-6. `follow`: the prototypes freed of their heights and taught on images framed as a person detector
-   frames them, so each map follows its part wherever it is; DGA's dictionary attention sharpened so
-   that each patch and word is rebuilt from a few atoms (the trunk, the detector and m held fixed);
+6. `follow`: the prototypes' heights placed in the person (as m sees it) rather than in the frame, and
+   taught on images framed as a person detector frames them, so each map follows its part wherever it
+   is; DGA's dictionary read through a few sharp atoms (the trunk, the detector and m held fixed);
 
 then the int8 export, measured on the world's test splits (and the gallery, if given). With
 `teacher=False`, stages 2 and 3 are left out and stage 4 reads stage 1's model.
@@ -61,7 +61,13 @@ class LineageConfig:
     follow_epochs: int | None = 4
     follow_framing: float = 0.5  # TrainConfig.framing: the share of images reframed as a detector frames them
     atom_sharpness: float = 8.0  # LGURConfig.atom_sharpness (val: 36 effective atoms per patch at the start)
+    atom_top_k: int = 8  # LGURConfig.atom_top_k: each head reads its 8 strongest atoms
     atom_entropy: float = 0.1  # TrainConfig.atom_entropy
+    # The prototypes' heights in the person (0 its top, 1 its feet; LGURConfig.prototype_anchor "person"),
+    # in the drawn layer only: stage 5's heights in the frame, converted with the person's mean extent on
+    # val as m sees it (0.091-0.988); () frees them
+    follow_rows: tuple[float, ...] = (0.032, 0.947, 0.367, 0.757, 0.177, 0.545)
+    follow_row_width: float | tuple[float, ...] = (0.0, 0.045)
     framed: str | None = None  # a detector-framed world of the same seed, measured at the export
     details: DetailTrainConfig = field(default_factory=lambda: DetailTrainConfig(stage=True))
     teacher_details: DetailTrainConfig = field(
@@ -124,7 +130,13 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
     )  # fmt: skip
     if cfg.follow_epochs:
         placed = int8(fine, "fine-int8")
-        freed = {"prototype_rows": [], "atom_sharpness": cfg.atom_sharpness}
+        freed = {
+            "prototype_rows": list(cfg.follow_rows),
+            "prototype_row_width": cfg.follow_row_width,
+            "prototype_anchor": "person",
+            "atom_sharpness": cfg.atom_sharpness,
+            "atom_top_k": cfg.atom_top_k,
+        }
         fine = training(
             "follow", init_from=str(placed), model_overrides=freed,
             frozen=FROZEN_FOR_FOLLOW, epochs=cfg.follow_epochs, stop_after=None, warmup_steps=cfg.fine_warmup_steps,

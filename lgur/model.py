@@ -116,6 +116,7 @@ class LGUR(nn.Module):
                 c.reconstruction_ffn_dim,
                 c.dropout,
                 c.atom_sharpness,
+                c.atom_top_k,
             )
             if c.use_dga
             else None
@@ -127,7 +128,7 @@ class LGUR(nn.Module):
             self.pgu = PGU(
                 c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim,
                 c.dropout, c.pgu_register, fine_channels, self.image_encoder.grid, c.prototype_rows,
-                c.prototype_row_width,
+                c.prototype_row_width, c.prototype_anchor,
             )  # fmt: skip
         else:
             self.pgu = GlobalPooling(c.dim, c.part_dim)
@@ -171,6 +172,7 @@ class LGUR(nn.Module):
         need_weights: also return each branch's prototype attention (for the diversity term);
         need_atoms: also the dictionary branches' attention over the atoms (for the atom entropy).
         """
+        extent = None
         if self.config.pgu_fine:
             patches, (fine,) = self.image_encoder.forward_with_stage_inputs(images, (self.image_encoder.fine_blocks,))
         else:
@@ -185,10 +187,14 @@ class LGUR(nn.Module):
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches, need_atoms)
         bias = self._foreground_bias(image_dictionary.foreground)
+        if self.anchored_to_person:  # where the person is places the prototypes' prior
+            extent = self.person_extent(image_dictionary.foreground)
         return TrainOutputs(
-            image=self.pgu(guided.features, None, need_weights, bias, fine, image=True),
+            image=self.pgu(guided.features, None, need_weights, bias, fine, image=True, extent=extent),
             text=text,
-            image_dictionary=self.pgu(image_dictionary.features, None, need_weights, bias, fine, image=True),
+            image_dictionary=self.pgu(
+                image_dictionary.features, None, need_weights, bias, fine, image=True, extent=extent
+            ),
             text_dictionary=text_dictionary,
             image_atoms=image_dictionary.weights,
             text_atoms=text_rebuilt.weights,
@@ -236,7 +242,10 @@ class LGUR(nn.Module):
         if self.dga is not None:
             rebuilt = self.dga.reconstruct_image(patches, need_weights)
             patches, dictionary_weights, foreground = rebuilt.features, rebuilt.weights, rebuilt.foreground
-        parts = self.pgu(patches, None, need_weights, self._foreground_bias(foreground), fine, image=True)
+        extent = self.person_extent(foreground) if self.anchored_to_person else None
+        parts = self.pgu(
+            patches, None, need_weights, self._foreground_bias(foreground), fine, image=True, extent=extent
+        )
         details = self.details(detail_tokens)[0] if self.details is not None else None
         return ImageExplanation(
             parts.embedding,
@@ -329,10 +338,35 @@ class LGUR(nn.Module):
                 phases.append(surest[:, r][:, :, c])  # (B, 2 rows, 2 cols)
         return _relative(torch.stack(phases).amin(0).flatten(1), saturation)
 
-    def set_prototype_rows(self, rows: tuple[float, ...], width: float | tuple[float, ...]) -> None:
+    def set_prototype_rows(
+        self, rows: tuple[float, ...], width: float | tuple[float, ...], anchor: str | None = None
+    ) -> None:
         """The image prototypes' row prior (LGURConfig.prototype_rows, PGU.set_rows), in the config too."""
-        self.pgu.set_rows(rows, width)
+        anchor = anchor or self.config.prototype_anchor
+        self.pgu.set_rows(rows, width, anchor)
         self.config.prototype_rows, self.config.prototype_row_width = tuple(rows), width
+        self.config.prototype_anchor = anchor
+
+    @property
+    def anchored_to_person(self) -> bool:
+        """Is the prototypes' row prior placed in the person (LGURConfig.prototype_anchor)?"""
+        return bool(self.config.prototype_rows) and self.config.prototype_anchor == "person"
+
+    @torch.no_grad()
+    def person_extent(self, foreground: Tensor | None) -> Tensor:
+        """(B, N) DGA's foreground weight m -> (B, 2) the person's top and bottom (fractions of the height):
+        the first and last rows whose strongest m is at least halfway from the image's weakest row to its
+        strongest (m is fitted to where the detail detector sees the person: lgur.foreground)."""
+        if foreground is None or not self.learns_foreground:
+            raise ValueError("a prior anchored to the person needs a learned foreground weight m (train-details)")
+        rows, cols = self.image_encoder.grid
+        profile = foreground.unflatten(-1, (rows, cols)).amax(-1)  # (B, R)
+        low, high = profile.amin(-1, keepdim=True), profile.amax(-1, keepdim=True)
+        person = profile - low >= 0.5 * (high - low)
+        index = torch.arange(rows, device=profile.device)
+        top = torch.where(person, index, rows).amin(-1)
+        bottom = torch.where(person, index, -1).amax(-1) + 1
+        return torch.stack([top, bottom], -1).float() / rows
 
     @property
     def prototype_grid(self) -> tuple[int, int]:

@@ -122,6 +122,7 @@ class PGU(nn.Module):
         grid: tuple[int, int] | None = None,
         rows: tuple[float, ...] = (),
         row_width: float | tuple[float, ...] = 0.1,
+        anchor: str = "image",
     ) -> None:
         """fine_channels, grid: with fine_channels > 0, image prototypes may attend at twice the patch
         grid's (rows, cols) resolution to a trunk feature map of that many channels (FineMemory).
@@ -143,9 +144,10 @@ class PGU(nn.Module):
         # One bias-free projection per prototype, shared by both modalities: (P, D, part_dim).
         self.projections = nn.Parameter(torch.randn(num_prototypes, dim, part_dim) * dim**-0.5)
         self.register_buffer("row_prior", None, persistent=False)
-        self.set_rows(rows, row_width)
+        self.register_buffer("row_heights", None, persistent=False)
+        self.set_rows(rows, row_width, anchor)
 
-    def set_rows(self, rows: tuple[float, ...], width: float | tuple[float, ...] = 0.1) -> None:
+    def set_rows(self, rows: tuple[float, ...], width: float | tuple[float, ...] = 0.1, anchor: str = "image") -> None:
         """Not in the paper: prototype p prefers the image's rows near height rows[p] (0 top, 1 bottom).
 
         A Gaussian log-prior over the rows of its map, -((y - rows[p]) / width)^2 / 2, is added to its
@@ -153,9 +155,16 @@ class PGU(nn.Module):
         upright, so a prototype held near the head cannot settle on the torso beside another: re-id's
         horizontal stripes (PCB, Sun et al., ECCV 2018), made soft. width: one for every layer, or one
         per layer, 0 leaving that layer free. () removes it.
+
+        anchor "person": rows and widths are fractions of the person's extent in each image (0 the top of
+        the person, 1 their feet; the extent given to forward), so the prior moves and scales with the
+        person instead of holding a map at a height of the frame.
         """
+        if anchor not in ("image", "person"):
+            raise ValueError(f"a prototype row prior is anchored to the image or the person, not {anchor!r}")
+        self.anchor = anchor
         if not rows:
-            self.row_prior = None
+            self.row_prior = self.row_heights = None
             return
         widths = (width,) * len(self.layers) if isinstance(width, (int, float)) else tuple(width)
         if len(rows) != len(self.prototypes) or self.grid is None:
@@ -164,10 +173,22 @@ class PGU(nn.Module):
             raise ValueError(f"prototype row width: one or one per layer ({len(self.layers)}), >= 0, not {width}")
         if not all(0.0 <= r <= 1.0 for r in rows):
             raise ValueError(f"prototype rows are heights in [0, 1], not {rows}")
+        self.row_widths = widths
         y = position_heights(self.fine.grid if self.fine is not None else self.grid)  # (L,)
+        self.row_heights = torch.tensor(rows).to(self.prototypes.device)  # (P,)
         distance = y[None, :] - torch.tensor(rows)[:, None]  # (P, L)
         prior = [-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in widths]
         self.row_prior = torch.stack(prior).to(self.prototypes.device)  # (layers, P, L)
+
+    def person_prior(self, extent: Tensor) -> Tensor:
+        """extent (B, 2): the person's top and bottom (fractions of the height) -> (layers, B, 1, P, L) the
+        row prior placed in each image's person (anchor "person")."""
+        y = position_heights(self.fine.grid if self.fine is not None else self.grid).to(extent)  # (L,)
+        top, height = extent[:, :1], (extent[:, 1:] - extent[:, :1]).clamp(min=0.05)  # (B, 1)
+        centre = top + self.row_heights.to(extent)[None, :] * height  # (B, P)
+        distance = (y[None, None, :] - centre[..., None]) / height[..., None]  # (B, P, L) in person heights
+        prior = [-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in self.row_widths]
+        return torch.stack(prior)[:, :, None]
 
     def forward(
         self,
@@ -177,8 +198,10 @@ class PGU(nn.Module):
         bias: Tensor | None = None,
         fine: Tensor | None = None,
         image: bool = False,
+        extent: Tensor | None = None,
     ) -> Parts:
-        """features: (B, L, D); mask: (B, L), True = valid (None for image patches); bias: (B, L) added to
+        """extent: (B, 2) the person's top and bottom in each image, for a prior anchored to the person.
+        features: (B, L, D); mask: (B, L), True = valid (None for image patches); bias: (B, L) added to
         the prototypes' attention logits (the log foreground weight, with pgu_foreground); fine: image
         patches only, (B, C, 2 rows, 2 cols) the trunk's feature map at half the patch stride, read
         with the fine read-out (the attention is then over the fine grid, (B, H, P, 4L)); image: the
@@ -192,7 +215,9 @@ class PGU(nn.Module):
             bias = None if bias is None else self.fine.upsample(bias)
         layer_bias = [bias] * len(self.layers)
         if image and self.row_prior is not None:  # (B, L) and (layers, P, L) -> per layer (B or 1, 1, P, L)
-            prior = self.row_prior[:, None, None]
+            if self.anchor == "person" and extent is None:
+                raise ValueError("a prior anchored to the person needs the person's extent in each image")
+            prior = self.person_prior(extent) if self.anchor == "person" else self.row_prior[:, None, None]
             layer_bias = list(prior if bias is None else bias[None, :, None, None, :] + prior)
         if self.register is not None:  # (B, L, D) -> (B, L + 1, D), the register last
             features = torch.cat([features, self.register.expand(batch, 1, -1)], dim=1)
@@ -232,6 +257,7 @@ class GlobalPooling(nn.Module):
         bias: Tensor | None = None,
         fine: Tensor | None = None,  # PGU's signature; the fine read-out needs PGU (never given here)
         image: bool = False,
+        extent: Tensor | None = None,
     ) -> Parts:
         pooled = masked_mean(features, mask)  # (B, D)
         return Parts(self.projection(self.norm(pooled)).unsqueeze(1), None)

@@ -52,13 +52,14 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
     )
     held = [k for k in before if k.split(".")[0] in FROZEN_FOR_FINE]
     assert held and all((before[k] == after[k]).all() for k in held)
-    # The follow stage freed the prototypes of their heights, taught them on reframed images and
+    # The follow stage placed the prototypes' heights in the person, taught them on reframed images and
     # sharpened the dictionary's attention; the trunk, the detector and m held fixed.
     model, card = load_checkpoint(final)
     config = card["training"]["config"]
     assert config["init_from"] == str(chain / "fine-int8" / "lgur_cpu.safetensors")
     assert tuple(config["frozen"]) == FROZEN_FOR_FOLLOW and config["framing"] == cfg.follow_framing
-    assert model.config.prototype_rows == () and model.config.atom_sharpness == cfg.atom_sharpness
+    assert model.config.prototype_rows == cfg.follow_rows and model.config.prototype_anchor == "person"
+    assert model.config.atom_sharpness == cfg.atom_sharpness and model.config.atom_top_k == cfg.atom_top_k
     assert config["atom_entropy"] == cfg.atom_entropy and "test" in card["metrics"]
     assert "metrics" not in json.loads((chain / "follow" / "result.json").read_text())  # tested once, at the export
     followed = load_file(str(final))
