@@ -101,7 +101,7 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minut
                  "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
                  "prototype_person", "person_from", "person_saturation", "person_from_epoch",
                  "diversity_on_person", "diversity_pairs", "diversity_rows", "frozen", "prototype_rows",
-                 "prototype_row_width", "person_fine")  # fmt: skip
+                 "prototype_row_width", "person_fine", "atom_entropy", "framing")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -458,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W or W1,W2,...",
         help="the row prior's width, as a share of the height: one, or one per decoder layer (0: that layer free)",
     )  # fmt: skip
+    train.add_argument("--atom-entropy", type=float, default=0.0,
+                       help="weight of the entropy of DGA's atom weights per patch and word (a few atoms each)")
+    train.add_argument("--framing", type=float, default=0.0,
+                       help="share of training images reframed as a person detector frames its crops")  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
     train.set_defaults(func=cmd_train)
 
