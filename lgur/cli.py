@@ -458,8 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W or W1,W2,...",
         help="the row prior's width, as a share of the height: one, or one per decoder layer (0: that layer free)",
     )  # fmt: skip
-    train.add_argument("--atom-entropy", type=float, default=0.0,
-                       help="weight of the entropy of DGA's atom weights per patch and word (a few atoms each)")
+    train.add_argument(
+        "--atom-entropy",
+        type=float,
+        default=0.0,
+        help="weight of the entropy of DGA's atom weights per patch and word (a few atoms each)",
+    )
     train.add_argument("--framing", type=float, default=0.0,
                        help="share of training images reframed as a person detector frames its crops")  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
