@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from .faithfulness import summary_rows as faithfulness_rows
 from .quality import summary_rows
 
 
@@ -67,4 +68,5 @@ def card_table(card: dict[str, Any], prototype_names: list[str]) -> str:
             f"right {qb['top1']:.1f}% · chance {qb['chance']:.1f}% ({qb['queries']} queries) |"
         )
     lines += [f"| {k} | {v} |" for k, v in summary_rows(card.get("explanations", {}), ", ".join(prototype_names))]
+    lines += [f"| {html.escape(k)} | {html.escape(v)} |" for k, v in faithfulness_rows(card.get("faithfulness", {}))]
     return "\n".join(lines)

@@ -260,7 +260,10 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
         result = faithfulness(model, args.data, args.framed, args.split, args.limit)
         print(json.dumps(result, indent=2) if args.json else format_faithfulness(result))
     else:
-        result = explanation_quality(model, args.data, args.split, args.limit, details=args.details)
+        from .faithfulness import part_points
+
+        points = part_points(args.data)  # every pointing game beside a fixed point per part
+        result = explanation_quality(model, args.data, args.split, args.limit, details=args.details, points=points)
         print(json.dumps(result, indent=2) if args.json else format_quality(result))
     _write_json(result, args.out)
     return 0

@@ -31,6 +31,7 @@ def export_checkpoint(
     from .data.dataset import caption_vocabulary
     from .data.readers import read_dataset
     from .evaluate import record_in_card, score_test_splits
+    from .faithfulness import part_points
     from .quality import explanation_quality, format_quality
     from .querybench import format_query_bench, run_query_bench
     from .train import split_records
@@ -67,11 +68,12 @@ def export_checkpoint(
         for name, m in card["metrics"].items():
             report(f"{name}: R@1 {m['R@1']} R@5 {m['R@5']} R@10 {m['R@10']} mAP {m['mAP']}")
         if (Path(data) / "synthetic_attributes.json").is_file():  # part labels: measure the explanations
-            card["explanations"] = explanation_quality(exported, data, "test")
+            # beside a fixed point per part: on the world's own camera a template scores about as well
+            card["explanations"] = explanation_quality(exported, data, "test", points=part_points(data))
             report(format_quality(card["explanations"]))
     if data and framed:
         from .evaluate import split_metrics
-        from .faithfulness import faithfulness, format_faithfulness, part_points, pointing
+        from .faithfulness import faithfulness, format_faithfulness, pointing
 
         framed_splits = split_records(read_dataset(framed)[0], seed=0)
         card["metrics"]["test-framed"] = split_metrics(exported, framed_splits["test"], "test", framed, cache)[0]

@@ -518,3 +518,31 @@ def format_faithfulness(result: dict[str, Any]) -> str:
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline figures of a faithfulness result beside their templates, as (what, figure) rows for
+    the Model tab."""
+    if not result:
+        return []
+    rows = []
+    p = result["pointing"]
+    templates = f"a fixed point per part {p['fixed_point']:.1f}%, the centre {p['centre']:.1f}%"
+    rows.append(("prototype maps on their part, detector-framed crops", f"{p['model']:.1f}% ({templates})"))
+    for key, name in (("word_maps", "word maps on their part"), ("detail_maps", "detail maps on their part")):
+        if result.get(key):
+            g = result[key]
+            rows.append(
+                (name, f"{g['accuracy']:.1f}% (a fixed point per part {g.get('fixed_point', float('nan')):.1f}%)")
+            )
+    e = result["equivariance"]["drawn_layer"]
+    rows.append(("maps follow a moved person (1 = fully, a template 0)", ", ".join(f"{x:.2f}" for x in e)))
+    d, c = result["deletion"], result["counterfactuals"]
+    rows.append(("blanking a map's strongest 10%", f"hurts its part {d['ratio']:.2f}x as much as the mean map's"))
+    rows.append(("one attribute changed", f"its phrases move the right way {c['phrase_old_loses_new_gains']:.1f}%; the "
+                 f"largest drop on the prototype reading it {c['largest_drop_reads_change']:.1f}% (mean map "
+                 f"{c['template_largest_drop']:.1f}%, chance {c['chance']:.1f}%)"))  # fmt: skip
+    if "dictionary" in result:
+        g = result["dictionary"]
+        rows.append(("atoms rebuilding a patch / a word (of 400)", f"{g['per_patch']:.1f} / {g['per_word']:.1f}"))
+    return rows

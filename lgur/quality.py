@@ -361,6 +361,11 @@ def pointing_summary(pointing: dict[str, list[tuple[float, ...]]]) -> dict[str, 
     return figures(every) | {"by_part": {part: figures(v) for part, v in pointing.items() if v}}
 
 
+def _template(pointing: dict[str, Any]) -> str:
+    """'; a fixed point per part 96.1%': what a map that ignores the image scores on the same words."""
+    return f"; a fixed point per part {pointing['fixed_point']:.1f}%" if "fixed_point" in pointing else ""
+
+
 def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tuple[str, str]]:
     """The headline figures of an explanation_quality result, as (what, figure) rows for a model card."""
     rows = []
@@ -374,11 +379,11 @@ def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tupl
         rows.append(("background in each part's own patches (this grid)", f"a map shaped like the part reads {floors}"))
     if "pointing_game" in result:
         pg = result["pointing_game"]
-        energy = f"{pg['energy_inside']:.1f}% of the energy inside"
+        energy = f"{pg['energy_inside']:.1f}% of the energy inside" + _template(pg)
         rows.append(("guidance pointing game", f"{pg['accuracy']:.1f}% of garment words peak on their part ({energy})"))
     if "phrase_pointing_game" in result:
         pg = result["phrase_pointing_game"]
-        energy = f"{pg['energy_inside']:.1f}% of the weight inside"
+        energy = f"{pg['energy_inside']:.1f}% of the weight inside" + _template(pg)
         rows.append(("detail maps' pointing game", f"{pg['accuracy']:.1f}% of garment phrases peak on their part "
                                                    f"({energy})"))  # fmt: skip
     if "shared_atoms" in result:
@@ -420,7 +425,7 @@ def format_quality(result: dict[str, Any]) -> str:
             pg = result[key]
             lines.append(
                 f"pointing game ({maps.format(pg['words'])}): {pg['accuracy']:.1f}% hit, "
-                f"{pg['energy_inside']:.1f}% of the {mass} inside the part; "
+                f"{pg['energy_inside']:.1f}% of the {mass} inside the part{_template(pg)}; "
                 + ", ".join(f"{k} {v['accuracy']:.0f}% ({v['words']})" for k, v in pg["by_part"].items())
             )
     if "shared_atoms" in result:

@@ -198,6 +198,8 @@ def test_a_map_that_follows_the_person_passes_equivariance(tiny_model, framed_wo
 def test_faithfulness_on_a_tiny_world(tiny_model, framed_world) -> None:
     result = fa.faithfulness(tiny_model, framed_world / "w", framed_world / "framed", "val", limit=6)
     assert result["pointing"]["images"] == 6
+    words = result["word_maps"]  # the guidance maps' pointing game, beside the templates on the same words
+    assert words["words"] > 0 and 0 <= words["fixed_point"] <= 100 and 0 <= words["uniform"] <= 100
     assert len(result["equivariance"]["drawn_layer"]) == tiny_model.config.num_prototypes
     assert result["deletion"]["template_drop"] >= 0 and result["deletion"]["ratio"] > 0
     assert result["counterfactuals"]["pairs"] > 0
