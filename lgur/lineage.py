@@ -58,7 +58,7 @@ class LineageConfig:
     fine_row_width: float | tuple[float, ...] = (0.0, 0.04)
     fine_person: bool = True
     # Stage 6 (follow): from stage 5's int8 export; None leaves it out (stage 5 is then the model)
-    follow_epochs: int | None = 2  # the best on val is kept (epoch 1 of 2 on the default world)
+    follow_epochs: int | None = 1  # of 2 on the default world, the first was the best on val (EXPERIMENTS.md)
     follow_framing: float = 0.5  # TrainConfig.framing: the share of images reframed as a detector frames them
     atom_sharpness: float = 8.0  # LGURConfig.atom_sharpness (val: 36 effective atoms per patch at the start)
     atom_top_k: int = 8  # LGURConfig.atom_top_k: each head reads its 8 strongest atoms
