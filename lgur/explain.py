@@ -144,17 +144,28 @@ def reading_name(prototype: int, reading: tuple[str, float] | None) -> str:
     return f"P{prototype + 1} {reading[0]}" if reading else f"P{prototype + 1}"
 
 
+def describing(words: list[str], terms: tuple[str, ...] = ()) -> np.ndarray:
+    """(W,) bool: the words that can name an atom: content words ("red", "backpack", not "off"), and
+    where the model has a detail detector, words of its phrases (what captions say of how people look)."""
+    from .data.dataset import content_word
+
+    known = {w for t in terms for w in t.split()}
+    return np.array([content_word(w) and (not known or w in known) for w in words], dtype=bool)
+
+
 def atom_names(
-    words: list[str], table: np.ndarray, atoms: list[int], min_ratio: float = 3.0
+    words: list[str], table: np.ndarray, atoms: list[int], min_ratio: float = 3.0, terms: tuple[str, ...] = ()
 ) -> dict[int, tuple[str, float] | None]:
-    """Each atom's most specific word: its weight on the atom over the atom's average weight over the
-    words (table (W, atoms), from the atlas), as (word, ratio); None below min_ratio (no word stands out)."""
+    """Each atom's most specific describing word (describing(words, terms)): its weight on the atom over
+    the atom's average weight over all the words (table (W, atoms), from the atlas), as (word, ratio);
+    None below min_ratio (no word stands out)."""
     if not len(words):
         return {a: None for a in atoms}
     average = np.maximum(table.mean(0), 1e-12)
+    usable = describing(words, terms)
     named: dict[int, tuple[str, float] | None] = {}
     for atom in atoms:
-        ratios = table[:, atom] / average[atom]
+        ratios = np.where(usable, table[:, atom] / average[atom], 0.0)
         best = int(np.argmax(ratios))
         named[atom] = (words[best], float(ratios[best])) if ratios[best] >= min_ratio else None
     return named

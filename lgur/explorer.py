@@ -284,7 +284,7 @@ class Explorer:
     def atom_names(self, atoms: list[int]) -> dict[int, tuple[str, float] | None]:
         """Each atom's most specific word over the gallery's captions (the atlas's word table)."""
         words, table = self.engine.atlas.word_atoms()
-        return atom_names(words, table, atoms)
+        return atom_names(words, table, atoms, terms=self.engine.model.config.detail_terms)
 
     def detail_overlays(self, response: SearchResponse, result: SearchResult) -> list[tuple[Any, str]]:
         """Where the detail detector saw the query's phrases on this result (phrases of two words

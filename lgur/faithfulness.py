@@ -437,11 +437,14 @@ def atom_specificity(model: LGUR, captions: list[str], top: int = 5, min_count: 
     vocabulary = [w for w in sorted(sums) if counts[w] >= min_count]
     if not vocabulary:
         return {"atoms_shown": 0}
+    from .explain import describing
+
     table = np.stack([sums[w] / counts[w] for w in vocabulary])  # (W, atoms)
     average = table.mean(0)  # each atom's average weight over words
+    usable = describing(vocabulary, model.config.detail_terms)  # as the page names atoms (explain.atom_names)
     ratios, named = [], {}
     for atom in sorted(shown):
-        best = int(np.argmax(table[:, atom]))
+        best = int(np.argmax(np.where(usable, table[:, atom], -np.inf)))
         ratio = float(table[best, atom] / max(average[atom], 1e-12))
         ratios.append(ratio)
         named[str(atom)] = {"word": vocabulary[best], "ratio": round(ratio, 2)}

@@ -80,3 +80,13 @@ def test_every_colour_scale_has_a_legend() -> None:
     app = (__import__("pathlib").Path(__file__).resolve().parents[1] / "app.py").read_text()
     for name in ("MAP_LEGEND", "FOREGROUND_LEGEND", "WORDS_LEGEND", "EFFECTS_LEGEND"):
         assert f"gr.HTML({name}" in app
+
+
+def test_an_atom_is_never_named_by_a_function_word() -> None:
+    words = ["off", "backpack", "red", "with", "a", "the", "in", "of"]
+    table = np.tile(np.array([0.5, 0.0, 0.5], np.float32), (8, 1))
+    table[0] = [0.0, 1.0, 0.0]  # "off" uses atom 1 most ...
+    table[1] = [0.1, 0.8, 0.1]  # ... "backpack" second, 3.6x the average word
+    assert atom_names(words, table, [1])[1][0] == "backpack"
+    # with a detector, only the words of its phrases name atoms: none of these uses atom 1
+    assert atom_names(words, table, [1], terms=("red coat",))[1] is None
