@@ -49,12 +49,13 @@ class Atlas:
     @torch.inference_mode()
     def patch_atoms(self, rows: list[int]) -> np.ndarray:
         """DGA reconstruction weights of gallery images: (B, N, atoms), averaged over heads."""
-        explained = self.engine.model.explain_images(
-            self.engine._images([self.engine.gallery / self.engine.index.entries[r].path for r in rows])
-        )
-        if explained.dictionary_weights is None:
+        model = self.engine.model
+        if model.dga is None:
             raise ValueError("this model has no DGA module")
-        return explained.dictionary_weights.mean(1).numpy()
+        images = self.engine._images([self.engine.gallery / self.engine.index.entries[r].path for r in rows])
+        # the encoder and DGA alone (not the detector's stage, PGU or the fine read-out): the same weights
+        # explain_images gives, at about a third of its cost
+        return model.dga.reconstruct_image(model.image_encoder(images), need_weights=True).weights.mean(1).numpy()
 
     def atom(self, atom: int, top_images: int = 8, top_words: int = 15) -> AtomAtlas:
         """The images and words that use one atom most (the word table is computed once, the images

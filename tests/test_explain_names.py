@@ -90,3 +90,16 @@ def test_an_atom_is_never_named_by_a_function_word() -> None:
     assert atom_names(words, table, [1])[1][0] == "backpack"
     # with a detector, only the words of its phrases name atoms: none of these uses atom 1
     assert atom_names(words, table, [1], terms=("red coat",))[1] is None
+
+
+def test_the_atlas_reads_the_same_atom_weights_as_the_explanations(tmp_path) -> None:
+    import torch
+
+    from tests.conftest import tiny_explorer
+
+    engine = tiny_explorer(tmp_path, images=4).engine
+    rows = [0, 2]
+    images = engine._images([engine.gallery / engine.index.entries[r].path for r in rows])
+    with torch.inference_mode():
+        expected = engine.model.explain_images(images).dictionary_weights.mean(1).numpy()
+    assert np.allclose(engine.atlas.patch_atoms(rows), expected, atol=1e-6)
