@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .atoms import word_spans
+from .atoms import describing, specificity, word_spans
 from .files import atomic_output
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ class AtomAtlas:
 
     atom: int
     images: list[tuple[Path, np.ndarray]]  # (image file, (N,) the atom's weight on each patch)
-    words: list[tuple[str, float]]
+    words: list[tuple[str, float]]  # (word, its use of the atom over the average word's), most specific first
 
 
 class Atlas:
@@ -78,8 +78,12 @@ class Atlas:
                 if self._images[0] is index:
                     self._images[1][(atom, top_images)] = images
         words, table = self.word_atoms()
-        best = np.argsort(-table[:, atom])[:top_words] if len(words) else []
-        return AtomAtlas(atom, images, [(words[i], float(table[i, atom])) for i in best])
+        if not len(words):
+            return AtomAtlas(atom, images, [])
+        # as a legend: the describing words this atom stands out for, by their use of it over the average word's
+        ratios = np.where(describing(words, self.engine.model.config.detail_terms), specificity(table, atom), 0.0)
+        best = [int(i) for i in np.argsort(-ratios)[:top_words] if ratios[i] > 0]
+        return AtomAtlas(atom, images, [(words[i], float(ratios[i])) for i in best])
 
     def word_atoms(self, captions: int = 300) -> tuple[list[str], np.ndarray]:
         """Mean DGA atom weights of each (lower-cased) word over the gallery's first captions; kept

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.dataset import content_word
 from .model import LGUR
 
 TOP_ATOMS = 20  # "shared atoms": in the top 20 of both the query and the image
@@ -95,3 +96,16 @@ def salient_atoms(query_histogram: np.ndarray, image_histogram: np.ndarray, k: i
     atoms = list(dict.fromkeys(top_atoms(query_histogram, k // 2) + top_atoms(image_histogram, k // 2)))
     joint = top_atoms(query_histogram + image_histogram, 2 * k)
     return atoms + [a for a in joint if a not in atoms][: k - len(atoms)]
+
+
+def describing(words: list[str], terms: tuple[str, ...] = ()) -> np.ndarray:
+    """(W,) bool: the words that can name an atom: content words ("red", "backpack", not "off"), and
+    where the model has a detail detector, words of its phrases (what captions say of how people look)."""
+    known = {w for t in terms for w in t.split()}
+    return np.array([content_word(w) and (not known or w in known) for w in words], dtype=bool)
+
+
+def specificity(table: np.ndarray, atom: int) -> np.ndarray:
+    """(W,) each word's weight on the atom over the atom's average weight over the words (table (W, atoms)):
+    1 = no more than the average word; what names an atom."""
+    return table[:, atom] / max(float(table[:, atom].mean()), 1e-12)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atoms import describing
 from .files import open_rgb_cached
 from .search import ImageQuery, QueryEncoding, SearchResult
 
@@ -142,15 +143,6 @@ def prototype_readings(
 def reading_name(prototype: int, reading: tuple[str, float] | None) -> str:
     """'P3 black backpack', or 'P3' where the prototype reads nothing in particular on this image."""
     return f"P{prototype + 1} {reading[0]}" if reading else f"P{prototype + 1}"
-
-
-def describing(words: list[str], terms: tuple[str, ...] = ()) -> np.ndarray:
-    """(W,) bool: the words that can name an atom: content words ("red", "backpack", not "off"), and
-    where the model has a detail detector, words of its phrases (what captions say of how people look)."""
-    from .data.dataset import content_word
-
-    known = {w for t in terms for w in t.split()}
-    return np.array([content_word(w) and (not known or w in known) for w in words], dtype=bool)
 
 
 def atom_names(

@@ -437,7 +437,7 @@ def atom_specificity(model: LGUR, captions: list[str], top: int = 5, min_count: 
     vocabulary = [w for w in sorted(sums) if counts[w] >= min_count]
     if not vocabulary:
         return {"atoms_shown": 0}
-    from .explain import describing
+    from .atoms import describing
 
     table = np.stack([sums[w] / counts[w] for w in vocabulary])  # (W, atoms)
     average = table.mean(0)  # each atom's average weight over words

@@ -168,5 +168,6 @@ class ModelTab:
             (overlay(display_rgb(path), weights, self.engine.grid), f"{path.name} ({weights.max():.3f})")
             for path, weights in atlas.images
         ]
-        words = ", ".join(f"{html.escape(w)} ({v:.3f})" for w, v in atlas.words)
-        return items, f"**Atom {atlas.atom}**: words that use it most: {words or 'none (no gallery captions)'}"
+        words = ", ".join(f"{html.escape(w)} ({v:.1f}x)" for w, v in atlas.words)
+        return items, (f"**Atom {atlas.atom}** stands for the words that use it most, against the average word's "
+                       f"use: {words or 'none (no gallery captions)'}")  # fmt: skip
