@@ -67,11 +67,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             with gr.Row():
                 layer = gr.Dropdown(explorer.layers, value="last", label="PGU layer")
                 head = gr.Dropdown(explorer.heads, value="mean", label="attention head")
-                prototype = gr.Dropdown(
-                    [(name, f"P{i + 1}") for i, name in enumerate(explorer.prototypes)],  # shown: "P3 upper body"
-                    value="P1",
-                    label="prototype for the words",
-                )
+                prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
             summary = gr.Markdown(elem_id="summary")
             maps = gr.Gallery(label="Prototype attention (share of the similarity, what it reads here); then where "
                               "each detail was seen", columns=7, height="auto", object_fit="contain",
