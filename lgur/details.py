@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .config import DetailTrainConfig, LGURConfig
 from .data.dataset import content_word, description_terms, frequent_terms, normalize, person_terms, vocabulary_words
+from .synth.render import BAG, HAIR, LOWER, SHOES, UPPER
 
 if TYPE_CHECKING:
     from .model import LGUR
@@ -106,6 +107,64 @@ def detail_vocabulary(captions: list[str], identities: list[int], min_captions: 
     terms = [description_terms(c) for c in captions]
     kept = person_terms(terms, identities)
     return frequent_terms([caption & kept for caption in terms], min_captions)
+
+
+# Words that name one part (garments and accessories of the caption lexicon, held-out forms too).
+PART_WORDS = {
+    UPPER: "shirt tee sweater jumper jacket coat hoodie blouse pullover windbreaker anorak overcoat trenchcoat "
+    "sweatshirt top",
+    LOWER: "trousers pants jeans shorts skirt slacks denims bermudas miniskirt",
+    SHOES: "sneakers shoes boots sandals trainers booties",
+    BAG: "backpack bag handbag purse rucksack knapsack satchel bookbag clutch tote",
+    HAIR: "hair ponytail bun haircut cap beanie hat topknot pigtail visor toque fedora",
+}
+WORD_PART = {word: part for part, words in PART_WORDS.items() for word in words.split()}
+
+
+# A prototype is named by a phrase when its map puts at least this many times a flat map's weight where
+# the detector sees the phrase (chosen on the val split: docs/EXPERIMENTS.md, "Names read on this image").
+MIN_READING = 4.0
+MIN_PHRASE_PROBABILITY = 0.5  # the phrases the detector sees on the image
+
+
+def pool_to_grid(maps: np.ndarray, map_grid: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """(P, cells of map_grid) -> (P, cells of grid), summed over the cells each coarse cell holds."""
+    (rows, cols), (fine_rows, fine_cols) = grid, map_grid
+    r, c = fine_rows // rows, fine_cols // cols
+    return maps.reshape(-1, rows, r, cols, c).sum((2, 4)).reshape(len(maps), rows * cols)
+
+
+def prototype_readings(
+    maps: np.ndarray, map_grid: tuple[int, int], where: np.ndarray, probabilities: np.ndarray,
+    terms: tuple[str, ...], grid: tuple[int, int], min_reading: float = MIN_READING,
+) -> list[tuple[str, float] | None]:  # fmt: skip
+    """What each prototype reads on *this* image: of the detector's phrases seen on it, the one where the
+    prototype's map (P, cells) concentrates most, as (phrase, concentration), else None. Concentration:
+    the map's weight where the phrase is seen (its map `where` (N, K)) over a flat map's (1 = no more
+    than anywhere). A phrase naming a thing ("black backpack", "backpack") is preferred to one that
+    does not ("black"), and two words to one, when both pass."""
+    maps = pool_to_grid(maps.astype(np.float32), map_grid, grid)  # the detector's grid
+    maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
+    seen = np.flatnonzero(probabilities >= MIN_PHRASE_PROBABILITY)
+    readings: list[tuple[str, float] | None] = []
+    if not len(seen):
+        return [None] * len(maps)
+    spots = where[:, seen].astype(np.float32)
+    spots = spots / np.maximum(spots.sum(0, keepdims=True), 1e-12)  # (N, seen) each phrase's map sums to 1
+    concentration = maps @ spots * where.shape[0]  # (P, seen)
+    # Preferred: a phrase that names a thing ("black backpack", "backpack"), then two words, then any
+    things = np.array([terms[k].split()[-1] in WORD_PART for k in seen])
+    pairs = np.array([" " in terms[k] for k in seen])
+    for row in concentration:
+        passing = row >= min_reading
+        pool = next((tier for tier in (passing & things & pairs, passing & things, passing & pairs) if tier.any()),
+                    passing)  # fmt: skip
+        if not pool.any():
+            readings.append(None)
+            continue
+        best = int(np.argmax(np.where(pool, row, -np.inf)))
+        readings.append((terms[seen[best]], float(row[best])))
+    return readings
 
 
 @lru_cache(maxsize=8)

@@ -92,54 +92,6 @@ def overlay(image: Image.Image, values: np.ndarray, grid: tuple[int, int], alpha
     return Image.blend(_base(image), heat.convert("RGB"), alpha)
 
 
-# A prototype is named by a phrase when its map puts at least this many times a flat map's weight where
-# the detector sees the phrase (chosen on the val split: docs/EXPERIMENTS.md, "Names read on this image").
-MIN_READING = 4.0
-MIN_PHRASE_PROBABILITY = 0.5  # the phrases the detector sees on the image
-
-
-def pool_to_grid(maps: np.ndarray, map_grid: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
-    """(P, cells of map_grid) -> (P, cells of grid), summed over the cells each coarse cell holds."""
-    (rows, cols), (fine_rows, fine_cols) = grid, map_grid
-    r, c = fine_rows // rows, fine_cols // cols
-    return maps.reshape(-1, rows, r, cols, c).sum((2, 4)).reshape(len(maps), rows * cols)
-
-
-def prototype_readings(
-    maps: np.ndarray, map_grid: tuple[int, int], where: np.ndarray, probabilities: np.ndarray,
-    terms: tuple[str, ...], grid: tuple[int, int], min_reading: float = MIN_READING,
-) -> list[tuple[str, float] | None]:  # fmt: skip
-    """What each prototype reads on *this* image: of the detector's phrases seen on it, the one where the
-    prototype's map (P, cells) concentrates most, as (phrase, concentration), else None. Concentration:
-    the map's weight where the phrase is seen (its map `where` (N, K)) over a flat map's (1 = no more
-    than anywhere). A phrase naming a thing ("black backpack", "backpack") is preferred to one that
-    does not ("black"), and two words to one, when both pass."""
-    maps = pool_to_grid(maps.astype(np.float32), map_grid, grid)  # the detector's grid
-    maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
-    seen = np.flatnonzero(probabilities >= MIN_PHRASE_PROBABILITY)
-    readings: list[tuple[str, float] | None] = []
-    if not len(seen):
-        return [None] * len(maps)
-    spots = where[:, seen].astype(np.float32)
-    spots = spots / np.maximum(spots.sum(0, keepdims=True), 1e-12)  # (N, seen) each phrase's map sums to 1
-    concentration = maps @ spots * where.shape[0]  # (P, seen)
-    # Preferred: a phrase that names a thing ("black backpack", "backpack"), then two words, then any
-    from .quality import WORD_PART
-
-    things = np.array([terms[k].split()[-1] in WORD_PART for k in seen])
-    pairs = np.array([" " in terms[k] for k in seen])
-    for row in concentration:
-        passing = row >= min_reading
-        pool = next((tier for tier in (passing & things & pairs, passing & things, passing & pairs) if tier.any()),
-                    passing)  # fmt: skip
-        if not pool.any():
-            readings.append(None)
-            continue
-        best = int(np.argmax(np.where(pool, row, -np.inf)))
-        readings.append((terms[seen[best]], float(row[best])))
-    return readings
-
-
 def reading_name(prototype: int, reading: tuple[str, float] | None) -> str:
     """'P3 black backpack', or 'P3' where the prototype reads nothing in particular on this image."""
     return f"P{prototype + 1} {reading[0]}" if reading else f"P{prototype + 1}"

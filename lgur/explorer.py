@@ -21,8 +21,8 @@ from urllib.parse import quote
 import numpy as np
 
 from .data.dataset import content_word
+from .details import MIN_READING
 from .explain import (
-    MIN_READING,
     atom_chart,
     atom_names,
     display_rgb,

@@ -43,18 +43,16 @@ from scipy import ndimage
 from torch import Tensor
 
 from .data.dataset import normalize
+from .details import PART_WORDS
 from .files import model_pixels, read_image
 from .model import LGUR
 from .quality import POINTING_TOLERANCE, patch_part_fractions, pointing_hit, region_labels
 from .synth.attributes import COUNTERFACTUAL_KINDS, Attributes, counterfactual
-from .synth.render import BAG, HAIR, PARTS, SKIN, UPPER, Camera, encode_jpeg, placed, render
+from .synth.render import BAG, PARTS, UPPER, Camera, encode_jpeg, placed, render
 
 DELETED_SHARE = 0.10  # deletion: the top 10% of a map's patches
 PLACED_HEIGHT = 0.7  # equivariance: the person 0.7 of the height, at the top and at the bottom of the frame
 PLACED_CENTRES = (0.36, 0.64)
-# The body parts a counterfactual changes (the part labels where its pixels lie)
-CHANGED_PARTS = {"bag_colour": (BAG,), "bag_type": (BAG,), "top_colour": (UPPER,), "glasses": (HAIR, SKIN),
-                 "headwear": (HAIR,)}  # fmt: skip
 
 
 # -- reading the world ---------------------------------------------------------------------------
@@ -273,11 +271,9 @@ def deletion(model: LGUR, data: str | Path, split: str, limit: int | None = 100,
             "template_drop": template_drop, "ratio": model_drop / max(template_drop, 1e-9)}  # fmt: skip
 
 
-def phrase_rows_for(terms: tuple[str, ...], kind: str, value: str, attributes: Attributes) -> list[int]:
+def phrase_rows_for(terms: tuple[str, ...], kind: str, value: str) -> list[int]:
     """The detector's phrases that name `value` of `kind` for this person ("red backpack" for a red
     backpack); [] where nothing names it ("none")."""
-    from .quality import PART_WORDS
-
     if value == "none":
         return []
     words = [t.split() for t in terms]
@@ -339,8 +335,8 @@ def counterfactuals(model: LGUR, data: str | Path, split: str, limit: int | None
             reads = (maps[i].flatten(1) * cells).sum(-1)  # (P,) attention on the changed pixels
             results.append((kind, int(drop[i].argmax()), int(reads.argmax()), cells))
             if probs_a is not None:
-                old_rows = phrase_rows_for(terms, kind, _value(old, kind), old)
-                new_rows = phrase_rows_for(terms, kind, _value(new, kind), new)
+                old_rows = phrase_rows_for(terms, kind, getattr(old, kind))
+                new_rows = phrase_rows_for(terms, kind, getattr(new, kind))
                 checks = []
                 if old_rows:
                     checks.append(float(probs_b[i, old_rows].max()) < float(probs_a[i, old_rows].max()))
@@ -363,10 +359,6 @@ def counterfactuals(model: LGUR, data: str | Path, split: str, limit: int | None
             "template_largest_drop": pct(template_ok), "chance": 100 / model.config.num_prototypes,
             "by_kind": {k: {"phrase": pct(v["phrase"]), "part": pct(v["part"]), "pairs": len(v["part"])}
                         for k, v in sorted(by_kind.items())}}  # fmt: skip
-
-
-def _value(attributes: Attributes, kind: str) -> str:
-    return attributes.glasses if kind == "glasses" else getattr(attributes, kind)
 
 
 def effective_atoms(weights: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -172,7 +172,6 @@ class LGUR(nn.Module):
         need_weights: also return each branch's prototype attention (for the diversity term);
         need_atoms: also the dictionary branches' attention over the atoms (for the atom entropy).
         """
-        extent = None
         if self.config.pgu_fine:
             patches, (fine,) = self.image_encoder.forward_with_stage_inputs(images, (self.image_encoder.fine_blocks,))
         else:
@@ -187,8 +186,8 @@ class LGUR(nn.Module):
         guided = self.dga.guide_image(patches, words, mask)
         image_dictionary = self.dga.reconstruct_image(patches, need_atoms)
         bias = self._foreground_bias(image_dictionary.foreground)
-        if self.anchored_to_person:  # where the person is places the prototypes' prior
-            extent = self.person_extent(image_dictionary.foreground)
+        # where the person is places the prototypes' prior
+        extent = self.person_extent(image_dictionary.foreground) if self.anchored_to_person else None
         return TrainOutputs(
             image=self.pgu(guided.features, None, need_weights, bias, fine, image=True, extent=extent),
             text=text,

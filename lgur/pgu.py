@@ -24,6 +24,12 @@ def position_heights(grid: tuple[int, int]) -> Tensor:
     return ((torch.arange(rows) + 0.5) / rows).repeat_interleave(cols)
 
 
+def gaussian_rows(distance: Tensor, widths: tuple[float, ...]) -> Tensor:
+    """(..., P, L) distances to each prototype's height -> (layers, ..., P, L) the log-prior of each layer's
+    width, -(distance / width)^2 / 2, zero for a free layer (width 0)."""
+    return torch.stack([-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in widths])
+
+
 class PrototypeDecoderLayer(nn.Module):
     """Pre-norm cross-attention of the prototypes over the features, then a feed-forward."""
 
@@ -177,8 +183,7 @@ class PGU(nn.Module):
         y = position_heights(self.fine.grid if self.fine is not None else self.grid)  # (L,)
         self.row_heights = torch.tensor(rows).to(self.prototypes.device)  # (P,)
         distance = y[None, :] - torch.tensor(rows)[:, None]  # (P, L)
-        prior = [-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in widths]
-        self.row_prior = torch.stack(prior).to(self.prototypes.device)  # (layers, P, L)
+        self.row_prior = gaussian_rows(distance, widths).to(self.prototypes.device)  # (layers, P, L)
 
     def person_prior(self, extent: Tensor) -> Tensor:
         """extent (B, 2): the person's top and bottom (fractions of the height) -> (layers, B, 1, P, L) the
@@ -187,8 +192,7 @@ class PGU(nn.Module):
         top, height = extent[:, :1], (extent[:, 1:] - extent[:, :1]).clamp(min=0.05)  # (B, 1)
         centre = top + self.row_heights.to(extent)[None, :] * height  # (B, P)
         distance = (y[None, None, :] - centre[..., None]) / height[..., None]  # (B, P, L) in person heights
-        prior = [-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in self.row_widths]
-        return torch.stack(prior)[:, :, None]
+        return gaussian_rows(distance, self.row_widths)[:, :, None]
 
     def forward(
         self,

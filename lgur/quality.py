@@ -36,22 +36,12 @@ from torch import Tensor
 
 from .atoms import TOP_ATOMS, encoded_atom_histograms
 from .data.dataset import normalize
-from .details import phrase_index, phrase_rows
+from .details import PART_WORDS, WORD_PART, phrase_index, phrase_rows
 from .files import read_image
 from .losses import prototype_overlap
 from .model import LGUR
-from .synth.render import BAG, HAIR, LOWER, PARTS, SHOES, UPPER
+from .synth.render import BAG, LOWER, PARTS, SHOES, UPPER
 
-# Words that name one part (garments and accessories of the caption lexicon, held-out forms too).
-PART_WORDS = {
-    UPPER: "shirt tee sweater jumper jacket coat hoodie blouse pullover windbreaker anorak overcoat trenchcoat "
-    "sweatshirt top",
-    LOWER: "trousers pants jeans shorts skirt slacks denims bermudas miniskirt",
-    SHOES: "sneakers shoes boots sandals trainers booties",
-    BAG: "backpack bag handbag purse rucksack knapsack satchel bookbag clutch tote",
-    HAIR: "hair ponytail bun haircut cap beanie hat topknot pigtail visor toque fedora",
-}
-WORD_PART = {word: part for part, words in PART_WORDS.items() for word in words.split()}
 REGION_NAMES = {"background": "background", "hair/head": "head", "skin": "skin", "upper": "upper body",
                 "lower": "lower body", "shoes": "feet", "bag": "bag", "accessory": "accessories"}  # fmt: skip
 

@@ -30,7 +30,7 @@ from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weig
 from .checkpoint import checkpoint_fingerprint, load_checkpoint
 from .colours import ColourReading
 from .data.dataset import content_word, normalize, vocabulary_words
-from .details import query_details
+from .details import prototype_readings, query_details
 from .files import read_image
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .model import LGUR
@@ -635,10 +635,8 @@ class SearchEngine:
         return probabilities[0].numpy(), where[0].numpy()
 
     def prototype_readings(self, result: SearchResult | ImageQuery, layer: int = -1) -> list[tuple[str, float] | None]:
-        """What each prototype reads on a result's (or a query photo's) image (explain.prototype_readings):
+        """What each prototype reads on a result's (or a query photo's) image (details.prototype_readings):
         a phrase the detector sees there where the prototype's map concentrates, or None."""
-        from .explain import prototype_readings
-
         count = result.prototype_attention.shape[2]
         if self.model.details is None:
             return [None] * count

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from lgur.details import pool_to_grid, prototype_readings
 from lgur.explain import (
     EFFECTS_LEGEND,
     FOREGROUND_LEGEND,
     MAP_LEGEND,
     WORDS_LEGEND,
     atom_names,
-    pool_to_grid,
-    prototype_readings,
     reading_name,
 )
 

@@ -140,12 +140,11 @@ def test_effective_atoms_uniform_and_one_hot() -> None:
 
 def test_phrases_for_a_changed_value() -> None:
     terms = ("red backpack", "red", "blue backpack", "red shirt", "glasses", "black cap", "backpack")
-    attributes, _ = _person(1)
-    assert [terms[i] for i in fa.phrase_rows_for(terms, "bag_colour", "red", attributes)] == ["red backpack"]
-    assert [terms[i] for i in fa.phrase_rows_for(terms, "top_colour", "red", attributes)] == ["red shirt"]
-    assert [terms[i] for i in fa.phrase_rows_for(terms, "glasses", "glasses", attributes)] == ["glasses"]
-    assert [terms[i] for i in fa.phrase_rows_for(terms, "headwear", "cap", attributes)] == ["black cap"]
-    assert fa.phrase_rows_for(terms, "glasses", "none", attributes) == []
+    assert [terms[i] for i in fa.phrase_rows_for(terms, "bag_colour", "red")] == ["red backpack"]
+    assert [terms[i] for i in fa.phrase_rows_for(terms, "top_colour", "red")] == ["red shirt"]
+    assert [terms[i] for i in fa.phrase_rows_for(terms, "glasses", "glasses")] == ["glasses"]
+    assert [terms[i] for i in fa.phrase_rows_for(terms, "headwear", "cap")] == ["black cap"]
+    assert fa.phrase_rows_for(terms, "glasses", "none") == []
 
 
 @pytest.fixture(scope="module")
