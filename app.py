@@ -1,7 +1,7 @@
 """LGUR Explorer: search pedestrians by description and see why each result matched.
 
 `python app.py` serves the shipped model and gallery on http://127.0.0.1:7860.
-The page is laid out here and wired to `lgur.explorer.Explorer`, whose methods are plain
+The page is laid out here and wired to `lgur.app.explorer.Explorer`, whose methods are plain
 functions of their inputs that tests call directly; all model work happens in the `lgur` package.
 """
 
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lgur.gallery import private_sessions_root  # noqa: E402
+from lgur.search.gallery import private_sessions_root  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home; the Space may be offline
 SESSIONS = private_sessions_root()
@@ -24,13 +24,13 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from lgur import DEFAULT_GALLERY  # noqa: E402
-from lgur.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
-from lgur.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
-from lgur.explorer import EXAMPLES, GALLERY_ROUTE, INTRO, Choices, Explorer, create, server_address  # noqa: E402
+from lgur.app.explorer import EXAMPLES, GALLERY_ROUTE, INTRO, Choices, Explorer, create, server_address  # noqa: E402
+from lgur.app.uploads import SESSION_SECONDS, UploadLimits  # noqa: E402
+from lgur.app.visitors import limit_per_visitor, visitor_limits  # noqa: E402
 from lgur.files import MAX_FILE_BYTES  # noqa: E402
-from lgur.search import MAX_RESULTS  # noqa: E402
-from lgur.uploads import SESSION_SECONDS, UploadLimits  # noqa: E402
-from lgur.visitors import limit_per_visitor, visitor_limits  # noqa: E402
+from lgur.model.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from lgur.search.engine import MAX_RESULTS  # noqa: E402
+from lgur.search.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 MAX_SESSIONS = int(os.environ.get("LGUR_MAX_SESSIONS", 200))  # sessions whose page state is kept: bounds memory

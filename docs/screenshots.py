@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=7897)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # the repository's lgur, as app.py imports it
-    from lgur.bench import start_app
+    from lgur.eval.bench import start_app
 
     if not Path(CHROMIUM).is_file():
         raise SystemExit(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")

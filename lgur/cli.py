@@ -7,9 +7,9 @@ import json
 import sys
 import time
 
-from . import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
-from .config import PRESETS, DetailTrainConfig
-from .lineage import LineageConfig
+from .files import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
+from .model.config import PRESETS, DetailTrainConfig
+from .training.lineage import LineageConfig
 
 
 def _write_json(result: dict, out: str | None) -> None:
@@ -20,7 +20,7 @@ def _write_json(result: dict, out: str | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .eval import bench
 
     if args.what == "search":
         result = bench.bench_search(args.checkpoint, args.gallery, repeats=args.repeats, big=args.big)
@@ -83,9 +83,9 @@ def cmd_ambiguity(args: argparse.Namespace) -> int:
 
 
 def cmd_lexical_probe(args: argparse.Namespace) -> int:
-    from .config import preset
-    from .encoders import TextEncoder
-    from .synth.probe import format_lexical_probe, lexical_probe
+    from .eval.lexical_probe import format_lexical_probe, lexical_probe
+    from .model.config import preset
+    from .model.encoders import TextEncoder
 
     config = preset(args.preset)
     if args.text_encoder:
@@ -105,7 +105,7 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minut
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import recipe, train
+    from .training.train import recipe, train
 
     cfg = recipe(
         args.preset,
@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from .lineage import lineage
+    from .training.lineage import lineage
 
     chosen = {"teacher_stop_after": args.teacher_stop_after} if args.teacher_stop_after is not None else {}
     cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
@@ -137,10 +137,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
     from .data.readers import read_dataset
-    from .evaluate import evaluation_report, format_metrics, plot_cmc, split_metrics
-    from .reading import QueryReader
+    from .eval.evaluate import evaluation_report, format_metrics, plot_cmc, split_metrics
+    from .model.checkpoint import load_checkpoint
+    from .search.reading import QueryReader
 
     model, card = load_checkpoint(args.checkpoint, args.text_encoder)
     records = [r for r in read_dataset(args.data)[0] if r.split == args.split]
@@ -162,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_details(args: argparse.Namespace) -> int:
-    from .details import train_details
+    from .training.details import train_details
 
     cfg = DetailTrainConfig(
         epochs=args.epochs, sharpness=args.sharpness, seed=args.seed, stage=args.stage, stage_epochs=args.stage_epochs,
@@ -176,7 +176,7 @@ def cmd_train_details(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_foreground(args: argparse.Namespace) -> int:
-    from .foreground import fit_foreground_checkpoint
+    from .training.foreground import fit_foreground_checkpoint
 
     report = print if not args.quiet else _silent
     try:
@@ -194,7 +194,7 @@ def _silent(_: str) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an inference checkpoint; with --data, evaluate *it* and record those metrics in its card."""
-    from .export import export_checkpoint
+    from .training.export import export_checkpoint
 
     path = export_checkpoint(args.checkpoint, args.out, args.dtype, args.data, args.gallery, args.cache, args.command,
                              framed=args.framed)  # fmt: skip
@@ -205,8 +205,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import checkpoint_fingerprint, load_checkpoint
-    from .index import default_index_dir, index_gallery
+    from .model.checkpoint import checkpoint_fingerprint, load_checkpoint
+    from .search.index import default_index_dir, index_gallery
 
     gallery = Path(args.gallery).resolve()
     if not gallery.is_dir():
@@ -221,7 +221,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import QueryError, SearchEngine, format_results, result_count
+    from .search.engine import QueryError, SearchEngine, format_results, result_count
 
     try:
         k = result_count(args.k)
@@ -239,7 +239,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    from .space import format_report, write_space
+    from .app.space import format_report, write_space
 
     try:
         print(format_report(write_space(args.out)))
@@ -250,17 +250,17 @@ def cmd_space(args: argparse.Namespace) -> int:
 
 
 def cmd_explain_quality(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .quality import explanation_quality, format_quality
+    from .eval.quality import explanation_quality, format_quality
+    from .model.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(args.checkpoint)
     if args.framed:  # the measures a template must fail, on detector-framed images and counterfactuals
-        from .faithfulness import faithfulness, format_faithfulness
+        from .eval.faithfulness import faithfulness, format_faithfulness
 
         result = faithfulness(model, args.data, args.framed, args.split, args.limit)
         print(json.dumps(result, indent=2) if args.json else format_faithfulness(result))
     else:
-        from .faithfulness import part_points
+        from .eval.faithfulness import part_points
 
         points = part_points(args.data)  # every pointing game beside a fixed point per part
         result = explanation_quality(model, args.data, args.split, args.limit, details=args.details, points=points)
@@ -270,7 +270,7 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
-    from .ablation import run_ablation
+    from .training.ablation import run_ablation
 
     result = run_ablation(
         args.data, args.out, args.epochs, args.cache, args.seed, progress=not args.quiet, preset=args.preset
@@ -280,7 +280,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:
-    from .ablation import run_experiments
+    from .training.ablation import run_experiments
 
     result = run_experiments(
         args.data, args.out, args.gallery, args.epochs, args.cache, args.seed, args.only, progress=not args.quiet,
@@ -291,7 +291,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
 
 def cmd_query_bench(args: argparse.Namespace) -> int:
-    from .querybench import format_query_bench, run_query_bench
+    from .eval.querybench import format_query_bench, run_query_bench
 
     result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed, args.probe,
                              not args.no_details, not args.as_typed)  # fmt: skip
@@ -331,7 +331,7 @@ def hub_options() -> argparse.ArgumentParser:
 
 
 def checkpoint_of(args: argparse.Namespace):  # -> Path
-    from .checkpoint import resolve_checkpoint
+    from .model.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
 
@@ -499,15 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
     evaluate.add_argument(
         "--colour-grounding", action="store_true",
-        help="read caption colour words the model never saw as the nearest training colour (lgur.colours)",
+        help="read caption colour words the model never saw as the nearest training colour (lgur.search.colours)",
     )  # fmt: skip
     evaluate.add_argument(
         "--read-as-app", action="store_true",
-        help="read captions as the app reads queries: colour grounding and word forms (lgur.reading)",
+        help="read captions as the app reads queries: colour grounding and word forms (lgur.search.reading)",
     )  # fmt: skip
     evaluate.add_argument(
         "--details", action="store_true",
-        help="add the detail detector's score to the cosine (as the app ranks; lgur.details)",
+        help="add the detail detector's score to the cosine (as the app ranks; lgur.model.details)",
     )  # fmt: skip
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--data", required=True, help="a world folder written by `synth`")
     quality.add_argument("--split", default="test")
     quality.add_argument("--framed", help="a detector-framed world of the same seed (synth --framing detector): "
-                         "the measures beside templates that ignore the image (lgur.faithfulness)")  # fmt: skip
+                         "the measures beside templates that ignore the image (lgur.eval.faithfulness)")  # fmt: skip
     quality.add_argument("--limit", type=int, help="only the first N images")
     quality.add_argument(
         "--details",
@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
     qb.add_argument("--no-details", action="store_true", help="rank by the embeddings' cosine alone (no detail score)")
     qb.add_argument("--as-typed", action="store_true",
-                    help="the model reads the queries as typed (default: as the app does, lgur.reading)")  # fmt: skip
+                    help="the model reads the queries as typed (default: as the app reads them)")  # fmt: skip
     qb.set_defaults(func=cmd_query_bench)
 
     synth = sub.add_parser(

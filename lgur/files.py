@@ -175,3 +175,14 @@ def model_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """RGB image -> uint8 (3, H, W) at size=(H, W)."""
     resized = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return np.asarray(resized).transpose(2, 0, 1).copy()
+
+
+def _shipped(relative: str) -> Path:
+    """A file the repository ships: next to the package in a checkout, else under the current folder."""
+    checkout = Path(__file__).resolve().parents[1] / relative
+    return checkout if checkout.exists() else Path(relative)
+
+
+# The shipped model and gallery: the defaults of the app and of every command.
+DEFAULT_CHECKPOINT = _shipped("assets/lgur_cpu.safetensors")
+DEFAULT_GALLERY = _shipped("gallery")

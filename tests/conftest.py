@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lgur.config import LGURConfig, cpu_preset  # noqa: E402
-from lgur.model import LGUR  # noqa: E402
+from lgur.model.config import LGURConfig, cpu_preset  # noqa: E402
+from lgur.model.lgur import LGUR  # noqa: E402
 
 CAPTIONS = [
     "A woman in a red coat with a black backpack and white shoes.",
@@ -68,8 +68,8 @@ def tiny_explorer(
     import json
     import shutil
 
-    from lgur.checkpoint import save_checkpoint
-    from lgur.explorer import create
+    from lgur.app.explorer import create
+    from lgur.model.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     checkpoint = save_checkpoint(LGUR(tiny_config(**config)).eval(), root / "models" / "tiny.safetensors", card)
@@ -117,8 +117,8 @@ def tiny_engine(root: Path, card: dict, images: int = 4):
     """A search engine: a tiny model whose card is `card`, over a copy of the first shipped images."""
     import shutil
 
-    from lgur.checkpoint import save_checkpoint
-    from lgur.search import SearchEngine
+    from lgur.model.checkpoint import save_checkpoint
+    from lgur.search.engine import SearchEngine
 
     torch.manual_seed(1)
     checkpoint = save_checkpoint(LGUR(tiny_config()).eval(), root / "tiny.safetensors", card)

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import app as explorer_app
-from lgur.search import word_effects
-from lgur.uploads import UploadStore
+from lgur.app.uploads import UploadStore
+from lgur.search.engine import word_effects
 from tests.conftest import free_port, served_app, tiny_explorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_upload_folders_of_dead_servers_are_removed() -> None:
     import os
     import tempfile
 
-    from lgur.gallery import private_sessions_root
+    from lgur.search.gallery import private_sessions_root
 
     dead = Path(tempfile.gettempdir()) / "lgur-sessions" / "999999999"  # above any pid_max
     (dead / "images" / "x").mkdir(parents=True, exist_ok=True)
@@ -437,7 +437,7 @@ def test_starts_as_a_space_would(explorer: explorer_app.Explorer) -> None:
 def test_the_model_card_table_of_the_shipped_card() -> None:
     import json
 
-    from lgur.card import card_table
+    from lgur.app.card import card_table
 
     card = json.loads((REPO / "assets" / "lgur_cpu.json").read_text())
     table = card_table(card, [f"P{i + 1}" for i in range(6)]).splitlines()
@@ -449,7 +449,7 @@ def test_the_model_card_table_of_the_shipped_card() -> None:
     assert f"| test | R@1 {test['R@1']} · R@5 {test['R@5']} · R@10 {test['R@10']} · mAP {test['mAP']} |" in table
     default = card["query_bench"]["default"]
     assert default["details"]  # ranked as the app ranks, with the detail score, and the table says so
-    assert default["read_as_the_app_does"]  # the queries read as the app reads them (lgur.reading)
+    assert default["read_as_the_app_does"]  # the queries read as the app reads them (lgur.search.reading)
     assert any(line.startswith("| short queries (default set, with details, read as the app reads them) |")
                and f"{default['precision@10']:.1f}%" in line for line in table)  # fmt: skip
     detector = f"| detail detector | {len(card['config']['detail_terms'])} caption phrases, weight "
@@ -507,8 +507,8 @@ def test_search_by_photo(explorer: explorer_app.Explorer, tmp_path: Path) -> Non
 
 
 def test_the_atlas_word_table_is_kept_beside_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lgur.atlas import Atlas
-    from lgur.search import SearchEngine
+    from lgur.search.atlas import Atlas
+    from lgur.search.engine import SearchEngine
 
     engine = tiny_explorer(tmp_path / "own", images=6).engine
     words, table = engine.atlas.word_atoms()
@@ -532,7 +532,7 @@ def test_the_atlas_word_table_is_kept_beside_the_index(tmp_path: Path, monkeypat
 def test_a_tab_gets_the_results_from_the_gallery_and_every_image_of_the_answer(
     served: str, explorer: explorer_app.Explorer
 ) -> None:
-    from lgur.bench import PageClient
+    from lgur.eval.bench import PageClient
 
     page = PageClient(served)
     answer = page.call("explore", [QUERY, 3, "last", "mean", "P1"])
@@ -546,7 +546,7 @@ def test_a_tab_gets_the_results_from_the_gallery_and_every_image_of_the_answer(
 
 
 def test_a_model_with_fine_prototype_maps_draws_them_at_their_own_grid(tmp_path: Path) -> None:
-    from lgur.config import cpu_lite0_preset
+    from lgur.model.config import cpu_lite0_preset
 
     image = cpu_lite0_preset().image
     image.img_size, image.weights = (64, 32), None  # a 4x2 patch grid, prototype maps at 8x4

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lgur.checkpoint import CheckpointError, card_path, load_checkpoint, row_count, save_checkpoint
-from lgur.model import LGUR
+from lgur.model.checkpoint import CheckpointError, card_path, load_checkpoint, row_count, save_checkpoint
+from lgur.model.lgur import LGUR
 from tests.conftest import CAPTIONS, random_images
 
 
@@ -39,7 +39,7 @@ def test_round_trip_is_bit_exact(tiny_model: LGUR, saved: Path) -> None:
 
 def resave(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Replace the weights and re-sign the card: a consistent file whose content is what we test."""
-    from lgur.checkpoint import sha256_file
+    from lgur.model.checkpoint import sha256_file
 
     save_file(state, str(path))
     card = json.loads(card_path(path).read_text())

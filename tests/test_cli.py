@@ -31,8 +31,8 @@ def test_bench_model_json_reports_counts_and_times() -> None:
     result = json.loads(out.stdout)
     (row,) = result["presets"]
     assert row["preset"] == "cpu" and row["patch_grid"] == [16, 6]
-    from lgur.config import preset
-    from lgur.model import LGUR
+    from lgur.model.config import preset
+    from lgur.model.lgur import LGUR
 
     counts = LGUR(preset("cpu")).parameter_counts()
     assert (row["params_trainable"], row["params_frozen"]) == (counts["trainable"], counts["frozen"])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lgur.colours import ColourGrounding, colour_modifiers, srgb_to_lab, table_colours
-from lgur.search import SearchEngine
+from lgur.search.colours import ColourGrounding, colour_modifiers, srgb_to_lab, table_colours
+from lgur.search.engine import SearchEngine
 from tests.conftest import tiny_engine
 
 REPO = Path(__file__).resolve().parents[1]

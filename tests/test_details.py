@@ -1,4 +1,4 @@
-"""The detail detector (lgur.details): phrases, pooling, fitting, ranking and the second-stage command."""
+"""The detail detector (lgur.model.details): phrases, pooling, fitting, ranking and the second-stage command."""
 
 from __future__ import annotations
 
@@ -10,22 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lgur.checkpoint import load_checkpoint
-from lgur.config import DetailTrainConfig
 from lgur.data.dataset import normalize
-from lgur.details import (
-    DETAIL_WEIGHTS,
-    DetailDetector,
-    average_precision,
-    coverage,
-    fit_detector,
-    identity_targets,
-    phrase_rows,
-    phrase_weights,
-    query_details,
-    train_details,
-)
-from lgur.index import Entry, GalleryIndex
+from lgur.model.checkpoint import load_checkpoint
+from lgur.model.config import DetailTrainConfig
+from lgur.model.details import DetailDetector, coverage, phrase_rows, phrase_weights, query_details
+from lgur.search.index import Entry, GalleryIndex
+from lgur.training.details import DETAIL_WEIGHTS, average_precision, fit_detector, identity_targets, train_details
 from tests.conftest import tiny_config
 
 TERMS = ("backpack", "black", "black backpack", "jeans", "red", "red jacket", "jacket")
@@ -119,8 +109,8 @@ def test_the_index_ranks_by_cosine_plus_the_detail_score(approximate: bool, monk
     log_probs = np.log(rng.uniform(0.01, 1, size=(300, 5)))
     query, details = embeddings[:1] * 0.5, np.array([[0.0, 0.4, 0.0, 0.4, 0.0]], np.float32)
     if approximate:  # the IVF path re-ranks the best candidates by cosine
-        monkeypatch.setattr("lgur.index.EXACT_LIMIT", 100)
-        monkeypatch.setattr("lgur.index.DETAIL_CANDIDATES", 300)
+        monkeypatch.setattr("lgur.search.index.EXACT_LIMIT", 100)
+        monkeypatch.setattr("lgur.search.index.DETAIL_CANDIDATES", 300)
     index = _index(embeddings, log_probs)
     if approximate:
         index.build_faiss()
@@ -136,9 +126,9 @@ def test_the_index_ranks_by_cosine_plus_the_detail_score(approximate: bool, monk
 
 def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Path) -> None:
     from lgur.data.readers import read_dataset
-    from lgur.evaluate import split_metrics
+    from lgur.eval.evaluate import split_metrics
     from lgur.synth.world import WorldSpec, generate_world
-    from lgur.train import split_records, train
+    from lgur.training.train import split_records, train
     from tests.test_train import _config
 
     world = tmp_path / "world"
@@ -172,14 +162,14 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     detailed, _ = split_metrics(model, records, "test", world, tmp_path / "cache", details=True)
     assert plain["queries"] == detailed["queries"] and plain != detailed
     # The card's test figures: the paraphrases as the app reads and ranks them among them.
-    from lgur.evaluate import GROUNDED_PARAPHRASE, READ_PARAPHRASE, score_test_splits
+    from lgur.eval.evaluate import GROUNDED_PARAPHRASE, READ_PARAPHRASE, score_test_splits
 
     splits = split_records(read_dataset(world)[0], 0)
     scores = score_test_splits(model, world, splits, tmp_path / "cache", vocabulary=card["vocabulary"])
     assert set(scores["metrics"]) == {"test", "test-paraphrase", GROUNDED_PARAPHRASE, "test+details",
                                       f"{READ_PARAPHRASE}+details"}  # fmt: skip
     # Its maps are scored by the pointing game, as the guidance maps are.
-    from lgur.quality import explanation_quality
+    from lgur.eval.quality import explanation_quality
 
     quality = explanation_quality(model, world, "test", limit=8)
     game = quality["phrase_pointing_game"]
@@ -226,8 +216,8 @@ def test_the_second_stage_commands_refuse_a_pickled_checkpoint_with_a_message(tm
 
 def _lite0_model(**config) -> torch.nn.Module:
     """A tiny model on the cpu-lite0 trunk (random weights: 64x32 input, 4x2 grid) with a detector."""
-    from lgur.config import cpu_lite0_preset
-    from lgur.model import LGUR
+    from lgur.model.config import cpu_lite0_preset
+    from lgur.model.lgur import LGUR
 
     image = cpu_lite0_preset().image
     image.img_size, image.weights = (64, 32), None
@@ -237,7 +227,7 @@ def _lite0_model(**config) -> torch.nn.Module:
 
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path: Path, blocks: int) -> None:
-    from lgur.checkpoint import save_checkpoint
+    from lgur.model.checkpoint import save_checkpoint
 
     model = _lite0_model(detail_stage=True, detail_stage_blocks=blocks)
     images = torch.randn(3, 3, 64, 32)
@@ -263,7 +253,7 @@ def test_the_detectors_own_stage_starts_as_the_encoders_and_round_trips(tmp_path
 
 
 def test_fitting_with_a_stage_fine_tunes_the_copy_and_leaves_the_encoder(tmp_path: Path) -> None:
-    from lgur.details import DetailStage
+    from lgur.model.details import DetailStage
 
     model = _lite0_model()
     encoder_stage = {k: v.clone() for k, v in model.image_encoder.last_stage.state_dict().items()}
@@ -282,8 +272,8 @@ def test_fitting_with_a_stage_fine_tunes_the_copy_and_leaves_the_encoder(tmp_pat
 
 
 def test_a_trunk_without_a_single_last_stage_is_refused_with_a_message() -> None:
-    from lgur.config import cpu_preset
-    from lgur.model import LGUR
+    from lgur.model.config import cpu_preset
+    from lgur.model.lgur import LGUR
 
     with pytest.raises(ValueError, match="no single last stage"):
         LGUR(tiny_config(image=cpu_preset().image, detail_terms=TERMS, detail_stage=True), load_pretrained=False)
@@ -292,7 +282,7 @@ def test_a_trunk_without_a_single_last_stage_is_refused_with_a_message() -> None
 
 
 def test_fitting_the_foreground_weight_follows_the_person_map_and_leaves_the_embedding() -> None:
-    from lgur.foreground import fit_foreground, foreground_targets
+    from lgur.training.foreground import fit_foreground, foreground_targets
 
     model = _lite0_model()
     images = torch.randint(0, 256, (16, 3, 64, 32), dtype=torch.uint8)
@@ -310,8 +300,8 @@ def test_fitting_the_foreground_weight_follows_the_person_map_and_leaves_the_emb
 
 
 def test_fitting_the_foreground_weight_needs_a_detector() -> None:
-    from lgur.foreground import fit_foreground
-    from lgur.model import LGUR
+    from lgur.model.lgur import LGUR
+    from lgur.training.foreground import fit_foreground
 
     model = LGUR(tiny_config(), load_pretrained=False)
     with pytest.raises(ValueError, match="detail detector"):
@@ -321,9 +311,9 @@ def test_fitting_the_foreground_weight_needs_a_detector() -> None:
 
 @pytest.mark.parametrize("trunk", ["lite0", "resnet18"])
 def test_folding_batch_norms_keeps_every_output_and_the_model_is_then_not_saved(tmp_path: Path, trunk: str) -> None:
-    from lgur.checkpoint import save_checkpoint
-    from lgur.config import cpu_preset
-    from lgur.model import LGUR
+    from lgur.model.checkpoint import save_checkpoint
+    from lgur.model.config import cpu_preset
+    from lgur.model.lgur import LGUR
 
     if trunk == "lite0":
         model = _lite0_model(detail_stage=True, detail_stage_blocks=2)
@@ -350,7 +340,7 @@ def test_folding_batch_norms_keeps_every_output_and_the_model_is_then_not_saved(
 
 
 def test_folding_refuses_a_training_model_and_a_fold_that_changes_the_outputs(monkeypatch) -> None:
-    import lgur.model
+    import lgur.model.lgur
 
     model = _lite0_model()
     with pytest.raises(ValueError, match="call .eval"):
@@ -362,6 +352,6 @@ def test_folding_refuses_a_training_model_and_a_fold_that_changes_the_outputs(mo
             next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(2)
         return 1
 
-    monkeypatch.setattr(lgur.model, "fold_batch_norms", wrong)
+    monkeypatch.setattr(lgur.model.lgur, "fold_batch_norms", wrong)
     with pytest.raises(RuntimeError, match="changed the model's outputs"):
         model.fold_batch_norms()

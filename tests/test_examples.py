@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lgur.explorer import EXAMPLE_QUERIES
-from lgur.search import SearchEngine
+from lgur.app.explorer import EXAMPLE_QUERIES
+from lgur.search.engine import SearchEngine
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = {m["file"]: m["attributes"] for m in json.loads((REPO / "gallery" / "manifest.json").read_text())["images"]}

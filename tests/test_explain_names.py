@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lgur.details import pool_to_grid, prototype_readings
-from lgur.explain import (
+from lgur.model.details import pool_to_grid, prototype_readings
+from lgur.search.explain import (
     EFFECTS_LEGEND,
     FOREGROUND_LEGEND,
     MAP_LEGEND,

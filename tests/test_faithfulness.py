@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lgur import faithfulness as fa
 from lgur.data.dataset import reframe
+from lgur.eval import faithfulness as fa
+from lgur.eval.pointing import pointing_hit, template_map, uniform_hit
 from lgur.synth.attributes import COUNTERFACTUAL_KINDS, counterfactual, sample_attributes
 from lgur.synth.render import (
     BACKGROUND,
@@ -114,10 +115,10 @@ def test_centroid_moves_template_zero_follower_one() -> None:
 def test_point_and_uniform_templates() -> None:
     mask = np.zeros((96, 32), dtype=bool)
     mask[10:20, 10:30] = True
-    assert fa.template_map((0.15, 0.5), (24, 8))[3, 4] == 1.0
-    assert fa.pointing_hit(fa.template_map((0.15, 0.5), (24, 8)), mask)
-    assert not fa.pointing_hit(fa.template_map((0.9, 0.5), (24, 8)), mask)
-    chance = fa.uniform_hit(mask)
+    assert template_map((0.15, 0.5), (24, 8))[3, 4] == 1.0
+    assert pointing_hit(template_map((0.15, 0.5), (24, 8)), mask)
+    assert not pointing_hit(template_map((0.9, 0.5), (24, 8)), mask)
+    chance = uniform_hit(mask)
     assert mask.mean() < chance < 0.5  # the part plus its tolerance band
 
 
@@ -164,7 +165,7 @@ def test_a_template_scores_its_baseline_and_fails_equivariance(tiny_model, frame
     parts = [1, 2, 3, 4, 5, 6]  # prototype p on parts[p]'s mean position
 
     def template_maps(model, images, layer=-1):
-        maps = [fa.template_map(points[part], (24, 8)) for part in parts]
+        maps = [template_map(points[part], (24, 8)) for part in parts]
         return torch.from_numpy(np.stack(maps))[None].expand(len(images), -1, -1, -1).float()
 
     monkeypatch.setattr(fa, "drawn_maps", template_maps)

@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import app as explorer_app
-from lgur.bench import rss_mib
-from lgur.checkpoint import CheckpointError, card_path, load_checkpoint
 from lgur.data.readers import DatasetFormatError, read_dataset
-from lgur.index import load_index
-from lgur.search import QueryError, clean_query
+from lgur.eval.bench import rss_mib
+from lgur.model.checkpoint import CheckpointError, card_path, load_checkpoint
+from lgur.search.engine import QueryError, clean_query
+from lgur.search.index import load_index
 from tests.conftest import free_port, served_app, tiny_explorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_odd_upload_names_are_stored_visibly_and_indexed(tmp_path: Path) -> None
 def test_concurrent_uploads_of_one_name_lose_nothing(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from lgur.checkpoint import checkpoint_fingerprint
+    from lgur.model.checkpoint import checkpoint_fingerprint
 
     explorer = _own_explorer(tmp_path / "own", images=4)
     clients = []
@@ -243,7 +243,7 @@ def test_untrusted_model_files_are_refused(explorer: explorer_app.Explorer, tmp_
     state["pgu.prototypes"] = torch.zeros(3, 3)
     save_file(state, str(models / "shapes.safetensors"))
     card = json.loads(card_path(source).read_text())
-    from lgur.checkpoint import sha256_file
+    from lgur.model.checkpoint import sha256_file
 
     card["weights_sha256"] = sha256_file(models / "shapes.safetensors")
     card_path(models / "shapes.safetensors").write_text(json.dumps(card))
@@ -328,7 +328,7 @@ import sys, time
 from pathlib import Path
 import app as A
 explorer = A.create(Path(sys.argv[1]), Path(sys.argv[2]), progress=False, shared_uploads=True)
-import lgur.index as I
+import lgur.search.index as I
 original = I.index_arrays
 def slow(*args, **kwargs):
     print("EMBEDDING", flush=True)
@@ -369,7 +369,7 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 
     accepted = {p.relative_to(gallery).as_posix() for p in (gallery / "uploads").glob("*.jpg")}
     assert len(accepted) == 50  # all copies had finished; indexing was interrupted
-    from lgur.checkpoint import checkpoint_fingerprint, read_card
+    from lgur.model.checkpoint import checkpoint_fingerprint, read_card
 
     stale = load_index(gallery.resolve(), gallery / ".lgur-index", checkpoint_fingerprint(read_card(checkpoint)))
     assert not accepted & {e.path for e in stale.entries}  # the kill came before the index was written
@@ -402,7 +402,7 @@ def _served_explorer(explorer: explorer_app.Explorer):
 def test_memory_after_1000_sessions_is_bounded(explorer: explorer_app.Explorer) -> None:
     import secrets
 
-    from lgur.bench import PageClient
+    from lgur.eval.bench import PageClient
 
     with _served_explorer(explorer) as (url, pid):
         page = PageClient(url)  # as a browser tab sends it (gradio_client would add its polling to every call)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lgur.checkpoint import checkpoint_fingerprint, read_card, save_checkpoint
-from lgur.details import query_details
 from lgur.files import read_checked_image, read_image
-from lgur.index import index_file, load_index, merge_shards, scan_gallery, update_index
-from lgur.model import LGUR
-from lgur.search import QueryError, SearchEngine
+from lgur.model.checkpoint import checkpoint_fingerprint, read_card, save_checkpoint
+from lgur.model.details import query_details
+from lgur.model.lgur import LGUR
+from lgur.search.engine import QueryError, SearchEngine
+from lgur.search.index import index_file, load_index, merge_shards, scan_gallery, update_index
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def gallery(tmp_path: Path) -> Path:
 
 
 def _open(checkpoint: Path, gallery: Path):
-    from lgur.checkpoint import load_checkpoint
+    from lgur.model.checkpoint import load_checkpoint
 
     model, card = load_checkpoint(checkpoint)
     return model, checkpoint_fingerprint(card)
@@ -215,7 +215,7 @@ def test_search_engine_explains_and_caches(tiny_checkpoint: Path, gallery: Path)
 
 
 def test_atoms_are_ranked_relative_to_the_average_when_the_card_has_it(tiny_checkpoint: Path, gallery: Path) -> None:
-    from lgur.atoms import caption_atom_histograms, relative_weights, shared_atoms, text_atom_average
+    from lgur.search.atoms import caption_atom_histograms, relative_weights, shared_atoms, text_atom_average
 
     engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
     text = "a man in a blue jacket with a black backpack"
@@ -274,8 +274,8 @@ def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> Non
 
 
 def test_large_galleries_switch_to_an_approximate_index_with_measured_recall(monkeypatch) -> None:
-    import lgur.index as index_module
-    from lgur.index import GalleryIndex
+    import lgur.search.index as index_module
+    from lgur.search.index import GalleryIndex
 
     monkeypatch.setattr(index_module, "EXACT_LIMIT", 1000)
     rng = np.random.default_rng(0)  # clustered, as embeddings of people are
@@ -294,7 +294,7 @@ def test_large_galleries_switch_to_an_approximate_index_with_measured_recall(mon
 
 
 def test_word_effects_equal_scores_with_each_word_left_out(tiny_checkpoint: Path, gallery: Path) -> None:
-    from lgur.search import word_effects
+    from lgur.search.engine import word_effects
 
     engine, _ = SearchEngine.open(tiny_checkpoint, gallery)
     response = engine.search("a man in a red coat", k=3)

@@ -1,4 +1,4 @@
-"""The shipped model's training chain (lgur.lineage), run through on a tiny world and model."""
+"""The shipped model's training chain (lgur.training.lineage), run through on a tiny world and model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from lgur.checkpoint import load_checkpoint, read_card
-from lgur.config import DetailTrainConfig
-from lgur.lineage import FROZEN_FOR_FINE, FROZEN_FOR_FOLLOW, LineageConfig, lineage
+from lgur.model.checkpoint import load_checkpoint, read_card
+from lgur.model.config import DetailTrainConfig
 from lgur.synth.world import WorldSpec, generate_world
+from lgur.training.lineage import FROZEN_FOR_FINE, FROZEN_FOR_FOLLOW, LineageConfig, lineage
 
 SMALL = {"image.img_size": [64, 32], "dim": 32, "num_atoms": 16, "part_dim": 16, "pgu_head_dim": 16}
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lgur.config import preset
-from lgur.losses import LGURLoss, identity_loss, triplet_ranking_loss
-from lgur.model import LGUR
+from lgur.model.config import preset
+from lgur.model.lgur import LGUR
+from lgur.training.losses import LGURLoss, identity_loss, triplet_ranking_loss
 from tests.conftest import CAPTIONS, random_images, tiny_config
 
 
@@ -167,7 +167,7 @@ def test_triplet_loss_is_seeded_and_respects_identities() -> None:
 
 
 def test_prototype_overlap_and_the_diversity_option() -> None:
-    from lgur.losses import prototype_overlap
+    from lgur.model.pgu import prototype_overlap
 
     same = torch.full((2, 3, 4, 10), 0.1)  # (B, H, P, L): every prototype reads every position alike
     disjoint = torch.zeros(2, 3, 4, 10)
@@ -215,7 +215,7 @@ def test_prototype_overlap_and_the_diversity_option() -> None:
 
 
 def test_attention_bias_is_a_log_prior_over_the_memory() -> None:
-    from lgur.layers import CrossAttention
+    from lgur.model.layers import CrossAttention
 
     torch.manual_seed(0)
     attention = CrossAttention(dim=8, heads=2, head_dim=4).eval()
@@ -239,7 +239,7 @@ def test_foreground_prior_changes_only_the_image_side() -> None:
     with_prior = LGUR(tiny_config(pgu_foreground=True)).eval()
     with_prior.load_state_dict(plain.state_dict())  # the option adds no weights
     assert with_prior.learns_foreground and not plain.learns_foreground
-    # m fitted after training (lgur.foreground) means something too; a model without DGA has no m
+    # m fitted after training (lgur.training.foreground) means something too; a model without DGA has no m
     assert LGUR(tiny_config(foreground_fitted=True)).learns_foreground
     assert not LGUR(tiny_config(foreground_fitted=True, use_dga=False)).learns_foreground
     images = random_images(plain, 2)
@@ -285,7 +285,7 @@ def test_tokenizer_calls_from_two_threads_never_overlap() -> None:
     import threading
     import time
 
-    from lgur.encoders import TextEncoder
+    from lgur.model.encoders import TextEncoder
 
     encoder = TextEncoder(tiny_config().text, 32)
     inside, overlaps = [0], []
@@ -359,7 +359,7 @@ def test_prototype_register_is_one_more_memory_slot_and_the_maps_cover_the_real_
 
 
 def test_the_person_penalty_moves_the_drawn_prototype_attention_onto_the_person() -> None:
-    from lgur.train import TrainingStep
+    from lgur.training.train import TrainingStep
 
     torch.manual_seed(0)
     model = LGUR(tiny_config(), num_identities=3)
@@ -428,7 +428,7 @@ def test_the_fine_read_out_needs_a_trunk_with_a_map_at_half_the_stride() -> None
 
 
 def test_the_row_prior_holds_each_prototype_near_its_height_and_leaves_the_words_alone(tmp_path) -> None:
-    from lgur.checkpoint import load_checkpoint, save_checkpoint
+    from lgur.model.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = LGUR(tiny_config(), num_identities=3).eval()

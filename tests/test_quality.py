@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lgur.quality import (
+from lgur.eval.pointing import patch_part_fractions, pointing_hit
+from lgur.eval.quality import (
     background_floor,
     energy_inside,
     explanation_quality,
     format_quality,
     linear_probe,
-    patch_part_fractions,
-    pointing_hit,
     region_labels,
     roc_auc,
     summary_rows,

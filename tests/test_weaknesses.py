@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lgur.weaknesses import named_kinds, weak_spots
+from lgur.search.weaknesses import named_kinds, weak_spots
 from tests.conftest import tiny_engine
 
 REPO = Path(__file__).resolve().parents[1]

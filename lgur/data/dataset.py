@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..files import atomic_output, read_image
 from .readers import Record
 
 log = logging.getLogger(__name__)
 
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what ImageNet-trained trunks expect
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def vocabulary_words(text: str) -> list[str]:
     """A text's words as the vocabulary counts them: lower case, letters only."""
