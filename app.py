@@ -29,8 +29,8 @@ from lgur.app.uploads import SESSION_SECONDS, UploadLimits  # noqa: E402
 from lgur.app.visitors import limit_per_visitor, visitor_limits  # noqa: E402
 from lgur.files import MAX_FILE_BYTES  # noqa: E402
 from lgur.model.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
-from lgur.search.engine import MAX_RESULTS  # noqa: E402
 from lgur.search.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
+from lgur.search.query import MAX_RESULTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 MAX_SESSIONS = int(os.environ.get("LGUR_MAX_SESSIONS", 200))  # sessions whose page state is kept: bounds memory

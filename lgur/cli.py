@@ -140,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.readers import read_dataset
     from .eval.evaluate import evaluation_report, format_metrics, plot_cmc, split_metrics
     from .model.checkpoint import load_checkpoint
-    from .search.reading import QueryReader
+    from .search.query import QueryReader
 
     model, card = load_checkpoint(args.checkpoint, args.text_encoder)
     records = [r for r in read_dataset(args.data)[0] if r.split == args.split]
@@ -221,7 +221,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search.engine import QueryError, SearchEngine, format_results, result_count
+    from .search.engine import SearchEngine, format_results
+    from .search.query import QueryError, result_count
 
     try:
         k = result_count(args.k)

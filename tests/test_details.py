@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from lgur.data.dataset import normalize
 from lgur.model.checkpoint import load_checkpoint
 from lgur.model.config import DetailTrainConfig
-from lgur.model.details import DetailDetector, coverage, phrase_rows, phrase_weights, query_details
+from lgur.model.details import DetailDetector, coverage, phrase_rows, phrase_weights
 from lgur.search.index import Entry, GalleryIndex
+from lgur.search.query import query_details
 from lgur.training.details import DETAIL_WEIGHTS, average_precision, fit_detector, identity_targets, train_details
 from tests.conftest import tiny_config
 

@@ -27,8 +27,8 @@ import app as explorer_app
 from lgur.data.readers import DatasetFormatError, read_dataset
 from lgur.eval.bench import rss_mib
 from lgur.model.checkpoint import CheckpointError, card_path, load_checkpoint
-from lgur.search.engine import QueryError, clean_query
 from lgur.search.index import load_index
+from lgur.search.query import QueryError, clean_query
 from tests.conftest import free_port, served_app, tiny_explorer
 
 REPO = Path(__file__).resolve().parents[1]

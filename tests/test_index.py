@@ -15,10 +15,10 @@ from PIL import Image
 
 from lgur.files import read_checked_image, read_image
 from lgur.model.checkpoint import checkpoint_fingerprint, read_card, save_checkpoint
-from lgur.model.details import query_details
 from lgur.model.lgur import LGUR
-from lgur.search.engine import QueryError, SearchEngine
+from lgur.search.engine import SearchEngine
 from lgur.search.index import index_file, load_index, merge_shards, scan_gallery, update_index
+from lgur.search.query import QueryError
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_search_equals_brute_force_on_the_shipped_gallery(tmp_path: Path) -> Non
     lift = engine.index.arrays["detail_lift"].astype(np.float64)  # the shipped model has a detail detector
     for query in ["a woman in a red coat with a black backpack", "man, grey shirt, blue jeans", "old man with a cap"]:
         top = engine.search_ids(query, 10)
-        _, details = query_details(engine.model.config, engine.read_query(query).text)
+        details = engine.parse_query(query).details
         brute = gallery @ engine.embed_query(query).astype(np.float64) + lift @ details.astype(np.float64)
         order = np.argsort(-brute, kind="stable")[:10]
         assert [f for f, _ in top] == [engine.index.entries[i].path for i in order]

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from lgur.search.engine import SearchEngine
-from lgur.search.reading import QueryReader, WordForms, WordReading, british_terms
+from lgur.search.query import QueryReader
+from lgur.search.reading import WordForms, WordReading, british_terms
 from tests.conftest import tiny_engine
 
 VOCABULARY = "a man woman in with and the some one red black white t shirt coat jeans backpack handbag hand " \

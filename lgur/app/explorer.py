@@ -23,15 +23,7 @@ import numpy as np
 from ..data.dataset import content_word
 from ..files import remove_temporaries
 from ..model.details import MIN_READING
-from ..search.engine import (
-    QueryError,
-    SearchEngine,
-    SearchResponse,
-    SearchResult,
-    result_count,
-    word_effects,
-    words_left_out,
-)
+from ..search.engine import SearchEngine, SearchResponse, SearchResult, word_effects, words_left_out
 from ..search.explain import (
     atom_chart,
     atom_names,
@@ -43,6 +35,7 @@ from ..search.explain import (
     word_highlights,
 )
 from ..search.gallery import private_sessions_root
+from ..search.query import QueryError, result_count
 from .tabs import GALLERY_ROUTE, GalleryTab, ModelTab, PhotoSearch
 from .uploads import UploadLimits, UploadStore
 

@@ -9,9 +9,10 @@ from typing import Any
 from urllib.parse import quote
 
 from ..files import MAX_FILE_BYTES, check_image
-from ..search.engine import PhotoResponse, QueryError, SearchEngine, result_count
+from ..search.engine import PhotoResponse, SearchEngine
 from ..search.explain import display_rgb, overlay, photo_maps, prototype_overlays, reading_name
 from ..search.gallery import add_images, gallery_page
+from ..search.query import QueryError, result_count
 from .card import card_table
 from .uploads import UploadStore
 

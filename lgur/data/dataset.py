@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what ImageNet-trained trunks expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
 def vocabulary_words(text: str) -> list[str]:
     """A text's words as the vocabulary counts them: lower case, letters only."""
     return re.findall(r"[a-z]+", text.lower())

@@ -21,7 +21,7 @@ from ..files import atomic_write_bytes
 from ..model.checkpoint import card_path
 from ..model.details import detail_scores
 from ..model.lgur import LGUR
-from ..search.reading import QueryReader
+from ..search.query import QueryReader
 
 RANKS = (1, 5, 10)
 GROUNDED_PARAPHRASE = "test-paraphrase+colour-grounding"  # the card's entry for that split, grounded

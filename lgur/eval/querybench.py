@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.details import detail_scores
-from ..search.reading import QueryReader
+from ..search.query import QueryReader
 
 # Everyday words per attribute value. A query names (kind, value) pairs; ANY matches every
 # value but "none" (e.g. "with a bag").

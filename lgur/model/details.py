@@ -188,19 +188,6 @@ def phrase_weights(texts: list[str], terms: tuple[str, ...]) -> Tensor:
     return weights
 
 
-def query_details(config: LGURConfig, text: str) -> tuple[list[int], np.ndarray | None]:
-    """A query's phrases that a model's detail detector knows (their rows), and the query's detail
-    vector (K,): detail_weight x phrase_weights at those rows. (rows, None) when there is nothing to add."""
-    if not config.detail_terms:
-        return [], None
-    rows, weight = known_phrases(text, config.detail_terms)
-    if not rows or not config.detail_weight:
-        return rows, None
-    vector = np.zeros(len(config.detail_terms), np.float32)
-    vector[rows] = config.detail_weight * weight
-    return rows, vector
-
-
 def detail_scores(config: LGURConfig, texts: list[str], lift: Tensor) -> Tensor:
     """(Q, G) what the detail detector adds to each text's score with each image, from the images'
     lifts (G, K) (evaluate.image_features): detail_weight x phrase_weights @ lift."""

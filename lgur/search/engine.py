@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-import re
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,45 +25,17 @@ import torch
 from ..data.dataset import content_word, normalize, vocabulary_words
 from ..files import read_image
 from ..model.checkpoint import checkpoint_fingerprint, load_checkpoint
-from ..model.details import prototype_readings, query_details
+from ..model.details import prototype_readings
 from ..model.lgur import LGUR
 from .atlas import Atlas
 from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weights, word_spans
 from .colours import ColourReading
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
-from .reading import QueryReader, QueryReading, WordReading
+from .query import Query, QueryError, QueryReader, QueryReading, clean_query
+from .reading import WordReading
 from .weaknesses import weak_spots
 
-MAX_QUERY_CHARS = 2000
-MAX_RESULTS = 50  # the most results one search returns (app, API and command line)
 PRIVATE_PREFIX = "your uploads/"  # how a result from a visitor's own uploads is named
-
-
-class QueryError(ValueError):
-    """A query that cannot be searched; the message is meant for the user."""
-
-
-def clean_query(text: str) -> str:
-    """Normalise a user's query: NFKC, control characters out, whitespace collapsed, length capped."""
-    if not isinstance(text, str):
-        raise QueryError("The query must be text.")
-    # Cut before normalising too: NFKC can turn one character into 18.
-    text = unicodedata.normalize("NFKC", text[: 2 * MAX_QUERY_CHARS])
-    text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
-    text = re.sub(r"\s+", " ", text).strip()[:MAX_QUERY_CHARS]
-    if not text:
-        raise QueryError("Type a description of the person, e.g. 'a woman in a red coat with a black backpack'.")
-    return text
-
-
-def result_count(k: Any) -> int:
-    """The number of results asked for, as a whole number from 1 to MAX_RESULTS (else QueryError,
-    whose message never repeats the input)."""
-    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) or k != int(k):
-        raise QueryError(f"The number of results must be a whole number from 1 to {MAX_RESULTS}.")
-    if not 1 <= k <= MAX_RESULTS:
-        raise QueryError(f"The number of results must be from 1 to {MAX_RESULTS}.")
-    return int(k)
 
 
 @dataclass
@@ -244,9 +213,13 @@ class Comparison:
 
 
 @torch.inference_mode()
-def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) -> QueryEncoding:
+def encode_text(model: LGUR, query: Query | str, atom_average: np.ndarray | None = None) -> QueryEncoding:
     """A query as the model reads it: embedding, part vectors, and per word the prototypes' attention
-    and the dictionary weights (atom weights relative to `atom_average`, the average caption's)."""
+    and the dictionary weights (atom weights relative to `atom_average`, the average caption's). A
+    plain string is read as it is (no cleaning or reading, no detail score)."""
+    if isinstance(query, str):
+        query = Query(query, QueryReading(query, [], []), [], None)
+    text = query.text
     max_length = model.text_encoder.max_length
     # Tokenised once: cut by hand to what the model reads ([CLS] ... [SEP]), as truncation would.
     encoded = model.text_encoder.encode([text], truncation=False, return_offsets_mapping=True, verbose=False)
@@ -267,7 +240,7 @@ def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) 
     else:
         word_atoms = np.zeros((len(spans), 1), np.float32)
     histogram = word_atoms.mean(0) if len(word_atoms) else np.zeros(word_atoms.shape[1], np.float32)
-    phrase_rows, details = query_details(model.config, text)
+    phrase_rows, details = query.phrase_rows, query.details
     return QueryEncoding(
         text=text,
         words=words,
@@ -284,6 +257,8 @@ def encode_text(model: LGUR, text: str, atom_average: np.ndarray | None = None) 
         phrase_rows=phrase_rows,
         phrase_reference=[float(model.details.reference[r]) for r in phrase_rows],
         details=details,
+        colour_readings=query.reading.colours,
+        word_readings=query.reading.words,
     )
 
 
@@ -399,6 +374,7 @@ class SearchEngine:
         self.index_dir = index_dir or default_index_dir(index.gallery)
         self._cache: OrderedDict[str, QueryEncoding] = OrderedDict()
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._parsed: OrderedDict[str, Query] = OrderedDict()
         self._cache_size = cache
         self._cache_lock = threading.Lock()  # the app serves several requests at once
         self.atlas = Atlas(self)  # what each dictionary atom stands for
@@ -468,20 +444,29 @@ class SearchEngine:
         return report
 
     # -- query side ------------------------------------------------------------------------
-    def read_query(self, text: str) -> QueryReading:
-        """A cleaned query as the model reads it, and which words were read as which."""
-        return self.reader.read(text)
+    def parse_query(self, text: str) -> Query:
+        """A visitor's query cleaned, read and its detail phrases found, once (query.QueryReader.parse)."""
+        key = clean_query(text)
+        with self._cache_lock:
+            if key in self._parsed:
+                self._parsed.move_to_end(key)
+                return self._parsed[key]
+        query = self.reader.parse(key, self.model.config)
+        with self._cache_lock:
+            self._parsed[key] = query
+            if len(self._parsed) > self._cache_size:
+                self._parsed.popitem(last=False)
+        return query
 
     @torch.inference_mode()
-    def encode_query(self, text: str) -> QueryEncoding:
-        key = clean_query(text)  # cached as typed: two spellings of one colour are two queries
+    def encode_query(self, text: str | Query) -> QueryEncoding:
+        query = text if isinstance(text, Query) else self.parse_query(text)
+        key = query.typed  # cached as typed: two spellings of one colour are two queries
         with self._cache_lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        reading = self.read_query(key)
-        result = encode_text(self.model, reading.text, self.text_atom_average)
-        result.colour_readings, result.word_readings = reading.colours, reading.words
+        result = encode_text(self.model, query, self.text_atom_average)
         with self._cache_lock:
             self._cache[key] = result
             if len(self._cache) > self._cache_size:
@@ -490,16 +475,17 @@ class SearchEngine:
 
     # -- search ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed_query(self, text: str) -> np.ndarray:
+    def embed_query(self, text: str | Query) -> np.ndarray:
         """The query's embedding alone (no attention kept): the fast path, cached too."""
-        key = clean_query(text)
+        query = text if isinstance(text, Query) else self.parse_query(text)
+        key = query.typed
         with self._cache_lock:
             if key in self._cache:
                 return self._cache[key].embedding
             if key in self._embeddings:
                 self._embeddings.move_to_end(key)
                 return self._embeddings[key]
-        ids, mask = self.model.tokenize([self.read_query(key).text])
+        ids, mask = self.model.tokenize([query.text])
         embedding = self.model.embed_texts(ids, mask)[0].numpy()
         with self._cache_lock:
             self._embeddings[key] = embedding
@@ -525,11 +511,13 @@ class SearchEngine:
         with self._cache_lock:
             self._cache.clear()
             self._embeddings.clear()
+            self._parsed.clear()
 
     def search_ids(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """The fast path: (relative file, score) of the top k."""
-        details = query_details(self.model.config, self.read_query(clean_query(text)).text)[1]
-        scores, rows = self.index.search(self.embed_query(text)[None], k, None if details is None else details[None])
+        query = self.parse_query(text)
+        details = None if query.details is None else query.details[None]
+        scores, rows = self.index.search(self.embed_query(query)[None], k, details)
         return [(self.index.entries[r].path, float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
 
     def search(self, text: str, k: int = 10, private: GalleryIndex | None = None) -> SearchResponse:

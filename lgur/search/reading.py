@@ -41,7 +41,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from ..data.dataset import content_word
-from .colours import ColourGrounding, ColourReading, table_colours
+from .colours import table_colours
 
 ARTICLES = frozenset({"a", "an", "the"})
 
@@ -285,27 +285,3 @@ class WordForms:
         use them as a phrase of their own ("hand bag" -> "handbag"; "black bag" stays)."""
         a, b = first.lower(), second.lower()
         return content_word(a) and content_word(b) and a + b in self.vocabulary and f"{a} {b}" not in self.phrases
-
-
-@dataclass
-class QueryReading:
-    text: str  # what the model reads
-    colours: list[ColourReading]  # "crimson" read as "red", ...
-    words: list[WordReading]  # "tshirt" read as "t shirt", ...
-
-
-class QueryReader:
-    """A query as the app reads it: colour grounding of words outside `vocabulary`, then word forms
-    (WordForms); `phrases`: the captions' two-word phrases (the detail detector's, lgur.model.details)."""
-
-    def __init__(
-        self, vocabulary: Iterable[str], phrases: Iterable[str] = (), colours: bool = True, forms: bool = True
-    ) -> None:
-        vocabulary = list(vocabulary)
-        self.grounding = ColourGrounding(vocabulary) if colours and vocabulary else None
-        self.forms = WordForms(vocabulary, phrases) if forms and vocabulary else None
-
-    def read(self, text: str) -> QueryReading:
-        text, colours = self.grounding.ground(text) if self.grounding else (text, [])
-        text, words = self.forms.read(text) if self.forms else (text, [])
-        return QueryReading(text, colours, words)
