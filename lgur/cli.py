@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .files import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
 from .model.config import PRESETS, DetailTrainConfig
+from .training.config import TrainConfig
 from .training.lineage import LineageConfig
 
 
@@ -95,29 +99,55 @@ def cmd_lexical_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "lr_backbone", "seed", "max_minutes", "stop_after", "samples",
-                 "instances", "group_size", "neighbours_from_epoch", "sdm", "caption_crops", "crops_from_epoch",
-                 "swaps_from_epoch", "matches", "threads", "init_from", "warmup_steps",
-                 "prototype_diversity", "lr_trunk", "frozen_stem_epochs", "term_prediction", "terms_from",
-                 "prototype_person", "person_from", "person_saturation", "person_from_epoch",
-                 "diversity_on_person", "diversity_pairs", "diversity_rows", "frozen", "prototype_rows",
-                 "prototype_row_width", "person_fine", "atom_entropy", "framing")  # fmt: skip
+def _comma_list(kind: type, one: bool = False) -> Callable[[str], Any]:
+    """Parse "a,b,c" into a tuple of `kind`; with `one`, a single value stays a plain value."""
+
+    def parse(text: str) -> Any:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        return values[0] if one and len(values) == 1 else values
+
+    return parse
+
+
+def config_options(parser: argparse.ArgumentParser, config: type) -> list[str]:
+    """One option per field of a config dataclass (its metadata: help, choices, flag, required; cli False:
+    Python only), defaulting to None so the recipe's value stands. -> the fields added."""
+    added = []
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        kind = str(f.type).replace(" | None", "")
+        shown = "" if f.default is dataclasses.MISSING or f.default is None else f" (TrainConfig: {f.default})"
+        common = {"dest": f.name, "help": meta.get("help", "") + shown}
+        if meta.get("required"):
+            common["required"] = True
+        if kind == "bool":
+            parser.add_argument(flag, action="store_const", const=True, **common)
+        elif kind.startswith("tuple") or kind.startswith("float | tuple"):
+            item = {"int": int, "float": float, "str": str}[kind.split("[")[1].split(",")[0]]
+            parse = _comma_list(item, one=kind.startswith("float | tuple"))
+            parser.add_argument(flag, type=parse, metavar="A,B,...", **common)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
+                                choices=meta.get("choices"), **common)  # fmt: skip
+        added.append(f.name)
+    return added
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.train import recipe, train
+    from .training.config import recipe
+    from .training.train import train
 
     cfg = recipe(
         args.preset,
-        data=args.data,
-        out=args.out,
         text_encoder_path=args.text_encoder,
         image_pretrained_path=args.image_weights,
-        cache_dir=args.cache,
         model_overrides=dict(item.split("=", 1) for item in args.set or []),
         use_dga=not args.no_dga,
         use_pgu=not args.no_pgu,
-        **{name: getattr(args, name) for name in TRAIN_OPTIONS},
+        **{name: getattr(args, name) for name in args.config_fields},
     )
     print(json.dumps(train(cfg, progress=not args.quiet), indent=2))
     return 0
@@ -357,121 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", parents=[TEXT_ENCODER, QUIET], help="train LGUR (seeded, resumable; torchrun for several processes)"
     )
-    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    train.add_argument("--data", required=True, help="dataset folder (CUHK-PEDES, ICFG-PEDES, RSTPReid or synthetic)")
-    train.add_argument("--out", required=True, help="run folder: checkpoints, logs, curves")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float, help="LSTM, projections and classifiers")
-    train.add_argument("--lr-backbone", type=float, help="image encoder, DGA and PGU")
-    train.add_argument("--lr-trunk", type=float, help="a pretrained CNN trunk (default: --lr-backbone)")
-    train.add_argument("--frozen-stem-epochs", type=int, help="epochs before the trunk's stem and first blocks learn")
-    train.add_argument("--seed", type=int)
-    train.add_argument(
-        "--samples",
-        choices=["captions", "images", "identities", "neighbours", "caption-neighbours"],  # train.SAMPLES
-        help="an epoch visits every caption, every image, or every identity (--instances images each, in one "
-        "batch); neighbours: identities in groups the model itself finds alike (--group-size); caption-neighbours: "
-        "in groups whose captions use the same words",
-    )
-    train.add_argument("--group-size", type=int, help="identities per group of look-alikes, with --samples *neighbours")
-    train.add_argument(
-        "--neighbours-from-epoch", type=int, help="first epoch (0-based) of neighbour batches; plain identities before"
-    )
-    train.add_argument("--instances", type=int, help="images per identity in a batch, with --samples identities")
-    train.add_argument("--caption-crops", type=float, help="share of samples whose caption is cut to a few clauses")
-    train.add_argument("--crops-from-epoch", type=int, help="first epoch (0-based) that uses caption crops")
-    train.add_argument(
-        "--swaps-from-epoch",
-        type=int,
-        help="from this epoch (0-based) on, a copy of each caption with colours or garments swapped is an extra "
-        "SDM negative of its image",
-    )
-    train.add_argument(
-        "--matches",
-        choices=["identities", "descriptions"],  # train.MATCHES
-        help="which in-batch texts match an image: its identity's (paper), or also every text whose person terms "
-        "its identity's captions all use (a crop 'black jeans' matches everyone described in black jeans)",
-    )
-    train.add_argument(
-        "--init-from",
-        help="a second stage: start from this checkpoint (a run's last.safetensors, or a shipped one: its identity "
-        "classifier is then imprinted) and its model, with a fresh optimiser and schedule",
-    )
-    train.add_argument(
-        "--freeze",
-        dest="frozen",
-        type=lambda text: tuple(name.strip() for name in text.split(",") if name.strip()),
-        help="modules held fixed, comma-separated (image_encoder,dga,details,detail_stage): a second stage that "
-        "changes only what reads them",
-    )
-    train.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
-    train.add_argument("--sdm", type=float, help="weight of the similarity distribution matching loss (0 = paper)")
-    train.add_argument("--max-minutes", type=float, help="stop training after this long (then test the best)")
-    train.add_argument("--stop-after", type=int, help="end the run after its Nth epoch (rerun: resumes to it)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the model and its recipe")
+    fields = config_options(train, TrainConfig)
     train.add_argument("--image-weights", help="local .safetensors of ImageNet weights for the image encoder")
-    train.add_argument("--cache", help="folder for cached text features (default RUN/cache)")
-    train.add_argument("--threads", type=int)
     train.add_argument("--no-dga", action="store_true", help="ablation: without DGA")
     train.add_argument("--no-pgu", action="store_true", help="ablation: without PGU (mean pooling)")
-    train.add_argument("--prototype-diversity", type=float,
-                       help="not in the paper: weight of a penalty on overlapping prototype attention")  # fmt: skip
-    train.add_argument("--term-prediction", type=float,
-                       help="not in the paper: weight of predicting the captions' person terms ('white sneakers') "
-                       "from both modalities' embeddings")  # fmt: skip
-    train.add_argument("--terms-from", choices=["embedding", "parts"],  # train.TERMS_FROM
-                       help="term prediction from the embedding (one classifier) or the part vectors (one per "
-                       "prototype; a term is said when some part says it)")  # fmt: skip
-    train.add_argument("--prototype-person", type=float,
-                       help="not in the paper: weight of a penalty on the prototypes' attention outside the person, "
-                       "as the detail detector of --person-from sees it")  # fmt: skip
-    train.add_argument("--person-from", help="a checkpoint with a detail detector (train-details), the teacher")
-    train.add_argument(
-        "--person-saturation",
-        type=float,
-        help="the teacher's map is 1 wherever it is this share of its peak or more (default 1)",
-    )
-    train.add_argument("--person-from-epoch", type=int, help="first epoch (0-based) of the --prototype-person penalty")
-    train.add_argument(
-        "--person-fine", action="store_const", const=True,
-        help="with pgu_fine: the teacher's person map at the fine grid (shift-and-stitch), not its patches'",
-    )  # fmt: skip
-    train.add_argument(
-        "--diversity-on-person",
-        action="store_const",
-        const=True,
-        help="while --prototype-person is on, measure the prototypes' overlap on the teacher's person map only",
-    )
-    train.add_argument(
-        "--diversity-pairs",
-        choices=["all", "nearest"],  # losses.DIVERSITY_PAIRS
-        help="the diversity term averages all prototype pairs' overlap, or each prototype's with its nearest",
-    )
-    train.add_argument(
-        "--diversity-rows",
-        action="store_const",
-        const=True,
-        help="compare the image prototypes' row profiles (attention per grid row), not their maps",
-    )
-    train.add_argument(
-        "--prototype-rows", type=lambda v: tuple(float(h) for h in v.split(",")), metavar="H1,H2,...",
-        help="a row prior: one height (0 top, 1 bottom) per prototype, given by their mean heights in a second stage",
-    )  # fmt: skip
-    train.add_argument(
-        "--prototype-row-width", type=lambda v: float(v) if "," not in v else tuple(float(w) for w in v.split(",")),
-        metavar="W or W1,W2,...",
-        help="the row prior's width, as a share of the height: one, or one per decoder layer (0: that layer free)",
-    )  # fmt: skip
-    train.add_argument(
-        "--atom-entropy",
-        type=float,
-        default=0.0,
-        help="weight of the entropy of DGA's atom weights per patch and word (a few atoms each)",
-    )
-    train.add_argument("--framing", type=float, default=0.0,
-                       help="share of training images reframed as a person detector frames its crops")  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, config_fields=fields)
 
     chain = sub.add_parser(
         "lineage", parents=[QUIET],

@@ -129,7 +129,8 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     from lgur.data.readers import read_dataset
     from lgur.eval.evaluate import split_metrics
     from lgur.synth.world import WorldSpec, generate_world
-    from lgur.training.train import split_records, train
+    from lgur.training.sampling import split_records
+    from lgur.training.train import train
     from tests.test_train import _config
 
     world = tmp_path / "world"
@@ -184,14 +185,11 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     saturated = model.person_map(images, saturation=0.5)  # 1 wherever the teacher is half as sure as at its peak
     assert torch.allclose(saturated, (2 * person).clamp(max=1.0))
     taught = _config(world, tmp_path / "taught", epochs=1, prototype_person=1.0, person_from=str(out),
-                     prototype_diversity=1.0, diversity_on_person=True, diversity_pairs="nearest",
-                     diversity_rows=True)  # fmt: skip
+                     prototype_diversity=1.0)  # fmt: skip
     train(taught, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "taught" / "log.jsonl").read_text().splitlines()]
     assert any(row.get("loss/person/image", 0) > 0 for row in rows)
     assert any(row.get("loss/diversity/image", 0) > 0 for row in rows)
-    with pytest.raises(ValueError, match="--diversity-on-person"):
-        train(_config(world, tmp_path / "unweighted", diversity_on_person=True), progress=False)
     with pytest.raises(ValueError, match="--person-from"):
         train(_config(world, tmp_path / "untaught", prototype_person=1.0), progress=False)
     # m fitted again on its own (fit-foreground: for a checkpoint whose detector is already trained)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from lgur.data.dataset import (
     RetrievalSplit,
     caption_crops,
-    described_by,
     description_terms,
     person_terms,
     swapped_caption,
@@ -20,14 +19,13 @@ from lgur.data.dataset import (
 from lgur.model.config import ImageEncoderConfig
 from lgur.model.encoders import CNNEncoder, build_image_encoder
 from lgur.model.pgu import Parts
+from lgur.training.config import SAMPLES, TrainConfig
 from lgur.training.losses import (
-    PartTermClassifier,
     TermClassifier,
     similarity_distribution_matching,
     term_prediction_loss,
-    triplet_ranking_loss,
 )
-from lgur.training.train import TrainConfig, embedding_neighbours, epoch_neighbours, epoch_order, neighbour_groups
+from lgur.training.sampling import epoch_order
 
 
 def test_cnn_encoder_gives_the_configured_grid() -> None:
@@ -119,44 +117,6 @@ def test_sdm_matches_brute_force() -> None:
     assert similarity_distribution_matching(e, e, labels, torch.tensor(math.log(100.0))).item() < 0.05
 
 
-def test_sdm_with_swapped_negatives_matches_brute_force() -> None:
-    g = torch.Generator().manual_seed(1)
-    a, b, n = (F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(3))
-    labels = torch.tensor([0, 1, 1, 2, 3])
-    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
-    n[2] = float("nan")  # sample 2 has no false caption
-    got = similarity_distribution_matching(a, b, labels, scale, n).item()
-    want = _brute_force_sdm(a, b, labels, 10.0, [None if i == 2 else n[i] for i in range(5)])
-    assert got == pytest.approx(want, rel=1e-6)
-    # no negatives at all: the plain loss
-    none = torch.full_like(n, float("nan"))
-    plain = similarity_distribution_matching(a, b, labels, scale).item()
-    assert similarity_distribution_matching(a, b, labels, scale, none).item() == pytest.approx(plain, rel=1e-9)
-    # a false caption as close as the true one costs more than a far one
-    e = torch.eye(5, dtype=torch.float64)
-    near = similarity_distribution_matching(e, e, torch.arange(5), scale, e.clone()).item()
-    far = similarity_distribution_matching(e, e, torch.arange(5), scale, -e).item()
-    assert near > far + 0.1
-
-
-def test_sdm_and_triplets_with_description_matches() -> None:
-    g = torch.Generator().manual_seed(2)
-    a, b = (F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
-    labels = torch.tensor([0, 1, 1, 2, 3])
-    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
-    match = labels[:, None] == labels[None, :]
-    plain = similarity_distribution_matching(a, b, labels, scale).item()
-    assert similarity_distribution_matching(a, b, labels, scale, match=match).item() == pytest.approx(plain)
-    match[0, 3] = match[4, 1] = True  # text 3 also describes image 0, text 1 image 4: not symmetric
-    got = similarity_distribution_matching(a, b, labels, scale, match=match).item()
-    assert got == pytest.approx(_brute_force_sdm(a, b, labels, 10.0, match=match.tolist()), rel=1e-6)
-    assert got != pytest.approx(plain)
-    # a match is never a triplet negative: when everything matches there is nothing to push away
-    everything = torch.ones(5, 5, dtype=torch.bool)
-    assert triplet_ranking_loss(a, b, labels, 0.3, torch.Generator(), everything) == 0
-    assert triplet_ranking_loss(a, b, labels, 0.3, torch.Generator().manual_seed(0)) > 0
-
-
 def test_term_prediction_matches_brute_force_and_skips_texts_without_terms() -> None:
     g = torch.Generator().manual_seed(3)
     classifier = TermClassifier(4, 5).double()
@@ -181,40 +141,12 @@ def test_term_prediction_matches_brute_force_and_skips_texts_without_terms() -> 
     assert right < wrong - 1
 
 
-def test_part_term_prediction_is_a_mixture_over_parts_where_one_part_suffices() -> None:
-    g = torch.Generator().manual_seed(5)
-    head = PartTermClassifier(parts=3, part_dim=4, terms=5).double()
-    vectors = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
-    logits = head(Parts(vectors, None)).detach()
-    for b in range(2):  # p(term) = sum over parts of the softmax over all (part, term) pairs
-        pairs = torch.stack(
-            [head.weight[p].T @ (F.normalize(vectors[b, p], dim=0) * 2.0) + head.bias[p] for p in range(3)]
-        )
-        want = pairs.flatten().softmax(0).view(3, 5).sum(0)
-        assert torch.allclose(logits[b].softmax(0), want.detach(), atol=1e-12)
-    # one part saying a term is enough: a detector on part 2 alone, parts 0-1 reading nothing
-    with torch.no_grad():
-        head.weight.zero_(), head.bias.zero_()
-        head.weight[2, 0, 3] = 8.0  # part 2's first feature says term 3
-    reads = torch.zeros(1, 3, 4, dtype=torch.float64)
-    reads[0, :, 1] = 1.0  # every part reads something else...
-    reads[0, 2] = torch.tensor([1.0, 0, 0, 0])  # ...but part 2 reads the detail
-    term3 = torch.tensor([[0, 0, 0, 1.0, 0]], dtype=torch.float64)
-    assert term_prediction_loss(head(Parts(reads, None)), term3) < 0.1
-    assert term_prediction_loss(head(Parts(reads[:, [0, 1, 0]], None)), term3) > 1.0  # no part reads it
-
-
 def test_description_terms_keep_each_colour_on_its_thing() -> None:
     terms = description_terms("A man wearing a red jacket, blue jeans. He carries a black backpack.")
     assert {"man", "red jacket", "blue jeans", "black backpack", "he"} <= terms
     assert not {"a", "wearing", "carries", "jeans he", "jacket blue"} & terms  # no pair across a comma
     swapped = description_terms("a man in a blue jacket and red jeans")
-    people = [terms, swapped]
-    texts = [description_terms(t) for t in ("red jacket", "he carries a black backpack", "blue jacket", "", "shoes")]
-    assert described_by(texts, people).tolist() == [
-        [True, True, False, False, False],
-        [False, False, True, False, False],  # "red jacket" is not true of "blue jacket and red jeans"
-    ]
+    assert {"blue jacket", "red jeans"} <= swapped and not {"red jacket", "blue jeans"} & swapped
 
 
 def test_person_terms_keep_what_recurs_for_one_identity() -> None:
@@ -314,33 +246,6 @@ def test_caption_crops_are_ordered_subsets_of_clauses() -> None:
     assert crops == caption_crops(caption, 50, np.random.default_rng(0))  # seeded
 
 
-def test_neighbour_sampling_groups_identities_the_model_finds_alike() -> None:
-    directions = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    bank = directions[[0, 1, 1, 0, 1, 0]] + 0.05 * torch.arange(6.0)[:, None]  # two look-alike groups
-    neighbours = embedding_neighbours(bank, k=5, chunk=4)  # chunked like a large bank
-    assert set(neighbours[0, :2].tolist()) == {3, 5}
-    assert set(neighbours[1, :2].tolist()) == {2, 4}
-    assert all(i not in row for i, row in enumerate(neighbours.tolist()))  # never its own neighbour
-    brute = (F.normalize(bank, dim=1) @ F.normalize(bank, dim=1).T).fill_diagonal_(-9).topk(5).indices
-    assert torch.equal(neighbours, brute)
-    split = _split([2] * 6)
-    cfg = TrainConfig(data="", out="", samples="neighbours", instances=2, group_size=3)
-    order = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0), neighbours)
-    ids = split.caption_ids[order].view(-1, 2)
-    assert torch.all(ids[:, 0] == ids[:, 1])  # instances side by side, as with identity sampling
-    groups = ids[:, 0].view(2, 3).tolist()
-    assert sorted(sorted(g) for g in groups) == [[0, 3, 5], [1, 2, 4]]  # every identity once, with its look-alikes
-    first = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(0))  # no embeddings yet
-    assert sorted(split.caption_ids[first].view(-1, 2)[:, 0].tolist()) == list(range(6))
-
-
-def test_neighbour_groups_visit_every_identity_once() -> None:
-    neighbours = torch.tensor([[1, 2], [0, 2], [1, 0], [2, 1]])  # identity 3's neighbours are taken first
-    for seed in range(5):
-        order = neighbour_groups(neighbours, 3, torch.Generator().manual_seed(seed))
-        assert sorted(order) == [0, 1, 2, 3]
-
-
 def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
     from lgur.training.ablation import OPTIONS, experiments_table, run_experiments, run_folder
 
@@ -360,7 +265,7 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
 
 def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None:
     from lgur.training.ablation import LITE0, TERMS, TRUNK_OPTIONS, run_experiments, run_folder
-    from lgur.training.train import recipe
+    from lgur.training.config import recipe
 
     folders = {run_folder(tmp_path, name) for name in TRUNK_OPTIONS}
     assert len(folders) == len(TRUNK_OPTIONS) and all(f.parent == tmp_path / "trunk" for f in folders)
@@ -380,42 +285,24 @@ def test_the_trunk_table_changes_one_setting_of_cpu_lite0_each(tmp_path) -> None
         run_experiments("data", str(tmp_path), "gallery", only=["CPU recipe"], table="trunk")
 
 
-def test_caption_neighbours_group_people_described_alike() -> None:
-    from lgur import cli
-    from lgur.training.train import SAMPLES, caption_neighbours
+def test_the_command_line_offers_every_training_option_with_its_help() -> None:
+    import dataclasses
 
-    captions = [
-        "A man wearing a red coat and blue jeans.",  # identity 0
-        "The man is in a red coat, blue jeans.",  # identity 0
-        "A woman wearing a green skirt with a yellow bag.",  # identity 1
-        "He has a red coat and blue jeans, and black boots.",  # identity 2: described like 0
-        "She wears a green skirt and carries a yellow bag.",  # identity 3: described like 1
-        "A man wearing a white shirt.",  # identity 4
-    ]
-    labels = torch.tensor([0, 0, 1, 2, 3, 4])
-    neighbours = caption_neighbours(captions, labels, k=4)
-    assert neighbours.shape == (5, 4)
-    assert neighbours[0, 0] == 2 and neighbours[2, 0] == 0
-    assert neighbours[1, 0] == 3 and neighbours[3, 0] == 1
-    assert all(i not in row for i, row in enumerate(neighbours.tolist()))
-    # The same groups drive the epoch order as neighbour batches do, from the first epoch on.
-    split = _split([2] * 5)
-    cfg = TrainConfig(data="", out="", samples="caption-neighbours", instances=2, group_size=2)
-    order = epoch_order(split, cfg, split.caption_ids, torch.Generator().manual_seed(1), neighbours)
-    like = TrainConfig(data="", out="", samples="neighbours", instances=2, group_size=2)
-    assert torch.equal(order, epoch_order(split, like, split.caption_ids, torch.Generator().manual_seed(1), neighbours))
-    assert sorted(split.caption_ids[order].view(-1, 2)[:, 0].tolist()) == list(range(5))
-    # Plain identities before --neighbours-from-epoch, the caption groups from then on.
-    late = TrainConfig(data="", out="", samples="caption-neighbours", neighbours_from_epoch=3)
-    bank, seen = torch.zeros(5, 2), torch.zeros(5, dtype=torch.bool)
-    assert epoch_neighbours(late, 2, bank, seen, neighbours) is None
-    assert epoch_neighbours(late, 3, bank, seen, neighbours) is neighbours
-    by_embedding = TrainConfig(data="", out="", samples="neighbours")
-    assert epoch_neighbours(by_embedding, 5, bank, seen, None) is None  # no embeddings yet
-    assert epoch_neighbours(by_embedding, 5, torch.randn(5, 2), ~seen, None).shape == (5, 4)
-    # The command line offers every kind of sampling the trainer knows, and when neighbours begin.
+    from lgur import cli
+
     parser = cli.build_parser()
     for samples in SAMPLES:
         assert parser.parse_args(["train", "--data", "d", "--out", "o", "--samples", samples]).samples == samples
-    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--neighbours-from-epoch", "8"])
-    assert args.neighbours_from_epoch == 8
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--freeze", "image_encoder,dga.foreground",
+                              "--prototype-row-width", "0,0.045", "--framing", "0.5", "--person-fine"])  # fmt: skip
+    assert args.frozen == ("image_encoder", "dga.foreground") and args.prototype_row_width == (0.0, 0.045)
+    assert args.framing == 0.5 and args.person_fine is True and args.epochs is None  # None: the recipe's value
+    assert (
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--prototype-row-width", "0.1"]).prototype_row_width
+        == 0.1
+    )
+    offered = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
+    assert set(args.config_fields) == offered
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--samples", "neighbours"])

@@ -223,15 +223,6 @@ def frequent_terms(terms: list[frozenset[str]], min_count: int) -> list[str]:
     return sorted(t for t, n in counts.items() if n >= min_count)
 
 
-def described_by(texts: list[frozenset[str]], descriptions: list[frozenset[str]]) -> Tensor:
-    """(len(descriptions), len(texts)) bool: is text j's every term among description i's terms?
-
-    With description i the union of an identity's caption terms, True means the text (a caption or a
-    crop of one) is also true of that identity, as far as its captions say. Empty texts match nothing.
-    """
-    return torch.tensor([[bool(t) and t <= d for t in texts] for d in descriptions], dtype=torch.bool)
-
-
 # Words for swapped-attribute negatives: plain English, usable on any pedestrian dataset.
 # Each colour maps to a concept, so that synonyms ("grey"/"gray") never count as a change.
 _COLOURS = {

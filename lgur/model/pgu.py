@@ -30,30 +30,14 @@ def gaussian_rows(distance: Tensor, widths: tuple[float, ...]) -> Tensor:
     return torch.stack([-0.5 * (distance / w) ** 2 if w > 0 else torch.zeros_like(distance) for w in widths])
 
 
-def prototype_overlap(
-    attention: Tensor, weights: Tensor | None = None, nearest: bool = False, rows: int | None = None
-) -> Tensor:
+def prototype_overlap(attention: Tensor) -> Tensor:
     """Mean cosine similarity between different prototypes' attention maps, per sample -> (B,).
 
     attention: (B, H, P, L) of one decoder layer (zero on padding). 0 when every prototype
-    reads disjoint positions, 1 when all read the same ones. weights: optional (B, L) in [0, 1],
-    the maps are compared on attention x weights only (e.g. the person: two prototypes on one part
-    cannot then part by one of them moving to the background). nearest: each prototype's cosine
-    with its most similar other, averaged (a pair on one part weighs fully, not 1 / 15 of it).
-    rows: L is a grid of `rows` rows; compare the maps' row profiles (the attention summed over
-    each row), so two prototypes part only by reading different heights of the person (head,
-    upper body, legs, feet), as re-id's horizontal stripes, not two sides of one garment.
-    """
-    maps = attention.mean(dim=1)  # (B, P, L), heads averaged
-    if weights is not None:
-        maps = maps * weights[:, None, :]
-    if rows is not None:
-        maps = maps.unflatten(-1, (rows, -1)).sum(-1)  # (B, P, rows)
-    maps = F.normalize(maps, dim=-1)
+    reads disjoint positions, 1 when all read the same ones."""
+    maps = F.normalize(attention.mean(dim=1), dim=-1)  # (B, P, L), heads averaged
     gram = maps @ maps.transpose(1, 2)  # (B, P, P)
     p = gram.shape[-1]
-    if nearest:
-        return gram.masked_fill(torch.eye(p, dtype=torch.bool, device=gram.device), -1.0).amax(-1).mean(-1)
     return (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)) / (p * (p - 1))
 
 

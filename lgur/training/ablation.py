@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
-from .train import recipe, train
+from .config import recipe
+from .train import train
 
 VARIANTS = {
     "global baseline": {"use_dga": False, "use_pgu": False},
@@ -34,10 +35,6 @@ OPTIONS = {
     "without identity sampling (one caption per image)": {"samples": "images"},
     "without prototype diversity": {"prototype_diversity": 0.0},
     "without caption crops": {"caption_crops": 0.0},
-    "with neighbour batches": {"samples": "neighbours"},
-    "with caption-neighbour batches": {"samples": "caption-neighbours"},
-    "with swapped-caption negatives": {"swaps_from_epoch": 2},
-    "with description matches": {"matches": "descriptions"},
     "with foreground-weighted prototypes": {"model_overrides": {"pgu_foreground": True}},
     "with one identity classifier on the whole embedding": {"model_overrides": {"identity_classifier": "whole"}},
 }
@@ -54,18 +51,13 @@ TAUGHT = TRUNK_REFERENCE | {"term_prediction": 1.0, "prototype_person": 2.0, "pe
 TAUGHT_LATER = TAUGHT | {"person_saturation": 0.5, "person_from_epoch": 2}
 TRUNK_OPTIONS = {
     LITE0: TRUNK_REFERENCE,
-    "trunk learning at 1e-4 (the paper's fine-tuning rate)": TRUNK_REFERENCE | {"lr_trunk": 1e-4},
     "prototypes weighted by the foreground": TRUNK_REFERENCE | {"model_overrides": {"pgu_foreground": True}},
     "the same trunk from random initialisation": TRUNK_REFERENCE | {"model_overrides": {"image.weights": None}},
     "256x96 input (16x6 grid)": TRUNK_REFERENCE | {"model_overrides": {"image.img_size": [256, 96]}},
-    "stem and first two blocks frozen in the first epoch": TRUNK_REFERENCE | {"frozen_stem_epochs": 1},
     "stride 8 (24x8 grid)": TRUNK_REFERENCE | {"model_overrides": {"image.patch_size": 8}},
     "stride 8 with the stride-16 features added (24x8 grid)": TRUNK_REFERENCE
     | {"model_overrides": {"image.patch_size": 8, "image.context_stride": 16}},
     TERMS: TRUNK_REFERENCE | {"term_prediction": 1.0},
-    # one change against the row above, whose terms come from the whole embedding
-    "the captions' terms predicted from the part vectors": TRUNK_REFERENCE
-    | {"term_prediction": 1.0, "terms_from": "parts"},
     # one change against the terms row: a register slot the prototypes may attend to instead of background
     "prototypes with a register slot": TRUNK_REFERENCE
     | {"term_prediction": 1.0, "model_overrides": {"pgu_register": True}},

@@ -190,7 +190,7 @@ def train_details(
     from ..eval.evaluate import caption_embeddings, image_embeddings, retrieval_metrics
     from ..model.checkpoint import load_checkpoint, save_derived
     from .foreground import fit_foreground
-    from .train import split_records
+    from .sampling import split_records
 
     cfg = cfg or DetailTrainConfig()
     start = time.perf_counter()

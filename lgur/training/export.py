@@ -34,7 +34,7 @@ def export_checkpoint(
     from ..eval.quality import explanation_quality, format_quality
     from ..eval.querybench import format_query_bench, run_query_bench
     from ..search.atoms import text_atom_average
-    from .train import split_records
+    from .sampling import split_records
 
     model, card = load_checkpoint(checkpoint)
     kept = ("training", "data", "vocabulary", "atom_average", "details")

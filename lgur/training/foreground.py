@@ -90,7 +90,7 @@ def fit_foreground_checkpoint(
     from ..data.dataset import build_split
     from ..data.readers import read_dataset
     from ..model.checkpoint import load_checkpoint, save_derived
-    from .train import split_records
+    from .sampling import split_records
 
     model, card = load_checkpoint(checkpoint, text_encoder_path)
     splits = split_records(read_dataset(data)[0], seed)

@@ -80,9 +80,10 @@ class LineageConfig:
 
 def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], None] = print) -> Path:
     """Run the stages that have not finished; -> OUT/lgur_cpu.safetensors (int8, its card measured)."""
+    from .config import recipe
     from .details import train_details
     from .export import export_checkpoint
-    from .train import recipe, train
+    from .train import train
 
     out = Path(cfg.out)
     cache = cfg.cache or str(out / "cache")

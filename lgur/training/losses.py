@@ -43,37 +43,23 @@ def same_identity(labels: Tensor) -> Tensor:
     return labels[:, None] == labels[None, :]
 
 
-def triplet_ranking_loss(
-    a: Tensor, b: Tensor, labels: Tensor, margin: float, generator: torch.Generator, match: Tensor | None = None
-) -> Tensor:
-    """Bidirectional ranking loss between paired unit vectors a[i] <-> b[i], (B, E) each.
-    match: optional (B, B) bool, a[i] matches b[j] (default: same identity); never a negative."""
+def triplet_ranking_loss(a: Tensor, b: Tensor, labels: Tensor, margin: float, generator: torch.Generator) -> Tensor:
+    """Bidirectional ranking loss between paired unit vectors a[i] <-> b[i], (B, E) each; a pair of the
+    same identity is never a negative."""
     sim = a @ b.t()
-    negative = ~(same_identity(labels) if match is None else match)
+    negative = ~same_identity(labels)
     return _one_way_triplet(sim, negative, margin, generator) + _one_way_triplet(
         sim.t(), negative.t(), margin, generator
     )
 
 
-def similarity_distribution_matching(
-    a: Tensor,
-    b: Tensor,
-    labels: Tensor,
-    logit_scale: Tensor,
-    negatives: Tensor | None = None,
-    match: Tensor | None = None,
-) -> Tensor:
+def similarity_distribution_matching(a: Tensor, b: Tensor, labels: Tensor, logit_scale: Tensor) -> Tensor:
     """SDM (IRRA, Jiang et al. CVPR 2023), both directions: KL divergence from the softmax over
     every in-batch similarity to the distribution of true matches (same identity, uniform).
-
-    a, b: (B, E) unit vectors, a[i] paired with b[i]; logit_scale: log of 1 / temperature.
-    negatives: optional (B, E) unit vectors, negatives[i] a false description of a[i] (NaN rows:
-    none); each is one more candidate, never a match, in row i of the a -> b direction.
-    match: optional (B, B) bool, a[i] matches b[j], instead of same identity (must hold the diagonal).
-    """
+    a, b: (B, E) unit vectors, a[i] paired with b[i]; logit_scale: log of 1 / temperature."""
     scale = logit_scale.exp()
     logits = (a @ b.t()) * scale
-    match = (same_identity(labels) if match is None else match).to(logits.dtype)
+    match = same_identity(labels).to(logits.dtype)
 
     def one_way(x: Tensor, match: Tensor) -> Tensor:
         target = torch.log(match / match.sum(dim=1, keepdim=True) + 1e-8)
@@ -81,11 +67,6 @@ def similarity_distribution_matching(
         return (log_p.exp() * (log_p - target)).sum(dim=1).mean()
 
     backward = one_way(logits.t(), match.t())
-    if negatives is not None:
-        extra = (a * negatives.nan_to_num()).sum(dim=1, keepdim=True) * scale  # (B, 1)
-        extra = extra.masked_fill(negatives[:, :1].isnan(), -1e4)  # no negative: no candidate
-        logits = torch.cat([logits, extra], dim=1)
-        match = torch.cat([match, torch.zeros_like(extra)], dim=1)
     return one_way(logits, match) + backward
 
 
@@ -98,26 +79,6 @@ class TermClassifier(nn.Linear):
         return super().forward(embedding * embedding.shape[1] ** 0.5)  # unit rows -> unit-variance inputs
 
 
-class PartTermClassifier(nn.Module):
-    """Term prediction from the part vectors (option): each prototype has its own linear classifier
-    over the terms and a term is said when some part says it: the terms' probabilities are the
-    softmax over all (part, term) pairs summed over the parts (multiple-instance learning). So a
-    detail ("white sneakers") has to be read by one part, which the retrieval embedding then
-    carries, and a part that reads the background predicts nothing a caption names."""
-
-    def __init__(self, parts: int, part_dim: int, terms: int) -> None:
-        super().__init__()
-        bound = part_dim**-0.5  # nn.Linear's initialisation, per part
-        self.weight = nn.Parameter(torch.empty(parts, part_dim, terms).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(parts, terms).uniform_(-bound, bound))
-
-    def forward(self, parts: Parts) -> Tensor:
-        """-> (B, K) term logits: per part (B, P, K), log-sum-exp over the parts."""
-        vectors = parts.vectors
-        unit = F.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5  # unit-variance inputs
-        return (torch.einsum("bpd,pdk->bpk", unit, self.weight) + self.bias).logsumexp(dim=1)
-
-
 def term_prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy from the softmax over terms to the sample's terms, uniform (weak supervision by
     words, as Joulin et al. ECCV 2016). logits: (B, K) (a term classifier's); targets: (B, K) multi-hot.
@@ -128,29 +89,36 @@ def term_prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return loss[keep].mean() if keep.any() else logits.sum() * 0.0
 
 
-DIVERSITY_PAIRS = ("all", "nearest")
+def atom_entropy(weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean entropy (nats) of the heads-averaged atom weights (B, H, L, atoms) over the valid positions."""
+    p = weights.mean(1)  # (B, L, atoms)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)  # (B, L)
+    if mask is None:
+        return entropy.mean()
+    valid = mask.to(entropy.dtype)
+    return (entropy * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def outside_person(attention: Tensor, person: Tensor) -> Tensor:
+    """The prototypes' attention mass (B, H, P, N) outside the person (B, N) (a map in [0, 1], 1 on the
+    person), heads averaged, summed over positions and averaged over prototypes and images."""
+    return (attention.mean(1) * (1.0 - person)[:, None, :]).sum(-1).mean()
 
 
 class LGURLoss(nn.Module):
     """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1).
 
-    Options that are not in the paper:
-    - diversity > 0: that weight times the overlap of the prototypes' last-layer attention on the
-      dictionary branches (the ones shown and searched); `image_person` in forward: (B, N) where the
-      person is, the image maps' overlap is measured there only; diversity_pairs "nearest": each
-      prototype's overlap with its nearest other (default "all": the mean over all pairs);
-      diversity_rows: the image grid's rows, to compare the image maps' row profiles only;
-    - sdm > 0: that weight times the similarity distribution matching loss on the cross-modal
-      pairs (guided image vs raw text, dictionary image vs dictionary text), with a learned
-      temperature starting at `temperature`; with `negatives`, each image's SDM row also holds
-      a false caption of its own (swapped attributes), so it must tell its description from a
-      near copy;
-    - `match` in forward: which texts describe which images beyond same identity (a crop "black
-      jeans" is true of everyone in black jeans), for the cross-modal SDM targets and triplets;
-    - term_prediction > 0 (with `terms` terms and embeddings of `embedding_dim`): that weight times
-      the term prediction loss of every branch, one classifier shared by both modalities: linear on
-      the embedding (TermClassifier), or with `part_terms` = (prototypes, part_dim) a PartTermClassifier on the part
-      vectors; `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot each.
+    Terms that are not in the paper, each on when its weight is > 0:
+    - diversity: the overlap of the prototypes' last-layer attention on the dictionary branches
+      (the ones shown and searched);
+    - sdm: the similarity distribution matching loss on the cross-modal pairs (guided image vs raw
+      text, dictionary image vs dictionary text), with a learned temperature from `temperature`;
+    - term_prediction (with `terms` terms and embeddings of `embedding_dim`): predicting the
+      captions' person terms from every branch's embedding, one linear classifier for both
+      modalities; `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot;
+    - person: the drawn image maps' attention outside the person (`person` in forward, a teacher's
+      map (B, N)), the last layer's;
+    - atoms: the entropy of DGA's atom weights per patch and per word (`text_mask` in forward).
     """
 
     def __init__(
@@ -163,42 +131,28 @@ class LGURLoss(nn.Module):
         term_prediction: float = 0.0,
         terms: int = 0,
         embedding_dim: int = 0,
-        part_terms: tuple[int, int] | None = None,
-        diversity_pairs: str = "all",
-        diversity_rows: int | None = None,
+        person: float = 0.0,
+        atoms: float = 0.0,
     ) -> None:
         super().__init__()
-        if diversity_pairs not in DIVERSITY_PAIRS:
-            raise ValueError(f"unknown diversity pairs {diversity_pairs!r}: {', '.join(DIVERSITY_PAIRS)}")
-        self.diversity_nearest = diversity_pairs == "nearest"
-        self.diversity_rows = diversity_rows
         self.margin = margin
         self.diversity = diversity
         self.sdm = sdm
         self.term_prediction = term_prediction
+        self.person, self.atoms = person, atoms
         self.generator = torch.Generator().manual_seed(seed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
-        self.term_classifier: TermClassifier | PartTermClassifier | None = None
-        if term_prediction > 0 and terms:
-            self.term_classifier = (
-                TermClassifier(embedding_dim, terms) if part_terms is None else PartTermClassifier(*part_terms, terms)
-            )
+        self.term_classifier = TermClassifier(embedding_dim, terms) if term_prediction > 0 and terms else None
 
     def forward(
         self,
         out: TrainOutputs,
         labels: Tensor,
         classifier: IdentityClassifier,
-        negatives: dict[str, Tensor] | None = None,
-        match: Tensor | None = None,
         term_targets: tuple[Tensor, Tensor] | None = None,
-        image_person: Tensor | None = None,
+        person: Tensor | None = None,
+        text_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """negatives (SDM only): branch name ("text", "text_dictionary") -> (B, E) embeddings of a
-        false caption for each sample (NaN rows: none), as extra candidates for the images.
-        match: optional (B, B) bool, image i is described by text j, for the cross-modal pairs
-        (SDM targets and triplet negatives); default: same identity."""
-        cross_modal = {("image", "text"), ("image_dictionary", "text_dictionary")}
         losses: dict[str, Tensor] = {}
         branches = {"image": out.image, "text": out.text}
         pairs = [("image", "text")]  # guided (or raw) image vs raw text
@@ -212,20 +166,14 @@ class LGURLoss(nn.Module):
         for name, parts in branches.items():
             losses[f"id/{name}"] = identity_loss(classifier, parts.vectors, labels)
         for left, right in pairs:
-            pair_match = match if (left, right) in cross_modal else None
             losses[f"rank/{left}-{right}"] = triplet_ranking_loss(
-                branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator, pair_match
+                branches[left].embedding, branches[right].embedding, labels, self.margin, self.generator
             )
         if self.logit_scale is not None:
             scale = self.logit_scale.clamp(max=math.log(100.0))  # temperature >= 0.01
             for left, right in pairs[:2]:  # the cross-modal pairs
                 losses[f"sdm/{left}-{right}"] = self.sdm * similarity_distribution_matching(
-                    branches[left].embedding,
-                    branches[right].embedding,
-                    labels,
-                    scale,
-                    None if negatives is None else negatives[right],
-                    match,
+                    branches[left].embedding, branches[right].embedding, labels, scale
                 )
         if self.term_classifier is not None and term_targets is not None:
             for name, parts in branches.items():
@@ -238,10 +186,15 @@ class LGURLoss(nn.Module):
             for name, parts in zip(("image", "text"), shown, strict=True):
                 if parts.attention is None:
                     raise ValueError("the diversity term needs prototype attention (PGU, need_weights=True)")
-                weights, rows = (image_person, self.diversity_rows) if name == "image" else (None, None)
-                losses[f"diversity/{name}"] = (
-                    self.diversity
-                    * prototype_overlap(parts.attention[-1], weights, self.diversity_nearest, rows).mean()
-                )
-        losses["total"] = sum(losses.values())
+                losses[f"diversity/{name}"] = self.diversity * prototype_overlap(parts.attention[-1]).mean()
+        total = sum(losses.values())
+        if self.person > 0 and person is not None:  # the maps drawn: the retrieval branch's last layer
+            drawn = out.image_dictionary if out.image_dictionary is not None else out.image
+            losses["person/image"] = self.person * outside_person(drawn.attention[-1], person)
+            total = total + losses["person/image"]
+        if self.atoms > 0 and out.image_atoms is not None:
+            entropies = atom_entropy(out.image_atoms) + atom_entropy(out.text_atoms, text_mask)
+            losses["atoms"] = self.atoms * 0.5 * entropies
+            total = total + losses["atoms"]
+        losses["total"] = total
         return losses
