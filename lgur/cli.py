@@ -136,11 +136,11 @@ def config_options(parser: argparse.ArgumentParser, config: type) -> list[str]:
     return added
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that `python -m lgur train` runs with these arguments."""
     from .training.config import recipe
-    from .training.train import train
 
-    cfg = recipe(
+    return recipe(
         args.preset,
         text_encoder_path=args.text_encoder,
         image_pretrained_path=args.image_weights,
@@ -149,7 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         use_pgu=not args.no_pgu,
         **{name: getattr(args, name) for name in args.config_fields},
     )
-    print(json.dumps(train(cfg, progress=not args.quiet), indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.train import train
+
+    print(json.dumps(train(train_config(args), progress=not args.quiet), indent=2))
     return 0
 
 
@@ -159,6 +164,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     chosen = {"teacher_stop_after": args.teacher_stop_after} if args.teacher_stop_after is not None else {}
     cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
                         framed=args.framed, **chosen)  # fmt: skip
+    if args.print:
+        from .training.lineage import stage_commands
+
+        print(stage_commands(cfg))
+        return 0
     try:
         print(lineage(cfg, progress=not args.quiet, report=_silent if args.quiet else print))
     except (ValueError, OSError) as error:  # a bad dataset or folder: say which, no traceback
@@ -410,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
     chain.add_argument("--framed", help="also measure the exported model on this detector-framed world of the "
                        "same seed (synth --framing detector): retrieval, explanations beside templates")  # fmt: skip
+    chain.add_argument("--print", action="store_true", help="print each stage's command, in order, and run nothing")
     chain.set_defaults(func=cmd_lineage)
 
     evaluate = sub.add_parser(

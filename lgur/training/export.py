@@ -18,7 +18,7 @@ def export_checkpoint(
     data: str | Path | None = None,
     gallery: str | Path | None = None,
     cache: str | Path | None = "cache",
-    command: str | None = None,
+    command: str | dict[str, Any] | None = None,
     report: Callable[[str], None] = print,
     framed: str | Path | None = None,
 ) -> Path:
@@ -40,12 +40,14 @@ def export_checkpoint(
     kept = ("training", "data", "vocabulary", "atom_average", "details")
     keep: dict[str, Any] = {k: v for k, v in card.items() if k in kept}
     run = Path(checkpoint).parent / "result.json"
-    if run.is_file():
+    if run.is_file() and not isinstance(command, dict):
         result = json.loads(run.read_text())
         keep.setdefault("training", {}).update(
             {k: result[k] for k in ("train_seconds", "total_seconds", "best_epoch") if k in result}
         )
-    if command:
+    if isinstance(command, dict):  # the lineage's provenance: its command and every stage's, nothing else
+        keep["training"] = command
+    elif command:
         keep.setdefault("training", {})["command"] = command
     world = Path(data or "") / "world.json"
     if data and world.is_file():  # the synthetic world's recipe: seed, sizes, vocabulary

@@ -1,27 +1,18 @@
 """The shipped model's training as one resumable command (`python -m lgur lineage`).
 
-The shipped model is not one run but a chain of stages, each starting from the one before
-(docs/TRAINING.md, "The shipped model's stages"; MODEL_CARD for why each exists):
+The shipped model is not one run but a chain of stages, each reading the model of one before
+it. `stages` lists them as data: each a folder under OUT named for what it makes, what it is for,
+and the command that runs it alone; `lineage` runs them in order, docs/TRAINING.md prints them
+(`python -m lgur lineage --print`) and the shipped card records them, so none can disagree.
 
-1. `terms`: the preset's recipe (cpu-lite0: ImageNet trunk, term prediction), to `stop_after`
-   (or `teacher_stop_after`, when only the teacher reads it);
-2. `teacher`: a detail detector on it (train-details), whose person map teaches stage 3;
-3. `person`: the same recipe again, the prototypes kept on the teacher's person map;
-4. `details`: that model's own detector (a copy of the trunk's last two stages; fits DGA's m);
-5. `fine`: the prototypes read a grid twice as fine, each at its own height, everything else held fixed;
-6. `follow`: the prototypes' heights placed in the person (as m sees it) rather than in the frame, and
-   taught on images framed as a person detector frames them, so each map follows its part wherever it
-   is; DGA's dictionary read through a few sharp atoms (the trunk, the detector and m held fixed);
-
-then the int8 export, measured on the world's test splits (and the gallery, if given). With
-`teacher=False`, stages 2 and 3 are left out and stage 4 reads stage 1's model.
-
-Each stage writes its own folder under `out`. A rerun skips finished stages and resumes the
-training stage it was stopped in (train resumes by itself), so the command can be interrupted.
+With `teacher=False`, the teacher and the run it teaches are left out and the detector reads the
+retriever. A rerun skips finished stages and resumes the training stage it was stopped in (train
+resumes by itself), so the command can be interrupted.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +69,167 @@ class LineageConfig:
     cache: str | None = None  # frozen text features, shared by the stages; default OUT/cache
 
 
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its folder under OUT, named for what it makes
+    does: str  # what the stage is for, in one line
+    step: str  # "train" (python -m lgur train), "details" (train-details) or "int8" (export --dtype int8)
+    reads: str | None = None  # the stage whose model it starts from (init_from, or the checkpoint given)
+    settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields; a DetailTrainConfig for "details"
+    teacher: str | None = None  # the stage whose detector's person map teaches it (person_from)
+
+    def output(self, out: Path) -> Path:
+        return out / self.name / ("best.safetensors" if self.step == "train" else "lgur_cpu.safetensors")
+
+
+def stages(cfg: LineageConfig) -> list[Stage]:
+    """The shipped model's stages, in the order they run."""
+    person = {"prototype_person": cfg.person_weight, "person_saturation": cfg.person_saturation}
+    chain = [
+        Stage(
+            "retriever", "the preset's recipe: an ImageNet trunk, the captions' terms predicted"
+            + (" (to epoch 4: it only feeds the teacher)" if cfg.teacher and cfg.teacher_stop_after else ""),
+            "train", settings={"stop_after": cfg.teacher_stop_after if cfg.teacher and cfg.teacher_stop_after
+                               else cfg.stop_after},
+        )
+    ]  # fmt: skip
+    if cfg.teacher:
+        chain += [
+            Stage("teacher", "a detail detector on it, whose person map teaches the next stage", "details",
+                  "retriever", {"details": cfg.teacher_details}),
+            Stage("taught", "the same recipe again, the prototypes kept on the teacher's person map", "train",
+                  settings={"stop_after": cfg.stop_after, "person_from_epoch": cfg.person_from_epoch, **person},
+                  teacher="teacher"),
+        ]  # fmt: skip
+    last = chain[-1].name
+    chain += [
+        Stage(f"{last}-int8", "its int8 export", "int8", last),
+        Stage("detector", "its own detail detector (a copy of the trunk's last stages); DGA's m fitted to it",
+              "details", f"{last}-int8", {"details": cfg.details}),
+        Stage("detector-int8", "its int8 export", "int8", "detector"),
+        Stage(
+            "fine", "the prototypes read a grid twice as fine, each at its own height; the rest held fixed", "train",
+            "detector-int8", teacher="detector-int8", settings={
+                "model_overrides": {"pgu_fine": True}, "frozen": FROZEN_FOR_FINE, "epochs": cfg.fine_epochs,
+                "warmup_steps": cfg.fine_warmup_steps, "lr": cfg.fine_lr, "lr_backbone": cfg.fine_lr_backbone,
+                "person_from_epoch": 0, **person, "prototype_rows": cfg.fine_rows or None,
+                "prototype_row_width": cfg.fine_row_width, "person_fine": cfg.fine_person, "final_test": False,
+            },
+        ),
+    ]  # fmt: skip
+    if cfg.follow_epochs:
+        freed = {
+            "prototype_rows": list(cfg.follow_rows), "prototype_row_width": cfg.follow_row_width,
+            "prototype_anchor": "person", "atom_sharpness": cfg.atom_sharpness, "atom_top_k": cfg.atom_top_k,
+        }  # fmt: skip
+        chain += [
+            Stage("fine-int8", "its int8 export", "int8", "fine"),
+            Stage(
+                "follow", "the prototypes' heights placed in the person, taught on detector-framed crops; DGA "
+                "reads a few sharp atoms (the trunk, the detector and m held fixed)", "train", "fine-int8",
+                teacher="fine-int8", settings={
+                    "model_overrides": freed, "frozen": FROZEN_FOR_FOLLOW, "epochs": cfg.follow_epochs,
+                    "warmup_steps": cfg.fine_warmup_steps, "lr": cfg.fine_lr, "lr_backbone": cfg.fine_lr_backbone,
+                    "person_from_epoch": 0, **person, "person_fine": cfg.fine_person,
+                    "atom_entropy": cfg.atom_entropy, "framing": cfg.follow_framing, "final_test": False,
+                },
+            ),
+        ]  # fmt: skip
+    return chain
+
+
+def lineage_command(cfg: LineageConfig) -> str:
+    command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")
+    if cfg.teacher and cfg.teacher_stop_after != LineageConfig.teacher_stop_after:
+        command += f" --teacher-stop-after {cfg.teacher_stop_after}"
+    if cfg.gallery:
+        command += f" --gallery {cfg.gallery}"
+    if cfg.framed:
+        command += f" --framed {cfg.framed}"
+    return command
+
+
+def _train_settings(stage: Stage, cfg: LineageConfig, out: Path) -> dict[str, Any]:
+    """The stage's TrainConfig fields: the lineage's train_settings under the stage's own, paths filled in."""
+    overrides = {**cfg.train_settings.get("model_overrides", {}), **stage.settings.get("model_overrides", {})}
+    values = {**cfg.train_settings, **stage.settings, "model_overrides": overrides}
+    if stage.reads:
+        values["init_from"] = str(stages_by_name(cfg)[stage.reads].output(out))
+    if stage.teacher:
+        values["person_from"] = str(stages_by_name(cfg)[stage.teacher].output(out))
+    return values
+
+
+def stages_by_name(cfg: LineageConfig) -> dict[str, Stage]:
+    return {stage.name: stage for stage in stages(cfg)}
+
+
+def _flag(name: str) -> str:
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    meta = {f.name: f.metadata for f in fields(TrainConfig)}[name]
+    return meta.get("flag", "--" + name.replace("_", "-"))
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)  # the command line's comma lists
+    return str(value)
+
+
+def stage_command(stage: Stage, cfg: LineageConfig) -> str:
+    """The command that runs `stage` alone, as `lineage` runs it."""
+    out = Path(cfg.out)
+    cache = cfg.cache or str(out / "cache")
+    if stage.step == "int8":
+        source = stages_by_name(cfg)[stage.reads].output(out)
+        return f"python -m lgur export --checkpoint {source} --out {stage.output(out)} --dtype int8 --cache {cache}"
+    if stage.step == "details":
+        source = stages_by_name(cfg)[stage.reads].output(out)
+        details: DetailTrainConfig = stage.settings["details"]
+        words = [f"python -m lgur train-details --checkpoint {source} --data {cfg.data} --out {stage.output(out)}",
+                 f"--cache {cache}"]  # fmt: skip
+        defaults = DetailTrainConfig()
+        words += ["--stage"] if details.stage else []
+        for name in ("epochs", "sharpness", "seed", "stage_epochs", "stage_blocks"):
+            if getattr(details, name) != getattr(defaults, name):
+                words.append(f"--{name.replace('_', '-')} {getattr(details, name)}")
+        words += [] if details.foreground else ["--no-foreground"]
+        return " ".join(words)
+    words = [f"python -m lgur train --preset {cfg.preset} --data {cfg.data} --out {out / stage.name} --cache {cache}"]
+    for name, value in _train_settings(stage, cfg, out).items():
+        if name == "model_overrides":
+            items = []
+            for key, setting in value.items():  # read as JSON (model_config): true, [0.1, 0.2]
+                text = f"{key}={setting if isinstance(setting, str) else json.dumps(_listed(setting))}"
+                items.append(f"'{text}'" if " " in text or "[" in text else text)
+            words += ["--set", *items] if items else []
+        elif name == "final_test" or value is None:
+            continue  # python only: the lineage measures its export once
+        elif value is True:
+            words.append(_flag(name))
+        elif value is not False:
+            words.append(f"{_flag(name)} {_value(value)}")
+    return " ".join(words)
+
+
+def stage_commands(cfg: LineageConfig) -> str:
+    """Every stage's command, in order, each under a comment that says what it is for."""
+    chain, out = stages(cfg), Path(cfg.out)
+    blocks = [f"# {i}. {s.name}: {s.does}\n{stage_command(s, cfg)}" for i, s in enumerate(chain, 1)]
+    export = f"python -m lgur export --checkpoint {chain[-1].output(out)} --out {out / 'lgur_cpu.safetensors'} "
+    export += f"--dtype int8 --cache {cfg.cache or out / 'cache'} --data {cfg.data}"
+    export += (f" --gallery {cfg.gallery}" if cfg.gallery else "") + (f" --framed {cfg.framed}" if cfg.framed else "")
+    blocks.append(f"# then the shipped file: its int8 export, measured on the test splits\n{export}")
+    return "\n".join(blocks)
+
+
 def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], None] = print) -> Path:
     """Run the stages that have not finished; -> OUT/lgur_cpu.safetensors (int8, its card measured)."""
     from .config import recipe
@@ -91,63 +243,26 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
     if final.is_file():
         report(f"{final} exists: every stage has finished")
         return final
-
-    def training(name: str, **settings: Any) -> Path:
-        report(f"stage {name}: training (resumes where it stopped)")
-        overrides = {**cfg.train_settings.get("model_overrides", {}), **settings.pop("model_overrides", {})}
-        values = {**cfg.train_settings, **settings, "model_overrides": overrides}
-        train(recipe(cfg.preset, data=cfg.data, out=str(out / name), cache_dir=cache, **values), progress=progress)
-        return out / name / "best.safetensors"
-
-    def int8(checkpoint: Path, name: str) -> Path:
-        path = out / name / "lgur_cpu.safetensors"
-        if not path.is_file():
-            export_checkpoint(checkpoint, path, "int8", cache=cache, report=report)
-        return path
-
-    def detector(checkpoint: Path, name: str, details: DetailTrainConfig) -> Path:
-        path = out / name / "lgur_cpu.safetensors"
-        if path.is_file():
-            report(f"stage {name}: done ({path})")
+    chain = stages(cfg)
+    for stage in chain:
+        path = stage.output(out)
+        if stage.step == "train":
+            report(f"stage {stage.name}: training (resumes where it stopped)")
+            settings = _train_settings(stage, cfg, out)
+            train(recipe(cfg.preset, data=cfg.data, out=str(out / stage.name), cache_dir=cache, **settings),
+                  progress=progress)  # fmt: skip
+        elif path.is_file():
+            report(f"stage {stage.name}: done ({path})")
+        elif stage.step == "details":
+            report(f"stage {stage.name}: detail detector")
+            source = stages_by_name(cfg)[stage.reads].output(out)
+            train_details(source, cfg.data, path, stage.settings["details"], cache, report)
         else:
-            report(f"stage {name}: detail detector")
-            train_details(checkpoint, cfg.data, path, details, cache, report)
-        return path
-
-    person = {"prototype_person": cfg.person_weight, "person_saturation": cfg.person_saturation}
-    first_stop = cfg.teacher_stop_after if cfg.teacher and cfg.teacher_stop_after else cfg.stop_after
-    base = training("terms", stop_after=first_stop)
-    if cfg.teacher:
-        teacher = detector(base, "teacher", cfg.teacher_details)
-        base = training("person", stop_after=cfg.stop_after, person_from=str(teacher),
-                        person_from_epoch=cfg.person_from_epoch, **person)  # fmt: skip
-    details = int8(detector(int8(base, "base-int8"), "details", cfg.details), "details-int8")
-    fine = training(
-        "fine", init_from=str(details), model_overrides={"pgu_fine": True}, frozen=FROZEN_FOR_FINE,
-        epochs=cfg.fine_epochs, stop_after=None, warmup_steps=cfg.fine_warmup_steps, lr=cfg.fine_lr,
-        lr_backbone=cfg.fine_lr_backbone, person_from=str(details), person_from_epoch=0, **person,
-        prototype_rows=cfg.fine_rows or None, prototype_row_width=cfg.fine_row_width, person_fine=cfg.fine_person,
-        final_test=False,  # the int8 export below is measured on the same splits
-    )  # fmt: skip
-    if cfg.follow_epochs:
-        placed = int8(fine, "fine-int8")
-        freed = {
-            "prototype_rows": list(cfg.follow_rows),
-            "prototype_row_width": cfg.follow_row_width,
-            "prototype_anchor": "person",
-            "atom_sharpness": cfg.atom_sharpness,
-            "atom_top_k": cfg.atom_top_k,
-        }
-        fine = training(
-            "follow", init_from=str(placed), model_overrides=freed,
-            frozen=FROZEN_FOR_FOLLOW, epochs=cfg.follow_epochs, stop_after=None, warmup_steps=cfg.fine_warmup_steps,
-            lr=cfg.fine_lr, lr_backbone=cfg.fine_lr_backbone, person_from=str(placed), person_from_epoch=0, **person,
-            person_fine=cfg.fine_person, atom_entropy=cfg.atom_entropy, framing=cfg.follow_framing, final_test=False,
-        )  # fmt: skip
+            export_checkpoint(stages_by_name(cfg)[stage.reads].output(out), path, "int8", cache=cache, report=report)
     report("export: int8, measured on the test splits")
-    command = f"python -m lgur lineage --data {cfg.data} --out {cfg.out}" + ("" if cfg.teacher else " --no-teacher")
-    if cfg.teacher and cfg.teacher_stop_after != LineageConfig.teacher_stop_after:
-        command += f" --teacher-stop-after {cfg.teacher_stop_after}"
-    if cfg.framed:
-        command += f" --framed {cfg.framed}"
-    return export_checkpoint(fine, final, "int8", cfg.data, cfg.gallery, cache, command, report, cfg.framed)
+    provenance = {
+        "command": lineage_command(cfg),
+        "stages": [{"name": s.name, "does": s.does, "command": stage_command(s, cfg)} for s in chain],
+    }
+    return export_checkpoint(chain[-1].output(out), final, "int8", cfg.data, cfg.gallery, cache, provenance,
+                             report, cfg.framed)  # fmt: skip
