@@ -412,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--data", required=True, help="the synthetic world (python -m lgur synth)")
     chain.add_argument("--out", required=True, help="a folder for the stages; the model is OUT/lgur_cpu.safetensors")
     chain.add_argument("--no-teacher", dest="teacher", action="store_false",
-                       help="leave out the teacher and the run it teaches (stages 2-3)")  # fmt: skip
+                       help="leave out the teacher and the run it teaches")  # fmt: skip
     chain.add_argument("--teacher-stop-after", type=int, metavar="EPOCH",
-                       help="end stage 1 (the teacher's input) after this epoch "
+                       help="end the retriever (the teacher's input) after this epoch "
                        f"(default {LineageConfig.teacher_stop_after})")  # fmt: skip
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")

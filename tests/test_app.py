@@ -14,9 +14,8 @@ from PIL import Image
 import app as explorer_app
 from lgur.app.uploads import UploadStore
 from lgur.search.engine import word_effects
-from tests.conftest import free_port, served_app, tiny_explorer
+from tests.conftest import REPO, free_port, served_app, tiny_explorer
 
-REPO = Path(__file__).resolve().parents[1]
 QUERY = "a woman in a red coat with a black backpack"
 
 

@@ -36,7 +36,7 @@ def test_bench_model_json_reports_counts_and_times() -> None:
 
     counts = LGUR(preset("cpu")).parameter_counts()
     assert (row["params_trainable"], row["params_frozen"]) == (counts["trainable"], counts["frozen"])
-    assert row["ms_per_image"] > 0 and row["ms_per_caption"] > 0
+    assert 0 < row["ms_per_image"] < 10_000 and 0 < row["ms_per_caption"] < 10_000  # measured, in milliseconds
 
 
 def test_search_refuses_a_bad_result_count_before_loading_anything() -> None:

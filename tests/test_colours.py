@@ -10,7 +10,6 @@ from lgur.search.colours import ColourGrounding, colour_modifiers, srgb_to_lab, 
 from lgur.search.engine import SearchEngine
 from tests.conftest import tiny_engine
 
-REPO = Path(__file__).resolve().parents[1]
 VOCABULARY = "a man woman in with and the red blue navy green yellow pink purple orange brown beige grey black white " \
     "coat jeans backpack shoes sky leather dark light".split()  # fmt: skip
 

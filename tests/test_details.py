@@ -175,7 +175,10 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
 
     quality = explanation_quality(model, world, "test", limit=8)
     game = quality["phrase_pointing_game"]
-    assert game["words"] > 0 and 0 <= game["accuracy"] <= 100 and set(game["by_part"]) <= set(quality["parts"])
+    parts = game["by_part"].values()
+    assert game["words"] == sum(p["words"] for p in parts) > 0 and set(game["by_part"]) <= set(quality["parts"])
+    weighted = sum(p["accuracy"] * p["words"] for p in parts) / game["words"]  # every phrase word scored once
+    assert game["accuracy"] == pytest.approx(weighted)
     # The detector as a teacher (train --prototype-person): where it sees the person, the surest patch 1;
     # a run taught by it logs the penalty on its prototypes' attention outside that.
     images = torch.randn(2, 3, h, w)

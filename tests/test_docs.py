@@ -71,7 +71,7 @@ def quoted_figures() -> dict[str, list[str]]:
             f"{dictionary['specificity']['share_at_least_3x']:.0f}% of {dictionary['specificity']['atoms_shown']} "
             f"(median {_percent(dictionary['specificity']['median_ratio'])}x)",
             f"`detail_weight` {CARD['config']['detail_weight']} was chosen on val",
-            f"glasses\" finds people with glasses in {_percent(kinds['glasses']['precision'])}%",
+            f'glasses" finds people with glasses in {_percent(kinds["glasses"]["precision"])}%',
             f"sha256 `{CARD['weights_sha256'][:8]}...`",
         ],
     }

@@ -9,8 +9,8 @@ import pytest
 
 from lgur.app.explorer import EXAMPLE_QUERIES
 from lgur.search.engine import SearchEngine
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MANIFEST = {m["file"]: m["attributes"] for m in json.loads((REPO / "gallery" / "manifest.json").read_text())["images"]}
 
 

@@ -29,9 +29,8 @@ from lgur.eval.bench import rss_mib
 from lgur.model.checkpoint import CheckpointError, card_path, load_checkpoint
 from lgur.search.index import load_index
 from lgur.search.query import QueryError, clean_query
-from tests.conftest import free_port, served_app, tiny_explorer
+from tests.conftest import REPO, free_port, served_app, tiny_explorer
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
 
 HOSTILE_QUERIES = [

@@ -19,9 +19,8 @@ from lgur.model.lgur import LGUR
 from lgur.search.engine import SearchEngine
 from lgur.search.index import index_file, load_index, merge_shards, scan_gallery, update_index
 from lgur.search.query import QueryError
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT = REPO / "assets" / "lgur_cpu.safetensors"
 
 

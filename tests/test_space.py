@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from lgur.app.space import CPU_INDEX, cpu_requirements, write_space
-from tests.conftest import free_port, served_app
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, free_port, served_app
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from lgur.synth.attributes import CAPTIONED_KINDS, COLOURS, sample_attributes
 from lgur.synth.captions import HELD_OUT_PHRASINGS, CaptionWriter, held_out_words, words
 from lgur.synth.render import ACCESSORY, BAG, LOWER, SHOES, UPPER, render, sample_camera
 from lgur.synth.world import PARAPHRASE, WorldSpec, ambiguity_report, generate_world, write_gallery
+from tests.conftest import REPO
 
 SMALL = WorldSpec(seed=3, train_identities=6, val_identities=2, test_identities=4)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _digest(folder: Path) -> dict[str, str]:

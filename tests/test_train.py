@@ -18,9 +18,7 @@ from lgur.eval.evaluate import retrieval_metrics
 from lgur.synth.world import WorldSpec, generate_world
 from lgur.training.config import recipe
 from lgur.training.train import train
-from tests.conftest import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, free_port
 
 # A very small CPU model: every module on the real code path, minutes become seconds.
 TINY = {
@@ -158,8 +156,9 @@ def test_training_lowers_the_paper_objective(world: Path, tmp_path: Path) -> Non
     paper_terms = dict(sdm=0.0, prototype_diversity=0.0, samples="images", epochs=3)
     train(_config(world, tmp_path / "run", **paper_terms), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    losses = [r["loss/total"] for r in rows if r["kind"] == "step"]
-    assert losses[-1] < losses[0], losses
+    by_epoch = [[r["loss/total"] for r in rows if r["kind"] == "step" and r["epoch"] == e] for e in range(3)]
+    means = [sum(losses) / len(losses) for losses in by_epoch]
+    assert means[2] < 0.9 * means[0], means  # each epoch's logged steps, not one lucky batch
 
 
 def test_evaluate_cli_reproduces_the_card(world: Path, tmp_path: Path) -> None:

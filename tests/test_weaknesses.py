@@ -7,7 +7,6 @@ from pathlib import Path
 from lgur.search.weaknesses import named_kinds, weak_spots
 from tests.conftest import tiny_engine
 
-REPO = Path(__file__).resolve().parents[1]
 COLOURS = frozenset({"white", "black", "red", "blue"})
 BY_KIND = {
     "glasses": {"precision": 13.8, "chance": 14.4, "queries": 20},

@@ -10,8 +10,9 @@ import pytest
 import timm
 import torch
 
+from lgur.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from lgur.model.checkpoint import load_checkpoint, read_card, save_checkpoint
-from lgur.model.config import IMAGENET_MEAN, IMAGENET_STD, preset
+from lgur.model.config import preset
 from lgur.model.encoders import CNNEncoder
 from lgur.model.lgur import LGUR
 from lgur.model.weights import PACKAGED_WEIGHTS, load_packaged_weights, map_in_order, read_packaged_weights

@@ -323,8 +323,7 @@ def bench_app(
     map of the word that mattered most, the atom atlas), and of `/search` (JSON). Each as a browser
     tab sends it (PageClient: the event queued, its answer pushed to the open stream). `/explore` also
     with every image of its answer then fetched one after another (a browser fetches them side by
-    side), and through gradio_client, whose answer arrives up to 50 ms late because it polls for it
-    (the figures before 2026-12-03 were measured so).
+    side), and through gradio_client, whose answer arrives up to 50 ms late because it polls for it.
     """
     import numpy as np
     from gradio_client import Client

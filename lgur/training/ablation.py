@@ -45,8 +45,8 @@ LITE0 = "pretrained EfficientNet-Lite0, 192x64, stride 16 (12x4 grid)"
 TRUNK_REFERENCE = {"preset": "cpu-lite0", "term_prediction": 0.0}
 TERMS = "the captions' terms predicted from both embeddings"  # the cpu-lite0 recipe as it is now
 TEACHER = "runs/teacher/lgur_cpu.safetensors"
-# The person rows' teacher is the model shipped before them: `git show 1ef065b:assets/lgur_cpu.safetensors`
-# (and .json) into runs/teacher/. Each row changes one setting of the row above it.
+# The person rows' teacher: a checkpoint with a detail detector at runs/teacher/ (EXPERIMENTS.md names the
+# one those rows used). Each row changes one setting of the row above it.
 TAUGHT = TRUNK_REFERENCE | {"term_prediction": 1.0, "prototype_person": 2.0, "person_from": TEACHER}
 TAUGHT_LATER = TAUGHT | {"person_saturation": 0.5, "person_from_epoch": 2}
 TRUNK_OPTIONS = {

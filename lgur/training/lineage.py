@@ -28,16 +28,15 @@ FROZEN_FOR_FOLLOW = ("image_encoder", "dga.foreground", "details", "detail_stage
 class LineageConfig:
     data: str
     out: str
-    teacher: bool = True  # stages 2-3; without, the detector and the fine stage follow stage 1
+    teacher: bool = True  # the teacher and the run it teaches; without, the detector reads the retriever
     preset: str = "cpu-lite0"
-    stop_after: int | None = 14  # stages 1 and 3 end after this epoch of the recipe's schedule (best on val)
-    # With the teacher, stage 1 only feeds the teacher's detector, which needs a person map, not a strong
-    # retriever: epoch 4 of the recipe's schedule (val R@1 63.5) parts the prototypes as well as epoch 13
-    # and saves about 30 min (docs/EXPERIMENTS.md, "A cheaper teacher"; None: stop_after)
+    stop_after: int | None = 14  # the retriever and the taught run end after this epoch of the recipe's schedule
+    # With the teacher, the retriever only feeds the teacher's detector, which needs a person map, not a
+    # strong retriever: it ends earlier (None: stop_after)
     teacher_stop_after: int | None = 4
-    person_weight: float = 2.0  # TrainConfig.prototype_person of stages 3 and 5
+    person_weight: float = 2.0  # TrainConfig.prototype_person of every taught stage
     person_saturation: float = 0.5
-    person_from_epoch: int = 2  # stage 3 only: the prototypes part first (stage 5 starts parted)
+    person_from_epoch: int = 2  # the taught run only: the prototypes part first (the later stages start parted)
     fine_epochs: int = 4
     fine_warmup_steps: int = 50
     fine_lr: float = 1e-3
@@ -48,14 +47,14 @@ class LineageConfig:
     fine_rows: tuple[float, ...] = (0.12, 0.25, 0.42, 0.58, 0.77, 0.94)
     fine_row_width: float | tuple[float, ...] = (0.0, 0.04)
     fine_person: bool = True
-    # Stage 6 (follow): from stage 5's int8 export; None leaves it out (stage 5 is then the model)
-    follow_epochs: int | None = 1  # of 2 on the default world, the first was the best on val (EXPERIMENTS.md)
+    # The follow stage, from the fine stage's int8 export; None leaves it out (the fine stage is then the model)
+    follow_epochs: int | None = 1
     follow_framing: float = 0.5  # TrainConfig.framing: the share of images reframed as a detector frames them
-    atom_sharpness: float = 8.0  # LGURConfig.atom_sharpness (val: 36 effective atoms per patch at the start)
+    atom_sharpness: float = 8.0  # LGURConfig.atom_sharpness
     atom_top_k: int = 8  # LGURConfig.atom_top_k: each head reads its 8 strongest atoms
     atom_entropy: float = 0.1  # TrainConfig.atom_entropy
     # The prototypes' heights in the person (0 its top, 1 its feet; LGURConfig.prototype_anchor "person"),
-    # in the drawn layer only: stage 5's heights in the frame, converted with the person's mean extent on
+    # in the drawn layer only: the fine stage's heights in the frame, converted with the person's mean extent on
     # val as m sees it (0.091-0.988); () frees them
     follow_rows: tuple[float, ...] = (0.032, 0.947, 0.367, 0.757, 0.177, 0.545)
     follow_row_width: float | tuple[float, ...] = (0.0, 0.045)
