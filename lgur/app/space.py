@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # What the Space runs, relative to the repository: files, or folders copied with `patterns`.
 SPACE_FILES = ["app.py", "README.md", "SECURITY.md", "requirements.txt"]
