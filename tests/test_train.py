@@ -152,13 +152,15 @@ def test_second_stage_starts_from_the_first_stages_weights(world: Path, tmp_path
 
 
 def test_training_lowers_the_paper_objective(world: Path, tmp_path: Path) -> None:
-    """Without the batch-wide options a dozen steps on a tiny world visibly lower the loss."""
-    paper_terms = dict(sdm=0.0, prototype_diversity=0.0, samples="images", epochs=3)
-    train(_config(world, tmp_path / "run", **paper_terms), progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    by_epoch = [[r["loss/total"] for r in rows if r["kind"] == "step" and r["epoch"] == e] for e in range(3)]
-    means = [sum(losses) / len(losses) for losses in by_epoch]
-    assert means[2] < 0.9 * means[0], means  # each epoch's logged steps, not one lucky batch
+    """Against the same run at a zero learning rate (the same batches, augmentations and dropout, seeded
+    by epoch), a dozen steps on a tiny world visibly lower the paper's loss on the last batch."""
+    paper_terms = dict(sdm=0.0, prototype_diversity=0.0, samples="images", epochs=3, warmup_steps=0)
+    last = {}
+    for name, rates in (("trained", {}), ("still", {"lr": 0.0, "lr_backbone": 0.0})):
+        train(_config(world, tmp_path / name, **paper_terms, **rates), progress=False)
+        rows = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        last[name] = [r["loss/total"] for r in rows if r["kind"] == "step"][-1]
+    assert last["trained"] < 0.95 * last["still"], last  # the same batch: about 0.90 of it after 21 steps
 
 
 def test_evaluate_cli_reproduces_the_card(world: Path, tmp_path: Path) -> None:
