@@ -12,7 +12,7 @@ from typing import Any
 
 from .files import DEFAULT_CHECKPOINT, DEFAULT_GALLERY
 from .model.config import PRESETS, DetailTrainConfig
-from .training.config import TrainConfig
+from .training.config import TrainConfig, flag
 from .training.lineage import LineageConfig
 
 
@@ -117,20 +117,20 @@ def config_options(parser: argparse.ArgumentParser, config: type) -> list[str]:
         meta = f.metadata
         if not meta.get("cli", True):
             continue
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        name = flag(f)
         kind = str(f.type).replace(" | None", "")
         shown = "" if f.default is dataclasses.MISSING or f.default is None else f" (TrainConfig: {f.default})"
         common = {"dest": f.name, "help": meta.get("help", "") + shown}
         if meta.get("required"):
             common["required"] = True
         if kind == "bool":
-            parser.add_argument(flag, action="store_const", const=True, **common)
+            parser.add_argument(name, action="store_const", const=True, **common)
         elif kind.startswith("tuple") or kind.startswith("float | tuple"):
             item = {"int": int, "float": float, "str": str}[kind.split("[")[1].split(",")[0]]
             parse = _comma_list(item, one=kind.startswith("float | tuple"))
-            parser.add_argument(flag, type=parse, metavar="A,B,...", **common)
+            parser.add_argument(name, type=parse, metavar="A,B,...", **common)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
+            parser.add_argument(name, type={"int": int, "float": float, "str": str}[kind],
                                 choices=meta.get("choices"), **common)  # fmt: skip
         added.append(f.name)
     return added

@@ -444,34 +444,38 @@ class SearchEngine:
         return report
 
     # -- query side ------------------------------------------------------------------------
+    def _recall(self, cache: OrderedDict, key: str) -> Any:
+        """The cached value of `key` (now the most recent), or None."""
+        with self._cache_lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        return None
+
+    def _keep(self, cache: OrderedDict, key: str, value: Any) -> Any:
+        """Cache `value` under `key`, dropping the least recent beyond the cache's size."""
+        with self._cache_lock:
+            cache[key] = value
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
+        return value
+
     def parse_query(self, text: str) -> Query:
         """A visitor's query cleaned, read and its detail phrases found, once (query.QueryReader.parse)."""
         key = clean_query(text)
-        with self._cache_lock:
-            if key in self._parsed:
-                self._parsed.move_to_end(key)
-                return self._parsed[key]
-        query = self.reader.parse(key, self.model.config)
-        with self._cache_lock:
-            self._parsed[key] = query
-            if len(self._parsed) > self._cache_size:
-                self._parsed.popitem(last=False)
+        query = self._recall(self._parsed, key)
+        if query is None:
+            query = self._keep(self._parsed, key, self.reader.parse(key, self.model.config))
         return query
 
     @torch.inference_mode()
     def encode_query(self, text: str | Query) -> QueryEncoding:
         query = text if isinstance(text, Query) else self.parse_query(text)
         key = query.typed  # cached as typed: two spellings of one colour are two queries
-        with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        result = encode_text(self.model, query, self.text_atom_average)
-        with self._cache_lock:
-            self._cache[key] = result
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return result
+        encoding = self._recall(self._cache, key)
+        if encoding is None:
+            encoding = self._keep(self._cache, key, encode_text(self.model, query, self.text_atom_average))
+        return encoding
 
     # -- search ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -482,15 +486,10 @@ class SearchEngine:
         with self._cache_lock:
             if key in self._cache:
                 return self._cache[key].embedding
-            if key in self._embeddings:
-                self._embeddings.move_to_end(key)
-                return self._embeddings[key]
-        ids, mask = self.model.tokenize([query.text])
-        embedding = self.model.embed_texts(ids, mask)[0].numpy()
-        with self._cache_lock:
-            self._embeddings[key] = embedding
-            if len(self._embeddings) > self._cache_size:
-                self._embeddings.popitem(last=False)
+        embedding = self._recall(self._embeddings, key)
+        if embedding is None:
+            ids, mask = self.model.tokenize([query.text])
+            embedding = self._keep(self._embeddings, key, self.model.embed_texts(ids, mask)[0].numpy())
         return embedding
 
     def warm_up(self) -> threading.Thread:

@@ -7,7 +7,7 @@ Every field is a `python -m lgur train` option (cli.py builds them from the fiel
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from ..model.checkpoint import read_card
@@ -21,6 +21,11 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
+
+
+def flag(option: Field) -> str:
+    """The command-line flag of a config field: its metadata's `flag`, else --its-name."""
+    return option.metadata.get("flag", "--" + option.name.replace("_", "-"))
 
 
 @dataclass
@@ -164,3 +169,8 @@ def recipe(name: str, **overrides: Any) -> TrainConfig:
     """The recipe `name` (a model preset), with the overrides that are not None."""
     values = {**RECIPES.get(name, {}), **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(preset=name, **values)
+
+
+def train_flag(name: str) -> str:
+    """The `train` command's flag for TrainConfig's field `name`."""
+    return flag(next(f for f in fields(TrainConfig) if f.name == name))

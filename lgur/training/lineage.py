@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.config import DetailTrainConfig
+from .config import train_flag
 
 FROZEN_FOR_FINE = ("image_encoder", "dga", "details", "detail_stage")
 FROZEN_FOR_FOLLOW = ("image_encoder", "dga.foreground", "details", "detail_stage")  # DGA's atoms and attention learn
@@ -148,28 +149,23 @@ def lineage_command(cfg: LineageConfig) -> str:
     return command
 
 
-def _train_settings(stage: Stage, cfg: LineageConfig, out: Path) -> dict[str, Any]:
+def outputs(cfg: LineageConfig, out: Path) -> dict[str, Path]:
+    """Each stage's name -> the checkpoint it writes under `out`."""
+    return {stage.name: stage.output(out) for stage in stages(cfg)}
+
+
+def _train_settings(
+    stage: Stage, cfg: LineageConfig, out: Path, written: dict[str, Path] | None = None
+) -> dict[str, Any]:
     """The stage's TrainConfig fields: the lineage's train_settings under the stage's own, paths filled in."""
     overrides = {**cfg.train_settings.get("model_overrides", {}), **stage.settings.get("model_overrides", {})}
     values = {**cfg.train_settings, **stage.settings, "model_overrides": overrides}
+    written = written if written is not None else outputs(cfg, out)
     if stage.reads:
-        values["init_from"] = str(stages_by_name(cfg)[stage.reads].output(out))
+        values["init_from"] = str(written[stage.reads])
     if stage.teacher:
-        values["person_from"] = str(stages_by_name(cfg)[stage.teacher].output(out))
+        values["person_from"] = str(written[stage.teacher])
     return values
-
-
-def stages_by_name(cfg: LineageConfig) -> dict[str, Stage]:
-    return {stage.name: stage for stage in stages(cfg)}
-
-
-def _flag(name: str) -> str:
-    from dataclasses import fields
-
-    from .config import TrainConfig
-
-    meta = {f.name: f.metadata for f in fields(TrainConfig)}[name]
-    return meta.get("flag", "--" + name.replace("_", "-"))
 
 
 def _listed(value: Any) -> Any:
@@ -186,11 +182,12 @@ def stage_command(stage: Stage, cfg: LineageConfig) -> str:
     """The command that runs `stage` alone, as `lineage` runs it."""
     out = Path(cfg.out)
     cache = cfg.cache or str(out / "cache")
+    written = outputs(cfg, out)
     if stage.step == "int8":
-        source = stages_by_name(cfg)[stage.reads].output(out)
+        source = written[stage.reads]
         return f"python -m lgur export --checkpoint {source} --out {stage.output(out)} --dtype int8 --cache {cache}"
     if stage.step == "details":
-        source = stages_by_name(cfg)[stage.reads].output(out)
+        source = written[stage.reads]
         details: DetailTrainConfig = stage.settings["details"]
         words = [f"python -m lgur train-details --checkpoint {source} --data {cfg.data} --out {stage.output(out)}",
                  f"--cache {cache}"]  # fmt: skip
@@ -202,7 +199,7 @@ def stage_command(stage: Stage, cfg: LineageConfig) -> str:
         words += [] if details.foreground else ["--no-foreground"]
         return " ".join(words)
     words = [f"python -m lgur train --preset {cfg.preset} --data {cfg.data} --out {out / stage.name} --cache {cache}"]
-    for name, value in _train_settings(stage, cfg, out).items():
+    for name, value in _train_settings(stage, cfg, out, written).items():
         if name == "model_overrides":
             items = []
             for key, setting in value.items():  # read as JSON (model_config): true, [0.1, 0.2]
@@ -212,9 +209,9 @@ def stage_command(stage: Stage, cfg: LineageConfig) -> str:
         elif name == "final_test" or value is None:
             continue  # python only: the lineage measures its export once
         elif value is True:
-            words.append(_flag(name))
+            words.append(train_flag(name))
         elif value is not False:
-            words.append(f"{_flag(name)} {_value(value)}")
+            words.append(f"{train_flag(name)} {_value(value)}")
     return " ".join(words)
 
 
@@ -243,21 +240,21 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
         report(f"{final} exists: every stage has finished")
         return final
     chain = stages(cfg)
+    written = outputs(cfg, out)
     for stage in chain:
         path = stage.output(out)
         if stage.step == "train":
             report(f"stage {stage.name}: training (resumes where it stopped)")
-            settings = _train_settings(stage, cfg, out)
+            settings = _train_settings(stage, cfg, out, written)
             train(recipe(cfg.preset, data=cfg.data, out=str(out / stage.name), cache_dir=cache, **settings),
                   progress=progress)  # fmt: skip
         elif path.is_file():
             report(f"stage {stage.name}: done ({path})")
         elif stage.step == "details":
             report(f"stage {stage.name}: detail detector")
-            source = stages_by_name(cfg)[stage.reads].output(out)
-            train_details(source, cfg.data, path, stage.settings["details"], cache, report)
+            train_details(written[stage.reads], cfg.data, path, stage.settings["details"], cache, report)
         else:
-            export_checkpoint(stages_by_name(cfg)[stage.reads].output(out), path, "int8", cache=cache, report=report)
+            export_checkpoint(written[stage.reads], path, "int8", cache=cache, report=report)
     report("export: int8, measured on the test splits")
     provenance = {
         "command": lineage_command(cfg),
