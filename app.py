@@ -55,26 +55,33 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         demo.unload(leave)
         with gr.Tab("Search"):
             with gr.Row():
-                query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3,
-                                   elem_id="query")  # fmt: skip
+                query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3, elem_id="query")
                 k = gr.Slider(1, MAX_RESULTS, value=10, step=1, label="results", scale=1)
                 go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
             gr.Examples(EXAMPLES, inputs=query)
             status = gr.Markdown(elem_id="status")
-            results = gr.Gallery(label="Results", columns=10, height=200, object_fit="contain", allow_preview=False,
-                                 elem_id="results")  # fmt: skip
+            results = gr.Gallery(
+                label="Results", columns=10, height=200, object_fit="contain", allow_preview=False, elem_id="results"
+            )
             gr.Markdown("## Why this result")
             with gr.Row():
                 layer = gr.Dropdown(explorer.layers, value="last", label="PGU layer")
                 head = gr.Dropdown(explorer.heads, value="mean", label="attention head")
                 prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
             summary = gr.Markdown(elem_id="summary")
-            maps = gr.Gallery(label="Prototype attention (share of the similarity, what it reads here); then where "
-                              "each detail was seen", columns=7, height="auto", object_fit="contain",
-                              elem_id="prototype-maps", format="jpeg")  # fmt: skip
+            maps = gr.Gallery(
+                label="Prototype attention (share of the similarity, what it reads here); then where "
+                "each detail was seen",
+                columns=7,
+                height="auto",
+                object_fit="contain",
+                elem_id="prototype-maps",
+                format="jpeg",
+            )
             gr.HTML(MAP_LEGEND, elem_id="maps-legend")
-            words = gr.HighlightedText(label="Query words, coloured by the selected prototype's attention",
-                                       elem_id="words")  # fmt: skip
+            words = gr.HighlightedText(
+                label="Query words, coloured by the selected prototype's attention", elem_id="words"
+            )
             gr.HTML(WORDS_LEGEND, elem_id="words-legend")
             mattered = gr.HighlightedText(
                 label="Which words mattered for this result: the score without each word (+ helped, - hurt)",
@@ -86,8 +93,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     gr.Markdown("**DGA: the dictionary atoms the query and the image were rebuilt from**")
                     chart = gr.Image(show_label=False, type="pil", elem_id="atom-chart", format="png")
                 with gr.Column(scale=1):
-                    foreground = gr.Image(label=explorer.foreground_label, type="pil", elem_id="foreground",
-                                          format="jpeg")  # fmt: skip
+                    foreground = gr.Image(
+                        label=explorer.foreground_label, type="pil", elem_id="foreground", format="jpeg"
+                    )
                     gr.HTML(FOREGROUND_LEGEND, elem_id="foreground-legend")
             with gr.Row():
                 word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
@@ -95,21 +103,41 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     guidance = gr.Image(label=explorer.guidance_label, type="pil", elem_id="guidance", format="jpeg")
                     gr.HTML(MAP_LEGEND, elem_id="guidance-legend")
             with gr.Row():
-                chart_atom = gr.Dropdown([], label="What is an atom of the chart? Pick one (shared ones first)",
-                                         elem_id="chart-atom", scale=1)  # fmt: skip
+                chart_atom = gr.Dropdown(
+                    [],
+                    label="What is an atom of the chart? Pick one (shared ones first)",
+                    elem_id="chart-atom",
+                    scale=1,
+                )
                 chart_atom_words = gr.Markdown(elem_id="chart-atom-words")
-            chart_atom_patches = gr.Gallery(label="Gallery images whose patches use this atom most", columns=8,
-                                            height=300, object_fit="contain", format="jpeg",
-                                            elem_id="chart-atom-patches")  # fmt: skip
+            chart_atom_patches = gr.Gallery(
+                label="Gallery images whose patches use this atom most",
+                columns=8,
+                height=300,
+                object_fit="contain",
+                format="jpeg",
+                elem_id="chart-atom-patches",
+            )
             gr.Markdown("## Why not this one?")
             with gr.Row():
-                expected = gr.Dropdown(explorer.engine.files(), value=None, filterable=True, scale=3,
-                                       label="The image you expected (type to filter the gallery's names)",
-                                       elem_id="why-not-file")  # fmt: skip
+                expected = gr.Dropdown(
+                    explorer.engine.files(),
+                    value=None,
+                    filterable=True,
+                    scale=3,
+                    label="The image you expected (type to filter the gallery's names)",
+                    elem_id="why-not-file",
+                )
                 why = gr.Button("Why not this one?", scale=1, elem_id="why-not-button")
             why_summary = gr.Markdown(elem_id="why-not")
-            why_maps = gr.Gallery(label="Prototype maps: this image and the top result, side by side", columns=6,
-                                  height=300, object_fit="contain", format="jpeg", elem_id="why-not-maps")  # fmt: skip
+            why_maps = gr.Gallery(
+                label="Prototype maps: this image and the top result, side by side",
+                columns=6,
+                height=300,
+                object_fit="contain",
+                format="jpeg",
+                elem_id="why-not-maps",
+            )
             why.click(
                 explorer.why_not,
                 [response_state, expected],
@@ -145,9 +173,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             def on_select(response, la, he, pr, evt: gr.SelectData):
                 return (evt.index, *panels(explorer.explain(response, evt.index, la, he, pr)))
 
-            results.select(on_select, [response_state, layer, head, prototype], [selected_state, *explain_outputs],
-                           api_visibility="private").then(on_details, details_inputs, details_outputs,
-                                                          api_visibility="private")  # fmt: skip
+            results.select(
+                on_select,
+                [response_state, layer, head, prototype],
+                [selected_state, *explain_outputs],
+                api_visibility="private",
+            ).then(on_details, details_inputs, details_outputs, api_visibility="private")
 
             for control in (layer, head, prototype):
                 control.change(on_control, explain_inputs, explain_outputs, api_visibility="private").then(
@@ -156,34 +187,61 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             # .input, not .change: explain() and details() set these dropdowns and draw their panels.
             word.input(explorer.guidance, [response_state, selected_state, word], guidance, api_visibility="private")
 
-            chart_atom.input(explorer.chart_atom_atlas, chart_atom, [chart_atom_patches, chart_atom_words],
-                              api_visibility="private")  # fmt: skip
+            chart_atom.input(
+                explorer.chart_atom_atlas, chart_atom, [chart_atom_patches, chart_atom_words], api_visibility="private"
+            )
 
         with gr.Tab("Search by photo"):
             photo_state = gr.State(None, time_to_live=SESSION_SECONDS)
             with gr.Row():
-                photo_file = gr.Dropdown(explorer.engine.files(), value=None, filterable=True, label="A gallery image",
-                                         elem_id="photo-file")  # fmt: skip
-                photo_upload = gr.Image(type="filepath", label="or a photo of your own (not kept)", height=160,
-                                        sources=["upload"], elem_id="photo-upload")  # fmt: skip
+                photo_file = gr.Dropdown(
+                    explorer.engine.files(), value=None, filterable=True, label="A gallery image", elem_id="photo-file"
+                )
+                photo_upload = gr.Image(
+                    type="filepath",
+                    label="or a photo of your own (not kept)",
+                    height=160,
+                    sources=["upload"],
+                    elem_id="photo-upload",
+                )
                 photo_go = gr.Button("Find people who look alike", variant="primary", elem_id="photo-button")
             photo_status = gr.Markdown(elem_id="photo-status")
-            photo_results = gr.Gallery(label="Results", columns=10, height=200, object_fit="contain",
-                                       allow_preview=False, elem_id="photo-results")  # fmt: skip
+            photo_results = gr.Gallery(
+                label="Results",
+                columns=10,
+                height=200,
+                object_fit="contain",
+                allow_preview=False,
+                elem_id="photo-results",
+            )
             with gr.Row():
-                photo_maps = gr.Gallery(label="The photo's prototype maps", columns=6, height=280,
-                                        object_fit="contain", format="jpeg", elem_id="photo-maps")  # fmt: skip
-                result_maps = gr.Gallery(label="The selected result's, with each part's share of the score",
-                                         columns=7, height=280, object_fit="contain", format="jpeg",
-                                         elem_id="photo-result-maps")  # fmt: skip
+                photo_maps = gr.Gallery(
+                    label="The photo's prototype maps",
+                    columns=6,
+                    height=280,
+                    object_fit="contain",
+                    format="jpeg",
+                    elem_id="photo-maps",
+                )
+                result_maps = gr.Gallery(
+                    label="The selected result's, with each part's share of the score",
+                    columns=7,
+                    height=280,
+                    object_fit="contain",
+                    format="jpeg",
+                    elem_id="photo-result-maps",
+                )
 
             def on_photo(file, upload):
                 items, text, response, maps = explorer.photos.search(file, upload)
                 return items, text, response, maps, explorer.photos.result_maps(response, 0)
 
-            photo_go.click(on_photo, [photo_file, photo_upload],
-                           [photo_results, photo_status, photo_state, photo_maps, result_maps],
-                           api_visibility="private")  # fmt: skip
+            photo_go.click(
+                on_photo,
+                [photo_file, photo_upload],
+                [photo_results, photo_status, photo_state, photo_maps, result_maps],
+                api_visibility="private",
+            )
 
             def on_photo_select(response, evt: gr.SelectData):
                 return explorer.photos.result_maps(response, evt.index)
@@ -198,8 +256,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             with gr.Row():
                 page = gr.Number(value=1, precision=0, minimum=1, label="page", scale=1, elem_id="page")
                 page_info = gr.Markdown(where, elem_id="page-info")
-            browse = gr.Gallery(value=first_page, columns=10, height=520, object_fit="contain", label="Gallery",
-                                elem_id="browse")  # fmt: skip
+            browse = gr.Gallery(
+                value=first_page, columns=10, height=520, object_fit="contain", label="Gallery", elem_id="browse"
+            )
 
             def on_upload(files, request: gr.Request, progress=gr.Progress()):  # noqa: B008
                 progress(0, desc="indexing")
@@ -207,8 +266,13 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 items, text = explorer.gallery.browse(1, request.session_hash)
                 return report, items, text, 1
 
-            uploads.upload(on_upload, uploads, [upload_report, browse, page_info, page], api_name="upload_files",
-                           api_visibility="private")  # fmt: skip
+            uploads.upload(
+                on_upload,
+                uploads,
+                [upload_report, browse, page_info, page],
+                api_name="upload_files",
+                api_visibility="private",
+            )
 
             def on_page(number, request: gr.Request):
                 return explorer.gallery.browse(number, request.session_hash)
@@ -221,11 +285,18 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 gr.Markdown(table)
             if (ROOT / "assets" / "cmc.png").is_file():
                 gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
-            gr.Markdown("### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "
-                        "use it most.")  # fmt: skip
+            gr.Markdown(
+                "### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "
+                "use it most."
+            )
             with gr.Row():
-                atom = gr.Number(value=0, precision=0, label="atom", minimum=0,
-                                 maximum=max(explorer.engine.model.config.num_atoms - 1, 0))  # fmt: skip
+                atom = gr.Number(
+                    value=0,
+                    precision=0,
+                    label="atom",
+                    minimum=0,
+                    maximum=max(explorer.engine.model.config.num_atoms - 1, 0),
+                )
                 show = gr.Button("Show atom")
             atlas = gr.Gallery(columns=8, height=320, object_fit="contain", label="patches", format="jpeg")
             atlas_words = gr.Markdown()
@@ -270,8 +341,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", default=os.environ.get("LGUR_GALLERY", str(DEFAULT_GALLERY)))
     for name in ("repo", "file", "revision"):  # the checkpoint from a Hub repository, at a pinned commit
         parser.add_argument(f"--hub-{name}", default=os.environ.get(f"LGUR_HUB_{name.upper()}"))
-    parser.add_argument("--shared-uploads", action="store_true", default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
-                        help="uploads join the gallery for every visitor (local use; default: private)")  # fmt: skip
+    parser.add_argument(
+        "--shared-uploads",
+        action="store_true",
+        default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
+        help="uploads join the gallery for every visitor (local use; default: private)",
+    )
     args = parser.parse_args(argv)
     host, port = server_address(args.host, args.port, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -279,9 +354,14 @@ def main(argv: list[str] | None = None) -> None:
     fairness = visitor_limits(dict(os.environ))  # (requests per visitor, trusted proxies in front)
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
-        explorer = create(checkpoint, Path(args.gallery), shared_uploads=args.shared_uploads,
-                          sessions=SESSIONS / "uploads", limits=UploadLimits.from_environ(dict(os.environ)),
-                          cache=Path(gr.utils.get_upload_folder()))  # fmt: skip
+        explorer = create(
+            checkpoint,
+            Path(args.gallery),
+            shared_uploads=args.shared_uploads,
+            sessions=SESSIONS / "uploads",
+            limits=UploadLimits.from_environ(dict(os.environ)),
+            cache=Path(gr.utils.get_upload_folder()),
+        )
     except (CheckpointError, OSError, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from error
     demo = build_app(explorer)

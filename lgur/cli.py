@@ -130,8 +130,9 @@ def config_options(parser: argparse.ArgumentParser, config: type) -> list[str]:
             parse = _comma_list(item, one=kind.startswith("float | tuple"))
             parser.add_argument(name, type=parse, metavar="A,B,...", **common)
         else:
-            parser.add_argument(name, type={"int": int, "float": float, "str": str}[kind],
-                                choices=meta.get("choices"), **common)  # fmt: skip
+            parser.add_argument(
+                name, type={"int": int, "float": float, "str": str}[kind], choices=meta.get("choices"), **common
+            )
         added.append(f.name)
     return added
 
@@ -162,8 +163,15 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from .training.lineage import lineage
 
     chosen = {"teacher_stop_after": args.teacher_stop_after} if args.teacher_stop_after is not None else {}
-    cfg = LineageConfig(data=args.data, out=args.out, teacher=args.teacher, gallery=args.gallery, cache=args.cache,
-                        framed=args.framed, **chosen)  # fmt: skip
+    cfg = LineageConfig(
+        data=args.data,
+        out=args.out,
+        teacher=args.teacher,
+        gallery=args.gallery,
+        cache=args.cache,
+        framed=args.framed,
+        **chosen,
+    )
     if args.print:
         from .training.lineage import stage_commands
 
@@ -196,8 +204,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics, cmc = split_metrics(model, records, args.split, args.data, args.cache, reader, args.details)
     if args.cmc:
         plot_cmc({args.split: cmc}, args.cmc)
-    print(json.dumps(evaluation_report(args.checkpoint, args.split, metrics), indent=2) if args.json
-          else format_metrics(metrics))  # fmt: skip
+    print(
+        json.dumps(evaluation_report(args.checkpoint, args.split, metrics), indent=2)
+        if args.json
+        else format_metrics(metrics)
+    )
     return 0
 
 
@@ -205,9 +216,14 @@ def cmd_train_details(args: argparse.Namespace) -> int:
     from .training.details import train_details
 
     cfg = DetailTrainConfig(
-        epochs=args.epochs, sharpness=args.sharpness, seed=args.seed, stage=args.stage, stage_epochs=args.stage_epochs,
-        stage_blocks=args.stage_blocks, foreground=args.foreground,
-    )  # fmt: skip
+        epochs=args.epochs,
+        sharpness=args.sharpness,
+        seed=args.seed,
+        stage=args.stage,
+        stage_epochs=args.stage_epochs,
+        stage_blocks=args.stage_blocks,
+        foreground=args.foreground,
+    )
     report = print if not args.quiet else _silent
     try:
         print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, report, args.text_encoder))
@@ -220,8 +236,9 @@ def cmd_fit_foreground(args: argparse.Namespace) -> int:
 
     report = print if not args.quiet else _silent
     try:
-        path = fit_foreground_checkpoint(args.checkpoint, args.data, args.out, args.images, args.seed, report,
-                                         args.text_encoder)  # fmt: skip
+        path = fit_foreground_checkpoint(
+            args.checkpoint, args.data, args.out, args.images, args.seed, report, args.text_encoder
+        )
     except (ValueError, OSError) as error:
         raise SystemExit(f"fit-foreground: {error}") from None
     print(path)
@@ -236,8 +253,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write an inference checkpoint; with --data, evaluate *it* and record those metrics in its card."""
     from .training.export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, args.dtype, args.data, args.gallery, args.cache, args.command,
-                             framed=args.framed)  # fmt: skip
+    path = export_checkpoint(
+        args.checkpoint, args.out, args.dtype, args.data, args.gallery, args.cache, args.command, framed=args.framed
+    )
     print(path)
     return 0
 
@@ -324,9 +342,16 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     from .training.ablation import run_experiments
 
     result = run_experiments(
-        args.data, args.out, args.gallery, args.epochs, args.cache, args.seed, args.only, progress=not args.quiet,
+        args.data,
+        args.out,
+        args.gallery,
+        args.epochs,
+        args.cache,
+        args.seed,
+        args.only,
+        progress=not args.quiet,
         table=args.table,
-    )  # fmt: skip
+    )
     print(result["table"])
     return 0
 
@@ -334,8 +359,16 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 def cmd_query_bench(args: argparse.Namespace) -> int:
     from .eval.querybench import format_query_bench, run_query_bench
 
-    result = run_query_bench(args.checkpoint, args.gallery, args.set, args.count, args.seed, args.probe,
-                             not args.no_details, not args.as_typed)  # fmt: skip
+    result = run_query_bench(
+        args.checkpoint,
+        args.gallery,
+        args.set,
+        args.count,
+        args.seed,
+        args.probe,
+        not args.no_details,
+        not args.as_typed,
+    )
     print(json.dumps(result, indent=2) if args.json else format_query_bench(result))
     _write_json(result, args.out)
     return 0
@@ -385,8 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[SHIPPED, GALLERY, JSON, OUT], help="measure speed and size (prints figures, optionally JSON)"
     )
-    bench.add_argument("what", choices=["model", "search", "app", "hostile"],
-                       help="what to benchmark (hostile: search under a flood and costly uploads)")  # fmt: skip
+    bench.add_argument(
+        "what",
+        choices=["model", "search", "app", "hostile"],
+        help="what to benchmark (hostile: search under a flood and costly uploads)",
+    )
     bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
     bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS))
     bench.add_argument("--batch", type=int, default=8)
@@ -406,20 +442,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train, config_fields=fields)
 
     chain = sub.add_parser(
-        "lineage", parents=[QUIET],
+        "lineage",
+        parents=[QUIET],
         help="train the shipped model: every stage in order, each resumed or skipped when rerun (README)",
-    )  # fmt: skip
+    )
     chain.add_argument("--data", required=True, help="the synthetic world (python -m lgur synth)")
     chain.add_argument("--out", required=True, help="a folder for the stages; the model is OUT/lgur_cpu.safetensors")
-    chain.add_argument("--no-teacher", dest="teacher", action="store_false",
-                       help="leave out the teacher and the run it teaches")  # fmt: skip
-    chain.add_argument("--teacher-stop-after", type=int, metavar="EPOCH",
-                       help="end the retriever (the teacher's input) after this epoch "
-                       f"(default {LineageConfig.teacher_stop_after})")  # fmt: skip
+    chain.add_argument(
+        "--no-teacher", dest="teacher", action="store_false", help="leave out the teacher and the run it teaches"
+    )
+    chain.add_argument(
+        "--teacher-stop-after",
+        type=int,
+        metavar="EPOCH",
+        help=f"end the retriever (the teacher's input) after this epoch (default {LineageConfig.teacher_stop_after})",
+    )
     chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
     chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
-    chain.add_argument("--framed", help="also measure the exported model on this detector-framed world of the "
-                       "same seed (synth --framing detector): retrieval, explanations beside templates")  # fmt: skip
+    chain.add_argument(
+        "--framed",
+        help="also measure the exported model on this detector-framed world of the "
+        "same seed (synth --framing detector): retrieval, explanations beside templates",
+    )
     chain.add_argument("--print", action="store_true", help="print each stage's command, in order, and run nothing")
     chain.set_defaults(func=cmd_lineage)
 
@@ -432,59 +476,83 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
     evaluate.add_argument(
-        "--colour-grounding", action="store_true",
+        "--colour-grounding",
+        action="store_true",
         help="read caption colour words the model never saw as the nearest training colour (lgur.search.colours)",
-    )  # fmt: skip
+    )
     evaluate.add_argument(
-        "--read-as-app", action="store_true",
+        "--read-as-app",
+        action="store_true",
         help="read captions as the app reads queries: colour grounding and word forms (lgur.search.reading)",
-    )  # fmt: skip
+    )
     evaluate.add_argument(
-        "--details", action="store_true",
+        "--details",
+        action="store_true",
         help="add the detail detector's score to the cosine (as the app ranks; lgur.model.details)",
-    )  # fmt: skip
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     details = sub.add_parser(
-        "train-details", parents=[GIVEN, TEXT_ENCODER, CACHE, QUIET],
+        "train-details",
+        parents=[GIVEN, TEXT_ENCODER, CACHE, QUIET],
         help="train a detail detector on a checkpoint's frozen image encoder; write the checkpoint with it",
-    )  # fmt: skip
+    )
     details.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
     details.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
     details.add_argument("--epochs", type=int, default=DetailTrainConfig.epochs)
-    details.add_argument("--sharpness", type=float, default=DetailTrainConfig.sharpness,
-                         help="patch pooling: 1 a soft mean, larger nearer the best patch")  # fmt: skip
+    details.add_argument(
+        "--sharpness",
+        type=float,
+        default=DetailTrainConfig.sharpness,
+        help="patch pooling: 1 a soft mean, larger nearer the best patch",
+    )
     details.add_argument("--seed", type=int, default=DetailTrainConfig.seed)
     details.add_argument(
         "--stage",
         action="store_true",
         help="the detector keeps its own copy of the trunk's last stage, fine-tuned (EfficientNet trunks)",
     )
-    details.add_argument("--stage-epochs", type=int, default=DetailTrainConfig.stage_epochs,
-                         help="epochs of fine-tuning that stage, after --epochs on the frozen tokens")  # fmt: skip
-    details.add_argument("--stage-blocks", type=int, default=DetailTrainConfig.stage_blocks,
-                         help="how many of the trunk's last block groups that copy holds (with --stage)")  # fmt: skip
-    details.add_argument("--no-foreground", dest="foreground", action="store_false",
-                         help="leave DGA's foreground weight m as training left it (default: fit it)")  # fmt: skip
+    details.add_argument(
+        "--stage-epochs",
+        type=int,
+        default=DetailTrainConfig.stage_epochs,
+        help="epochs of fine-tuning that stage, after --epochs on the frozen tokens",
+    )
+    details.add_argument(
+        "--stage-blocks",
+        type=int,
+        default=DetailTrainConfig.stage_blocks,
+        help="how many of the trunk's last block groups that copy holds (with --stage)",
+    )
+    details.add_argument(
+        "--no-foreground",
+        dest="foreground",
+        action="store_false",
+        help="leave DGA's foreground weight m as training left it (default: fit it)",
+    )
     details.set_defaults(func=cmd_train_details)
 
     foreground = sub.add_parser(
-        "fit-foreground", parents=[GIVEN, TEXT_ENCODER, QUIET],
+        "fit-foreground",
+        parents=[GIVEN, TEXT_ENCODER, QUIET],
         help="fit DGA's foreground weight m to the detail detector's person map; write the checkpoint with it",
-    )  # fmt: skip
+    )
     foreground.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
     foreground.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
-    foreground.add_argument("--images", type=int, default=DetailTrainConfig.foreground_images,
-                            help="training images to fit on")  # fmt: skip
+    foreground.add_argument(
+        "--images", type=int, default=DetailTrainConfig.foreground_images, help="training images to fit on"
+    )
     foreground.add_argument("--seed", type=int, default=0)
     foreground.set_defaults(func=cmd_fit_foreground)
 
     export = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")
     export.add_argument("--out", required=True)
     export.add_argument(
-        "--dtype", choices=["float32", "float16", "int8"], default="float32",
+        "--dtype",
+        choices=["float32", "float16", "int8"],
+        default="float32",
         help="storage precision: int8 = per-row codes for matrices, float16 vectors (about 2x smaller than float16)",
-    )  # fmt: skip
+    )
     export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
     export.add_argument("--gallery", help="run query-bench on this gallery (into its card)")
     export.add_argument("--command", help="the training command, recorded in the card")
@@ -529,9 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.add_argument("--cache", help="shared folder for cached text features")
     experiments.add_argument("--only", nargs="+", metavar="NAME", help="train only these rows (finished ones show)")
     experiments.add_argument(
-        "--table", choices=["recipe", "trunk"], default="recipe",
+        "--table",
+        choices=["recipe", "trunk"],
+        default="recipe",
         help="recipe: options beyond the paper against the cpu recipe; trunk: the pretrained trunk's settings",
-    )  # fmt: skip
+    )
     experiments.set_defaults(func=cmd_experiments)
 
     quality = sub.add_parser(
@@ -539,8 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality.add_argument("--data", required=True, help="a world folder written by `synth`")
     quality.add_argument("--split", default="test")
-    quality.add_argument("--framed", help="a detector-framed world of the same seed (synth --framing detector): "
-                         "the measures beside templates that ignore the image (lgur.eval.faithfulness)")  # fmt: skip
+    quality.add_argument(
+        "--framed",
+        help="a detector-framed world of the same seed (synth --framing detector): "
+        "the measures beside templates that ignore the image (lgur.eval.faithfulness)",
+    )
     quality.add_argument("--limit", type=int, help="only the first N images")
     quality.add_argument(
         "--details",
@@ -558,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--count", type=int, default=200)
     qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
     qb.add_argument("--no-details", action="store_true", help="rank by the embeddings' cosine alone (no detail score)")
-    qb.add_argument("--as-typed", action="store_true",
-                    help="the model reads the queries as typed (default: as the app reads them)")  # fmt: skip
+    qb.add_argument(
+        "--as-typed", action="store_true", help="the model reads the queries as typed (default: as the app reads them)"
+    )
     qb.set_defaults(func=cmd_query_bench)
 
     synth = sub.add_parser(
@@ -572,8 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--min-images", type=int, default=2, help="images per identity, at least")
     synth.add_argument("--max-images", type=int, default=3, help="images per identity, at most")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    synth.add_argument("--framing", choices=("world", "detector"), default="world",
-                       help="detector: the same images framed as a person detector frames its crops")  # fmt: skip
+    synth.add_argument(
+        "--framing",
+        choices=("world", "detector"),
+        default="world",
+        help="detector: the same images framed as a person detector frames its crops",
+    )
     synth.add_argument("--splits", default=None, help="comma-separated, e.g. val,test (default: all)")
     synth.set_defaults(func=cmd_synth)
 

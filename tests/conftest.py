@@ -94,8 +94,9 @@ def served_app(*args: str, port: int, env: dict | None = None, app: Path | None 
     from gradio_client import Client
 
     app = app or REPO / "app.py"
-    proc = subprocess.Popen([sys.executable, str(app), *args], cwd=app.parent, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(app), *args], cwd=app.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout

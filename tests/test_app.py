@@ -91,8 +91,9 @@ def test_a_model_with_a_detail_detector_ranks_by_it_and_shows_where(tmp_path: Pa
     for result in response.results:
         lift = index.arrays["detail_lift"][result.row].astype(np.float32)
         assert result.detail_score == pytest.approx(0.5 * np.mean(lift[[3, 4, 5, 6]]), abs=1e-4)  # all known
-        assert result.score == pytest.approx(float(index.embeddings[result.row] @ response.query.embedding)
-                                             + result.detail_score, abs=1e-4)  # fmt: skip
+        assert result.score == pytest.approx(
+            float(index.embeddings[result.row] @ response.query.embedding) + result.detail_score, abs=1e-4
+        )
         assert set(result.details) == set(response.query.phrases)
     assert [r.score for r in response.results] == sorted((r.score for r in response.results), reverse=True)
     maps, *_, summary, _ = explorer.explain(response, 0, "last", "mean", "P1")
@@ -232,8 +233,13 @@ def served(explorer: explorer_app.Explorer):
     demo = explorer_app.build_app(explorer)
     port = free_port()
     demo.queue()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **explorer_app.launch_options(explorer))  # fmt: skip
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **explorer_app.launch_options(explorer),
+    )
     explorer_app.add_gallery_route(demo, explorer)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
@@ -298,8 +304,16 @@ def test_only_gallery_images_are_served(served: str, explorer: explorer_app.Expl
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+BROWSER_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def test_real_browser_search_and_explanations(served: str, tmp_path: Path) -> None:
@@ -449,11 +463,16 @@ def test_the_model_card_table_of_the_shipped_card() -> None:
     default = card["query_bench"]["default"]
     assert default["details"]  # ranked as the app ranks, with the detail score, and the table says so
     assert default["read_as_the_app_does"]  # the queries read as the app reads them (lgur.search.reading)
-    assert any(line.startswith("| short queries (default set, with details, read as the app reads them) |")
-               and f"{default['precision@10']:.1f}%" in line for line in table)  # fmt: skip
+    assert any(
+        line.startswith("| short queries (default set, with details, read as the app reads them) |")
+        and f"{default['precision@10']:.1f}%" in line
+        for line in table
+    )
     detector = f"| detail detector | {len(card['config']['detail_terms'])} caption phrases, weight "
-    assert any(line.startswith(detector) and ("own fine-tuned copy" in line) == card["config"]["detail_stage"]
-               for line in table)  # fmt: skip
+    assert any(
+        line.startswith(detector) and ("own fine-tuned copy" in line) == card["config"]["detail_stage"]
+        for line in table
+    )
     assert any(line.startswith("| prototypes |") for line in table)
 
 

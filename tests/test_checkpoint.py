@@ -80,8 +80,10 @@ def test_int8_storage_is_close_and_smaller(tiny_model: LGUR, tmp_path: Path) -> 
     ids, mask = tiny_model.tokenize(CAPTIONS)
     images = random_images(tiny_model, 2)
     with torch.no_grad():
-        for a, b in [(tiny_model.embed_texts(ids, mask), loaded.embed_texts(ids, mask)),
-                     (tiny_model.embed_images(images), loaded.embed_images(images))]:  # fmt: skip
+        for a, b in [
+            (tiny_model.embed_texts(ids, mask), loaded.embed_texts(ids, mask)),
+            (tiny_model.embed_images(images), loaded.embed_images(images)),
+        ]:
             assert (a * b).sum(-1).min() > 0.99
 
 

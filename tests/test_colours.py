@@ -10,8 +10,10 @@ from lgur.search.colours import ColourGrounding, colour_modifiers, srgb_to_lab, 
 from lgur.search.engine import SearchEngine
 from tests.conftest import tiny_engine
 
-VOCABULARY = "a man woman in with and the red blue navy green yellow pink purple orange brown beige grey black white " \
-    "coat jeans backpack shoes sky leather dark light".split()  # fmt: skip
+VOCABULARY = (
+    "a man woman in with and the red blue navy green yellow pink purple orange brown beige grey black white "
+    "coat jeans backpack shoes sky leather dark light".split()
+)
 
 
 def test_the_training_colours_are_the_vocabulary_words_that_end_colour_names() -> None:
@@ -22,9 +24,20 @@ def test_the_training_colours_are_the_vocabulary_words_that_end_colour_names() -
 
 def test_colour_table_words_map_to_their_colour() -> None:
     grounding = ColourGrounding(VOCABULARY)
-    expected = {"crimson": "red", "scarlet": "red", "maroon": "red", "cobalt": "blue", "azure": "blue",
-                "emerald": "green", "mustard": "yellow", "charcoal": "grey", "lavender": "purple",
-                "fuchsia": "pink", "tangerine": "orange", "chocolate": "brown"}  # fmt: skip
+    expected = {
+        "crimson": "red",
+        "scarlet": "red",
+        "maroon": "red",
+        "cobalt": "blue",
+        "azure": "blue",
+        "emerald": "green",
+        "mustard": "yellow",
+        "charcoal": "grey",
+        "lavender": "purple",
+        "fuchsia": "pink",
+        "tangerine": "orange",
+        "chocolate": "brown",
+    }
     assert {w: grounding.colour_of(w) for w in expected} == expected
     assert grounding.colour_of("Crimson") == "red"  # case does not matter
 

@@ -63,8 +63,14 @@ def test_pooling_lies_between_the_mean_and_the_best_patch_and_says_where() -> No
 def test_identity_targets_gather_every_caption_of_the_identity() -> None:
     captions = ["a red jacket", "black backpack", "blue jeans"]
     targets = identity_targets(captions, torch.tensor([7, 7, 8]), torch.tensor([8, 7]), INDEX)
-    assert [TERMS[k] for k in targets[1].nonzero().flatten()] == ["backpack", "black", "black backpack", "red",
-                                                                   "red jacket", "jacket"]  # fmt: skip
+    assert [TERMS[k] for k in targets[1].nonzero().flatten()] == [
+        "backpack",
+        "black",
+        "black backpack",
+        "red",
+        "red jacket",
+        "jacket",
+    ]
     assert [TERMS[k] for k in targets[0].nonzero().flatten()] == ["jeans"]
 
 
@@ -138,8 +144,14 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     train(_config(world, tmp_path / "run", epochs=1), progress=False)
     base = tmp_path / "run" / "best.safetensors"
     lines: list[str] = []
-    out = train_details(base, world, tmp_path / "with_details.safetensors",
-                        DetailTrainConfig(epochs=2, min_captions=2), tmp_path / "cache", lines.append)  # fmt: skip
+    out = train_details(
+        base,
+        world,
+        tmp_path / "with_details.safetensors",
+        DetailTrainConfig(epochs=2, min_captions=2),
+        tmp_path / "cache",
+        lines.append,
+    )
     model, card = load_checkpoint(out)
     assert model.details is not None and model.config.detail_terms and model.config.detail_weight in DETAIL_WEIGHTS
     reference = model.details.reference  # mean log p over the training images: what a lift of 0 means
@@ -168,8 +180,13 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
 
     splits = split_records(read_dataset(world)[0], 0)
     scores = score_test_splits(model, world, splits, tmp_path / "cache", vocabulary=card["vocabulary"])
-    assert set(scores["metrics"]) == {"test", "test-paraphrase", GROUNDED_PARAPHRASE, "test+details",
-                                      f"{READ_PARAPHRASE}+details"}  # fmt: skip
+    assert set(scores["metrics"]) == {
+        "test",
+        "test-paraphrase",
+        GROUNDED_PARAPHRASE,
+        "test+details",
+        f"{READ_PARAPHRASE}+details",
+    }
     # Its maps are scored by the pointing game, as the guidance maps are.
     from lgur.eval.quality import explanation_quality
 
@@ -187,8 +204,9 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     assert torch.allclose(person.amax(-1), torch.ones(2))
     saturated = model.person_map(images, saturation=0.5)  # 1 wherever the teacher is half as sure as at its peak
     assert torch.allclose(saturated, (2 * person).clamp(max=1.0))
-    taught = _config(world, tmp_path / "taught", epochs=1, prototype_person=1.0, person_from=str(out),
-                     prototype_diversity=1.0)  # fmt: skip
+    taught = _config(
+        world, tmp_path / "taught", epochs=1, prototype_person=1.0, person_from=str(out), prototype_diversity=1.0
+    )
     train(taught, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "taught" / "log.jsonl").read_text().splitlines()]
     assert any(row.get("loss/person/image", 0) > 0 for row in rows)
@@ -198,8 +216,20 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     # m fitted again on its own (fit-foreground: for a checkpoint whose detector is already trained)
     from lgur.cli import main
 
-    main(["fit-foreground", "--checkpoint", str(out), "--data", str(world), "--out", str(tmp_path / "fg.safetensors"),
-          "--images", "8", "--quiet"])  # fmt: skip
+    main(
+        [
+            "fit-foreground",
+            "--checkpoint",
+            str(out),
+            "--data",
+            str(world),
+            "--out",
+            str(tmp_path / "fg.safetensors"),
+            "--images",
+            "8",
+            "--quiet",
+        ]
+    )
     refitted, refitted_card = load_checkpoint(tmp_path / "fg.safetensors")
     assert refitted.learns_foreground and refitted_card["details"]["phrases"] == card["details"]["phrases"]
     assert refitted_card["details"]["foreground"]["images"] == 8
@@ -211,8 +241,17 @@ def test_the_second_stage_commands_refuse_a_pickled_checkpoint_with_a_message(tm
 
     (tmp_path / "model.pt").write_bytes(b"not a safetensors file")
     with pytest.raises(SystemExit, match=rf"{command}: model.pt: only .safetensors checkpoints"):
-        main([command, "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path),
-              "--out", str(tmp_path / "out.safetensors")])  # fmt: skip
+        main(
+            [
+                command,
+                "--checkpoint",
+                str(tmp_path / "model.pt"),
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "out.safetensors"),
+            ]
+        )
     assert not (tmp_path / "out.safetensors").exists()
 
 

@@ -108,11 +108,13 @@ def test_the_documented_api_is_what_the_app_answers(tmp_path: Path) -> None:
     explorer = tiny_explorer(tmp_path, images=6, card=card, detail_terms=phrases, detail_weight=0.5)
     files = explorer.engine.files()
     answers = {
-        "/search": [explorer.api_search("a man in a Redjacket and crimson boot", 3),
-                    explorer.api_search("a man with a zorblax", 3)],
+        "/search": [
+            explorer.api_search("a man in a Redjacket and crimson boot", 3),
+            explorer.api_search("a man with a zorblax", 3),
+        ],
         "/why_not": [explorer.api_why_not("a man in a red coat", files[-1])],
         "/search_by_photo": [explorer.photos.api_search(files[0], 3)],
-    }  # fmt: skip
+    }
     for name, bodies in answers.items():
         for body in bodies:
             assert "error" not in body, (name, body)

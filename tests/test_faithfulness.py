@@ -71,8 +71,13 @@ def test_world_camera_is_unchanged_by_the_framing_field() -> None:
 
 @pytest.mark.parametrize("kind", COUNTERFACTUAL_KINDS)
 def test_counterfactual_changes_one_attribute_and_only_its_pixels(kind: str) -> None:
-    parts = {"bag_colour": {BAG}, "bag_type": {BAG}, "top_colour": {UPPER}, "glasses": {HAIR, SKIN, 7},
-             "headwear": {HAIR, SKIN, 7}}[kind]  # fmt: skip
+    parts = {
+        "bag_colour": {BAG},
+        "bag_type": {BAG},
+        "top_colour": {UPPER},
+        "glasses": {HAIR, SKIN, 7},
+        "headwear": {HAIR, SKIN, 7},
+    }[kind]
     for seed in range(30):
         attributes, camera = _person(seed, "front")
         changed = counterfactual(attributes, kind, np.random.default_rng(seed))

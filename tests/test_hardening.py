@@ -355,8 +355,12 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
         shutil.copy(src, incoming / src.name)
     before = {p.relative_to(gallery).as_posix() for p in gallery.rglob("*.jpg")}
 
-    proc = subprocess.Popen([sys.executable, "-c", UPLOAD_SCRIPT, str(checkpoint), str(gallery), str(incoming)],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UPLOAD_SCRIPT, str(checkpoint), str(gallery), str(incoming)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     embedded = 0
     for line in proc.stdout:
         embedded += line.startswith("EMBEDDING")
@@ -387,8 +391,9 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 def _served(checkpoint: Path, gallery: Path, *extra: str, env: dict | None = None):
     """`python app.py` on a free loopback port; yields (url, pid) once it answers."""
     port = free_port()
-    with served_app("--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery), *extra,
-                    port=port, env=env) as (url, proc):  # fmt: skip
+    with served_app(
+        "--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery), *extra, port=port, env=env
+    ) as (url, proc):
         yield url, proc.pid
 
 
@@ -434,8 +439,9 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
     with _served(checkpoint, gallery, env={**os.environ, "LGUR_PROXY_HOPS": "1"}) as (url, pid):
         colours = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
         garments = ["coat", "t-shirt", "jacket", "hoodie"]
-        queries = [[f"{colours[(c + i) % 8]} {garments[(c * 3 + i) % 4]} person {c}-{i}" for i in range(25)]
-                   for c in range(16)]  # fmt: skip
+        queries = [
+            [f"{colours[(c + i) % 8]} {garments[(c * 3 + i) % 4]} person {c}-{i}" for i in range(25)] for c in range(16)
+        ]
 
         def session(mine: list[str]) -> list[tuple[str, dict, float]]:
             address = "198.51.100." + re.search(r"person (\d+)-", mine[0]).group(1)  # one per visitor
@@ -461,10 +467,14 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
         assert [r["file"] for r in result["results"]] == expected
     latencies = sorted(t for *_, t in answers)
     report = {
-        "clients": 16, "queries": len(answers), "errors": len(errors),
-        "p50_ms": 1000 * latencies[len(latencies) // 2], "p95_ms": 1000 * latencies[int(0.95 * len(latencies))],
-        "rss_after_warmup_mib": rss_warm, "rss_after_run_mib": rss_after,
-    }  # fmt: skip
+        "clients": 16,
+        "queries": len(answers),
+        "errors": len(errors),
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p95_ms": 1000 * latencies[int(0.95 * len(latencies))],
+        "rss_after_warmup_mib": rss_warm,
+        "rss_after_run_mib": rss_after,
+    }
     (tmp_path / "concurrency.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))  # pytest -s shows the figures
     assert rss_after <= 1.10 * rss_warm, report

@@ -174,9 +174,23 @@ def test_shards_merge_to_the_single_index(tiny_checkpoint: Path, gallery: Path, 
 
 @pytest.mark.slow
 def test_torchrun_index_two_shards(tiny_checkpoint: Path, gallery: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "lgur", "index", str(gallery), "--checkpoint", str(tiny_checkpoint), "--index-dir",
-           str(tmp_path / "idx")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "lgur",
+        "index",
+        str(gallery),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--index-dir",
+        str(tmp_path / "idx"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     merged = load_index(gallery.resolve(), tmp_path / "idx", checkpoint_fingerprint(read_card(tiny_checkpoint)))

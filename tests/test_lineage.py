@@ -28,12 +28,18 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
     generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
     detector = DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1, foreground_images=64)
     cfg = LineageConfig(
-        data=str(world), out=str(tmp_path / "chain"), stop_after=2, teacher_stop_after=1, fine_epochs=1,
+        data=str(world),
+        out=str(tmp_path / "chain"),
+        stop_after=2,
+        teacher_stop_after=1,
+        fine_epochs=1,
         fine_warmup_steps=0,
-        details=detector, teacher_details=DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1,
-                                                            stage_blocks=1, foreground=False),
+        details=detector,
+        teacher_details=DetailTrainConfig(
+            epochs=1, min_captions=2, stage=True, stage_epochs=1, stage_blocks=1, foreground=False
+        ),
         train_settings={"epochs": 2, "batch_size": 8, "warmup_steps": 0, "model_overrides": SMALL},
-    )  # fmt: skip
+    )
     lines: list[str] = []
     final = lineage(cfg, progress=False, report=lines.append)
     ran = [line.split(":")[0] for line in lines if line.startswith("stage ")]
@@ -74,8 +80,9 @@ def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> Non
         "command": lineage_command(cfg),
         "stages": [{"name": s.name, "does": s.does, "command": stage_command(s, cfg)} for s in stages(cfg)],
     }
-    assert [s.name for s in stages(cfg)] == [p.name for p in sorted(chain.iterdir(), key=lambda p: p.stat().st_ctime_ns)
-                                             if p.is_dir() and p.name != "cache"]  # fmt: skip
+    assert [s.name for s in stages(cfg)] == [
+        p.name for p in sorted(chain.iterdir(), key=lambda p: p.stat().st_ctime_ns) if p.is_dir() and p.name != "cache"
+    ]
     assert "metrics" not in json.loads((chain / "follow" / "result.json").read_text())  # tested once, at the export
     followed = load_file(str(final))
     held = [k for k in after if k.startswith(("image_encoder.", "dga.foreground.", "details.", "detail_stage."))]

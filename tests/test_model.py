@@ -184,16 +184,17 @@ def test_prototype_overlap_and_the_diversity_option() -> None:
     ids, mask = model.tokenize(CAPTIONS)
     images, labels = random_images(model, 3), torch.tensor([0, 1, 2])
     features = model.text_encoder.backbone_features(ids, mask)
-    assert not any(k.startswith("diversity") for k in LGURLoss()(model(images, mask, backbone_features=features),
-                                                                 labels, model.classifier))  # fmt: skip
+    assert not any(
+        k.startswith("diversity")
+        for k in LGURLoss()(model(images, mask, backbone_features=features), labels, model.classifier)
+    )
     with pytest.raises(ValueError, match="need_weights"):
         LGURLoss(diversity=1.0)(model(images, mask, backbone_features=features), labels, model.classifier)
     criterion = LGURLoss(seed=0, diversity=1.0)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     overlaps = []
     for _ in range(15):
-        losses = criterion(model(images, mask, backbone_features=features, need_weights=True), labels,
-                           model.classifier)  # fmt: skip
+        losses = criterion(model(images, mask, backbone_features=features, need_weights=True), labels, model.classifier)
         overlaps.append(losses["diversity/image"].item())
         optimizer.zero_grad()
         losses["total"].backward()

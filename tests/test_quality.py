@@ -88,8 +88,12 @@ def test_explanation_quality_on_a_tiny_world(tiny_model, tiny_world) -> None:
     assert relative["matching_pairs"]["pairs"] == matching["pairs"]
     assert relative["non_matching_pairs"]["pairs"] == other["pairs"]
     rows = dict(summary_rows(result, "P1 head, P2"))  # what the app's Model tab shows
-    assert set(rows) == {"prototypes", "background in each part's own patches (this grid)", "guidance pointing game",
-                         "shared dictionary"}  # fmt: skip
+    assert set(rows) == {
+        "prototypes",
+        "background in each part's own patches (this grid)",
+        "guidance pointing game",
+        "shared dictionary",
+    }
     assert rows["prototypes"].startswith("P1 head, P2; overlap")
     text = format_quality(result)
     assert "prototype overlap" in text and "pointing game" in text and "shared dictionary" in text

@@ -66,8 +66,10 @@ def test_embedding_probe_finds_what_the_embeddings_carry() -> None:
     rng = np.random.default_rng(0)
     n = 300
     identities = list(range(n))
-    people = [{"top_colour": str(rng.choice(["red", "blue", "green"])), "glasses": str(rng.choice(["none", "glasses"]))}
-              for _ in range(n)]  # fmt: skip
+    people = [
+        {"top_colour": str(rng.choice(["red", "blue", "green"])), "glasses": str(rng.choice(["none", "glasses"]))}
+        for _ in range(n)
+    ]
     colour = np.array([["red", "blue", "green"].index(p["top_colour"]) for p in people])
     embeddings = torch.from_numpy(np.eye(3)[colour] * 2 + rng.normal(0, 0.3, (n, 3))).float()
     embeddings = torch.cat([embeddings, torch.randn(n, 13)], dim=1)  # glasses are not in there
@@ -118,8 +120,12 @@ class _WordsModel:
 
 
 def test_binding_probe_sees_word_order_only_in_a_model_that_reads_it() -> None:
-    texts = ["man in a red jacket and blue jeans", "woman with black boots and a white backpack",
-             "guy in a grey hoodie", "lady in green shorts and yellow top"]  # fmt: skip
+    texts = [
+        "man in a red jacket and blue jeans",
+        "woman with black boots and a white backpack",
+        "guy in a grey hoodie",
+        "lady in green shorts and yellow top",
+    ]
     bag = binding_probe(_WordsModel(pairs=False), texts)
     ordered = binding_probe(_WordsModel(pairs=True), texts)
     assert bag["trade"]["queries"] == 3  # the queries with two different colours

@@ -32,15 +32,24 @@ def _write(root: Path, name: str, entries: list) -> None:
 def test_cuhk_pedes_reid_raw(tmp_path: Path) -> None:
     for f in ("CUHK01/0363004.png", "CUHK03/1_1_1.jpg", "test_query/p1_s1.jpg"):
         _image(tmp_path / "imgs" / f)
-    _write(tmp_path, "reid_raw.json", [
-        {"split": "train", "captions": ["A man in a red shirt.", "He wears red."], "file_path": "CUHK01/0363004.png",
-         "processed_tokens": [["a", "man"]], "id": 1},
-        {"split": "val", "captions": ["A woman with a bag."], "file_path": "CUHK03/1_1_1.jpg", "id": 2},
-        {"split": "test", "captions": ["", "  "], "file_path": "test_query/p1_s1.jpg", "id": 3},
-        {"split": "test", "captions": ["Missing file."], "file_path": "nowhere/x.jpg", "id": 4},
-        {"split": "holdout", "captions": ["Odd split."], "file_path": "CUHK01/0363004.png", "id": 5},
-        {"split": "train", "captions": ["Escapes."], "file_path": "../../etc/passwd", "id": 6},
-    ])  # fmt: skip
+    _write(
+        tmp_path,
+        "reid_raw.json",
+        [
+            {
+                "split": "train",
+                "captions": ["A man in a red shirt.", "He wears red."],
+                "file_path": "CUHK01/0363004.png",
+                "processed_tokens": [["a", "man"]],
+                "id": 1,
+            },
+            {"split": "val", "captions": ["A woman with a bag."], "file_path": "CUHK03/1_1_1.jpg", "id": 2},
+            {"split": "test", "captions": ["", "  "], "file_path": "test_query/p1_s1.jpg", "id": 3},
+            {"split": "test", "captions": ["Missing file."], "file_path": "nowhere/x.jpg", "id": 4},
+            {"split": "holdout", "captions": ["Odd split."], "file_path": "CUHK01/0363004.png", "id": 5},
+            {"split": "train", "captions": ["Escapes."], "file_path": "../../etc/passwd", "id": 6},
+        ],
+    )
     records, report = read_cuhk_pedes(tmp_path)
     assert [(r.identity, r.split, len(r.captions)) for r in records] == [(1, "train", 2), (2, "val", 1)]
     assert records[0].image_path == (tmp_path / "imgs" / "CUHK01/0363004.png").resolve()
@@ -56,11 +65,15 @@ def test_cuhk_pedes_reid_raw(tmp_path: Path) -> None:
 def test_cuhk_pedes_captions_json_splits_by_identity(tmp_path: Path) -> None:
     for f in ("a.jpg", "b.jpg", "c.jpg"):
         _image(tmp_path / "imgs" / f)
-    _write(tmp_path, "captions.json", [
-        {"id": 5, "file_path": "a.jpg", "captions": ["One."]},
-        {"id": 11500, "file_path": "b.jpg", "captions": ["Two."]},
-        {"id": 12500, "file_path": "c.jpg", "captions": ["Three."]},
-    ])  # fmt: skip
+    _write(
+        tmp_path,
+        "captions.json",
+        [
+            {"id": 5, "file_path": "a.jpg", "captions": ["One."]},
+            {"id": 11500, "file_path": "b.jpg", "captions": ["Two."]},
+            {"id": 12500, "file_path": "c.jpg", "captions": ["Three."]},
+        ],
+    )
     records, _ = read_cuhk_pedes(tmp_path)
     assert [r.split for r in records] == ["train", "val", "test"]
 
@@ -68,12 +81,21 @@ def test_cuhk_pedes_captions_json_splits_by_identity(tmp_path: Path) -> None:
 def test_icfg_pedes(tmp_path: Path) -> None:
     _image(tmp_path / "imgs" / "test/0016/0016_010_01_0303morning_1505_1.jpg")
     _image(tmp_path / "imgs" / "train/0001/0001_001.jpg")
-    _write(tmp_path, "ICFG-PEDES.json", [
-        {"id": 16, "file_path": "test/0016/0016_010_01_0303morning_1505_1.jpg", "captions": ["The man wears black."],
-         "processed_tokens": [["the"]], "split": "test"},
-        {"id": 1, "file_path": "train/0001/0001_001.jpg", "captions": ["A girl."], "split": "train"},
-        {"id": "x", "file_path": "train/0001/0001_001.jpg", "captions": ["Bad id."], "split": "train"},
-    ])  # fmt: skip
+    _write(
+        tmp_path,
+        "ICFG-PEDES.json",
+        [
+            {
+                "id": 16,
+                "file_path": "test/0016/0016_010_01_0303morning_1505_1.jpg",
+                "captions": ["The man wears black."],
+                "processed_tokens": [["the"]],
+                "split": "test",
+            },
+            {"id": 1, "file_path": "train/0001/0001_001.jpg", "captions": ["A girl."], "split": "train"},
+            {"id": "x", "file_path": "train/0001/0001_001.jpg", "captions": ["Bad id."], "split": "train"},
+        ],
+    )
     records, report = read_icfg_pedes(tmp_path)
     assert {r.split for r in records} == {"train", "test"} and report.skipped_total == 1
     assert detect_format(tmp_path) == "icfg-pedes"
@@ -81,11 +103,19 @@ def test_icfg_pedes(tmp_path: Path) -> None:
 
 def test_rstpreid(tmp_path: Path) -> None:
     _image(tmp_path / "imgs" / "3903_c14_0007.jpg")
-    _write(tmp_path, "data_captions.json", [
-        {"id": 3903, "img_path": "3903_c14_0007.jpg", "captions": ["A woman in white.", "She has a bag."],
-         "split": "train"},
-        {"id": 3904, "img_path": "3904.jpg", "captions": ["Gone."], "split": "val"},
-    ])  # fmt: skip
+    _write(
+        tmp_path,
+        "data_captions.json",
+        [
+            {
+                "id": 3903,
+                "img_path": "3903_c14_0007.jpg",
+                "captions": ["A woman in white.", "She has a bag."],
+                "split": "train",
+            },
+            {"id": 3904, "img_path": "3904.jpg", "captions": ["Gone."], "split": "val"},
+        ],
+    )
     records, report = read_rstpreid(tmp_path)
     assert len(records) == 1 and records[0].captions == ("A woman in white.", "She has a bag.")
     assert report.skipped["missing image file"] == ["#1 3904.jpg"]

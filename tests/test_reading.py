@@ -11,8 +11,10 @@ from lgur.search.query import QueryReader
 from lgur.search.reading import WordForms, WordReading, british_terms
 from tests.conftest import tiny_engine
 
-VOCABULARY = "a man woman in with and the some one red black white t shirt coat jeans backpack handbag hand " \
-    "bag back shoes sneakers glasses boots".split()  # fmt: skip
+VOCABULARY = (
+    "a man woman in with and the some one red black white t shirt coat jeans backpack handbag hand "
+    "bag back shoes sneakers glasses boots".split()
+)
 PHRASES = ["t shirt", "black backpack", "hand bag", "red coat", "white sneakers"]
 
 

@@ -56,8 +56,9 @@ def test_cnn_encoder_adds_a_deeper_stage_upsampled_to_its_grid() -> None:
     assert tokens.shape == (2, 24, 32)
     assert torch.allclose(tokens, expected.flatten(1, 2) + encoder.position, atol=1e-5)
     with pytest.raises(ValueError, match="coarser"):
-        build_image_encoder(ImageEncoderConfig(kind="cnn", timm_name="resnet18", patch_size=16, context_stride=8,
-                                               pretrained=False), 32)  # fmt: skip
+        build_image_encoder(
+            ImageEncoderConfig(kind="cnn", timm_name="resnet18", patch_size=16, context_stride=8, pretrained=False), 32
+        )
 
 
 def _brute_force_sdm(
@@ -253,9 +254,14 @@ def test_experiments_share_the_recipe_run_with_the_ablation(tmp_path) -> None:
     assert len({run_folder(tmp_path, name) for name in OPTIONS}) == len(OPTIONS)
     with pytest.raises(ValueError, match="unknown experiments"):
         run_experiments("data", str(tmp_path), "gallery", only=["with magic"])
-    row = {"epochs": 3, "train_minutes": 12.4, "prototype_overlap": None, "pointing_game": 41.25,
-           "metrics": {"test": {"R@1": 30.0, "mAP": 33.3}, "test-paraphrase": {"R@1": 2.5}},
-           "query_bench": {"precision@10": 28.75}}  # fmt: skip
+    row = {
+        "epochs": 3,
+        "train_minutes": 12.4,
+        "prototype_overlap": None,
+        "pointing_game": 41.25,
+        "metrics": {"test": {"R@1": 30.0, "mAP": 33.3}, "test-paraphrase": {"R@1": 2.5}},
+        "query_bench": {"precision@10": 28.75},
+    }
     line = experiments_table({"without SDM": row}).splitlines()[-1]
     assert line == "| without SDM | 3 epochs, 12 min | 30.00 | 33.30 | 2.50 | 28.8% | - | - | 41.2% |"
     row |= {"distinct_regions": 2, "background_share": [0.886, 0.12, 0.3]}
@@ -293,8 +299,22 @@ def test_the_command_line_offers_every_training_option_with_its_help() -> None:
     parser = cli.build_parser()
     for samples in SAMPLES:
         assert parser.parse_args(["train", "--data", "d", "--out", "o", "--samples", samples]).samples == samples
-    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--freeze", "image_encoder,dga.foreground",
-                              "--prototype-row-width", "0,0.045", "--framing", "0.5", "--person-fine"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "train",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--freeze",
+            "image_encoder,dga.foreground",
+            "--prototype-row-width",
+            "0,0.045",
+            "--framing",
+            "0.5",
+            "--person-fine",
+        ]
+    )
     assert args.frozen == ("image_encoder", "dga.foreground") and args.prototype_row_width == (0.0, 0.045)
     assert args.framing == 0.5 and args.person_fine is True and args.epochs is None  # None: the recipe's value
     assert (

@@ -83,9 +83,13 @@ def _changed_pixels(kind: str, value: str, seed: int, view: str) -> tuple[np.nda
 
 @pytest.mark.parametrize(
     "kind,value,part",
-    [("top_colour", "green", UPPER), ("bottom_colour", "pink", LOWER), ("shoe_colour", "red", SHOES),
-     ("bag_colour", "yellow", BAG)],
-)  # fmt: skip
+    [
+        ("top_colour", "green", UPPER),
+        ("bottom_colour", "pink", LOWER),
+        ("shoe_colour", "red", SHOES),
+        ("bag_colour", "yellow", BAG),
+    ],
+)
 @pytest.mark.parametrize("seed,view", [(1, "front"), (2, "back"), (5, "side")])
 def test_changing_a_colour_changes_only_that_part(kind: str, value: str, part: int, seed: int, view: str) -> None:
     diff, labels, blocks = _changed_pixels(kind, value, seed, view)
@@ -102,9 +106,14 @@ def test_changing_a_colour_changes_only_that_part(kind: str, value: str, part: i
 def test_view_consistent_visibility() -> None:
     rng = np.random.default_rng(0)
     base = dataclasses.replace(
-        sample_attributes(rng), top_type="t-shirt", top_pattern="logo", bag_type="backpack", bag_colour="red",
-        glasses="glasses", carried_object="none",
-    )  # fmt: skip
+        sample_attributes(rng),
+        top_type="t-shirt",
+        top_pattern="logo",
+        bag_type="backpack",
+        bag_colour="red",
+        glasses="glasses",
+        carried_object="none",
+    )
     cams = {v: dataclasses.replace(sample_camera(rng, v), occluder="none") for v in ("front", "back", "side")}
     plain = dataclasses.replace(base, top_pattern="plain")
     for view, cam in cams.items():
@@ -157,8 +166,9 @@ def test_held_out_words_and_phrasings_never_in_training(captions) -> None:
 def test_ambiguity_report(tmp_path: Path) -> None:
     generate_world(SMALL, tmp_path, workers=1, progress=False)
     report = ambiguity_report(tmp_path, "test")
-    assert report["captions"] == 2 * sum(1 for _ in json.loads((tmp_path / "reid_raw.json").read_text())
-                                         if _["split"] == "test")  # fmt: skip
+    assert report["captions"] == 2 * sum(
+        1 for _ in json.loads((tmp_path / "reid_raw.json").read_text()) if _["split"] == "test"
+    )
     assert 1 <= report["consistent_identities_mean"] <= 4
     ceiling = report["perfect_reader"]
     assert 0 < ceiling["R@1"] <= ceiling["R@5"] <= ceiling["R@10"] <= 100

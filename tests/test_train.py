@@ -22,10 +22,21 @@ from tests.conftest import REPO, free_port
 
 # A very small CPU model: every module on the real code path, minutes become seconds.
 TINY = {
-    "image.img_size": [64, 24], "image.embed_dim": 48, "image.depth": 1, "image.num_heads": 2, "dim": 48,
-    "num_atoms": 24, "reconstruction_heads": 2, "reconstruction_head_dim": 16, "reconstruction_ffn_dim": 64,
-    "pgu_heads": 2, "pgu_head_dim": 16, "pgu_ffn_dim": 64, "part_dim": 16, "text.max_length": 32,
-}  # fmt: skip
+    "image.img_size": [64, 24],
+    "image.embed_dim": 48,
+    "image.depth": 1,
+    "image.num_heads": 2,
+    "dim": 48,
+    "num_atoms": 24,
+    "reconstruction_heads": 2,
+    "reconstruction_head_dim": 16,
+    "reconstruction_ffn_dim": 64,
+    "pgu_heads": 2,
+    "pgu_head_dim": 16,
+    "pgu_ffn_dim": 64,
+    "part_dim": 16,
+    "text.max_length": 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +178,25 @@ def test_evaluate_cli_reproduces_the_card(world: Path, tmp_path: Path) -> None:
     train(_config(world, tmp_path / "run", epochs=1), progress=False)
     card = json.loads((tmp_path / "run" / "best.json").read_text())
     out = subprocess.run(
-        [sys.executable, "-m", "lgur", "evaluate", "--checkpoint", str(tmp_path / "run" / "best.safetensors"),
-         "--data", str(world), "--split", "test", "--json", "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lgur",
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "run" / "best.safetensors"),
+            "--data",
+            str(world),
+            "--split",
+            "test",
+            "--json",
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(out.stdout)
     for key in ("R@1", "R@5", "R@10", "mAP"):
         assert report["standard"][key] == pytest.approx(card["metrics"]["test"][key], abs=0.01)
@@ -197,9 +223,13 @@ def _cuhk_fixture(root: Path, identities: int = 6) -> None:
 def test_paper_preset_end_to_end_on_cuhk_layout(tmp_path: Path) -> None:
     _cuhk_fixture(tmp_path / "cuhk")
     cfg = recipe(
-        "paper", data=str(tmp_path / "cuhk"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+        "paper",
+        data=str(tmp_path / "cuhk"),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=4,
         model_overrides={"image.pretrained": False, "text.allow_random_init": True},
-    )  # fmt: skip
+    )
     with pytest.warns(UserWarning):  # no ImageNet / BERT weights offline: says so loudly
         result = train(cfg, progress=False)
     card = json.loads((tmp_path / "run" / "best.json").read_text())
@@ -212,10 +242,30 @@ def test_paper_preset_end_to_end_on_cuhk_layout(tmp_path: Path) -> None:
 def test_torchrun_two_processes(world: Path, tmp_path: Path) -> None:
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "lgur", "train", "--data", str(world), "--out", str(tmp_path / "ddp"), "--epochs", "1",
-        "--batch-size", "8", "--quiet", "--threads", "1", "--set", *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "lgur",
+        "train",
+        "--data",
+        str(world),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--quiet",
+        "--threads",
+        "1",
+        "--set",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -241,13 +291,22 @@ def test_the_pretrained_trunk_starts_from_imagenet_and_a_frozen_encoder_keeps_it
     for frozen in ((), ("image_encoder",)):
         out = tmp_path / f"lite0-{len(frozen)}"
         cfg = recipe(
-            "cpu-lite0", data=str(world), out=str(out), cache_dir=str(tmp_path / "cache"), epochs=1,
-            batch_size=8, warmup_steps=0, frozen=frozen, model_overrides=small,
-        )  # fmt: skip
+            "cpu-lite0",
+            data=str(world),
+            out=str(out),
+            cache_dir=str(tmp_path / "cache"),
+            epochs=1,
+            batch_size=8,
+            warmup_steps=0,
+            frozen=frozen,
+            model_overrides=small,
+        )
         train(cfg, progress=False)
         trained = load_file(str(out / "last.safetensors"))
-        kept = [torch.equal(trained[k], imagenet[i]) for k, i in ((stem, "_conv_stem.weight"),
-                (later, "_blocks.5._expand_conv.weight"))]  # fmt: skip
+        kept = [
+            torch.equal(trained[k], imagenet[i])
+            for k, i in ((stem, "_conv_stem.weight"), (later, "_blocks.5._expand_conv.weight"))
+        ]
         assert kept == ([True, True] if frozen else [False, False]), frozen
 
 

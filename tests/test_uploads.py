@@ -95,8 +95,9 @@ def test_the_store_has_a_quota_for_all_visitors_together(explorer, tmp_path: Pat
 
 def test_each_upload_is_stored_once(explorer, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    in_cache = [Path(shutil.copy(SHIPPED[50 + i], (cache / f"h{i}").mkdir(parents=True) or cache / f"h{i}"))
-                for i in range(2)]  # fmt: skip
+    in_cache = [
+        Path(shutil.copy(SHIPPED[50 + i], (cache / f"h{i}").mkdir(parents=True) or cache / f"h{i}")) for i in range(2)
+    ]
     outside = _photos(tmp_path / "elsewhere", 1)
     store = UploadStore(tmp_path / "sessions", cache=cache)
     report = store.add(explorer.engine, "a", in_cache + outside)
@@ -202,8 +203,16 @@ def _served(explorer, **env: str):
     """`python app.py` on the module's tiny model and gallery, with these LGUR_* settings."""
     checkpoint = next(explorer.engine.gallery.parent.glob("models/*.safetensors"))
     port = free_port()
-    with served_app("--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(explorer.engine.gallery),
-                    port=port, env={**os.environ, **env}) as (url, proc):  # fmt: skip
+    with served_app(
+        "--port",
+        str(port),
+        "--checkpoint",
+        str(checkpoint),
+        "--gallery",
+        str(explorer.engine.gallery),
+        port=port,
+        env={**os.environ, **env},
+    ) as (url, proc):
         yield url, proc
 
 
@@ -251,8 +260,10 @@ def test_a_flooding_visitor_cannot_lock_out_another(explorer) -> None:
             time.sleep(2.0)
             during = [_timed_search(other) for _ in range(12)]  # a refusal would raise here
             stop.set()
-    print(f"search median {1000 * np.median(baseline):.0f} ms alone, {1000 * np.median(during):.0f} ms during a "
-          f"flood ({len(served)} flood requests served, {len(refused)} refused)")  # fmt: skip
+    print(
+        f"search median {1000 * np.median(baseline):.0f} ms alone, {1000 * np.median(during):.0f} ms during a "
+        f"flood ({len(served)} flood requests served, {len(refused)} refused)"
+    )
     assert served and refused and all("Too many requests from your address" in r for r in refused)
     # The target (within 3x) is measured by `python -m lgur bench hostile`; on 2 shared cores a test
     # only guards against a stall (before the per-visitor limit: refused outright, "Queue is full").
@@ -292,8 +303,10 @@ def test_costly_pictures_are_refused_cheaply_while_others_search(explorer, tmp_p
             reports = list(reports)
         stop.set()
         watcher.join()
-    print(f"search median {1000 * np.median(baseline):.0f} ms alone, {1000 * np.median(during):.0f} ms during "
-          f"the uploads; server {start_rss:.0f} MiB, peak {peak[0]:.0f} MiB")  # fmt: skip
+    print(
+        f"search median {1000 * np.median(baseline):.0f} ms alone, {1000 * np.median(during):.0f} ms during "
+        f"the uploads; server {start_rss:.0f} MiB, peak {peak[0]:.0f} MiB"
+    )
     for report in reports:
         assert report.startswith("Added 0 image(s)") and report.count("too large for a person photo") == 8, report
     assert np.median(during) <= 10 * np.median(baseline)  # the 2x target: `python -m lgur bench hostile`

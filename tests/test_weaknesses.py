@@ -33,8 +33,10 @@ def test_weak_kinds_get_a_note_with_the_measured_figure_strong_ones_none() -> No
 
 
 def test_search_reports_weak_spots_from_the_card(tmp_path: Path) -> None:
-    card = {"vocabulary": sorted(COLOURS | {"a", "man", "with", "shoes", "glasses"}),
-            "query_bench": {"default": {"by_kind": BY_KIND}}}  # fmt: skip
+    card = {
+        "vocabulary": sorted(COLOURS | {"a", "man", "with", "shoes", "glasses"}),
+        "query_bench": {"default": {"by_kind": BY_KIND}},
+    }
     engine = tiny_engine(tmp_path, card)
     response = engine.search("a man with white shoes", k=2)
     assert len(response.weak_spots) == 1 and "shoe colour" in response.weak_spots[0]

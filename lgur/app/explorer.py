@@ -95,7 +95,7 @@ EXAMPLE_QUERIES = [
             ("bottom_type", "jeans"),
             ("bottom_colour", "blue"),
         ),
-    ),  # fmt: skip
+    ),
     Example(
         "a man with a black backpack and white sneakers",
         (
@@ -105,13 +105,13 @@ EXAMPLE_QUERIES = [
             ("shoe_type", "sneakers"),
             ("shoe_colour", "white"),
         ),
-    ),  # fmt: skip
+    ),
     Example("someone in red boots", (("shoe_type", "boots"), ("shoe_colour", "red"))),
     Example("person holding an umbrella", (("carried_object", "umbrella"),)),
     Example(
         "a woman in a yellow top and blue jeans",
         (("gender", "female"), ("top_colour", "yellow"), ("bottom_type", "jeans"), ("bottom_colour", "blue")),
-    ),  # fmt: skip
+    ),
     Example("a woman in a crimson coat", (("gender", "female"), ("top_type", "coat"), ("top_colour", "red"))),
 ]
 EXAMPLES = [e.text for e in EXAMPLE_QUERIES]
@@ -237,10 +237,14 @@ class Explorer:
         words = word_highlights(response.query, pi, li, hi)
         relative = self.engine.relative_atoms
         chart = atom_chart(
-            response.query.atom_weights, result.atom_weights, result.salient_atoms, result.shared_atoms,
-            title="weight / average" if relative else "mean atom weight", reference=1.0 if relative else None,
+            response.query.atom_weights,
+            result.atom_weights,
+            result.salient_atoms,
+            result.shared_atoms,
+            title="weight / average" if relative else "mean atom weight",
+            reference=1.0 if relative else None,
             image_label="image (foreground-weighted)" if self.engine.model.learns_foreground else "image",
-        )  # fmt: skip
+        )
         foreground = overlay(display_rgb(result.path), result.foreground, response.grid, alpha=0.55)
         best = result.strongest_part
         meta = result.metadata
@@ -253,7 +257,7 @@ class Explorer:
                 f"{result.detail_score:+.3f}. {detail_note(result)}"
                 if result.details
                 else f"cosine similarity **{result.score:.3f}**."
-            ),  # fmt: skip
+            ),
             f"Strongest part: **{names[best]}** ({100 * result.score_share[best]:.0f}% of the similarity). "
             + reading_note(readings),
             atoms_note(result.salient_atoms, self.atom_names(result.salient_atoms)),
@@ -261,7 +265,7 @@ class Explorer:
                 "Atoms particular to both (by weight relative to the average description and gallery image)"
                 if relative
                 else "Atoms in both top 20s"
-            )  # fmt: skip
+            )
             + f", starred on the chart: {', '.join(map(str, charted)) or 'none'}"
             + (f"; {elsewhere} more in both top 20s, off the chart." if elsewhere else "."),
         ]
@@ -419,16 +423,19 @@ class Explorer:
                 for n, a, b in zip(self.prototypes, image.part_similarity, top.part_similarity)
             ]
         )
-        text = "\n\n".join([
-            f"`{html.escape(image.file)}` ranks **#{image.rank}** of {comparison.gallery_size:,} (score "
-            f"{image.score:.3f}; the top result `{html.escape(top.file)}` {top.score:.3f}).",
-            f"It loses most on **{self.prototypes[lose]}** (similarity {image.part_similarity[lose]:.2f} against "
-            f"{top.part_similarity[lose]:.2f}).",
-            table,
-            f"Atoms the top result shares with the query and this image does not: "
-            f"{', '.join(map(str, comparison.atoms_it_lacks)) or 'none'}; shared only by this image: "
-            f"{', '.join(map(str, comparison.atoms_only_it_has)) or 'none'}.",
-        ] + ([detail_comparison(image, top)] if image.details else []))  # fmt: skip
+        text = "\n\n".join(
+            [
+                f"`{html.escape(image.file)}` ranks **#{image.rank}** of {comparison.gallery_size:,} (score "
+                f"{image.score:.3f}; the top result `{html.escape(top.file)}` {top.score:.3f}).",
+                f"It loses most on **{self.prototypes[lose]}** (similarity {image.part_similarity[lose]:.2f} against "
+                f"{top.part_similarity[lose]:.2f}).",
+                table,
+                f"Atoms the top result shares with the query and this image does not: "
+                f"{', '.join(map(str, comparison.atoms_it_lacks)) or 'none'}; shared only by this image: "
+                f"{', '.join(map(str, comparison.atoms_only_it_has)) or 'none'}.",
+            ]
+            + ([detail_comparison(image, top)] if image.details else [])
+        )
         mine = prototype_overlays(image, response.prototype_grid, names=self.readings(image))[:-1]
         theirs = prototype_overlays(top, response.prototype_grid, names=self.readings(top))[:-1]
         maps = [item for pair in zip(mine, theirs) for item in pair]

@@ -170,5 +170,7 @@ class ModelTab:
             for path, weights in atlas.images
         ]
         words = ", ".join(f"{html.escape(w)} ({v:.1f}x)" for w, v in atlas.words)
-        return items, (f"**Atom {atlas.atom}** stands for the words that use it most, against the average word's "
-                       f"use: {words or 'none (no gallery captions)'}")  # fmt: skip
+        return items, (
+            f"**Atom {atlas.atom}** stands for the words that use it most, against the average word's "
+            f"use: {words or 'none (no gallery captions)'}"
+        )

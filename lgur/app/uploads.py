@@ -117,8 +117,9 @@ class UploadStore:
         per-visitor cap and the store's quota; their cache copies are deleted in any case."""
         with self.holding(files):
             if not self._slots.acquire(timeout=self.limits.wait):
-                return AddReport(rejected=[(f.name, "the server is busy with other uploads; try again soon")
-                                           for f in files])  # fmt: skip
+                return AddReport(
+                    rejected=[(f.name, "the server is busy with other uploads; try again soon") for f in files]
+                )
             try:
                 entry = self._entry(visitor)
                 with entry.lock:  # a visitor's uploads one at a time: the cap holds, nothing is orphaned
@@ -149,8 +150,9 @@ class UploadStore:
             for path in files:
                 size = self._size(path)
                 if used_files + 1 > self.limits.total_files or used_bytes + size > self.limits.total_bytes:
-                    refused.append((path.name, "the space for uploads is full (all visitors together); "
-                                               "try again later"))  # fmt: skip
+                    refused.append(
+                        (path.name, "the space for uploads is full (all visitors together); try again later")
+                    )
                     continue
                 used_bytes, used_files = used_bytes + size, used_files + 1
                 admitted.append(path)

@@ -226,11 +226,26 @@ def frequent_terms(terms: list[frozenset[str]], min_count: int) -> list[str]:
 # Words for swapped-attribute negatives: plain English, usable on any pedestrian dataset.
 # Each colour maps to a concept, so that synonyms ("grey"/"gray") never count as a change.
 _COLOURS = {
-    "black": "black", "white": "white", "grey": "grey", "gray": "grey", "silver": "grey",
-    "red": "red", "maroon": "red", "blue": "blue", "navy": "navy", "green": "green",
-    "yellow": "yellow", "pink": "pink", "purple": "purple", "orange": "orange",
-    "brown": "brown", "beige": "beige", "khaki": "beige", "cream": "beige", "tan": "beige",
-}  # fmt: skip
+    "black": "black",
+    "white": "white",
+    "grey": "grey",
+    "gray": "grey",
+    "silver": "grey",
+    "red": "red",
+    "maroon": "red",
+    "blue": "blue",
+    "navy": "navy",
+    "green": "green",
+    "yellow": "yellow",
+    "pink": "pink",
+    "purple": "purple",
+    "orange": "orange",
+    "brown": "brown",
+    "beige": "beige",
+    "khaki": "beige",
+    "cream": "beige",
+    "tan": "beige",
+}
 _GARMENTS = (
     ("t-shirt", "shirt", "sweater", "jacket", "coat", "hoodie", "blouse", "dress", "vest"),
     ("trousers", "jeans", "shorts", "skirt", "leggings"),

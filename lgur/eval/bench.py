@@ -236,8 +236,13 @@ class PageClient:
 
     def join(self, event: str, data: list) -> Any:
         """Queue one event: -> the HTTP response (503 when refused)."""
-        body = {"data": data, "fn_index": self.events[event], "session_hash": self.session, "event_data": None,
-                "trigger_id": None}  # fmt: skip
+        body = {
+            "data": data,
+            "fn_index": self.events[event],
+            "session_hash": self.session,
+            "event_data": None,
+            "trigger_id": None,
+        }
         return self.http.post(f"{self.url}/gradio_api/queue/join", json=body)
 
     def call(self, event: str, data: list) -> list:
@@ -423,9 +428,11 @@ def bench_hostile(
         # The flooding client runs in its own process at the lowest priority: on a Space its CPU is
         # the attacker's, not the server's; here it shares the two cores, so it must not outrun them.
         flooder = subprocess.Popen(
-            [sys.executable, "-m", "lgur.eval.bench", url, str(seconds + 4.0)], stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "lgur.eval.bench", url, str(seconds + 4.0)],
+            stdout=subprocess.PIPE,
+            text=True,
             preexec_fn=lambda: os.nice(19),
-        )  # fmt: skip
+        )
         time.sleep(2.0)
         during_flood = search_for(seconds)
         served, refused = json.loads(flooder.communicate(timeout=120)[0])
@@ -455,8 +462,9 @@ def bench_hostile(
         stop.set()
         proc.terminate()
         proc.wait(timeout=30)
-    p50 = {k: percentiles(v)["p50_ms"] for k, v in (("alone", alone), ("flood", during_flood),
-                                                    ("uploads", during_uploads))}  # fmt: skip
+    p50 = {
+        k: percentiles(v)["p50_ms"] for k, v in (("alone", alone), ("flood", during_flood), ("uploads", during_uploads))
+    }
     return {
         "benchmark": "hostile",
         "environment": environment(),
@@ -474,8 +482,17 @@ def bench_hostile(
     }
 
 
-MODEL_COLUMNS = ["preset", "patch_grid", "atoms", "prototypes", "embedding_dim", "params_trainable",
-                 "params_frozen", "ms_per_image", "ms_per_caption"]  # fmt: skip
+MODEL_COLUMNS = [
+    "preset",
+    "patch_grid",
+    "atoms",
+    "prototypes",
+    "embedding_dim",
+    "params_trainable",
+    "params_frozen",
+    "ms_per_image",
+    "ms_per_caption",
+]
 
 
 def _cell(v: object) -> str:

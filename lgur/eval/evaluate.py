@@ -198,8 +198,9 @@ def score_test_splits(
             metrics[name], curves[name] = split_metrics(model, splits[name], name, data, cache)
     paraphrases = splits.get("test-paraphrase") if vocabulary else None
     if paraphrases:
-        grounded = split_metrics(model, paraphrases, "test-paraphrase", data, cache,
-                                 QueryReader(vocabulary, forms=False))  # fmt: skip
+        grounded = split_metrics(
+            model, paraphrases, "test-paraphrase", data, cache, QueryReader(vocabulary, forms=False)
+        )
         metrics[GROUNDED_PARAPHRASE], curves[GROUNDED_PARAPHRASE] = grounded
     if model.details is not None and model.config.detail_weight > 0:  # also as the app ranks
         ranked = [("test", "test+details", None)]

@@ -63,8 +63,9 @@ def split_entries(data: str | Path, split: str, limit: int | None = None) -> lis
     data = Path(data)
     side = json.loads((data / "synthetic_attributes.json").read_text())
     rows = [a for a in json.loads((data / "reid_raw.json").read_text()) if a["split"] == split][:limit]
-    return [{"file_path": a["file_path"], "id": a["id"], "captions": a["captions"], **side[a["file_path"]]}
-            for a in rows]  # fmt: skip
+    return [
+        {"file_path": a["file_path"], "id": a["id"], "captions": a["captions"], **side[a["file_path"]]} for a in rows
+    ]
 
 
 def label_map(data: str | Path, entry: dict[str, Any]) -> np.ndarray:
@@ -117,8 +118,15 @@ def centroid_rows(maps: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def pointing(model: LGUR, data: str | Path, split: str, points: np.ndarray, limit: int | None = None,
-             batch_size: int = 32, assignment: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def pointing(
+    model: LGUR,
+    data: str | Path,
+    split: str,
+    points: np.ndarray,
+    limit: int | None = None,
+    batch_size: int = 32,
+    assignment: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Prototype maps' pointing game on the split, each prototype scored on the part it stands for
     (`assignment`, e.g. {"P1": "hair/head"}, read on another split; default: region_labels over this
     split's maps), beside the templates on the same (image, part) pairs."""
@@ -159,9 +167,12 @@ def pointing(model: LGUR, data: str | Path, split: str, points: np.ndarray, limi
     by_prototype, model_all, fixed_all, centre_all, flat_all = {}, [], [], [], []
     for p, part in sorted(assigned.items()):
         seen = ~np.isnan(hits_[:, p, part])
-        figures = {"part": PARTS[part], "images": int(seen.sum()),
-                   "model": 100 * float(hits_[seen, p, part].mean()) if seen.any() else float("nan"),
-                   "fixed_point": 100 * float(fixed_[seen, part].mean()) if seen.any() else float("nan")}  # fmt: skip
+        figures = {
+            "part": PARTS[part],
+            "images": int(seen.sum()),
+            "model": 100 * float(hits_[seen, p, part].mean()) if seen.any() else float("nan"),
+            "fixed_point": 100 * float(fixed_[seen, part].mean()) if seen.any() else float("nan"),
+        }
         by_prototype[f"P{p + 1}"] = figures
         model_all += hits_[seen, p, part].tolist()
         fixed_all += fixed_[seen, part].tolist()
@@ -171,10 +182,18 @@ def pointing(model: LGUR, data: str | Path, split: str, points: np.ndarray, limi
     def pct(values: list[float]) -> float:
         return 100 * float(np.mean(values)) if values else float("nan")
 
-    return {"split": split, "images": len(entries), "regions": regions, "assignment": assignment,
-            "by_prototype": by_prototype,
-            "model": pct(model_all), "fixed_point": pct(fixed_all), "centre": pct(centre_all),
-            "uniform": pct(flat_all), "pairs": len(model_all)}  # fmt: skip
+    return {
+        "split": split,
+        "images": len(entries),
+        "regions": regions,
+        "assignment": assignment,
+        "by_prototype": by_prototype,
+        "model": pct(model_all),
+        "fixed_point": pct(fixed_all),
+        "centre": pct(centre_all),
+        "uniform": pct(flat_all),
+        "pairs": len(model_all),
+    }
 
 
 def placed_pair(entry: dict[str, Any], degrade: bool = True) -> tuple[Image.Image, Image.Image, float]:
@@ -182,13 +201,17 @@ def placed_pair(entry: dict[str, Any], degrade: bool = True) -> tuple[Image.Imag
     the person's move as a fraction of the height."""
     attributes, camera = Attributes.from_dict(entry["attributes"]), Camera.from_dict(entry["camera"])
     top, bottom = (placed(camera, attributes.height, PLACED_HEIGHT, c) for c in PLACED_CENTRES)
-    return (render(attributes, top, degrade=degrade).image, render(attributes, bottom, degrade=degrade).image,
-            PLACED_CENTRES[1] - PLACED_CENTRES[0])  # fmt: skip
+    return (
+        render(attributes, top, degrade=degrade).image,
+        render(attributes, bottom, degrade=degrade).image,
+        PLACED_CENTRES[1] - PLACED_CENTRES[0],
+    )
 
 
 @torch.inference_mode()
-def equivariance(model: LGUR, data: str | Path, split: str, limit: int | None = 100,
-                 batch_size: int = 32) -> dict[str, Any]:  # fmt: skip
+def equivariance(
+    model: LGUR, data: str | Path, split: str, limit: int | None = 100, batch_size: int = 32
+) -> dict[str, Any]:
     """Each prototype's centroid move / the person's move, for the drawn (last) layer and the first."""
     entries = split_entries(data, split, limit)
     size = tuple(model.config.image.img_size)
@@ -224,8 +247,9 @@ def blank(images: Tensor, cells: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def deletion(model: LGUR, data: str | Path, split: str, limit: int | None = 100,
-             batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
+def deletion(
+    model: LGUR, data: str | Path, split: str, limit: int | None = 100, batch_size: int = 16
+) -> dict[str, Any]:
     """The drop of each prototype's part vector when its map's top cells are blanked, over the drop when
     the mean map's top cells (the same number) are."""
     entries = split_entries(data, split, limit)
@@ -250,8 +274,14 @@ def deletion(model: LGUR, data: str | Path, split: str, limit: int | None = 100,
                 drops[name].append(1 - (blanked[:, p] * intact[:, p]).sum(-1))  # (B,)
     by_map, by_template = torch.cat(drops["map"]), torch.cat(drops["template"])  # (images * P,)
     model_drop, template_drop = float(by_map.mean()), float(by_template.mean())
-    return {"split": split, "images": len(images), "share": DELETED_SHARE, "model_drop": model_drop,
-            "template_drop": template_drop, "ratio": model_drop / max(template_drop, 1e-9)}  # fmt: skip
+    return {
+        "split": split,
+        "images": len(images),
+        "share": DELETED_SHARE,
+        "model_drop": model_drop,
+        "template_drop": template_drop,
+        "ratio": model_drop / max(template_drop, 1e-9),
+    }
 
 
 def phrase_rows_for(terms: tuple[str, ...], kind: str, value: str) -> list[int]:
@@ -265,15 +295,23 @@ def phrase_rows_for(terms: tuple[str, ...], kind: str, value: str) -> list[int]:
             {"t", "t-shirt"} if kind == "top_colour" else {"back", "shoulder", "hand", "sling", "cross"}
         )
         return [i for i, w in enumerate(words) if len(w) == 2 and w[0] == value and w[1] in garment]
-    names = {"glasses": {"glasses", "spectacles", "eyeglasses"}, "sunglasses": {"sunglasses", "shades"},
-             "cap": {"cap"}, "beanie": {"beanie"}, "hat": {"hat"}, "backpack": {"backpack", "bookbag", "rucksack"},
-             "shoulder bag": {"shoulder", "sling"}, "handbag": {"handbag", "purse"}}[value]  # fmt: skip
+    names = {
+        "glasses": {"glasses", "spectacles", "eyeglasses"},
+        "sunglasses": {"sunglasses", "shades"},
+        "cap": {"cap"},
+        "beanie": {"beanie"},
+        "hat": {"hat"},
+        "backpack": {"backpack", "bookbag", "rucksack"},
+        "shoulder bag": {"shoulder", "sling"},
+        "handbag": {"handbag", "purse"},
+    }[value]
     return [i for i, w in enumerate(words) if w[-1] in names or (len(w) == 2 and w[0] in names and w[1] == "bag")]
 
 
 @torch.inference_mode()
-def counterfactuals(model: LGUR, data: str | Path, split: str, limit: int | None = 150,
-                    batch_size: int = 16, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def counterfactuals(
+    model: LGUR, data: str | Path, split: str, limit: int | None = 150, batch_size: int = 16, seed: int = 0
+) -> dict[str, Any]:
     """Pairs (the same person and camera, one attribute changed): does the old value's phrase lose and
     the new one's gain, and is the prototype of the largest part-similarity drop the one that reads the
     changed pixels most (and would the mean map have picked it)?"""
@@ -337,11 +375,19 @@ def counterfactuals(model: LGUR, data: str | Path, split: str, limit: int | None
     def pct(values: list[bool]) -> float:
         return 100 * float(np.mean(values)) if values else float("nan")
 
-    return {"split": split, "pairs": len(results), "phrase_pairs": len(phrase_ok),
-            "phrase_old_loses_new_gains": pct(phrase_ok), "largest_drop_reads_change": pct(part_ok),
-            "template_largest_drop": pct(template_ok), "chance": 100 / model.config.num_prototypes,
-            "by_kind": {k: {"phrase": pct(v["phrase"]), "part": pct(v["part"]), "pairs": len(v["part"])}
-                        for k, v in sorted(by_kind.items())}}  # fmt: skip
+    return {
+        "split": split,
+        "pairs": len(results),
+        "phrase_pairs": len(phrase_ok),
+        "phrase_old_loses_new_gains": pct(phrase_ok),
+        "largest_drop_reads_change": pct(part_ok),
+        "template_largest_drop": pct(template_ok),
+        "chance": 100 / model.config.num_prototypes,
+        "by_kind": {
+            k: {"phrase": pct(v["phrase"]), "part": pct(v["part"]), "pairs": len(v["part"])}
+            for k, v in sorted(by_kind.items())
+        },
+    }
 
 
 def effective_atoms(weights: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -352,8 +398,9 @@ def effective_atoms(weights: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 @torch.inference_mode()
-def dictionary_sparsity(model: LGUR, data: str | Path, split: str, limit: int | None = 200,
-                        batch_size: int = 32) -> dict[str, Any]:  # fmt: skip
+def dictionary_sparsity(
+    model: LGUR, data: str | Path, split: str, limit: int | None = 200, batch_size: int = 32
+) -> dict[str, Any]:
     """Effective atoms per patch (every patch; and person patches alone) and per word, and the atoms'
     specificity (atom_specificity), against a uniform template's 400."""
     if model.dga is None:
@@ -375,10 +422,15 @@ def dictionary_sparsity(model: LGUR, data: str | Path, split: str, limit: int | 
         ids, mask = model.tokenize(chunk)
         explained = model.explain_texts(mask, ids)
         words.append(effective_atoms(explained.dictionary_weights)[mask])
-    return {"split": split, "atoms": model.config.num_atoms, "uniform_template": model.config.num_atoms,
-            "per_patch": float(torch.cat(patches).mean()), "per_person_patch": float(torch.cat(person).mean()),
-            "per_word": float(torch.cat(words).mean()),
-            "specificity": atom_specificity(model, texts)}  # fmt: skip
+    return {
+        "split": split,
+        "atoms": model.config.num_atoms,
+        "uniform_template": model.config.num_atoms,
+        "per_patch": float(torch.cat(patches).mean()),
+        "per_person_patch": float(torch.cat(person).mean()),
+        "per_word": float(torch.cat(words).mean()),
+        "specificity": atom_specificity(model, texts),
+    }
 
 
 @torch.inference_mode()
@@ -393,8 +445,9 @@ def atom_specificity(model: LGUR, captions: list[str], top: int = 5, min_count: 
     counts: dict[str, int] = {}
     shown: set[int] = set()
     for chunk in _batches(captions, 64):
-        encoded = encoder.encode(chunk, truncation=True, max_length=encoder.max_length, padding=True,
-                                 return_offsets_mapping=True)  # fmt: skip
+        encoded = encoder.encode(
+            chunk, truncation=True, max_length=encoder.max_length, padding=True, return_offsets_mapping=True
+        )
         ids = torch.tensor(encoded["input_ids"])
         mask = torch.tensor(encoded["attention_mask"], dtype=torch.bool)
         weights = model.explain_texts(mask, ids).dictionary_weights.mean(1).numpy()  # (B, T, atoms)
@@ -424,12 +477,22 @@ def atom_specificity(model: LGUR, captions: list[str], top: int = 5, min_count: 
         ratios.append(ratio)
         named[str(atom)] = {"word": vocabulary[best], "ratio": round(ratio, 2)}
     ratios_ = np.array(ratios)
-    return {"atoms_shown": len(ratios), "median_ratio": float(np.median(ratios_)),
-            "share_at_least_3x": 100 * float((ratios_ >= 3).mean()), "atoms": named}  # fmt: skip
+    return {
+        "atoms_shown": len(ratios),
+        "median_ratio": float(np.median(ratios_)),
+        "share_at_least_3x": 100 * float((ratios_ >= 3).mean()),
+        "atoms": named,
+    }
 
 
-def faithfulness(model: LGUR, data: str | Path, framed: str | Path, split: str = "val", limit: int | None = 200,
-                 assignment: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def faithfulness(
+    model: LGUR,
+    data: str | Path,
+    framed: str | Path,
+    split: str = "val",
+    limit: int | None = 200,
+    assignment: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Every measure above on `framed`'s split (a detector-framed world of the same seed), with the
     fixed-point template read off `data`'s training labels; assignment: the part each prototype is
     scored on in the pointing game (read on val; default: on this split)."""
@@ -460,35 +523,75 @@ def format_faithfulness(result: dict[str, Any]) -> str:
         return "-" if x is None or x != x else f"{x:.1f}"
 
     p = result["pointing"]
-    rows.append(("pointing game, prototype maps (% on their part)", pct(p["model"]), pct(p["fixed_point"]),
-                 pct(p["centre"]), pct(p["uniform"]), "fixed point + 15"))  # fmt: skip
+    rows.append(
+        (
+            "pointing game, prototype maps (% on their part)",
+            pct(p["model"]),
+            pct(p["fixed_point"]),
+            pct(p["centre"]),
+            pct(p["uniform"]),
+            "fixed point + 15",
+        )
+    )
     for key, name in (("word_maps", "word (guidance) maps"), ("detail_maps", "detail maps")):
         g = result.get(key)
         if g:
-            rows.append((f"pointing game, {name}", pct(g["accuracy"]), pct(g.get("fixed_point")),
-                         pct(g.get("centre")), pct(g.get("uniform")), "fixed point + 15"))  # fmt: skip
+            rows.append(
+                (
+                    f"pointing game, {name}",
+                    pct(g["accuracy"]),
+                    pct(g.get("fixed_point")),
+                    pct(g.get("centre")),
+                    pct(g.get("uniform")),
+                    "fixed point + 15",
+                )
+            )
     e = result["equivariance"]
     drawn = ", ".join(f"{x:.2f}" for x in e["drawn_layer"])
     rows.append(("equivariance, drawn layer (centroid move / person move)", drawn, "0", "0", "0", ">= 0.7 each"))
     rows.append(("equivariance, first layer", ", ".join(f"{x:.2f}" for x in e["first_layer"]), "0", "0", "0", ""))
     d = result["deletion"]
-    rows.append(("deletion: part-vector drop, top 10% blanked", f"{d['model_drop']:.4f} ({d['ratio']:.2f}x)", "", "",
-                 f"{d['template_drop']:.4f}", ">= 2x the mean map's"))  # fmt: skip
+    rows.append(
+        (
+            "deletion: part-vector drop, top 10% blanked",
+            f"{d['model_drop']:.4f} ({d['ratio']:.2f}x)",
+            "",
+            "",
+            f"{d['template_drop']:.4f}",
+            ">= 2x the mean map's",
+        )
+    )
     c = result["counterfactuals"]
-    rows.append(("counterfactuals: old phrase loses, new gains (%)", pct(c["phrase_old_loses_new_gains"]), "", "",
-                 "", ">= 90"))  # fmt: skip
-    rows.append(("counterfactuals: largest drop = prototype reading the change (%)",
-                 pct(c["largest_drop_reads_change"]), "", "",
-                 f"{pct(c['template_largest_drop'])} (chance {c['chance']:.0f})", ">= 70"))  # fmt: skip
+    rows.append(
+        ("counterfactuals: old phrase loses, new gains (%)", pct(c["phrase_old_loses_new_gains"]), "", "", "", ">= 90")
+    )
+    rows.append(
+        (
+            "counterfactuals: largest drop = prototype reading the change (%)",
+            pct(c["largest_drop_reads_change"]),
+            "",
+            "",
+            f"{pct(c['template_largest_drop'])} (chance {c['chance']:.0f})",
+            ">= 70",
+        )
+    )
     if "dictionary" in result:
         dg = result["dictionary"]
-        rows.append(("DGA effective atoms per patch / person patch / word",
-                     f"{dg['per_patch']:.1f} / {dg['per_person_patch']:.1f} / {dg['per_word']:.1f}", "", "",
-                     str(dg["uniform_template"]), "<= 25"))  # fmt: skip
+        rows.append(
+            (
+                "DGA effective atoms per patch / person patch / word",
+                f"{dg['per_patch']:.1f} / {dg['per_person_patch']:.1f} / {dg['per_word']:.1f}",
+                "",
+                "",
+                str(dg["uniform_template"]),
+                "<= 25",
+            )
+        )
         sp = dg["specificity"]
         if sp.get("atoms_shown"):
-            rows.append(("DGA atoms shown with a word >= 3x its average (%)", pct(sp["share_at_least_3x"]), "", "", "",
-                         "100"))  # fmt: skip
+            rows.append(
+                ("DGA atoms shown with a word >= 3x its average (%)", pct(sp["share_at_least_3x"]), "", "", "", "100")
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"explanations on {result.get('split', '?')} (detector-framed); templates ignore the image"]
     for n, row in enumerate(rows):
@@ -517,9 +620,14 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("maps follow a moved person (1 = fully, a template 0)", ", ".join(f"{x:.2f}" for x in e)))
     d, c = result["deletion"], result["counterfactuals"]
     rows.append(("blanking a map's strongest 10%", f"hurts its part {d['ratio']:.2f}x as much as the mean map's"))
-    rows.append(("one attribute changed", f"its phrases move the right way {c['phrase_old_loses_new_gains']:.1f}%; the "
-                 f"largest drop on the prototype reading it {c['largest_drop_reads_change']:.1f}% (mean map "
-                 f"{c['template_largest_drop']:.1f}%, chance {c['chance']:.1f}%)"))  # fmt: skip
+    rows.append(
+        (
+            "one attribute changed",
+            f"its phrases move the right way {c['phrase_old_loses_new_gains']:.1f}%; the "
+            f"largest drop on the prototype reading it {c['largest_drop_reads_change']:.1f}% (mean map "
+            f"{c['template_largest_drop']:.1f}%, chance {c['chance']:.1f}%)",
+        )
+    )
     if "dictionary" in result:
         g = result["dictionary"]
         rows.append(("atoms rebuilding a patch / a word (of 400)", f"{g['per_patch']:.1f} / {g['per_word']:.1f}"))

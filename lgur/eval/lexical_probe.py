@@ -111,11 +111,16 @@ def lexical_probe(encoder: TextEncoder) -> dict:
         totals["chance"] += [100.0 / len(group)] * len(held_forms)
         for j, (i, form) in enumerate(held_forms):
             sims = held_sims[j]
-            report["examples"].append({
-                "kind": kind, "held_out": form, "concept": group[i].name,
-                "nearest": group[int(held_pred[j])].name, "cosine_own": round(float(sims[i]), 3),
-                "cosine_nearest": round(float(sims.max()), 3),
-            })  # fmt: skip
+            report["examples"].append(
+                {
+                    "kind": kind,
+                    "held_out": form,
+                    "concept": group[i].name,
+                    "nearest": group[int(held_pred[j])].name,
+                    "cosine_own": round(float(sims[i]), 3),
+                    "cosine_nearest": round(float(sims.max()), 3),
+                }
+            )
     report["held_out_accuracy"] = 100.0 * totals["held_out"][0] / totals["held_out"][1]
     report["train_accuracy"] = 100.0 * totals["train"][0] / max(totals["train"][1], 1)
     report["chance"] = sum(totals["chance"]) / len(totals["chance"])

@@ -42,8 +42,16 @@ from ..search.atoms import TOP_ATOMS, encoded_atom_histograms
 from ..synth.render import BAG, LOWER, PARTS, SHOES, UPPER
 from .pointing import patch_part_fractions, pointing_hit, template_map, uniform_hit
 
-REGION_NAMES = {"background": "background", "hair/head": "head", "skin": "skin", "upper": "upper body",
-                "lower": "lower body", "shoes": "feet", "bag": "bag", "accessory": "accessories"}  # fmt: skip
+REGION_NAMES = {
+    "background": "background",
+    "hair/head": "head",
+    "skin": "skin",
+    "upper": "upper body",
+    "lower": "lower body",
+    "shoes": "feet",
+    "bag": "bag",
+    "accessory": "accessories",
+}
 
 
 # attribute -> the part whose patches carry it (detail probe)
@@ -140,8 +148,11 @@ def background_floor(fractions: list[np.ndarray]) -> dict[str, dict[str, float]]
             shaped.append(float(f[:, 0] @ f[:, part] / f[:, part].sum()))
             best.append(float(f[np.argmax(f[:, part]), 0]))
         if shaped:
-            floors[PARTS[part]] = {"part_shaped": float(np.mean(shaped)), "best_patch": float(np.mean(best)),
-                                   "images": len(shaped)}  # fmt: skip
+            floors[PARTS[part]] = {
+                "part_shaped": float(np.mean(shaped)),
+                "best_patch": float(np.mean(best)),
+                "images": len(shaped),
+            }
     return floors
 
 
@@ -190,8 +201,11 @@ def explanation_quality(
         if points is None:
             return ()
 
-        return (float(pointing_hit(template_map(points[part], grid), mask)),
-                float(pointing_hit(template_map((0.5, 0.5), grid), mask)), uniform_hit(mask))  # fmt: skip
+        return (
+            float(pointing_hit(template_map(points[part], grid), mask)),
+            float(pointing_hit(template_map((0.5, 0.5), grid), mask)),
+            uniform_hit(mask),
+        )
 
     share = np.zeros((model.config.num_prototypes, len(PARTS)))
     area = np.zeros(len(PARTS))
@@ -204,8 +218,13 @@ def explanation_quality(
             overlaps.append(prototype_overlap(explained.prototype_attention[:, -1]))
         # every caption of the chunk with its own image
         captions = [(i, c) for i, a in enumerate(chunk) for c in a["captions"]]
-        encoded = model.text_encoder.encode([c for _, c in captions], padding=True, truncation=True,
-                                            max_length=model.text_encoder.max_length, return_tensors="pt")  # fmt: skip
+        encoded = model.text_encoder.encode(
+            [c for _, c in captions],
+            padding=True,
+            truncation=True,
+            max_length=model.text_encoder.max_length,
+            return_tensors="pt",
+        )
         ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
         owner = torch.tensor([i for i, _ in captions])
         guidance = None
@@ -236,8 +255,12 @@ def explanation_quality(
                     if weight.sum() < 0.5 or attributes.get(kind) in (None, "none"):  # hardly visible
                         continue
                     region = (weight[:, None] * explained.patch_features[i]).sum(0) / weight.sum()
-                    for key, value in (("region", region.numpy()), ("embedding", explained.embedding[i].numpy()),
-                                       ("label", attributes[kind]), ("group", a["id"])):  # fmt: skip
+                    for key, value in (
+                        ("region", region.numpy()),
+                        ("embedding", explained.embedding[i].numpy()),
+                        ("label", attributes[kind]),
+                        ("group", a["id"]),
+                    ):
                         kept[kind][key].append(value)
             if where is not None:  # the detail detector's map of each phrase of its captions that names a part
                 for row in {r for c in a["captions"] for r in phrase_rows(c, phrases)}:
@@ -313,8 +336,11 @@ def pointing_summary(pointing: dict[str, list[tuple[float, ...]]]) -> dict[str, 
     every = [x for v in pointing.values() for x in v]
 
     def figures(rows: list[tuple[float, ...]]) -> dict[str, Any]:
-        out = {"accuracy": 100 * float(np.mean([r[0] for r in rows])),
-               "energy_inside": 100 * float(np.mean([r[1] for r in rows])), "words": len(rows)}  # fmt: skip
+        out = {
+            "accuracy": 100 * float(np.mean([r[0] for r in rows])),
+            "energy_inside": 100 * float(np.mean([r[1] for r in rows])),
+            "words": len(rows),
+        }
         if rows and len(rows[0]) == 5:  # beside the templates on the same (image, part) pairs
             for k, name in ((2, "fixed_point"), (3, "centre"), (4, "uniform")):
                 out[name] = 100 * float(np.mean([r[k] for r in rows]))
@@ -336,8 +362,10 @@ def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tupl
         overlap = f"overlap {result['prototype_overlap']:.2f} (0 = disjoint maps)"
         rows.append(("prototypes", f"{prototype_names}; {overlap}; {distinct} on distinct body parts"))
     if result.get("background_floor"):  # why a map on the shoes reads floor: the grid, not the model
-        floors = ", ".join(f"{REGION_NAMES.get(part, part)} {100 * f['part_shaped']:.0f}%"
-                           for part, f in result["background_floor"].items())  # fmt: skip
+        floors = ", ".join(
+            f"{REGION_NAMES.get(part, part)} {100 * f['part_shaped']:.0f}%"
+            for part, f in result["background_floor"].items()
+        )
         rows.append(("background in each part's own patches (this grid)", f"a map shaped like the part reads {floors}"))
     if "pointing_game" in result:
         pg = result["pointing_game"]
@@ -346,8 +374,9 @@ def summary_rows(result: dict[str, Any], prototype_names: str = "") -> list[tupl
     if "phrase_pointing_game" in result:
         pg = result["phrase_pointing_game"]
         energy = f"{pg['energy_inside']:.1f}% of the weight inside" + _template(pg)
-        rows.append(("detail maps' pointing game", f"{pg['accuracy']:.1f}% of garment phrases peak on their part "
-                                                   f"({energy})"))  # fmt: skip
+        rows.append(
+            ("detail maps' pointing game", f"{pg['accuracy']:.1f}% of garment phrases peak on their part ({energy})")
+        )
     if "shared_atoms" in result:
         sa = result["shared_atoms"]
         match, other = sa["matching_pairs"]["mean_shared"], sa["non_matching_pairs"]["mean_shared"]
@@ -380,8 +409,10 @@ def format_quality(result: dict[str, Any]) -> str:
             + ", ".join(f"P{p + 1} {label}" for p, label in enumerate(regions["labels"]))
             + f"; {regions['distinct_regions']} prototypes each on a different part (>= 2x its area share)"
         )
-    games = (("pointing_game", "guidance maps of {} part words", "energy"),
-             ("phrase_pointing_game", "detail detector's maps of {} phrases naming a part", "weight"))  # fmt: skip
+    games = (
+        ("pointing_game", "guidance maps of {} part words", "energy"),
+        ("phrase_pointing_game", "detail detector's maps of {} phrases naming a part", "weight"),
+    )
     for key, maps, mass in games:
         if key in result:
             pg = result[key]

@@ -104,8 +104,13 @@ TEMPLATES = {
     },
 }
 WORN = {"top_type", "bottom_type", "shoe_type", "headwear", "glasses"}
-COLOUR_KIND = {"top_type": "top_colour", "bottom_type": "bottom_colour", "shoe_type": "shoe_colour",
-               "bag_type": "bag_colour", "headwear": "headwear_colour"}  # fmt: skip
+COLOUR_KIND = {
+    "top_type": "top_colour",
+    "bottom_type": "bottom_colour",
+    "shoe_type": "shoe_colour",
+    "bag_type": "bag_colour",
+    "headwear": "headwear_colour",
+}
 
 
 @dataclass
@@ -206,8 +211,16 @@ def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Quer
         hit = np.array([matches(people[i], q.attributes) for i in ranking[:k]])
         fits = sum(matches(p, q.attributes) for p in people)
         # ceiling: a query that only 3 gallery images fit scores at most 3/k, whatever the model
-        rows.append({"query": q.text, "attributes": q.attributes, "precision": float(hit.mean()),
-                     "top1": bool(hit[0]), "chance": fits / len(people), "ceiling": min(fits, k) / k})  # fmt: skip
+        rows.append(
+            {
+                "query": q.text,
+                "attributes": q.attributes,
+                "precision": float(hit.mean()),
+                "top1": bool(hit[0]),
+                "chance": fits / len(people),
+                "ceiling": min(fits, k) / k,
+            }
+        )
     by_size: dict[int, list[float]] = {}
     for r in rows:
         by_size.setdefault(len(r["attributes"]), []).append(r["precision"])
@@ -233,7 +246,7 @@ def score(rankings: np.ndarray, people: list[dict[str, Any]], queries: list[Quer
                 "precision": 100 * float(np.mean([h for h, _ in v])),
                 "chance": 100 * float(np.mean([c for _, c in v])),
                 "queries": len(v),
-            }  # fmt: skip
+            }
             for kind, v in sorted(by_kind.items())
         },
         "rows": rows,
@@ -264,10 +277,16 @@ def embedding_probe(
         fitted = [v for v in range(len(values)) if bool((y[~test] == v).any())]
         means = F.normalize(torch.stack([x[~test][y[~test] == v].mean(0) for v in fitted]), dim=1)
         predicted = torch.tensor(fitted)[(x[test] @ means.T).argmax(1)]
-        recalls = [float((predicted[y[test] == v] == v).float().mean()) for v in range(len(values))
-                   if bool((y[test] == v).any())]  # fmt: skip
-        result[kind] = {"balanced_accuracy": 100 * float(np.mean(recalls)), "chance": 100 / len(recalls),
-                        "values": len(recalls)}  # fmt: skip
+        recalls = [
+            float((predicted[y[test] == v] == v).float().mean())
+            for v in range(len(values))
+            if bool((y[test] == v).any())
+        ]
+        result[kind] = {
+            "balanced_accuracy": 100 * float(np.mean(recalls)),
+            "chance": 100 / len(recalls),
+            "values": len(recalls),
+        }
     return result
 
 

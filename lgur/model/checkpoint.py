@@ -140,11 +140,21 @@ def save_derived(model: LGUR, out: str | Path, card: dict[str, Any], updates: di
     """Write a checkpoint derived from one loaded with `card` (train-details, fit-foreground): the same
     storage precision and classifier, the card's own entries carried over (what save_checkpoint
     computes is computed again) with `updates` on top."""
-    computed = ("format", "format_version", "config", "num_identities", "includes_classifier", "dtype", "parameters",
-                "text_encoder", "weights_sha256")  # fmt: skip
+    computed = (
+        "format",
+        "format_version",
+        "config",
+        "num_identities",
+        "includes_classifier",
+        "dtype",
+        "parameters",
+        "text_encoder",
+        "weights_sha256",
+    )
     kept = {k: v for k, v in card.items() if k not in computed} | updates
-    return save_checkpoint(model, out, kept, dtype=card.get("dtype", "float32"),
-                           include_classifier=bool(card.get("includes_classifier")))  # fmt: skip
+    return save_checkpoint(
+        model, out, kept, dtype=card.get("dtype", "float32"), include_classifier=bool(card.get("includes_classifier"))
+    )
 
 
 def check_allowed(path: Path, allowed_dirs: list[str | Path] | None) -> None:

@@ -121,9 +121,14 @@ def pool_to_grid(maps: np.ndarray, map_grid: tuple[int, int], grid: tuple[int, i
 
 
 def prototype_readings(
-    maps: np.ndarray, map_grid: tuple[int, int], where: np.ndarray, probabilities: np.ndarray,
-    terms: tuple[str, ...], grid: tuple[int, int], min_reading: float = MIN_READING,
-) -> list[tuple[str, float] | None]:  # fmt: skip
+    maps: np.ndarray,
+    map_grid: tuple[int, int],
+    where: np.ndarray,
+    probabilities: np.ndarray,
+    terms: tuple[str, ...],
+    grid: tuple[int, int],
+    min_reading: float = MIN_READING,
+) -> list[tuple[str, float] | None]:
     """What each prototype reads on *this* image: of the detector's phrases seen on it, the one where the
     prototype's map (P, cells) concentrates most, as (phrase, concentration), else None. Concentration:
     the map's weight where the phrase is seen (its map `where` (N, K)) over a flat map's (1 = no more
@@ -143,8 +148,9 @@ def prototype_readings(
     pairs = np.array([" " in terms[k] for k in seen])
     for row in concentration:
         passing = row >= min_reading
-        pool = next((tier for tier in (passing & things & pairs, passing & things, passing & pairs) if tier.any()),
-                    passing)  # fmt: skip
+        pool = next(
+            (tier for tier in (passing & things & pairs, passing & things, passing & pairs) if tier.any()), passing
+        )
         if not pool.any():
             readings.append(None)
             continue

@@ -183,8 +183,10 @@ class CNNEncoder(nn.Module):
         if self.context_proj is not None or not hasattr(self.cnn, "blocks") or not hasattr(self.cnn, "conv_stem"):
             raise ValueError(f"{type(self.cnn).__name__} with this config has no single last stage to copy")
         if not 1 <= count < len(self.cnn.blocks):
-            raise ValueError(f"the trunk has {len(self.cnn.blocks)} block groups; a copy of its last {count} is not "
-                             f"possible (1 to {len(self.cnn.blocks) - 1})")  # fmt: skip
+            raise ValueError(
+                f"the trunk has {len(self.cnn.blocks)} block groups; a copy of its last {count} is not "
+                f"possible (1 to {len(self.cnn.blocks) - 1})"
+            )
         return self.cnn.blocks[-1] if count == 1 else nn.Sequential(*self.cnn.blocks[-count:])
 
     def forward_with_stage_input(self, images: Tensor, count: int = 1) -> tuple[Tensor, Tensor]:

@@ -126,10 +126,21 @@ class LGUR(nn.Module):
             raise ValueError(f"pgu_fine needs PGU and a CNN trunk with a map at half the stride ({c.image.timm_name})")
         if c.use_pgu:
             self.pgu = PGU(
-                c.dim, c.num_prototypes, c.pgu_layers, c.pgu_heads, c.pgu_head_dim, c.pgu_ffn_dim, c.part_dim,
-                c.dropout, c.pgu_register, fine_channels, self.image_encoder.grid, c.prototype_rows,
-                c.prototype_row_width, c.prototype_anchor,
-            )  # fmt: skip
+                c.dim,
+                c.num_prototypes,
+                c.pgu_layers,
+                c.pgu_heads,
+                c.pgu_head_dim,
+                c.pgu_ffn_dim,
+                c.part_dim,
+                c.dropout,
+                c.pgu_register,
+                fine_channels,
+                self.image_encoder.grid,
+                c.prototype_rows,
+                c.prototype_row_width,
+                c.prototype_anchor,
+            )
         else:
             self.pgu = GlobalPooling(c.dim, c.part_dim)
         num_parts = c.num_prototypes if c.use_pgu else 1

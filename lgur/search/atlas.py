@@ -116,8 +116,9 @@ class Atlas:
         encoder = self.engine.model.text_encoder
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
-            encoded = encoder.encode(batch, truncation=True, max_length=encoder.max_length, padding=True,
-                                     return_offsets_mapping=True)  # fmt: skip
+            encoded = encoder.encode(
+                batch, truncation=True, max_length=encoder.max_length, padding=True, return_offsets_mapping=True
+            )
             ids = torch.tensor(encoded["input_ids"])
             mask = torch.tensor(encoded["attention_mask"], dtype=torch.bool)
             weights = self.engine.model.explain_texts(mask, ids).dictionary_weights.mean(1).numpy()  # (B, T, atoms)

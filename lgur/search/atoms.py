@@ -59,11 +59,21 @@ def encoded_atom_histograms(model: LGUR, encoded: Any) -> np.ndarray:
 def caption_atom_histograms(model: LGUR, captions: list[str], batch_size: int = 128) -> np.ndarray:
     """(C, atoms): each caption's atom histogram, computed as a query's is (mean over its words)."""
     encoder = model.text_encoder
-    return np.concatenate([
-        encoded_atom_histograms(model, encoder.encode(captions[start : start + batch_size], padding=True,
-                                truncation=True, max_length=encoder.max_length, return_tensors="pt"))
-        for start in range(0, len(captions), batch_size)
-    ])  # fmt: skip
+    return np.concatenate(
+        [
+            encoded_atom_histograms(
+                model,
+                encoder.encode(
+                    captions[start : start + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=encoder.max_length,
+                    return_tensors="pt",
+                ),
+            )
+            for start in range(0, len(captions), batch_size)
+        ]
+    )
 
 
 def text_atom_average(model: LGUR, captions: list[str]) -> dict[str, list[float]] | None:

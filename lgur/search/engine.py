@@ -629,8 +629,9 @@ class SearchEngine:
             return [None] * count
         probabilities, where = self._details_of(result.path)
         maps = result.prototype_attention[layer].astype(np.float32).mean(0)  # (P, cells) heads averaged
-        return prototype_readings(maps, self.prototype_grid, where, probabilities, self.model.config.detail_terms,
-                                  self.grid)  # fmt: skip
+        return prototype_readings(
+            maps, self.prototype_grid, where, probabilities, self.model.config.detail_terms, self.grid
+        )
 
 
 def format_results(response: SearchResponse) -> str:

@@ -19,8 +19,16 @@ from .atoms import describing
 from .engine import ImageQuery, QueryEncoding, SearchResult
 
 DISPLAY_SIZE = (192, 512)  # (width, height) of an overlay, twice the stored images
-PROTOTYPE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-                     (240, 50, 230), (210, 245, 60)]  # fmt: skip
+PROTOTYPE_COLOURS = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+]
 
 
 def _palette() -> list[int]:
@@ -61,8 +69,10 @@ def _css(rgb: tuple[int, int, int] | np.ndarray) -> str:
 def legend(low: str, high: str, colours: list[str]) -> str:
     """An HTML colour bar from `low` to `high` over the given CSS colours."""
     bar = f"background: linear-gradient(to right, {', '.join(colours)})"
-    return (f'<div class="legend"><span>{html.escape(low)}</span><span class="legend-bar" style="{bar}"></span>'
-            f"<span>{html.escape(high)}</span></div>")  # fmt: skip
+    return (
+        f'<div class="legend"><span>{html.escape(low)}</span><span class="legend-bar" style="{bar}"></span>'
+        f"<span>{html.escape(high)}</span></div>"
+    )
 
 
 HEAT_COLOURS = [_css(np.array(_PALETTE[3 * i : 3 * i + 3])) for i in (0, 64, 128, 192, 255)]
@@ -70,11 +80,16 @@ HEAT_COLOURS = [_css(np.array(_PALETTE[3 * i : 3 * i + 3])) for i in (0, 64, 128
 # with opacity |s|)
 MAP_LEGEND = legend("least of this map", "most of this map (each map scaled to its own range)", HEAT_COLOURS)
 FOREGROUND_LEGEND = legend("least foreground (m) on this image", "most (scaled to this image's range)", HEAT_COLOURS)
-WORDS_LEGEND = legend("not read by the prototype", "read most (its strongest word = full red)",
-                      ["rgba(239,68,60,0.05)", "rgba(239,68,60,1)"])  # fmt: skip
-EFFECTS_LEGEND = legend("hurt the score most (full purple)", "helped most (full red); uncoloured: not scored",
-                        ["rgba(128,90,213,1)", "rgba(128,90,213,0.05)", "rgba(239,68,60,0.05)",
-                         "rgba(239,68,60,1)"])  # fmt: skip
+WORDS_LEGEND = legend(
+    "not read by the prototype",
+    "read most (its strongest word = full red)",
+    ["rgba(239,68,60,0.05)", "rgba(239,68,60,1)"],
+)
+EFFECTS_LEGEND = legend(
+    "hurt the score most (full purple)",
+    "helped most (full red); uncoloured: not scored",
+    ["rgba(128,90,213,1)", "rgba(128,90,213,0.05)", "rgba(239,68,60,0.05)", "rgba(239,68,60,1)"],
+)
 
 
 def select_map(attention: np.ndarray, prototype: int, layer: int = -1, head: int | None = None) -> np.ndarray:
@@ -252,8 +267,9 @@ def atom_chart(
             h = plot_h * float(value) / peak
             draw.rectangle([x + offset * slot, top + plot_h - h, x + (offset + 0.38) * slot, top + plot_h], fill=colour)
         label = f"{atom}*" if atom in shared else str(atom)
-        draw.text((x + (slot - draw.textlength(label, font=font)) / 2, top + plot_h + 4), label, fill=(0, 0, 0),
-                  font=font)  # fmt: skip
+        draw.text(
+            (x + (slot - draw.textlength(label, font=font)) / 2, top + plot_h + 4), label, fill=(0, 0, 0), font=font
+        )
     draw.text((left, height - 20), "dictionary atom (* = in both top-20s)", fill=(60, 60, 60), font=font)
     x = left
     for name, colour in (("query", blue), (image_label, orange)):

@@ -84,8 +84,16 @@ class WordNetNouns:
     dictionary's."""
 
     DESCRIBED = frozenset({6, 18})  # the lexicographer files noun.artifact and noun.person
-    _DETACH = (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
-               ("ies", "y"), ("s", ""))  # fmt: skip
+    _DETACH = (
+        ("ses", "s"),
+        ("xes", "x"),
+        ("zes", "z"),
+        ("ches", "ch"),
+        ("shes", "sh"),
+        ("men", "man"),
+        ("ies", "y"),
+        ("s", ""),
+    )
     _UNFIT = re.compile(r"offensive|derogatory|disparag|slur|obscen|vulgar|contempt|sex|insult|prostitut")
     _UNFIT_USAGE = frozenset({"slang", "disparagement", "ethnic_slur", "obscenity", "euphemism"})
 

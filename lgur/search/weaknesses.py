@@ -19,8 +19,15 @@ KIND_WORDS = {
     "bag": {"bag", "bags", "backpack", "handbag", "purse", "rucksack", "satchel", "tote", "knapsack"},
     "carried_object": {"umbrella", "phone", "cellphone", "bottle"},
 }
-KIND_NAMES = {"glasses": "glasses", "headwear": "headwear", "shoe_colour": "shoe colour", "shoe_type": "shoe type",
-              "bag_colour": "bag colour", "bag_type": "bag type", "carried_object": "carried objects"}  # fmt: skip
+KIND_NAMES = {
+    "glasses": "glasses",
+    "headwear": "headwear",
+    "shoe_colour": "shoe colour",
+    "shoe_type": "shoe type",
+    "bag_colour": "bag colour",
+    "bag_type": "bag type",
+    "carried_object": "carried objects",
+}
 WEAK_BELOW = 40.0  # % of the top 10 with the attribute: below this, the model "rarely" gets it right
 
 

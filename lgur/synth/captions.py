@@ -164,9 +164,26 @@ class Caption:
 
 def visible_kinds(a: Attributes, view: str) -> set[str]:
     """Attribute kinds a viewer can state from this view."""
-    kinds = {"gender", "age", "hair_style", "hair_colour", "headwear", "headwear_colour", "top_type", "sleeves",
-             "top_colour", "top_pattern", "bottom_type", "bottom_colour", "shoe_type", "shoe_colour", "bag_type",
-             "bag_colour", "carried_object", "skin_tone"}  # fmt: skip
+    kinds = {
+        "gender",
+        "age",
+        "hair_style",
+        "hair_colour",
+        "headwear",
+        "headwear_colour",
+        "top_type",
+        "sleeves",
+        "top_colour",
+        "top_pattern",
+        "bottom_type",
+        "bottom_colour",
+        "shoe_type",
+        "shoe_colour",
+        "bag_type",
+        "bag_colour",
+        "carried_object",
+        "skin_tone",
+    }
     if view == "back":
         kinds -= {"glasses", "skin_tone"}
         if a.top_pattern == "logo":

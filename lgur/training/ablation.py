@@ -91,16 +91,28 @@ def train_at_budget(
     if done.is_file():
         return json.loads(done.read_text())
     cfg = recipe(
-        overrides.pop("preset", "cpu"), data=data, out=str(run), epochs=epochs, seed=seed, cache_dir=cache,
-        decay_epochs=(epochs - 1,), decay_reference=epochs, **overrides,
-    )  # fmt: skip
+        overrides.pop("preset", "cpu"),
+        data=data,
+        out=str(run),
+        epochs=epochs,
+        seed=seed,
+        cache_dir=cache,
+        decay_epochs=(epochs - 1,),
+        decay_reference=epochs,
+        **overrides,
+    )
     return train(cfg, progress=progress)
 
 
 def run_ablation(
-    data: str, out: str, epochs: int = 3, cache: str | None = None, seed: int = 0, progress: bool = True,
+    data: str,
+    out: str,
+    epochs: int = 3,
+    cache: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
     preset: str = "cpu",
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Train the four variants of one recipe with identical data, seed, epochs and schedule; resumable per run."""
     out_dir = Path(out)
     results = {}
@@ -137,9 +149,16 @@ def ablation_table(results: dict[str, Any]) -> str:
 
 
 def run_experiments(
-    data: str, out: str, gallery: str, epochs: int = 3, cache: str | None = None, seed: int = 0,
-    only: list[str] | None = None, progress: bool = True, table: str = "recipe",
-) -> dict[str, Any]:  # fmt: skip
+    data: str,
+    out: str,
+    gallery: str,
+    epochs: int = 3,
+    cache: str | None = None,
+    seed: int = 0,
+    only: list[str] | None = None,
+    progress: bool = True,
+    table: str = "recipe",
+) -> dict[str, Any]:
     """Train a table's reference and each one-option change; score test, query-bench and explanations."""
     from ..eval.quality import explanation_quality
     from ..eval.querybench import run_query_bench
@@ -196,8 +215,11 @@ def experiments_table(rows: dict[str, Any]) -> str:
         overlap = "-" if row["prototype_overlap"] is None else f"{row['prototype_overlap']:.3f}"
         pointing = "-" if row["pointing_game"] is None else f"{row['pointing_game']:.1f}%"
         background = row.get("background_share") or []
-        parts = (f"{row['distinct_regions']} of {len(background)}; {100 * max(background):.0f}%"
-                 if background and row.get("distinct_regions") is not None else "-")  # fmt: skip
+        parts = (
+            f"{row['distinct_regions']} of {len(background)}; {100 * max(background):.0f}%"
+            if background and row.get("distinct_regions") is not None
+            else "-"
+        )
         lines.append(
             f"| {name} | {row['epochs']} epochs, {row['train_minutes']:.0f} min | {m['test']['R@1']:.2f} "
             f"| {m['test']['mAP']:.2f} | {m['test-paraphrase']['R@1']:.2f} "

@@ -107,8 +107,9 @@ def fit_detector(
             weight_decay=cfg.weight_decay,
         )
         report(f"fine-tuning the detector's own trunk stage for {cfg.stage_epochs} epochs")
-        run_epochs(detector, stage, tokens, targets, optimizer, cfg.stage_epochs, cfg.stage_batch_size, generator, val,
-                   report)  # fmt: skip
+        run_epochs(
+            detector, stage, tokens, targets, optimizer, cfg.stage_epochs, cfg.stage_batch_size, generator, val, report
+        )
         stage.eval()
     return detector.eval()
 
@@ -208,8 +209,9 @@ def train_details(
     stage = DetailStage(model.image_encoder, cfg.stage_blocks) if cfg.stage else None  # its own trunk stage
     report(f"{len(terms)} phrases; encoding {len(train.images)} training images (and their mirror images)")
     stage_blocks = cfg.stage_blocks if cfg.stage else 0
-    inputs = torch.stack([encoder_tokens(model, train.images, flipped, stage_blocks=stage_blocks)
-                          for flipped in (False, True)], 1)  # fmt: skip
+    inputs = torch.stack(
+        [encoder_tokens(model, train.images, flipped, stage_blocks=stage_blocks) for flipped in (False, True)], 1
+    )
     targets = identity_targets(train.captions, train.caption_ids, train.image_ids, index)
     val_inputs = encoder_tokens(model, val.images, stage_blocks=stage_blocks)
     val_targets = identity_targets(val.captions, val.caption_ids, val.image_ids, index)
@@ -230,7 +232,7 @@ def train_details(
         choice[name] = {
             str(w): round(retrieval_metrics(similarity + w * bonus, val.caption_ids, val.image_ids)["R@1"], 2)
             for w in DETAIL_WEIGHTS
-        }  # fmt: skip
+        }
     weight = max(DETAIL_WEIGHTS, key=lambda w: choice["captions"][str(w)] + choice["crops"][str(w)])
     report(f"val R@1 by detail weight: captions {choice['captions']}, crops {choice['crops']}; chosen {weight}")
 

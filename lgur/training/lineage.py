@@ -87,54 +87,98 @@ def stages(cfg: LineageConfig) -> list[Stage]:
     person = {"prototype_person": cfg.person_weight, "person_saturation": cfg.person_saturation}
     chain = [
         Stage(
-            "retriever", "the preset's recipe: an ImageNet trunk, the captions' terms predicted"
+            "retriever",
+            "the preset's recipe: an ImageNet trunk, the captions' terms predicted"
             + (" (to epoch 4: it only feeds the teacher)" if cfg.teacher and cfg.teacher_stop_after else ""),
-            "train", settings={"stop_after": cfg.teacher_stop_after if cfg.teacher and cfg.teacher_stop_after
-                               else cfg.stop_after},
+            "train",
+            settings={
+                "stop_after": cfg.teacher_stop_after if cfg.teacher and cfg.teacher_stop_after else cfg.stop_after
+            },
         )
-    ]  # fmt: skip
+    ]
     if cfg.teacher:
         chain += [
-            Stage("teacher", "a detail detector on it, whose person map teaches the next stage", "details",
-                  "retriever", {"details": cfg.teacher_details}),
-            Stage("taught", "the same recipe again, the prototypes kept on the teacher's person map", "train",
-                  settings={"stop_after": cfg.stop_after, "person_from_epoch": cfg.person_from_epoch, **person},
-                  teacher="teacher"),
-        ]  # fmt: skip
+            Stage(
+                "teacher",
+                "a detail detector on it, whose person map teaches the next stage",
+                "details",
+                "retriever",
+                {"details": cfg.teacher_details},
+            ),
+            Stage(
+                "taught",
+                "the same recipe again, the prototypes kept on the teacher's person map",
+                "train",
+                settings={"stop_after": cfg.stop_after, "person_from_epoch": cfg.person_from_epoch, **person},
+                teacher="teacher",
+            ),
+        ]
     last = chain[-1].name
     chain += [
         Stage(f"{last}-int8", "its int8 export", "int8", last),
-        Stage("detector", "its own detail detector (a copy of the trunk's last stages); DGA's m fitted to it",
-              "details", f"{last}-int8", {"details": cfg.details}),
+        Stage(
+            "detector",
+            "its own detail detector (a copy of the trunk's last stages); DGA's m fitted to it",
+            "details",
+            f"{last}-int8",
+            {"details": cfg.details},
+        ),
         Stage("detector-int8", "its int8 export", "int8", "detector"),
         Stage(
-            "fine", "the prototypes read a grid twice as fine, each at its own height; the rest held fixed", "train",
-            "detector-int8", teacher="detector-int8", settings={
-                "model_overrides": {"pgu_fine": True}, "frozen": FROZEN_FOR_FINE, "epochs": cfg.fine_epochs,
-                "warmup_steps": cfg.fine_warmup_steps, "lr": cfg.fine_lr, "lr_backbone": cfg.fine_lr_backbone,
-                "person_from_epoch": 0, **person, "prototype_rows": cfg.fine_rows or None,
-                "prototype_row_width": cfg.fine_row_width, "person_fine": cfg.fine_person, "final_test": False,
+            "fine",
+            "the prototypes read a grid twice as fine, each at its own height; the rest held fixed",
+            "train",
+            "detector-int8",
+            teacher="detector-int8",
+            settings={
+                "model_overrides": {"pgu_fine": True},
+                "frozen": FROZEN_FOR_FINE,
+                "epochs": cfg.fine_epochs,
+                "warmup_steps": cfg.fine_warmup_steps,
+                "lr": cfg.fine_lr,
+                "lr_backbone": cfg.fine_lr_backbone,
+                "person_from_epoch": 0,
+                **person,
+                "prototype_rows": cfg.fine_rows or None,
+                "prototype_row_width": cfg.fine_row_width,
+                "person_fine": cfg.fine_person,
+                "final_test": False,
             },
         ),
-    ]  # fmt: skip
+    ]
     if cfg.follow_epochs:
         freed = {
-            "prototype_rows": list(cfg.follow_rows), "prototype_row_width": cfg.follow_row_width,
-            "prototype_anchor": "person", "atom_sharpness": cfg.atom_sharpness, "atom_top_k": cfg.atom_top_k,
-        }  # fmt: skip
+            "prototype_rows": list(cfg.follow_rows),
+            "prototype_row_width": cfg.follow_row_width,
+            "prototype_anchor": "person",
+            "atom_sharpness": cfg.atom_sharpness,
+            "atom_top_k": cfg.atom_top_k,
+        }
         chain += [
             Stage("fine-int8", "its int8 export", "int8", "fine"),
             Stage(
-                "follow", "the prototypes' heights placed in the person, taught on detector-framed crops; DGA "
-                "reads a few sharp atoms (the trunk, the detector and m held fixed)", "train", "fine-int8",
-                teacher="fine-int8", settings={
-                    "model_overrides": freed, "frozen": FROZEN_FOR_FOLLOW, "epochs": cfg.follow_epochs,
-                    "warmup_steps": cfg.fine_warmup_steps, "lr": cfg.fine_lr, "lr_backbone": cfg.fine_lr_backbone,
-                    "person_from_epoch": 0, **person, "person_fine": cfg.fine_person,
-                    "atom_entropy": cfg.atom_entropy, "framing": cfg.follow_framing, "final_test": False,
+                "follow",
+                "the prototypes' heights placed in the person, taught on detector-framed crops; DGA "
+                "reads a few sharp atoms (the trunk, the detector and m held fixed)",
+                "train",
+                "fine-int8",
+                teacher="fine-int8",
+                settings={
+                    "model_overrides": freed,
+                    "frozen": FROZEN_FOR_FOLLOW,
+                    "epochs": cfg.follow_epochs,
+                    "warmup_steps": cfg.fine_warmup_steps,
+                    "lr": cfg.fine_lr,
+                    "lr_backbone": cfg.fine_lr_backbone,
+                    "person_from_epoch": 0,
+                    **person,
+                    "person_fine": cfg.fine_person,
+                    "atom_entropy": cfg.atom_entropy,
+                    "framing": cfg.follow_framing,
+                    "final_test": False,
                 },
             ),
-        ]  # fmt: skip
+        ]
     return chain
 
 
@@ -189,8 +233,10 @@ def stage_command(stage: Stage, cfg: LineageConfig) -> str:
     if stage.step == "details":
         source = written[stage.reads]
         details: DetailTrainConfig = stage.settings["details"]
-        words = [f"python -m lgur train-details --checkpoint {source} --data {cfg.data} --out {stage.output(out)}",
-                 f"--cache {cache}"]  # fmt: skip
+        words = [
+            f"python -m lgur train-details --checkpoint {source} --data {cfg.data} --out {stage.output(out)}",
+            f"--cache {cache}",
+        ]
         defaults = DetailTrainConfig()
         words += ["--stage"] if details.stage else []
         for name in ("epochs", "sharpness", "seed", "stage_epochs", "stage_blocks"):
@@ -246,8 +292,10 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
         if stage.step == "train":
             report(f"stage {stage.name}: training (resumes where it stopped)")
             settings = _train_settings(stage, cfg, out, written)
-            train(recipe(cfg.preset, data=cfg.data, out=str(out / stage.name), cache_dir=cache, **settings),
-                  progress=progress)  # fmt: skip
+            train(
+                recipe(cfg.preset, data=cfg.data, out=str(out / stage.name), cache_dir=cache, **settings),
+                progress=progress,
+            )
         elif path.is_file():
             report(f"stage {stage.name}: done ({path})")
         elif stage.step == "details":
@@ -260,5 +308,6 @@ def lineage(cfg: LineageConfig, progress: bool = True, report: Callable[[str], N
         "command": lineage_command(cfg),
         "stages": [{"name": s.name, "does": s.does, "command": stage_command(s, cfg)} for s in chain],
     }
-    return export_checkpoint(chain[-1].output(out), final, "int8", cfg.data, cfg.gallery, cache, provenance,
-                             report, cfg.framed)  # fmt: skip
+    return export_checkpoint(
+        chain[-1].output(out), final, "int8", cfg.data, cfg.gallery, cache, provenance, report, cfg.framed
+    )

@@ -73,9 +73,12 @@ class TrainingStep(nn.Module):
         criterion = self.criterion
         taught = self.person_map is not None and criterion.person > 0
         out = self.model(
-            images, mask, backbone_features=features, need_weights=criterion.diversity > 0 or taught,
+            images,
+            mask,
+            backbone_features=features,
+            need_weights=criterion.diversity > 0 or taught,
             need_atoms=criterion.atoms > 0,
-        )  # fmt: skip
+        )
         person = self.person_map(images) if taught else None  # (B, N), or (B, 4N) already fine (person_fine)
         fine = self.model.pgu.fine if self.model.config.pgu_fine else None
         if person is not None and fine is not None and person.shape[-1] != fine.patch_of.numel():
@@ -85,8 +88,14 @@ class TrainingStep(nn.Module):
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
     # The fine read-out's projections start at zero in a second stage, so they learn at the heads' rate.
-    heads = ("model.text_encoder.lstm", "model.classifier.", "model.pgu.projections", "model.pgu.projection",
-             "model.pgu.fine.", "criterion.")  # fmt: skip
+    heads = (
+        "model.text_encoder.lstm",
+        "model.classifier.",
+        "model.pgu.projections",
+        "model.pgu.projection",
+        "model.pgu.fine.",
+        "criterion.",
+    )
     groups: dict[str, list] = {"heads": [], "body": []}
     for name, param in step.named_parameters():
         if param.requires_grad:
@@ -197,9 +206,17 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
     val_text = frozen_text_features(model.text_encoder, val_split.captions, cache, progress=bar)
 
     criterion = LGURLoss(
-        cfg.margin, cfg.seed, cfg.prototype_diversity, cfg.sdm, cfg.temperature, cfg.term_prediction,
-        len(texts.term_index or {}), model_config.embedding_dim, cfg.prototype_person, cfg.atom_entropy,
-    ).to(device)  # fmt: skip
+        cfg.margin,
+        cfg.seed,
+        cfg.prototype_diversity,
+        cfg.sdm,
+        cfg.temperature,
+        cfg.term_prediction,
+        len(texts.term_index or {}),
+        model_config.embedding_dim,
+        cfg.prototype_person,
+        cfg.atom_entropy,
+    ).to(device)
     training_step = TrainingStep(model, criterion, teacher_person_map(cfg, model, device), tuple(cfg.frozen))
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))
     step_module: nn.Module = training_step
@@ -208,10 +225,28 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
             step_module, device_ids=[device] if device.type == "cuda" else None
         )
     run = Run(
-        cfg, out, cache, device, rank, world, splits, report.summary(), len(identities), train_split, val_split,
-        labels, texts, val_text, model, criterion, step_module, optimizer, [g["lr"] for g in optimizer.param_groups],
-        pad=max(1, round(cfg.pad * size[0] / 384)), vocabulary=caption_vocabulary(train_split.captions),
-    )  # fmt: skip
+        cfg,
+        out,
+        cache,
+        device,
+        rank,
+        world,
+        splits,
+        report.summary(),
+        len(identities),
+        train_split,
+        val_split,
+        labels,
+        texts,
+        val_text,
+        model,
+        criterion,
+        step_module,
+        optimizer,
+        [g["lr"] for g in optimizer.param_groups],
+        pad=max(1, round(cfg.pad * size[0] / 384)),
+        vocabulary=caption_vocabulary(train_split.captions),
+    )
     resume_or_start(run)
     return run
 
