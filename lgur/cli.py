@@ -15,12 +15,72 @@ from .model.config import PRESETS, DetailTrainConfig
 from .training.config import TrainConfig, flag
 from .training.lineage import LineageConfig
 
+# Options that several commands share, each a parent parser.
+Subcommands = argparse._SubParsersAction
+
+
+def option(*flags: str, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser holding one option that several commands share."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
+
+
+SHIPPED = option(
+    "--checkpoint", default=DEFAULT_CHECKPOINT, help="a .safetensors checkpoint (default: the shipped one)"
+)
+GIVEN = option("--checkpoint", required=True, help="a .safetensors checkpoint")
+GALLERY = option("--gallery", default=DEFAULT_GALLERY, help="a gallery folder (default: the shipped one)")
+JSON = option("--json", action="store_true", help="print JSON")
+OUT = option("--out", help="also write the JSON result to this file")
+QUIET = option("--quiet", action="store_true", help="no progress bars")
+SEED = option("--seed", type=int, default=0)
+CACHE = option("--cache", default="cache", help="folder for cached text features")
+TEXT_ENCODER = option("--text-encoder", help="local folder of the frozen text encoder")
+INDEX_DIR = option("--index-dir", help="where the index lives (default GALLERY/.lgur-index)")
+
+
+def hub_options() -> argparse.ArgumentParser:
+    """--hub-repo/--hub-file/--hub-revision: the checkpoint from a Hugging Face Hub repository (as the app)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--hub-repo", help="fetch the checkpoint and its card from this Hub repository")
+    parent.add_argument("--hub-file", help="the checkpoint's path in that repository (default lgur_cpu.safetensors)")
+    parent.add_argument("--hub-revision", help="the commit to pin")
+    return parent
+
+
+HUB = hub_options()
+
+
+def checkpoint_of(args: argparse.Namespace):  # -> Path
+    from .model.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
+
 
 def _write_json(result: dict, out: str | None) -> None:
     if out:
         from .files import atomic_write_bytes
 
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+
+
+def bench_parser(sub: Subcommands) -> None:
+    """`bench`'s options."""
+    parser = sub.add_parser(
+        "bench", parents=[SHIPPED, GALLERY, JSON, OUT], help="measure speed and size (prints figures, optionally JSON)"
+    )
+    parser.add_argument(
+        "what",
+        choices=["model", "search", "app", "hostile"],
+        help="what to benchmark (hostile: search under a flood and costly uploads)",
+    )
+    parser.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
+    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 5 model, 50 search)")
+    parser.add_argument("--app", default="app.py", help="with `app`: the app to start (default ./app.py)")
+    parser.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -44,6 +104,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def synth_parser(sub: Subcommands) -> None:
+    """`synth`'s options."""
+    parser = sub.add_parser(
+        "synth", parents=[SEED, QUIET], help="generate a synthetic pedestrian world (CUHK-PEDES layout)"
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--identities", type=int, default=4000, help="training identities")
+    parser.add_argument("--val-identities", type=int, default=200)
+    parser.add_argument("--test-identities", type=int, default=800)
+    parser.add_argument("--min-images", type=int, default=2, help="images per identity, at least")
+    parser.add_argument("--max-images", type=int, default=3, help="images per identity, at most")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument(
+        "--framing",
+        choices=("world", "detector"),
+        default="world",
+        help="detector: the same images framed as a person detector frames its crops",
+    )
+    parser.add_argument("--splits", default=None, help="comma-separated, e.g. val,test (default: all)")
+    parser.set_defaults(func=cmd_synth)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synth.world import SPLITS, WorldSpec, generate_world
 
@@ -63,12 +145,33 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def gallery_parser(sub: Subcommands) -> None:
+    """`gallery`'s options."""
+    parser = sub.add_parser(
+        "gallery", parents=[SEED], help="regenerate the shipped gallery (the default world's test split)"
+    )
+    parser.add_argument("--out", default="gallery")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.set_defaults(func=cmd_gallery)
+
+
 def cmd_gallery(args: argparse.Namespace) -> int:
     from .synth.world import WorldSpec, write_gallery
 
     result = write_gallery(args.out, WorldSpec(seed=args.seed), workers=args.workers)
     print(f"wrote {result['images']} images of {result['identities']} identities to {args.out}")
     return 0
+
+
+def contact_sheet_parser(sub: Subcommands) -> None:
+    """`contact-sheet`'s options."""
+    parser = sub.add_parser("contact-sheet", help="a grid of generated people with one caption each")
+    parser.add_argument("--data", required=True, help="a world folder written by `synth`")
+    parser.add_argument("--out", default="assets/contact_sheet.jpg")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--columns", type=int, default=8)
+    parser.set_defaults(func=cmd_contact_sheet)
 
 
 def cmd_contact_sheet(args: argparse.Namespace) -> int:
@@ -78,12 +181,33 @@ def cmd_contact_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
+def ambiguity_parser(sub: Subcommands) -> None:
+    """`ambiguity`'s options."""
+    parser = sub.add_parser(
+        "ambiguity", parents=[JSON], help="how many identities fit each caption; a perfect reader's recall"
+    )
+    parser.add_argument("--data", required=True, help="a world folder written by `synth`")
+    parser.add_argument("--splits", nargs="+", default=["test", "test-paraphrase"])
+    parser.set_defaults(func=cmd_ambiguity)
+
+
 def cmd_ambiguity(args: argparse.Namespace) -> int:
     from .synth.world import ambiguity_report, format_ambiguity
 
     reports = [ambiguity_report(args.data, split) for split in args.splits]
     print(json.dumps(reports, indent=2) if args.json else format_ambiguity(reports))
     return 0
+
+
+def lexical_probe_parser(sub: Subcommands) -> None:
+    """`lexical-probe`'s options."""
+    parser = sub.add_parser(
+        "lexical-probe", parents=[JSON], help="does the frozen text encoder map held-out synonyms to their concept?"
+    )
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--text-encoder", help="path of the frozen text encoder (default: the preset's)")
+    parser.add_argument("--show", type=int, default=10, help="print this many misses")
+    parser.set_defaults(func=cmd_lexical_probe)
 
 
 def cmd_lexical_probe(args: argparse.Namespace) -> int:
@@ -119,12 +243,12 @@ def config_options(parser: argparse.ArgumentParser, config: type) -> list[str]:
             continue
         name = flag(f)
         kind = str(f.type).replace(" | None", "")
-        shown = "" if f.default is dataclasses.MISSING or f.default is None else f" (TrainConfig: {f.default})"
+        shown = "" if f.default is dataclasses.MISSING or f.default is None else f" ({config.__name__}: {f.default})"
         common = {"dest": f.name, "help": meta.get("help", "") + shown}
         if meta.get("required"):
             common["required"] = True
         if kind == "bool":
-            parser.add_argument(name, action="store_const", const=True, **common)
+            parser.add_argument(name, action="store_const", const=not meta.get("negate", False), **common)
         elif kind.startswith("tuple") or kind.startswith("float | tuple"):
             item = {"int": int, "float": float, "str": str}[kind.split("[")[1].split(",")[0]]
             parse = _comma_list(item, one=kind.startswith("float | tuple"))
@@ -152,11 +276,54 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def train_parser(sub: Subcommands) -> None:
+    """`train`'s options."""
+    parser = sub.add_parser(
+        "train", parents=[TEXT_ENCODER, QUIET], help="train LGUR (seeded, resumable; torchrun for several processes)"
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the model and its recipe")
+    fields = config_options(parser, TrainConfig)
+    parser.add_argument("--image-weights", help="local .safetensors of ImageNet weights for the image encoder")
+    parser.add_argument("--no-dga", action="store_true", help="ablation: without DGA")
+    parser.add_argument("--no-pgu", action="store_true", help="ablation: without PGU (mean pooling)")
+    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
+    parser.set_defaults(func=cmd_train, config_fields=fields)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.train import train
 
     print(json.dumps(train(train_config(args), progress=not args.quiet), indent=2))
     return 0
+
+
+def lineage_parser(sub: Subcommands) -> None:
+    """`lineage`'s options."""
+    parser = sub.add_parser(
+        "lineage",
+        parents=[QUIET],
+        help="train the shipped model: every stage in order, each resumed or skipped when rerun (README)",
+    )
+    parser.add_argument("--data", required=True, help="the synthetic world (python -m lgur synth)")
+    parser.add_argument("--out", required=True, help="a folder for the stages; the model is OUT/lgur_cpu.safetensors")
+    parser.add_argument(
+        "--no-teacher", dest="teacher", action="store_false", help="leave out the teacher and the run it teaches"
+    )
+    parser.add_argument(
+        "--teacher-stop-after",
+        type=int,
+        metavar="EPOCH",
+        help=f"end the retriever (the teacher's input) after this epoch (default {LineageConfig.teacher_stop_after})",
+    )
+    parser.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
+    parser.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
+    parser.add_argument(
+        "--framed",
+        help="also measure the exported model on this detector-framed world of the "
+        "same seed (synth --framing detector): retrieval, explanations beside templates",
+    )
+    parser.add_argument("--print", action="store_true", help="print each stage's command, in order, and run nothing")
+    parser.set_defaults(func=cmd_lineage)
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -182,6 +349,34 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # a bad dataset or folder: say which, no traceback
         raise SystemExit(f"lineage: {error}") from None
     return 0
+
+
+def evaluate_parser(sub: Subcommands) -> None:
+    """`evaluate`'s options."""
+    parser = sub.add_parser(
+        "evaluate",
+        parents=[GIVEN, TEXT_ENCODER, CACHE, JSON],
+        help="R@1/5/10 and mAP (CUHK-PEDES protocol) of a checkpoint",
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--cmc", help="write the CMC curve to this PNG")
+    parser.add_argument(
+        "--colour-grounding",
+        action="store_true",
+        help="read caption colour words the model never saw as the nearest training colour (lgur.search.colours)",
+    )
+    parser.add_argument(
+        "--read-as-app",
+        action="store_true",
+        help="read captions as the app reads queries: colour grounding and word forms (lgur.search.reading)",
+    )
+    parser.add_argument(
+        "--details",
+        action="store_true",
+        help="add the detail detector's score to the cosine (as the app ranks; lgur.model.details)",
+    )
+    parser.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -212,23 +407,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_details_parser(sub: Subcommands) -> None:
+    """`train-details`'s options: one per field of DetailTrainConfig."""
+    parser = sub.add_parser(
+        "train-details",
+        parents=[GIVEN, TEXT_ENCODER, CACHE, QUIET],
+        help="train a detail detector on a checkpoint's frozen image encoder; write the checkpoint with it",
+    )
+    parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
+    parser.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
+    fields = config_options(parser, DetailTrainConfig)
+    parser.set_defaults(func=cmd_train_details, config_fields=fields)
+
+
+def details_config(args: argparse.Namespace) -> DetailTrainConfig:
+    """The DetailTrainConfig that `python -m lgur train-details` runs with these arguments."""
+    chosen = {name: getattr(args, name) for name in args.config_fields}
+    return DetailTrainConfig(**{name: value for name, value in chosen.items() if value is not None})
+
+
 def cmd_train_details(args: argparse.Namespace) -> int:
     from .training.details import train_details
 
-    cfg = DetailTrainConfig(
-        epochs=args.epochs,
-        sharpness=args.sharpness,
-        seed=args.seed,
-        stage=args.stage,
-        stage_epochs=args.stage_epochs,
-        stage_blocks=args.stage_blocks,
-        foreground=args.foreground,
-    )
+    cfg = details_config(args)
     report = print if not args.quiet else _silent
     try:
         print(train_details(args.checkpoint, args.data, args.out, cfg, args.cache, report, args.text_encoder))
     except (ValueError, OSError) as error:  # a bad checkpoint or dataset: say which, no traceback
         raise SystemExit(f"train-details: {error}") from None
+
+
+def fit_foreground_parser(sub: Subcommands) -> None:
+    """`fit-foreground`'s options."""
+    parser = sub.add_parser(
+        "fit-foreground",
+        parents=[GIVEN, TEXT_ENCODER, QUIET],
+        help="fit DGA's foreground weight m to the detail detector's person map; write the checkpoint with it",
+    )
+    parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
+    parser.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
+    parser.add_argument(
+        "--images", type=int, default=DetailTrainConfig.foreground_images, help="training images to fit on"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=cmd_fit_foreground)
 
 
 def cmd_fit_foreground(args: argparse.Namespace) -> int:
@@ -249,6 +471,23 @@ def _silent(_: str) -> None:
     pass
 
 
+def export_parser(sub: Subcommands) -> None:
+    """`export`'s options."""
+    parser = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "int8"],
+        default="float32",
+        help="storage precision: int8 = per-row codes for matrices, float16 vectors (about 2x smaller than float16)",
+    )
+    parser.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
+    parser.add_argument("--gallery", help="run query-bench on this gallery (into its card)")
+    parser.add_argument("--command", help="the training command, recorded in the card")
+    parser.add_argument("--framed", help="also measure it on this detector-framed world (with --data)")
+    parser.set_defaults(func=cmd_export)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an inference checkpoint; with --data, evaluate *it* and record those metrics in its card."""
     from .training.export import export_checkpoint
@@ -258,6 +497,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(path)
     return 0
+
+
+def index_parser(sub: Subcommands) -> None:
+    """`index`'s options."""
+    parser = sub.add_parser(
+        "index",
+        parents=[SHIPPED, HUB, INDEX_DIR, QUIET],
+        help="index a gallery folder (incremental; torchrun shards it)",
+    )
+    parser.add_argument("gallery", nargs="?", default=DEFAULT_GALLERY)
+    parser.set_defaults(func=cmd_index)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -276,6 +526,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     if text:
         print(text)
     return 0
+
+
+def search_parser(sub: Subcommands) -> None:
+    """`search`'s options."""
+    parser = sub.add_parser(
+        "search", parents=[SHIPPED, HUB, GALLERY, INDEX_DIR, JSON], help="search a gallery by description"
+    )
+    parser.add_argument("query")
+    parser.add_argument("-k", type=int, default=10)
+    parser.set_defaults(func=cmd_search)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -297,6 +557,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def space_parser(sub: Subcommands) -> None:
+    """`space`'s options."""
+    parser = sub.add_parser("space", help="write exactly what a Hugging Face Space needs into a new folder")
+    parser.add_argument("out", help="a folder that does not exist yet")
+    parser.set_defaults(func=cmd_space)
+
+
 def cmd_space(args: argparse.Namespace) -> int:
     from .app.space import format_report, write_space
 
@@ -306,6 +573,27 @@ def cmd_space(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def explain_quality_parser(sub: Subcommands) -> None:
+    """`explain-quality`'s options."""
+    parser = sub.add_parser(
+        "explain-quality", parents=[SHIPPED, JSON, OUT], help="foreground AUC and prototype part shares vs part labels"
+    )
+    parser.add_argument("--data", required=True, help="a world folder written by `synth`")
+    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--framed",
+        help="a detector-framed world of the same seed (synth --framing detector): "
+        "the measures beside templates that ignore the image (lgur.eval.faithfulness)",
+    )
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument(
+        "--details",
+        action="store_true",
+        help="also probe which attributes the encoder's part features and the embedding carry",
+    )
+    parser.set_defaults(func=cmd_explain_quality)
 
 
 def cmd_explain_quality(args: argparse.Namespace) -> int:
@@ -328,6 +616,21 @@ def cmd_explain_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def ablation_parser(sub: Subcommands) -> None:
+    """`ablation`'s options."""
+    parser = sub.add_parser(
+        "ablation", parents=[SEED, QUIET], help="train baseline, +DGA, +PGU and full LGUR with one budget"
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--cache", help="shared folder for cached text features")
+    parser.add_argument(
+        "--preset", default="cpu", choices=["cpu", "cpu-lite0"], help="recipe of the four variants (default: cpu)"
+    )
+    parser.set_defaults(func=cmd_ablation)
+
+
 def cmd_ablation(args: argparse.Namespace) -> int:
     from .training.ablation import run_ablation
 
@@ -336,6 +639,27 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     )
     print(result["table"])
     return 0
+
+
+def experiments_parser(sub: Subcommands) -> None:
+    """`experiments`'s options."""
+    parser = sub.add_parser(
+        "experiments",
+        parents=[GALLERY, SEED, QUIET],
+        help="the CPU recipe and one change of each option beyond the paper, at the ablation's budget",
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", default="runs/ablation", help="shared with `ablation` (its full-LGUR run)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--cache", help="shared folder for cached text features")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these rows (finished ones show)")
+    parser.add_argument(
+        "--table",
+        choices=["recipe", "trunk"],
+        default="recipe",
+        help="recipe: options beyond the paper against the cpu recipe; trunk: the pretrained trunk's settings",
+    )
+    parser.set_defaults(func=cmd_experiments)
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:
@@ -356,6 +680,25 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     return 0
 
 
+def query_bench_parser(sub: Subcommands) -> None:
+    """`query-bench`'s options."""
+    parser = sub.add_parser(
+        "query-bench",
+        parents=[SHIPPED, GALLERY, SEED, JSON, OUT],
+        help="short typed queries: attribute precision@10 against the gallery",
+    )
+    parser.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
+    parser.add_argument(
+        "--no-details", action="store_true", help="rank by the embeddings' cosine alone (no detail score)"
+    )
+    parser.add_argument(
+        "--as-typed", action="store_true", help="the model reads the queries as typed (default: as the app reads them)"
+    )
+    parser.set_defaults(func=cmd_query_bench)
+
+
 def cmd_query_bench(args: argparse.Namespace) -> int:
     from .eval.querybench import format_query_bench, run_query_bench
 
@@ -374,320 +717,34 @@ def cmd_query_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def option(*flags: str, **kwargs) -> argparse.ArgumentParser:
-    """A parent parser holding one option that several commands share."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(*flags, **kwargs)
-    return parent
-
-
-SHIPPED = option(
-    "--checkpoint", default=DEFAULT_CHECKPOINT, help="a .safetensors checkpoint (default: the shipped one)"
-)
-GIVEN = option("--checkpoint", required=True, help="a .safetensors checkpoint")
-GALLERY = option("--gallery", default=DEFAULT_GALLERY, help="a gallery folder (default: the shipped one)")
-JSON = option("--json", action="store_true", help="print JSON")
-OUT = option("--out", help="also write the JSON result to this file")
-QUIET = option("--quiet", action="store_true", help="no progress bars")
-SEED = option("--seed", type=int, default=0)
-CACHE = option("--cache", default="cache", help="folder for cached text features")
-TEXT_ENCODER = option("--text-encoder", help="local folder of the frozen text encoder")
-INDEX_DIR = option("--index-dir", help="where the index lives (default GALLERY/.lgur-index)")
-
-
-def hub_options() -> argparse.ArgumentParser:
-    """--hub-repo/--hub-file/--hub-revision: the checkpoint from a Hugging Face Hub repository (as the app)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--hub-repo", help="fetch the checkpoint and its card from this Hub repository")
-    parent.add_argument("--hub-file", help="the checkpoint's path in that repository (default lgur_cpu.safetensors)")
-    parent.add_argument("--hub-revision", help="the commit to pin")
-    return parent
-
-
-def checkpoint_of(args: argparse.Namespace):  # -> Path
-    from .model.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
+COMMANDS = [
+    bench_parser,
+    train_parser,
+    lineage_parser,
+    evaluate_parser,
+    train_details_parser,
+    fit_foreground_parser,
+    export_parser,
+    index_parser,
+    search_parser,
+    ablation_parser,
+    experiments_parser,
+    explain_quality_parser,
+    query_bench_parser,
+    synth_parser,
+    gallery_parser,
+    contact_sheet_parser,
+    ambiguity_parser,
+    lexical_probe_parser,
+    space_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lgur", description="LGUR Explorer: text-based person search")
     sub = parser.add_subparsers(dest="command", required=True)
-    hub = hub_options()
-
-    bench = sub.add_parser(
-        "bench", parents=[SHIPPED, GALLERY, JSON, OUT], help="measure speed and size (prints figures, optionally JSON)"
-    )
-    bench.add_argument(
-        "what",
-        choices=["model", "search", "app", "hostile"],
-        help="what to benchmark (hostile: search under a flood and costly uploads)",
-    )
-    bench.add_argument("--big", type=int, default=100_000, help="size of the synthetic-embedding gallery")
-    bench.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(PRESETS))
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 5 model, 50 search)")
-    bench.add_argument("--app", default="app.py", help="with `app`: the app to start (default ./app.py)")
-    bench.set_defaults(func=cmd_bench)
-
-    train = sub.add_parser(
-        "train", parents=[TEXT_ENCODER, QUIET], help="train LGUR (seeded, resumable; torchrun for several processes)"
-    )
-    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the model and its recipe")
-    fields = config_options(train, TrainConfig)
-    train.add_argument("--image-weights", help="local .safetensors of ImageNet weights for the image encoder")
-    train.add_argument("--no-dga", action="store_true", help="ablation: without DGA")
-    train.add_argument("--no-pgu", action="store_true", help="ablation: without PGU (mean pooling)")
-    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. image.depth=6")
-    train.set_defaults(func=cmd_train, config_fields=fields)
-
-    chain = sub.add_parser(
-        "lineage",
-        parents=[QUIET],
-        help="train the shipped model: every stage in order, each resumed or skipped when rerun (README)",
-    )
-    chain.add_argument("--data", required=True, help="the synthetic world (python -m lgur synth)")
-    chain.add_argument("--out", required=True, help="a folder for the stages; the model is OUT/lgur_cpu.safetensors")
-    chain.add_argument(
-        "--no-teacher", dest="teacher", action="store_false", help="leave out the teacher and the run it teaches"
-    )
-    chain.add_argument(
-        "--teacher-stop-after",
-        type=int,
-        metavar="EPOCH",
-        help=f"end the retriever (the teacher's input) after this epoch (default {LineageConfig.teacher_stop_after})",
-    )
-    chain.add_argument("--gallery", help="also measure the exported model on this gallery (as the shipped card)")
-    chain.add_argument("--cache", help="folder for cached text features (default OUT/cache)")
-    chain.add_argument(
-        "--framed",
-        help="also measure the exported model on this detector-framed world of the "
-        "same seed (synth --framing detector): retrieval, explanations beside templates",
-    )
-    chain.add_argument("--print", action="store_true", help="print each stage's command, in order, and run nothing")
-    chain.set_defaults(func=cmd_lineage)
-
-    evaluate = sub.add_parser(
-        "evaluate",
-        parents=[GIVEN, TEXT_ENCODER, CACHE, JSON],
-        help="R@1/5/10 and mAP (CUHK-PEDES protocol) of a checkpoint",
-    )
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--cmc", help="write the CMC curve to this PNG")
-    evaluate.add_argument(
-        "--colour-grounding",
-        action="store_true",
-        help="read caption colour words the model never saw as the nearest training colour (lgur.search.colours)",
-    )
-    evaluate.add_argument(
-        "--read-as-app",
-        action="store_true",
-        help="read captions as the app reads queries: colour grounding and word forms (lgur.search.reading)",
-    )
-    evaluate.add_argument(
-        "--details",
-        action="store_true",
-        help="add the detail detector's score to the cosine (as the app ranks; lgur.model.details)",
-    )
-    evaluate.set_defaults(func=cmd_evaluate)
-
-    details = sub.add_parser(
-        "train-details",
-        parents=[GIVEN, TEXT_ENCODER, CACHE, QUIET],
-        help="train a detail detector on a checkpoint's frozen image encoder; write the checkpoint with it",
-    )
-    details.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
-    details.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
-    details.add_argument("--epochs", type=int, default=DetailTrainConfig.epochs)
-    details.add_argument(
-        "--sharpness",
-        type=float,
-        default=DetailTrainConfig.sharpness,
-        help="patch pooling: 1 a soft mean, larger nearer the best patch",
-    )
-    details.add_argument("--seed", type=int, default=DetailTrainConfig.seed)
-    details.add_argument(
-        "--stage",
-        action="store_true",
-        help="the detector keeps its own copy of the trunk's last stage, fine-tuned (EfficientNet trunks)",
-    )
-    details.add_argument(
-        "--stage-epochs",
-        type=int,
-        default=DetailTrainConfig.stage_epochs,
-        help="epochs of fine-tuning that stage, after --epochs on the frozen tokens",
-    )
-    details.add_argument(
-        "--stage-blocks",
-        type=int,
-        default=DetailTrainConfig.stage_blocks,
-        help="how many of the trunk's last block groups that copy holds (with --stage)",
-    )
-    details.add_argument(
-        "--no-foreground",
-        dest="foreground",
-        action="store_false",
-        help="leave DGA's foreground weight m as training left it (default: fit it)",
-    )
-    details.set_defaults(func=cmd_train_details)
-
-    foreground = sub.add_parser(
-        "fit-foreground",
-        parents=[GIVEN, TEXT_ENCODER, QUIET],
-        help="fit DGA's foreground weight m to the detail detector's person map; write the checkpoint with it",
-    )
-    foreground.add_argument("--data", required=True, help="the dataset the checkpoint was trained on (train/val)")
-    foreground.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
-    foreground.add_argument(
-        "--images", type=int, default=DetailTrainConfig.foreground_images, help="training images to fit on"
-    )
-    foreground.add_argument("--seed", type=int, default=0)
-    foreground.set_defaults(func=cmd_fit_foreground)
-
-    export = sub.add_parser("export", parents=[GIVEN, CACHE], help="write an inference checkpoint with its card")
-    export.add_argument("--out", required=True)
-    export.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "int8"],
-        default="float32",
-        help="storage precision: int8 = per-row codes for matrices, float16 vectors (about 2x smaller than float16)",
-    )
-    export.add_argument("--data", help="evaluate the exported checkpoint on this dataset's test splits (into its card)")
-    export.add_argument("--gallery", help="run query-bench on this gallery (into its card)")
-    export.add_argument("--command", help="the training command, recorded in the card")
-    export.add_argument("--framed", help="also measure it on this detector-framed world (with --data)")
-    export.set_defaults(func=cmd_export)
-
-    index = sub.add_parser(
-        "index",
-        parents=[SHIPPED, hub, INDEX_DIR, QUIET],
-        help="index a gallery folder (incremental; torchrun shards it)",
-    )
-    index.add_argument("gallery", nargs="?", default=DEFAULT_GALLERY)
-    index.set_defaults(func=cmd_index)
-
-    search = sub.add_parser(
-        "search", parents=[SHIPPED, hub, GALLERY, INDEX_DIR, JSON], help="search a gallery by description"
-    )
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=10)
-    search.set_defaults(func=cmd_search)
-
-    ablation = sub.add_parser(
-        "ablation", parents=[SEED, QUIET], help="train baseline, +DGA, +PGU and full LGUR with one budget"
-    )
-    ablation.add_argument("--data", required=True)
-    ablation.add_argument("--out", default="runs/ablation")
-    ablation.add_argument("--epochs", type=int, default=3)
-    ablation.add_argument("--cache", help="shared folder for cached text features")
-    ablation.add_argument(
-        "--preset", default="cpu", choices=["cpu", "cpu-lite0"], help="recipe of the four variants (default: cpu)"
-    )
-    ablation.set_defaults(func=cmd_ablation)
-
-    experiments = sub.add_parser(
-        "experiments",
-        parents=[GALLERY, SEED, QUIET],
-        help="the CPU recipe and one change of each option beyond the paper, at the ablation's budget",
-    )
-    experiments.add_argument("--data", required=True)
-    experiments.add_argument("--out", default="runs/ablation", help="shared with `ablation` (its full-LGUR run)")
-    experiments.add_argument("--epochs", type=int, default=3)
-    experiments.add_argument("--cache", help="shared folder for cached text features")
-    experiments.add_argument("--only", nargs="+", metavar="NAME", help="train only these rows (finished ones show)")
-    experiments.add_argument(
-        "--table",
-        choices=["recipe", "trunk"],
-        default="recipe",
-        help="recipe: options beyond the paper against the cpu recipe; trunk: the pretrained trunk's settings",
-    )
-    experiments.set_defaults(func=cmd_experiments)
-
-    quality = sub.add_parser(
-        "explain-quality", parents=[SHIPPED, JSON, OUT], help="foreground AUC and prototype part shares vs part labels"
-    )
-    quality.add_argument("--data", required=True, help="a world folder written by `synth`")
-    quality.add_argument("--split", default="test")
-    quality.add_argument(
-        "--framed",
-        help="a detector-framed world of the same seed (synth --framing detector): "
-        "the measures beside templates that ignore the image (lgur.eval.faithfulness)",
-    )
-    quality.add_argument("--limit", type=int, help="only the first N images")
-    quality.add_argument(
-        "--details",
-        action="store_true",
-        help="also probe which attributes the encoder's part features and the embedding carry",
-    )
-    quality.set_defaults(func=cmd_explain_quality)
-
-    qb = sub.add_parser(
-        "query-bench",
-        parents=[SHIPPED, GALLERY, SEED, JSON, OUT],
-        help="short typed queries: attribute precision@10 against the gallery",
-    )
-    qb.add_argument("--set", default="default", choices=["default", "check"], help="which phrasings")
-    qb.add_argument("--count", type=int, default=200)
-    qb.add_argument("--probe", action="store_true", help="also: which attributes the embeddings carry")
-    qb.add_argument("--no-details", action="store_true", help="rank by the embeddings' cosine alone (no detail score)")
-    qb.add_argument(
-        "--as-typed", action="store_true", help="the model reads the queries as typed (default: as the app reads them)"
-    )
-    qb.set_defaults(func=cmd_query_bench)
-
-    synth = sub.add_parser(
-        "synth", parents=[SEED, QUIET], help="generate a synthetic pedestrian world (CUHK-PEDES layout)"
-    )
-    synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--identities", type=int, default=4000, help="training identities")
-    synth.add_argument("--val-identities", type=int, default=200)
-    synth.add_argument("--test-identities", type=int, default=800)
-    synth.add_argument("--min-images", type=int, default=2, help="images per identity, at least")
-    synth.add_argument("--max-images", type=int, default=3, help="images per identity, at most")
-    synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    synth.add_argument(
-        "--framing",
-        choices=("world", "detector"),
-        default="world",
-        help="detector: the same images framed as a person detector frames its crops",
-    )
-    synth.add_argument("--splits", default=None, help="comma-separated, e.g. val,test (default: all)")
-    synth.set_defaults(func=cmd_synth)
-
-    gallery = sub.add_parser(
-        "gallery", parents=[SEED], help="regenerate the shipped gallery (the default world's test split)"
-    )
-    gallery.add_argument("--out", default="gallery")
-    gallery.add_argument("--workers", type=int, default=None)
-    gallery.set_defaults(func=cmd_gallery)
-
-    sheet = sub.add_parser("contact-sheet", help="a grid of generated people with one caption each")
-    sheet.add_argument("--data", required=True, help="a world folder written by `synth`")
-    sheet.add_argument("--out", default="assets/contact_sheet.jpg")
-    sheet.add_argument("--split", default="test")
-    sheet.add_argument("--count", type=int, default=16)
-    sheet.add_argument("--columns", type=int, default=8)
-    sheet.set_defaults(func=cmd_contact_sheet)
-
-    ambiguity = sub.add_parser(
-        "ambiguity", parents=[JSON], help="how many identities fit each caption; a perfect reader's recall"
-    )
-    ambiguity.add_argument("--data", required=True, help="a world folder written by `synth`")
-    ambiguity.add_argument("--splits", nargs="+", default=["test", "test-paraphrase"])
-    ambiguity.set_defaults(func=cmd_ambiguity)
-
-    probe = sub.add_parser(
-        "lexical-probe", parents=[JSON], help="does the frozen text encoder map held-out synonyms to their concept?"
-    )
-    probe.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    probe.add_argument("--text-encoder", help="path of the frozen text encoder (default: the preset's)")
-    probe.add_argument("--show", type=int, default=10, help="print this many misses")
-    probe.set_defaults(func=cmd_lexical_probe)
-
-    space = sub.add_parser("space", help="write exactly what a Hugging Face Space needs into a new folder")
-    space.add_argument("out", help="a folder that does not exist yet")
-    space.set_defaults(func=cmd_space)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -113,7 +113,7 @@ def test_each_stages_command_runs_what_the_lineage_runs(tmp_path: Path) -> None:
     import dataclasses
     import shlex
 
-    from lgur.cli import build_parser, train_config
+    from lgur.cli import build_parser, details_config, train_config
     from lgur.training.config import recipe
     from lgur.training.lineage import _train_settings
 
@@ -127,8 +127,12 @@ def test_each_stages_command_runs_what_the_lineage_runs(tmp_path: Path) -> None:
             words = shlex.split(stage_command(stage, cfg))
             args = build_parser().parse_args(words[3:])
             assert args.out.startswith("runs/lineage/" + stage.name), stage.name
+            if stage.step == "details":
+                assert args.func.__name__ == "cmd_train_details"
+                assert details_config(args) == stage.settings["details"], stage.name
+                continue
             if stage.step != "train":
-                assert args.func.__name__ == ("cmd_train_details" if stage.step == "details" else "cmd_export")
+                assert args.func.__name__ == "cmd_export"
                 continue
             typed = dataclasses.asdict(train_config(args))
             settings = _train_settings(stage, cfg, Path(cfg.out))

@@ -144,26 +144,45 @@ class LGURConfig:
 class DetailTrainConfig:
     """Training of a detail detector (lgur.model.details) on a trained model's frozen image encoder."""
 
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    hidden: int = 256
-    sharpness: float = 4.0
-    min_captions: int = 20  # a phrase detected is in at least this many training captions
-    seed: int = 0
-    # Fine-tune the detector's own copy of the trunk's last stage (EfficientNet trunks), at stage_lr
-    # (the frozen encoder's tokens alone: phrase mAP stops at ~46 on the default world)
-    stage: bool = False
-    stage_epochs: int = 15  # after the detector's epochs on the stage as it starts
-    stage_blocks: int = 2  # how many of the trunk's last block groups the copy holds (EXPERIMENTS.md)
-    stage_lr: float = 2e-4
-    stage_detector_lr: float = 3e-4
-    stage_batch_size: int = 128
-    # Then fit DGA's foreground weight m to the detector's person map (lgur.training.foreground), on this many
-    # training images
-    foreground: bool = True
-    foreground_images: int = 2048
+    epochs: int = field(default=30, metadata={"help": "epochs of the detector on the frozen encoder's tokens"})
+    batch_size: int = field(default=256, metadata={"help": "images per batch"})
+    lr: float = field(default=1e-3, metadata={"help": "the detector's learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    hidden: int = field(default=256, metadata={"help": "width of the detector's hidden layer"})
+    sharpness: float = field(
+        default=4.0, metadata={"help": "patch pooling: 1 a soft mean, larger nearer the best patch"}
+    )
+    min_captions: int = field(
+        default=20, metadata={"help": "a phrase is detected when at least this many training captions use it"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    # Without its own copy of the trunk's last stage the detector's phrase mAP stops at ~46 on the default world.
+    stage: bool = field(
+        default=False,
+        metadata={
+            "help": "the detector keeps its own copy of the trunk's last stage, fine-tuned (EfficientNet trunks)"
+        },
+    )
+    stage_epochs: int = field(
+        default=15, metadata={"help": "epochs of fine-tuning that stage, after --epochs on the frozen tokens"}
+    )
+    stage_blocks: int = field(
+        default=2, metadata={"help": "how many of the trunk's last block groups that copy holds (with --stage)"}
+    )
+    stage_lr: float = field(default=2e-4, metadata={"help": "the stage copy's learning rate"})
+    stage_detector_lr: float = field(default=3e-4, metadata={"help": "the detector's learning rate beside the stage"})
+    stage_batch_size: int = field(default=128, metadata={"help": "images per batch while fine-tuning the stage"})
+    foreground: bool = field(
+        default=True,
+        metadata={
+            "help": "leave DGA's foreground weight m as training left it (default: fit it to the person map)",
+            "flag": "--no-foreground",
+            "negate": True,
+        },
+    )
+    foreground_images: int = field(
+        default=2048, metadata={"help": "training images that m is fitted on (lgur.training.foreground)"}
+    )
 
 
 def paper_preset() -> LGURConfig:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..model.config import DetailTrainConfig
-from .config import train_flag
+from .config import flag, train_flag
 
 FROZEN_FOR_FINE = ("image_encoder", "dga", "details", "detail_stage")
 FROZEN_FOR_FOLLOW = ("image_encoder", "dga.foreground", "details", "detail_stage")  # DGA's atoms and attention learn
@@ -237,12 +237,14 @@ def stage_command(stage: Stage, cfg: LineageConfig) -> str:
             f"python -m lgur train-details --checkpoint {source} --data {cfg.data} --out {stage.output(out)}",
             f"--cache {cache}",
         ]
-        defaults = DetailTrainConfig()
-        words += ["--stage"] if details.stage else []
-        for name in ("epochs", "sharpness", "seed", "stage_epochs", "stage_blocks"):
-            if getattr(details, name) != getattr(defaults, name):
-                words.append(f"--{name.replace('_', '-')} {getattr(details, name)}")
-        words += [] if details.foreground else ["--no-foreground"]
+        for option in fields(DetailTrainConfig):  # every setting that differs from the default, by its flag
+            value, default = getattr(details, option.name), option.default
+            if value == default:
+                continue
+            if isinstance(value, bool):
+                words.append(flag(option))  # --stage, or --no-foreground (a negated flag)
+            else:
+                words.append(f"{flag(option)} {value}")
         return " ".join(words)
     words = [f"python -m lgur train --preset {cfg.preset} --data {cfg.data} --out {out / stage.name} --cache {cache}"]
     for name, value in _train_settings(stage, cfg, out, written).items():
