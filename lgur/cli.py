@@ -514,6 +514,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .model.checkpoint import checkpoint_fingerprint, load_checkpoint
+    from .model.serving import fold_for_serving
     from .search.index import default_index_dir, index_gallery
 
     gallery = Path(args.gallery).resolve()
@@ -521,7 +522,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise SystemExit(f"gallery folder {gallery} does not exist")
     index_dir = Path(args.index_dir).resolve() if args.index_dir else default_index_dir(gallery)
     model, card = load_checkpoint(checkpoint_of(args))
-    model.fold_batch_norms()
+    fold_for_serving(model)
     text = index_gallery(model, checkpoint_fingerprint(card), gallery, index_dir, progress=not args.quiet)
     if text:
         print(text)

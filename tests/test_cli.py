@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from lgur.model.serving import parameter_counts
+
 
 def test_bench_model_json_reports_counts_and_times() -> None:
     out = subprocess.run(
@@ -34,7 +36,7 @@ def test_bench_model_json_reports_counts_and_times() -> None:
     from lgur.model.config import preset
     from lgur.model.lgur import LGUR
 
-    counts = LGUR(preset("cpu")).parameter_counts()
+    counts = parameter_counts(LGUR(preset("cpu")))
     assert (row["params_trainable"], row["params_frozen"]) == (counts["trainable"], counts["frozen"])
     assert 0 < row["ms_per_image"] < 10_000 and 0 < row["ms_per_caption"] < 10_000  # measured, in milliseconds
 

@@ -14,6 +14,8 @@ from lgur.data.dataset import normalize
 from lgur.model.checkpoint import load_checkpoint
 from lgur.model.config import DetailTrainConfig
 from lgur.model.details import DetailDetector, coverage, phrase_rows, phrase_weights
+from lgur.model.person import person_map
+from lgur.model.serving import fold_for_serving
 from lgur.search.index import Entry, GalleryIndex
 from lgur.search.query import query_details
 from lgur.training.details import DETAIL_WEIGHTS, average_precision, fit_detector, identity_targets, train_details
@@ -199,10 +201,10 @@ def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Pat
     # The detector as a teacher (train --prototype-person): where it sees the person, the surest patch 1;
     # a run taught by it logs the penalty on its prototypes' attention outside that.
     images = torch.randn(2, 3, h, w)
-    person = model.person_map(images)
+    person = person_map(model, images)
     assert person.shape == (2, grid[0] * grid[1]) and bool((person >= 0).all())
     assert torch.allclose(person.amax(-1), torch.ones(2))
-    saturated = model.person_map(images, saturation=0.5)  # 1 wherever the teacher is half as sure as at its peak
+    saturated = person_map(model, images, saturation=0.5)  # 1 wherever the teacher is half as sure as at its peak
     assert torch.allclose(saturated, (2 * person).clamp(max=1.0))
     taught = _config(
         world, tmp_path / "taught", epochs=1, prototype_person=1.0, person_from=str(out), prototype_diversity=1.0
@@ -369,7 +371,7 @@ def test_folding_batch_norms_keeps_every_output_and_the_model_is_then_not_saved(
     images = torch.randn(3, 3, *model.config.image.img_size, generator=generator)
     with torch.no_grad():
         before = model.explain_images(images)
-        assert model.fold_batch_norms() > 0
+        assert fold_for_serving(model) > 0
         after = model.explain_images(images)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert torch.allclose(after.embedding, before.embedding, atol=1e-5)
@@ -381,11 +383,11 @@ def test_folding_batch_norms_keeps_every_output_and_the_model_is_then_not_saved(
 
 
 def test_folding_refuses_a_training_model_and_a_fold_that_changes_the_outputs(monkeypatch) -> None:
-    import lgur.model.lgur
+    import lgur.model.serving
 
     model = _lite0_model()
     with pytest.raises(ValueError, match="call .eval"):
-        model.train().fold_batch_norms()
+        fold_for_serving(model.train())
     model.eval()
 
     def wrong(module: torch.nn.Module) -> int:  # as if a convolution's output did not go straight to its norm
@@ -393,6 +395,6 @@ def test_folding_refuses_a_training_model_and_a_fold_that_changes_the_outputs(mo
             next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(2)
         return 1
 
-    monkeypatch.setattr(lgur.model.lgur, "fold_batch_norms", wrong)
+    monkeypatch.setattr(lgur.model.serving, "fold_batch_norms", wrong)
     with pytest.raises(RuntimeError, match="changed the model's outputs"):
-        model.fold_batch_norms()
+        fold_for_serving(model)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lgur.model.config import preset
 from lgur.model.lgur import LGUR
+from lgur.model.person import fine_person_map, person_map
 from lgur.training.losses import LGURLoss, identity_loss, triplet_ranking_loss
 from tests.conftest import CAPTIONS, random_images, tiny_config
 
@@ -479,8 +480,8 @@ def test_the_fine_person_map_tells_the_half_of_a_patch_that_holds_the_person() -
     images = torch.zeros(1, 3, h, w)
     r, c = 5, 3  # one bright cell, half a patch on each side: the bottom-right quarter of patch (2, 1)
     images[..., r * patch // 2 : (r + 1) * patch // 2, c * patch // 2 : (c + 1) * patch // 2] = 1.0
-    coarse = model.person_map(images).reshape(rows, cols)
+    coarse = person_map(model, images).reshape(rows, cols)
     assert coarse[2, 1] == 1.0 and (coarse > 0.01).sum() == 1  # the whole patch, all four of its cells
-    fine = model.fine_person_map(images).reshape(2 * rows, 2 * cols)
+    fine = fine_person_map(model, images).reshape(2 * rows, 2 * cols)
     assert fine[r, c] == 1.0 and (fine > 0.01).sum() == 1  # the cell alone: its three neighbours in the patch
     # each lie in some shifted patch without the bright cell

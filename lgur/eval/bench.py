@@ -14,6 +14,7 @@ import torch
 
 from ..model.config import preset
 from ..model.lgur import LGUR
+from ..model.serving import fold_for_serving, parameter_counts
 
 SAMPLE_CAPTION = (
     "A young woman with long black hair wears a red coat over a white shirt, blue jeans and white sneakers. "
@@ -52,7 +53,7 @@ def bench_model(preset_name: str, batch: int = 8, repeats: int = 5) -> dict[str,
     ids, mask = model.tokenize([SAMPLE_CAPTION] * batch)
     image_s = median_seconds(lambda: model.embed_images(images), repeats)
     text_s = median_seconds(lambda: model.embed_texts(ids, mask), repeats)
-    counts = model.parameter_counts()
+    counts = parameter_counts(model)
     return {
         "preset": preset_name,
         "text_encoder": f"{config.text.name} ({model.text_encoder.source})",
@@ -105,7 +106,7 @@ def bench_search(
 
     repeats = repeats or 50
     model, card = load_checkpoint(checkpoint)
-    model.fold_batch_norms()  # as the app serves it (SearchEngine.open)
+    fold_for_serving(model)  # as the app serves it (SearchEngine.open)
     fingerprint = checkpoint_fingerprint(card)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 from ..files import atomic_output, atomic_write_bytes, sha256_file
 from .config import LGURConfig
 from .lgur import LGUR
+from .serving import parameter_counts, trainable_state_dict
 
 log = logging.getLogger(__name__)
 FORMAT = "lgur-checkpoint"
@@ -116,7 +117,7 @@ def save_checkpoint(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path.name}")
-    state = storage_state(model.trainable_state_dict(include_classifier), dtype)
+    state = storage_state(trainable_state_dict(model, include_classifier), dtype)
     atomic_write_bytes(path, save(state, metadata={"format": FORMAT}))
     text = model.text_encoder
     full_card = {
@@ -127,7 +128,7 @@ def save_checkpoint(
         "includes_classifier": include_classifier and model.classifier is not None,
         "dtype": dtype,
         "text_encoder": {"name": model.config.text.name, "source": text.source, "fingerprint": text.fingerprint},
-        "parameters": model.parameter_counts(),
+        "parameters": parameter_counts(model),
         **image_weights_card(model.config.image.weights),
         **(card or {}),
         "weights_sha256": sha256_file(path),
@@ -227,7 +228,7 @@ def load_checkpoint(
             f"(fingerprint {str(expected_encoder.get('fingerprint'))[:12]}), but the encoder found here "
             f"({model.text_encoder.source}: {model.text_encoder.location}) has fingerprint {actual[:12]}"
         )
-    expected = model.trainable_state_dict(include_classifier=bool(num_identities))
+    expected = trainable_state_dict(model, include_classifier=bool(num_identities))
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [

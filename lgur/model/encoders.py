@@ -226,7 +226,7 @@ def fold_batch_norms(module: nn.Module) -> int:
     BatchNorm becomes what follows it inside timm's BatchNormAct2d (dropout, activation) or nothing.
     About 30% off the EfficientNet trunk's time on 2 CPU cores. -> how many were folded.
 
-    Folding assumes the convolution's output goes straight into the BatchNorm; LGUR.fold_batch_norms
+    Folding assumes the convolution's output goes straight into the BatchNorm; lgur.model.serving.fold_for_serving
     checks that on a probe batch.
     """
     if module.training:

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LGURConfig
 from .details import DetailDetector, DetailStage
 from .dga import DGA
-from .encoders import TextEncoder, build_image_encoder, fold_batch_norms
+from .encoders import TextEncoder, build_image_encoder
 from .pgu import PGU, GlobalPooling, Parts
 
 
@@ -154,7 +153,7 @@ class LGUR(nn.Module):
         self.detail_stage = (
             DetailStage(self.image_encoder, c.detail_stage_blocks) if c.detail_terms and c.detail_stage else None
         )
-        self.batch_norms_folded = False  # fold_batch_norms: serving only
+        self.batch_norms_folded = False  # lgur.model.serving.fold_for_serving
 
     # -- features -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -304,50 +303,6 @@ class LGUR(nn.Module):
         logits, patches = self.details(self.detail_tokens(images))
         return torch.sigmoid(logits), self.details.where(patches)
 
-    @torch.no_grad()
-    def person_map(self, images: Tensor, saturation: float = 1.0) -> Tensor:
-        """(B, 3, H, W) -> (B, N) in [0, 1]: how surely the detail detector sees some caption phrase at each
-        patch, relative to the image's surest patch, and 1 wherever that is at least `saturation`. Where
-        the person is, as the captions taught it (no masks); a teacher for the prototypes' attention
-        (train --prototype-person)."""
-        if self.details is None:
-            raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
-        return self.person_map_of(self.detail_tokens(images), saturation)
-
-    def person_map_of(self, detail_tokens: Tensor, saturation: float = 1.0) -> Tensor:
-        """`person_map` from the tokens the detector reads (encode_images' second output)."""
-        return _relative(self._surest_phrase(detail_tokens), saturation)
-
-    def _surest_phrase(self, detail_tokens: Tensor) -> Tensor:
-        """(B, N, dim) -> (B, N) the detector's probability of its surest phrase at each patch."""
-        _, patches = self.details(detail_tokens)  # (B, N, K) per-patch phrase logits
-        return torch.sigmoid(patches).amax(-1)
-
-    @torch.no_grad()
-    def fine_person_map(self, images: Tensor, saturation: float = 1.0) -> Tensor:
-        """`person_map` at twice the patch grid (B, 4N), by shift-and-stitch (Long et al., CVPR 2015): the
-        detector runs on the image shifted by half a patch down, right and both, and each half-size cell
-        keeps the least sure of the four patches that hold it. A patch that is half leg, half ground is
-        sure of the person; the shifted patch holding only its ground half is not, so the ground beside
-        a leg is told from the leg, which the patch grid cannot do."""
-        if self.details is None:
-            raise ValueError("this model has no detail detector (python -m lgur train-details adds one)")
-        (rows, cols), (height, width) = self.image_encoder.grid, images.shape[-2:]
-        half_h, half_w = height // rows // 2, width // cols // 2
-        fine_rows, fine_cols = (torch.arange(2 * n, device=images.device) for n in (rows, cols))
-        phases = []
-        for dy in (0, half_h):
-            for dx in (0, half_w):
-                # the content moves up and left by (dy, dx), the far edges repeated: patch (i, j) now holds
-                # the pixels from (i * patch + dy, j * patch + dx), so fine cell (r, c) lies in patch
-                # ((r - [dy > 0]) // 2, (c - [dx > 0]) // 2) (clamped: the first cell has no shifted patch)
-                shifted = F.pad(images, (0, dx, 0, dy), mode="replicate")[..., dy:, dx:]
-                surest = self._surest_phrase(self.detail_tokens(shifted)).unflatten(-1, (rows, cols))
-                r = ((fine_rows - int(dy > 0)) // 2).clamp(0, rows - 1)
-                c = ((fine_cols - int(dx > 0)) // 2).clamp(0, cols - 1)
-                phases.append(surest[:, r][:, :, c])  # (B, 2 rows, 2 cols)
-        return _relative(torch.stack(phases).amin(0).flatten(1), saturation)
-
     def set_prototype_rows(
         self, rows: tuple[float, ...], width: float | tuple[float, ...], anchor: str | None = None
     ) -> None:
@@ -405,47 +360,3 @@ class LGUR(nn.Module):
         guided = self.dga.guide_image(patches, words, mask, need_weights=True)
         weights = guided.weights  # masked softmax over words
         return weights * guided.foreground[:, None, :, None] if weighted else weights
-
-    # -- serving ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def fold_batch_norms(self) -> int:
-        """Inference only: the image trunk's (and the detail stage's) BatchNorms folded into their
-        convolutions, checked on a probe batch. The weights then differ from the checkpoint's, so a
-        folded model is never saved (trainable_state_dict refuses). -> how many were folded."""
-        if self.training:
-            raise ValueError("batch norms are folded for inference only: call .eval() first")
-        probe = torch.randn(2, 3, *self.config.image.img_size, generator=torch.Generator().manual_seed(0))
-
-        def outputs() -> Tensor:
-            explained = self.explain_images(probe, need_weights=False)
-            logits = explained.detail_logits
-            return explained.embedding if logits is None else torch.cat([explained.embedding, logits.tanh()], 1)
-
-        before = outputs()
-        folded = sum(fold_batch_norms(m) for m in (self.image_encoder, self.detail_stage) if m is not None)
-        self.batch_norms_folded = self.batch_norms_folded or folded > 0
-        change = (outputs() - before).abs().max().item()
-        if change > 1e-4:  # a convolution whose output does not go straight to the BatchNorm after it
-            raise RuntimeError(f"folding the batch norms changed the model's outputs (by up to {change:.2g})")
-        return folded
-
-    # -- bookkeeping ----------------------------------------------------------------------
-    def trainable_state_dict(self, include_classifier: bool = False) -> dict[str, Tensor]:
-        """Every weight except the frozen text backbone (which its fingerprint identifies)."""
-        if self.batch_norms_folded:
-            raise ValueError("this model's batch norms are folded for serving; save the model as loaded")
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if not k.startswith("text_encoder.backbone.") and (include_classifier or not k.startswith("classifier."))
-        }
-
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return {"trainable": trainable, "frozen": frozen}
-
-
-def _relative(surest: Tensor, saturation: float) -> Tensor:
-    """(B, N) detector certainty -> relative to the image's surest position, 1 from `saturation` of it up."""
-    return (surest / (saturation * surest.amax(-1, keepdim=True)).clamp(min=1e-6)).clamp(max=1.0)

@@ -27,6 +27,7 @@ from ..files import read_image
 from ..model.checkpoint import checkpoint_fingerprint, load_checkpoint
 from ..model.details import prototype_readings
 from ..model.lgur import LGUR
+from ..model.serving import fold_for_serving
 from .atlas import Atlas
 from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weights, word_spans
 from .colours import ColourReading
@@ -414,7 +415,7 @@ class SearchEngine:
     ) -> tuple[SearchEngine, UpdateReport]:
         """Load the model and bring the gallery's index up to date (building it if needed)."""
         model, card = load_checkpoint(checkpoint, text_encoder_path)
-        model.fold_batch_norms()  # the same embeddings, sooner
+        fold_for_serving(model)  # the same embeddings, sooner
         index_dir = Path(index_dir).resolve() if index_dir else default_index_dir(gallery)
         index, report = update_index(model, checkpoint_fingerprint(card), gallery, index_dir, progress=progress)
         return cls(model, index, card, read_manifest(Path(gallery)), index_dir), report

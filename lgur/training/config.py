@@ -68,7 +68,7 @@ class TrainConfig:
     prototype_person: float = option(
         0.0,
         "weight of the prototypes' attention outside the person as --person-from's detail detector sees it "
-        "(LGUR.person_map)",
+        "(lgur.model.person)",
     )
     person_from: str | None = option(None, "the teacher of --prototype-person: a checkpoint with a detail detector")
     person_saturation: float = option(

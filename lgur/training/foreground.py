@@ -4,7 +4,7 @@ In the paper m is learned end to end. Here nothing trains it: DGA scales the reb
 and PGU's pre-norm normalises them again, so m changes nothing downstream and gets no gradient
 (docs/EXPERIMENTS.md). Left as initialised it is noise, yet the guidance maps and the image's atom
 chart are meant to be weighted by it. So once the detail detector is trained, m's linear head is
-fitted to the detector's person map (LGUR.person_map: how surely it sees some caption phrase at
+fitted to the detector's person map (lgur.model.person: how surely it sees some caption phrase at
 each patch, relative to the image's surest patch): where the person is, as the captions taught it,
 no masks. The head reads the same patch tokens as before and everything the embedding depends on
 is frozen, so retrieval is unchanged (up to LayerNorm's epsilon); only the explanations that
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.dataset import normalize
+from ..model.person import person_map_of
 
 if TYPE_CHECKING:
     from ..model.lgur import LGUR
@@ -35,7 +36,7 @@ def foreground_targets(model: LGUR, images: Tensor, batch_size: int = 128) -> tu
     for batch in images.split(batch_size):
         encoded, detail_tokens, _ = model.encode_images(normalize(batch))  # the encoder runs once for both
         tokens.append(encoded)
-        maps.append(model.person_map_of(detail_tokens))
+        maps.append(person_map_of(model, detail_tokens))
     return torch.cat(tokens), torch.cat(maps)
 
 

@@ -22,6 +22,7 @@ from ..data.dataset import RetrievalSplit, TextFeatures, build_split, caption_vo
 from ..data.readers import Record, read_dataset
 from ..model.checkpoint import load_checkpoint, load_optimizer_state, read_card
 from ..model.lgur import LGUR
+from ..model.person import fine_person_map, person_map
 from .config import TrainConfig
 from .from_checkpoint import imprint_classifier, place_prototypes, start_from_checkpoint
 from .losses import LGURLoss
@@ -40,7 +41,7 @@ class TrainingStep(nn.Module):
         person_map: Callable[[Tensor], Tensor] | None = None,
         frozen: tuple[str, ...] = (),
     ) -> None:
-        """person_map: a frozen teacher's LGUR.person_map (a plain callable, so its weights are neither
+        """person_map: a frozen teacher's person map (lgur.model.person) (a plain callable, so its weights are neither
         trained nor saved), for the criterion's person term. frozen: the model's modules held fixed."""
         super().__init__()
         self.model, self.criterion, self.person_map = model, criterion, person_map
@@ -169,8 +170,8 @@ def teacher_person_map(cfg: TrainConfig, model: LGUR, device: torch.device) -> C
         raise ValueError(f"{cfg.person_from}: the teacher needs a detail detector on the same {grid} grid")
     if cfg.person_fine and not model.config.pgu_fine:
         raise ValueError("--person-fine teaches maps on the fine grid: it needs pgu_fine (--set pgu_fine=true)")
-    read = teacher.fine_person_map if cfg.person_fine else teacher.person_map
-    return functools.partial(read, saturation=cfg.person_saturation)
+    read = fine_person_map if cfg.person_fine else person_map
+    return functools.partial(read, teacher, saturation=cfg.person_saturation)
 
 
 def setup(cfg: TrainConfig, progress: bool) -> Run:
