@@ -114,6 +114,39 @@ def served_app(*args: str, port: int, env: dict | None = None, app: Path | None 
         proc.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def serve(checkpoint: Path, gallery: Path, *extra: str, **env: str):
+    """`python app.py` serving `checkpoint` over `gallery` on a free loopback port, with these LGUR_*
+    settings; yields (url, process)."""
+    port = free_port()
+    args = ("--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery), *extra)
+    with served_app(*args, port=port, env={**os.environ, **env}) as (url, proc):
+        yield url, proc
+
+
+def served_explorer(explorer, *extra: str, **env: str):
+    """`serve` on an explorer's own tiny model and gallery (tiny_explorer's)."""
+    checkpoint = next(explorer.engine.gallery.parent.glob("models/*.safetensors"))
+    return serve(checkpoint, explorer.engine.gallery, *extra, **env)
+
+
+@pytest.fixture(scope="module")
+def explorer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny explorer per test module, built with the module's EXPLORER settings (tiny_explorer's arguments)."""
+    settings = getattr(request.module, "EXPLORER", {})
+    return tiny_explorer(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), **settings)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic world of 16 training, 4 val and 4 test identities (seed 2), for tests that train; read only."""
+    from lgur.synth.world import WorldSpec, generate_world
+
+    world = tmp_path_factory.mktemp("small") / "world"
+    generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
+    return world
+
+
 def tiny_engine(root: Path, card: dict, images: int = 4):
     """A search engine: a tiny model whose card is `card`, over a copy of the first shipped images."""
     import shutil

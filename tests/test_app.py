@@ -19,11 +19,6 @@ from tests.conftest import REPO, free_port, served_app, tiny_explorer
 QUERY = "a woman in a red coat with a black backpack"
 
 
-@pytest.fixture(scope="module")
-def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
-    return tiny_explorer(tmp_path_factory.mktemp("app"))
-
-
 def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     items, status, response = explorer.search(QUERY, 5)
     assert len(items) == 5 and all(Path(path).is_file() for path, _ in items)

@@ -133,16 +133,14 @@ def test_the_index_ranks_by_cosine_plus_the_detail_score(approximate: bool, monk
     assert plain_rows[0, 0] == 0 and plain_scores[0, 0] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Path) -> None:
+def test_train_details_adds_a_detector_and_changes_no_other_weight(tmp_path: Path, small_world: Path) -> None:
     from lgur.data.readers import read_dataset
     from lgur.eval.evaluate import split_metrics
-    from lgur.synth.world import WorldSpec, generate_world
     from lgur.training.sampling import split_records
     from lgur.training.train import train
     from tests.test_train import _config
 
-    world = tmp_path / "world"
-    generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
+    world = small_world
     train(_config(world, tmp_path / "run", epochs=1), progress=False)
     base = tmp_path / "run" / "best.safetensors"
     lines: list[str] = []

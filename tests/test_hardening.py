@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from lgur.eval.bench import rss_mib
 from lgur.model.checkpoint import CheckpointError, card_path, load_checkpoint
 from lgur.search.index import load_index
 from lgur.search.query import QueryError, clean_query
-from tests.conftest import REPO, free_port, served_app, tiny_explorer
+from tests.conftest import REPO, serve, served_explorer, tiny_explorer
 
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
 
@@ -48,9 +47,7 @@ HOSTILE_QUERIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def explorer(tmp_path_factory: pytest.TempPathFactory) -> explorer_app.Explorer:
-    return _own_explorer(tmp_path_factory.mktemp("hard"))
+EXPLORER = {"images": 16, "seed": 4, "shared_uploads": True}  # the conftest fixture `explorer`
 
 
 @pytest.mark.parametrize("query", HOSTILE_QUERIES)
@@ -387,28 +384,14 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 # -- concurrency ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _served(checkpoint: Path, gallery: Path, *extra: str, env: dict | None = None):
-    """`python app.py` on a free loopback port; yields (url, pid) once it answers."""
-    port = free_port()
-    with served_app(
-        "--port", str(port), "--checkpoint", str(checkpoint), "--gallery", str(gallery), *extra, port=port, env=env
-    ) as (url, proc):
-        yield url, proc.pid
-
-
-def _served_explorer(explorer: explorer_app.Explorer):
-    """The module's tiny model and gallery, served by `python app.py`."""
-    return _served(next(explorer.engine.gallery.parent.glob("models/*.safetensors")), explorer.engine.gallery)
-
-
 @pytest.mark.slow
 def test_memory_after_1000_sessions_is_bounded(explorer: explorer_app.Explorer) -> None:
     import secrets
 
     from lgur.eval.bench import PageClient
 
-    with _served_explorer(explorer) as (url, pid):
+    with served_explorer(explorer) as (url, proc):
+        pid = proc.pid
         page = PageClient(url)  # as a browser tab sends it (gradio_client would add its polling to every call)
         rss = {}
         for n in range(1, 1001):
@@ -436,7 +419,8 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
         shutil.copy(src, gallery / src.name)
     local = explorer_app.create(checkpoint, gallery, progress=False).engine  # also builds the index
     # Sixteen visitors, told apart by the address a Space's proxy reports (each may have 2 requests pending).
-    with _served(checkpoint, gallery, env={**os.environ, "LGUR_PROXY_HOPS": "1"}) as (url, pid):
+    with serve(checkpoint, gallery, LGUR_PROXY_HOPS="1") as (url, proc):
+        pid = proc.pid
         colours = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
         garments = ["coat", "t-shirt", "jacket", "hoodie"]
         queries = [

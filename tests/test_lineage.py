@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from lgur.model.checkpoint import load_checkpoint, read_card
 from lgur.model.config import DetailTrainConfig
-from lgur.synth.world import WorldSpec, generate_world
 from lgur.training.lineage import (
     FROZEN_FOR_FINE,
     FROZEN_FOR_FOLLOW,
@@ -23,9 +22,8 @@ from lgur.training.lineage import (
 SMALL = {"image.img_size": [64, 32], "dim": 32, "num_atoms": 16, "part_dim": 16, "pgu_head_dim": 16}
 
 
-def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path) -> None:
-    world = tmp_path / "world"
-    generate_world(WorldSpec(seed=2, train_identities=16, val_identities=4, test_identities=4), world, 1, False)
+def test_every_stage_runs_in_order_and_a_rerun_skips_them(tmp_path: Path, small_world: Path) -> None:
+    world = small_world
     detector = DetailTrainConfig(epochs=1, min_captions=2, stage=True, stage_epochs=1, foreground_images=64)
     cfg = LineageConfig(
         data=str(world),

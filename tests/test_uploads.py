@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from lgur.app.uploads import UploadLimits, UploadStore
 from lgur.app.visitors import limit_per_visitor, visitor_address, visitor_limits
 from lgur.eval.bench import PageClient as Visitor
 from lgur.files import check_image, open_rgb
-from tests.conftest import REPO, free_port, served_app, tiny_explorer
+from tests.conftest import REPO, served_explorer
 
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
 
@@ -33,9 +32,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def explorer(tmp_path_factory: pytest.TempPathFactory):
-    return tiny_explorer(tmp_path_factory.mktemp("uploads"), images=6)
+EXPLORER = {"images": 6}  # the conftest fixture `explorer`
 
 
 def _photos(folder: Path, count: int, start: int = 40) -> list[Path]:
@@ -198,24 +195,6 @@ def test_the_queue_refuses_a_visitor_with_too_many_pending_requests() -> None:
 # -- served: the app as a Space runs it ----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _served(explorer, **env: str):
-    """`python app.py` on the module's tiny model and gallery, with these LGUR_* settings."""
-    checkpoint = next(explorer.engine.gallery.parent.glob("models/*.safetensors"))
-    port = free_port()
-    with served_app(
-        "--port",
-        str(port),
-        "--checkpoint",
-        str(checkpoint),
-        "--gallery",
-        str(explorer.engine.gallery),
-        port=port,
-        env={**os.environ, **env},
-    ) as (url, proc):
-        yield url, proc
-
-
 def _timed_search(visitor: Visitor) -> float:
     start = time.perf_counter()
     (answer,) = visitor.call("search", ["a woman in a red coat", 5])
@@ -225,7 +204,7 @@ def _timed_search(visitor: Visitor) -> float:
 
 @pytest.mark.slow
 def test_served_uploads_outlive_any_number_of_other_sessions(explorer, tmp_path: Path) -> None:
-    with _served(explorer, LGUR_MAX_SESSIONS="5") as (url, _):
+    with served_explorer(explorer, LGUR_MAX_SESSIONS="5") as (url, _):
         visitors = [Visitor(url) for _ in range(3)]
         for n, visitor in enumerate(visitors):
             (report, *_) = visitor.call("upload_files", [visitor.upload(_photos(tmp_path / f"in{n}", 1, 60 + n))])
@@ -239,7 +218,7 @@ def test_served_uploads_outlive_any_number_of_other_sessions(explorer, tmp_path:
 
 @pytest.mark.slow
 def test_a_flooding_visitor_cannot_lock_out_another(explorer) -> None:
-    with _served(explorer, LGUR_PROXY_HOPS="1") as (url, _):
+    with served_explorer(explorer, LGUR_PROXY_HOPS="1") as (url, _):
         other = Visitor(url, "198.51.100.20")
         baseline = [_timed_search(other) for _ in range(12)]
         stop, refused, served = threading.Event(), [], []
@@ -280,7 +259,7 @@ def test_costly_pictures_are_refused_cheaply_while_others_search(explorer, tmp_p
         (tmp_path / str(n)).mkdir()
         for i in range(8):
             (tmp_path / str(n) / f"flat{i}.png").write_bytes(flat.read_bytes() + f"{n}-{i}".encode())
-    with _served(explorer, LGUR_PROXY_HOPS="1") as (url, proc):
+    with served_explorer(explorer, LGUR_PROXY_HOPS="1") as (url, proc):
         other = Visitor(url, "198.51.100.20")
         baseline = [_timed_search(other) for _ in range(12)]
         start_rss, peak = rss_mib(proc.pid), [0.0]
@@ -315,13 +294,13 @@ def test_costly_pictures_are_refused_cheaply_while_others_search(explorer, tmp_p
 
 @pytest.mark.slow
 def test_a_dead_servers_upload_cache_is_removed_at_restart(explorer, tmp_path: Path) -> None:
-    with _served(explorer) as (url, proc):
+    with served_explorer(explorer) as (url, proc):
         cached = Path(Visitor(url).upload(_photos(tmp_path / "in", 1))[0]["path"])  # never added: only cached
         assert cached.is_file()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert cached.is_file()  # what a crash leaves behind ...
-    with _served(explorer):
+    with served_explorer(explorer):
         assert not cached.exists()  # ... the next start removes
 
 
@@ -329,7 +308,7 @@ def test_a_dead_servers_upload_cache_is_removed_at_restart(explorer, tmp_path: P
 def test_closing_the_page_deletes_the_uploads(explorer, tmp_path: Path) -> None:
     import tempfile
 
-    with _served(explorer) as (url, proc):
+    with served_explorer(explorer) as (url, proc):
         visitor = Visitor(url)
         uploads = Path(tempfile.gettempdir()) / "lgur-sessions" / str(proc.pid) / "uploads" / "images"
         with visitor.http.stream("GET", f"{visitor.url}/gradio_api/heartbeat/{visitor.session}"):  # the open page

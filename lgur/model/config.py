@@ -156,7 +156,7 @@ class DetailTrainConfig:
         default=20, metadata={"help": "a phrase is detected when at least this many training captions use it"}
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
-    # Without its own copy of the trunk's last stage the detector's phrase mAP stops at ~46 on the default world.
+    # On the frozen tokens alone the detector is short of features (docs/EXPERIMENTS.md, "The detail detector").
     stage: bool = field(
         default=False,
         metadata={

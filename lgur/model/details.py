@@ -108,7 +108,7 @@ WORD_PART = {word: part for part, words in PART_WORDS.items() for word in words.
 
 
 # A prototype is named by a phrase when its map puts at least this many times a flat map's weight where
-# the detector sees the phrase (chosen on the val split: docs/EXPERIMENTS.md, "Names read on this image").
+# the detector sees the phrase (chosen on the val split: docs/EXPERIMENTS.md, "Explanations that follow the person").
 MIN_READING = 4.0
 MIN_PHRASE_PROBABILITY = 0.5  # the phrases the detector sees on the image
 
