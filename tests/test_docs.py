@@ -132,3 +132,16 @@ def test_the_documented_api_is_what_the_app_answers(tmp_path: Path) -> None:
     )
     assert any("details" in r and "cosine" in r for r in results)
     assert endpoints["/why_not"] == set(answers["/why_not"][0])
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """Each module of a package folder is named in that folder's row of README's layout table."""
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `lgur/(\w+)/` \| (.*) \|$", README, re.M)}
+    missing = [
+        f"lgur/{folder.name}/{module.name}"
+        for folder in sorted((REPO / "lgur").iterdir())
+        if folder.is_dir() and not folder.name.startswith("__")
+        for module in sorted(folder.glob("*.py"))
+        if module.name != "__init__.py" and f"`{module.name}`" not in rows.get(folder.name, "")
+    ]
+    assert not missing, missing
