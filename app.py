@@ -197,11 +197,13 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 photo_file = gr.Dropdown(
                     explorer.engine.files(), value=None, filterable=True, label="A gallery image", elem_id="photo-file"
                 )
-                photo_upload = gr.Image(
+                # A file box, not gr.Image: an Image input decodes and re-encodes every frame of what a
+                # visitor sends before the app can check it; the app checks the header first (files.py).
+                photo_upload = gr.File(
+                    file_types=["image"],
                     type="filepath",
                     label="or a photo of your own (not kept)",
                     height=160,
-                    sources=["upload"],
                     elem_id="photo-upload",
                 )
                 photo_go = gr.Button("Find people who look alike", variant="primary", elem_id="photo-button")

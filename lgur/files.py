@@ -9,11 +9,12 @@ training/serving skew), and every write that others may read goes through
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import tempfile
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,15 @@ MAX_PIXELS_FULL_DECODE = 12_000_000  # PNG, WebP, BMP, GIF
 DECODE_SIDE = 512  # a JPEG is decoded at the smallest scale that keeps this many pixels a side
 MIN_SIDE = 8
 MAX_FILE_BYTES = 20 * 1024 * 1024
+# What one decode may allocate: its pixels (after a JPEG's reduced scale) in the file's mode, plus the
+# RGB copy a conversion makes. A 12 MP RGB PNG fits; a 40 MP JPEG too narrow to decode reduced does not.
+MAX_DECODED_BYTES = 64 * 2**20
+MAX_ASPECT = 8  # a person photo is at most this much taller than wide (or wider than tall)
+BYTES_PER_PIXEL = {
+    "1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3, "YCbCr": 3,
+    "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4,
+}  # fmt: skip
+DECODE_CACHE_BYTES = 96 * 2**20  # decoded images kept for serving (open_rgb_cached), all together
 TEMPORARY_SUFFIX = ".tmp"  # an `atomic_output` that never finished: safe to delete
 
 
@@ -115,7 +125,10 @@ def read_checked_image(path: Path, size: tuple[int, int] | None = None) -> tuple
                     )
                 if min(w, h) < MIN_SIDE:
                     return None, f"image too small ({w}x{h} pixels)"
-                reduced(image).load()  # decodes (as open_rgb does): catches truncated files
+                problem = decode_problem(reduced(image))
+                if problem:
+                    return None, problem
+                image.load()  # decodes (as open_rgb does): catches truncated files
                 return (None if size is None else model_pixels(rgb(image), size)), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "image too large (decompression bomb)"
@@ -135,12 +148,29 @@ def reduced(image: Image.Image) -> Image.Image:
     return image
 
 
+def decode_problem(image: Image.Image) -> str | None:
+    """Why decoding an opened image (header read, `reduced` applied) would cost too much, or None: its
+    mode, its shape, the bytes its first frame and its RGB copy take (MAX_DECODED_BYTES)."""
+    w, h = image.size
+    if image.mode not in BYTES_PER_PIXEL:
+        return f"unsupported colour mode ({image.mode})"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return f"not the shape of a person photo ({w}x{h} pixels)"
+    cost = w * h * (BYTES_PER_PIXEL[image.mode] + (0 if image.mode == "RGB" else 3))
+    if cost > MAX_DECODED_BYTES:
+        return f"image too large to decode ({w}x{h} pixels in mode {image.mode})"
+    return None
+
+
 def open_rgb(path: str | Path) -> Image.Image:
-    """The image as 8-bit RGB: first frame (a large JPEG at a reduced scale, `reduced`); 16-bit and
+    """The image as 8-bit RGB: first frame only (a large JPEG at a reduced scale, `reduced`); 16-bit and
     32-bit grey scaled by their maximum (a plain convert would clip them to white); CMYK, palette and
-    alpha converted."""
+    alpha converted. Raises ValueError for an image whose decode would cost too much (decode_problem)."""
     with Image.open(path) as image:
-        return rgb(reduced(image))
+        problem = decode_problem(reduced(image))
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        return rgb(image)
 
 
 def rgb(image: Image.Image) -> Image.Image:
@@ -152,17 +182,52 @@ def rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-@functools.lru_cache(maxsize=64)
-def _decoded(path: str, modified: int, size: int) -> Image.Image:
-    return open_rgb(path)
+class DecodedImages:
+    """Decoded images by (path, modification time, size), bounded in bytes, the least recently used
+    dropped first; an image over a quarter of the bound is decoded each time, never kept."""
+
+    def __init__(self, max_bytes: int = DECODE_CACHE_BYTES) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._images: OrderedDict[tuple[str, int, int], Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def size_of(image: Image.Image) -> int:
+        return image.width * image.height * len(image.getbands())
+
+    def get(self, path: str | Path) -> Image.Image:
+        stat = os.stat(path)
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        image = open_rgb(path)
+        size = self.size_of(image)
+        if size <= self.max_bytes // 4:
+            with self._lock:
+                if key not in self._images:
+                    self._images[key] = image
+                    self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, dropped = self._images.popitem(last=False)
+                    self.bytes -= self.size_of(dropped)
+        return image
+
+    def clear(self) -> None:
+        with self._lock:
+            self._images.clear()
+            self.bytes = 0
+
+
+DECODED = DecodedImages()
 
 
 def open_rgb_cached(path: str | Path) -> Image.Image:
     """open_rgb for serving: a selected result's image is drawn in several panels and read by the
-    model, in several requests; it is decoded once (cached by path, modification time and size).
-    Callers must not modify the image in place."""
-    stat = os.stat(path)
-    return _decoded(str(path), stat.st_mtime_ns, stat.st_size)
+    model, in several requests; it is decoded once (DECODED, bounded in bytes). Callers must not
+    modify the image in place."""
+    return DECODED.get(path)
 
 
 def read_image(path: str | Path, size: tuple[int, int], cached: bool = False) -> np.ndarray:

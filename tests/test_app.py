@@ -475,7 +475,7 @@ def test_a_selected_result_is_decoded_once(explorer: explorer_app.Explorer, monk
     import lgur.files
 
     _, _, response = explorer.search("a person in black trousers", 5)
-    lgur.files._decoded.cache_clear()
+    lgur.files.DECODED.clear()
     opened: list[str] = []
     real = lgur.files.open_rgb
     monkeypatch.setattr(lgur.files, "open_rgb", lambda path: opened.append(str(path)) or real(path))
