@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from lgur import DEFAULT_GALLERY  # noqa: E402
 from lgur.app.explorer import EXAMPLES, GALLERY_ROUTE, INTRO, Choices, Explorer, create, server_address  # noqa: E402
-from lgur.app.uploads import SESSION_SECONDS, UploadLimits  # noqa: E402
+from lgur.app.uploads import SESSION_SECONDS, UploadLimits, meter_uploads  # noqa: E402
 from lgur.app.visitors import limit_per_visitor, visitor_limits  # noqa: E402
 from lgur.files import MAX_FILE_BYTES  # noqa: E402
 from lgur.model.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
@@ -40,6 +40,12 @@ MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling u
 def panels(explained: tuple) -> tuple:
     """Explorer.explain's values for Gradio: the two pickers' Choices become dropdown updates."""
     return tuple(gr.update(choices=v.choices, value=v.value) if isinstance(v, Choices) else v for v in explained)
+
+
+def picker(choices: list[Any], **options: Any) -> gr.Dropdown:
+    """A dropdown that hands any value to its handler, which reads one outside the choices as its default
+    or refuses it in words: Gradio's own refusal echoes the value and every choice (all gallery names)."""
+    return gr.Dropdown(choices, allow_custom_value=True, **options)
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
@@ -58,16 +64,20 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3, elem_id="query")
                 k = gr.Slider(1, MAX_RESULTS, value=10, step=1, label="results", scale=1)
                 go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
-            gr.Examples(EXAMPLES, inputs=query)
+            # A dataset with a queued click, not gr.Examples: its click runs outside the queue, and only fills
+            # the box. Clicking an example searches for it.
+            examples = gr.Dataset(
+                components=[query], samples=[[e] for e in EXAMPLES], type="index", label="Examples", elem_id="examples"
+            )
             status = gr.Markdown(elem_id="status")
             results = gr.Gallery(
                 label="Results", columns=10, height=200, object_fit="contain", allow_preview=False, elem_id="results"
             )
             gr.Markdown("## Why this result")
             with gr.Row():
-                layer = gr.Dropdown(explorer.layers, value="last", label="PGU layer")
-                head = gr.Dropdown(explorer.heads, value="mean", label="attention head")
-                prototype = gr.Dropdown(explorer.prototypes, value="P1", label="prototype for the words")
+                layer = picker(explorer.layers, value="last", label="PGU layer")
+                head = picker(explorer.heads, value="mean", label="attention head")
+                prototype = picker(explorer.prototypes, value="P1", label="prototype for the words")
             summary = gr.Markdown(elem_id="summary")
             maps = gr.Gallery(
                 label="Prototype attention (share of the similarity, what it reads here); then where "
@@ -98,12 +108,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     )
                     gr.HTML(FOREGROUND_LEGEND, elem_id="foreground-legend")
             with gr.Row():
-                word = gr.Dropdown([], label="Cross-modality guidance: pick a query word", scale=1)
+                word = picker([], label="Cross-modality guidance: pick a query word", scale=1)
                 with gr.Column(scale=1):
                     guidance = gr.Image(label=explorer.guidance_label, type="pil", elem_id="guidance", format="jpeg")
                     gr.HTML(MAP_LEGEND, elem_id="guidance-legend")
             with gr.Row():
-                chart_atom = gr.Dropdown(
+                chart_atom = picker(
                     [],
                     label="What is an atom of the chart? Pick one (shared ones first)",
                     elem_id="chart-atom",
@@ -120,7 +130,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             )
             gr.Markdown("## Why not this one?")
             with gr.Row():
-                expected = gr.Dropdown(
+                expected = picker(
                     explorer.engine.files(),
                     value=None,
                     filterable=True,
@@ -170,6 +180,14 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 on_details, details_inputs, details_outputs, api_visibility="private"
             )
 
+            def on_example(index, n, la, he, pr, request: gr.Request):
+                text = EXAMPLES[index] if isinstance(index, int) and 0 <= index < len(EXAMPLES) else EXAMPLES[0]
+                return (text, *on_search(text, n, la, he, pr, request))
+
+            examples.click(
+                on_example, [examples, *search_inputs[1:]], [query, *search_outputs], api_visibility="private"
+            ).then(on_details, details_inputs, details_outputs, api_visibility="private")
+
             def on_select(response, la, he, pr, evt: gr.SelectData):
                 return (evt.index, *panels(explorer.explain(response, evt.index, la, he, pr)))
 
@@ -194,8 +212,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         with gr.Tab("Search by photo"):
             photo_state = gr.State(None, time_to_live=SESSION_SECONDS)
             with gr.Row():
-                photo_file = gr.Dropdown(
-                    explorer.engine.files(), value=None, filterable=True, label="A gallery image", elem_id="photo-file"
+                photo_file = picker(
+                    explorer.engine.files(),
+                    value=None,
+                    filterable=True,
+                    label="A gallery image",
+                    elem_id="photo-file",
                 )
                 # A file box, not gr.Image: an Image input decodes and re-encodes every frame of what a
                 # visitor sends before the app can check it; the app checks the header first (files.py).
@@ -234,8 +256,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     elem_id="photo-result-maps",
                 )
 
-            def on_photo(file, upload):
-                items, text, response, maps = explorer.photos.search(file, upload)
+            def on_photo(file, upload, request: gr.Request):
+                address = explorer.gallery.store.address_of(request)
+                items, text, response, maps = explorer.photos.search(file, upload, address=address)
                 return items, text, response, maps, explorer.photos.result_maps(response, 0)
 
             photo_go.click(
@@ -264,7 +287,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
             def on_upload(files, request: gr.Request, progress=gr.Progress()):  # noqa: B008
                 progress(0, desc="indexing")
-                report, _ = explorer.gallery.upload(files, request.session_hash)
+                address = explorer.gallery.store.address_of(request)
+                report, _ = explorer.gallery.upload(files, request.session_hash, address)
                 items, text = explorer.gallery.browse(1, request.session_hash)
                 return report, items, text, 1
 
@@ -317,6 +341,7 @@ def launch_options(explorer: Explorer) -> dict[str, Any]:
         "allowed_paths": [str(explorer.engine.gallery), str(explorer.gallery.store.root / "images")],
         "blocked_paths": [str(explorer.engine.index_dir)],  # the index may sit inside the gallery
         "show_error": False,
+        "enable_monitoring": False,  # no /monitoring pages: request counts are nobody's business
         "max_file_size": MAX_FILE_BYTES,
         "state_session_capacity": MAX_SESSIONS,
         "css": (ROOT / "style.css").read_text(),
@@ -366,12 +391,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (CheckpointError, OSError, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from error
+    explorer.gallery.store.proxy_hops = fairness[1]  # whose uploads are whose: by address, as the queue counts
     demo = build_app(explorer)
     # api_open=False: no REST route skips the queue, so the per-visitor limit sees every request.
     demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE, api_open=False)
     limit_per_visitor(demo._queue, *fairness)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, **launch_options(explorer))
     add_gallery_route(demo, explorer)
+    meter_uploads(demo.app, explorer.gallery.store)
     demo.block_thread()
 
 

@@ -79,3 +79,62 @@ def test_decoded_images_are_bounded_in_bytes(tmp_path: Path) -> None:
     Image.new("RGB", (200, 200)).save(big)  # over a quarter of the bound: decoded, never kept
     cache.get(big)
     assert all(key[0] != str(big) for key in cache._images)
+
+
+def test_every_event_runs_in_the_queue(explorer) -> None:
+    """An event outside the queue escapes the per-visitor limit: none costs the server CPU that way."""
+    demo = explorer_app.build_app(explorer)
+    outside = [f.name for f in demo.fns.values() if f.fn is not None and not f.queue]
+    assert not outside, outside
+
+
+def test_clicking_an_example_searches_for_it(explorer) -> None:
+    from types import SimpleNamespace
+
+    demo = explorer_app.build_app(explorer)
+    (click,) = [f for f in demo.fns.values() if f.name == "on_example"]
+    visitor = SimpleNamespace(session_hash="s", headers={}, client=None)
+    text, items, status, *_ = click.fn(2, 5, "last", "mean", "P1", visitor)
+    assert text == explorer_app.EXAMPLES[2] and len(items.value) == 5 and "5 results" in status
+    assert click.fn("<script>", 5, "last", "mean", "P1", visitor)[0] == explorer_app.EXAMPLES[0]  # not echoed
+
+
+def test_a_value_outside_a_dropdowns_choices_is_neither_echoed_nor_an_error(explorer) -> None:
+    import gradio as gr
+
+    demo = explorer_app.build_app(explorer)
+    hostile = "<img src=x onerror=alert(1)>"
+    dropdowns = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
+    assert len(dropdowns) == 7
+    for dropdown in dropdowns:
+        assert dropdown.preprocess(hostile) == hostile  # Gradio's refusal would echo it with every choice
+    _, _, response = explorer.search("a person in a red coat", 5)
+    assert explorer.picked(hostile, hostile, hostile) == explorer.picked("last", "mean", "P1") == (-1, None, 0)
+    maps, *_ = explorer.explain(response, 0, hostile, "99", "P99 x")
+    assert [caption for _, caption in maps] == [
+        caption for _, caption in explorer.explain(response, 0, "last", "mean", "P1")[0]
+    ]
+
+
+def test_no_monitoring_pages(explorer) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    demo = explorer_app.build_app(explorer)
+    port = free_port()
+    demo.queue().launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **explorer_app.launch_options(explorer),
+    )
+    try:
+        for path in ("monitoring", "monitoring/summary"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=10)
+            assert refused.value.code in (403, 404), path
+    finally:
+        demo.close()

@@ -79,13 +79,13 @@ def test_a_visitor_who_leaves_loses_their_uploads_at_once(explorer, tmp_path: Pa
 
 def test_the_store_has_a_quota_for_all_visitors_together(explorer, tmp_path: Path) -> None:
     photos = _photos(tmp_path / "in", 5)
-    store = UploadStore(tmp_path / "sessions", UploadLimits(total_files=3))
-    assert len(store.add(explorer.engine, "a", photos[:2]).added) == 2
-    report = store.add(explorer.engine, "b", photos[2:])
+    store = UploadStore(tmp_path / "sessions", UploadLimits(total_files=3, address_share=1.0))
+    assert len(store.add(explorer.engine, "a", photos[:2], "10.0.0.1").added) == 2
+    report = store.add(explorer.engine, "b", photos[2:], "10.0.0.2")
     assert len(report.added) == 1 and len(report.rejected) == 2
     assert all("space for uploads is full" in reason for _, reason in report.rejected)
     size = photos[0].stat().st_size
-    by_bytes = UploadStore(tmp_path / "bytes", UploadLimits(total_bytes=size + 1))
+    by_bytes = UploadStore(tmp_path / "bytes", UploadLimits(total_bytes=size + 1, address_share=1.0))
     report = by_bytes.add(explorer.engine, "c", photos[:1] + photos[:1])
     assert len(report.added) == 1 and "space for uploads is full" in report.rejected[0][1]
 
@@ -97,10 +97,49 @@ def test_each_upload_is_stored_once(explorer, tmp_path: Path) -> None:
     ]
     outside = _photos(tmp_path / "elsewhere", 1)
     store = UploadStore(tmp_path / "sessions", cache=cache)
-    report = store.add(explorer.engine, "a", in_cache + outside)
+    store.uploaded(in_cache, "10.0.0.1")  # as the upload route records them
+    report = store.add(explorer.engine, "a", in_cache + outside, "10.0.0.1")
     assert len(report.added) == 3
     assert not any(p.exists() for p in in_cache) and not list(cache.iterdir())  # the cache copies are gone
     assert outside[0].exists()  # nothing outside the cache is ever deleted
+
+
+def test_nothing_a_visitor_names_is_deleted_unless_they_uploaded_it(explorer, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    files = [
+        Path(shutil.copy(SHIPPED[60 + i], (cache / f"h{i}").mkdir(parents=True) or cache / f"h{i}")) for i in range(3)
+    ]
+    theirs, app_output, mine = files  # another address's upload; a file the app put there (a plot); my own
+    store = UploadStore(tmp_path / "sessions", cache=cache)
+    store.uploaded([theirs], "10.0.0.2")
+    store.uploaded([mine], "10.0.0.1")
+    store.add(explorer.engine, "a", files, "10.0.0.1")  # named in my upload event
+    with store.holding([theirs, app_output], "10.0.0.1"):  # and as my photo
+        pass
+    assert theirs.exists() and app_output.exists() and not mine.exists()
+
+
+def test_an_upload_no_event_claims_is_swept(explorer, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    clock = SimpleNamespace(now=0.0)
+    sent = Path(shutil.copy(SHIPPED[63], (cache / "h").mkdir(parents=True) or cache / "h"))
+    store = UploadStore(tmp_path / "sessions", UploadLimits(unclaimed=60), cache=cache, clock=lambda: clock.now)
+    store.uploaded([sent], "10.0.0.1")
+    clock.now = 30
+    store.sweep()
+    assert sent.exists()
+    clock.now = 61
+    store.sweep()
+    assert not sent.exists()
+
+
+def test_one_address_holds_at_most_its_share_of_the_quota(explorer, tmp_path: Path) -> None:
+    photos = _photos(tmp_path / "in", 6)
+    store = UploadStore(tmp_path / "sessions", UploadLimits(total_files=8, address_share=0.25))  # 2 each
+    added = [len(store.add(explorer.engine, f"throwaway-{n}", photos[n : n + 1], "10.0.0.1").added) for n in range(4)]
+    assert added == [1, 1, 0, 0]  # its third session is refused: the address holds its share
+    report = store.add(explorer.engine, "other", photos[4:6], "10.0.0.2")
+    assert len(report.added) == 2  # another visitor is not locked out
 
 
 def test_concurrent_uploads_of_one_visitor_share_one_folder_and_the_cap(explorer, tmp_path: Path) -> None:
@@ -143,8 +182,11 @@ def test_pixel_caps_fit_a_person_photo(tmp_path: Path) -> None:
         assert small.size == original.size  # the gallery's images are read as they are
 
 
-def _request(host: str, forwarded: str | None = None):
-    headers = {"x-forwarded-for": forwarded} if forwarded else {}
+def _request(host: str, *forwarded: str):
+    """A request from `host` with one X-Forwarded-For header line per entry of `forwarded`."""
+    from starlette.datastructures import Headers
+
+    headers = Headers(raw=[(b"x-forwarded-for", line.encode()) for line in forwarded])
     return SimpleNamespace(headers=headers, client=SimpleNamespace(host=host))
 
 
@@ -156,6 +198,10 @@ def test_the_visitor_address_behind_trusted_proxies() -> None:
     assert visitor_address(_request("10.0.0.9", spoofed), proxy_hops=1) == "203.0.113.7"
     assert visitor_address(_request("10.0.0.9", spoofed), proxy_hops=2) == "198.51.100.2"
     assert visitor_address(_request("10.0.0.9"), proxy_hops=1) == "10.0.0.9"  # no header: the peer
+    # The client's own line first, the proxy's line after it: every line counts, from the right.
+    for n in range(10):
+        own = f"198.51.100.{n}"
+        assert visitor_address(_request("10.0.0.9", own, "203.0.113.7"), proxy_hops=1) == "203.0.113.7"
     assert visitor_limits({}) == (2, 0) and visitor_limits({"SPACE_ID": "me/lgur"}) == (2, 1)
     assert visitor_limits({"LGUR_PER_VISITOR": "5", "LGUR_PROXY_HOPS": "2"}) == (5, 2)
     with pytest.raises(SystemExit, match="LGUR_PROXY_HOPS must be a whole number"):
@@ -319,3 +365,26 @@ def test_closing_the_page_deletes_the_uploads(explorer, tmp_path: Path) -> None:
         while folder.exists() and time.time() < deadline:  # the page closed: Gradio's unload event
             time.sleep(0.2)
         assert not folder.exists()
+
+
+def test_the_upload_route_is_metered_per_address(explorer, tmp_path: Path) -> None:
+    """POST /gradio_api/upload counts against the sending address (60 uploads per 10 minutes), and a
+    cache file one address sent is never deleted by another's event."""
+    photo = _photos(tmp_path / "in", 1)[0]
+    with served_explorer(explorer, LGUR_PROXY_HOPS="1") as (url, _):
+        flooder = Visitor(url)
+        flooder.http.headers["x-forwarded-for"] = "203.0.113.66"
+        codes = [
+            flooder.http.post(
+                f"{flooder.url}/gradio_api/upload", files=[("files", (photo.name, photo.read_bytes()))]
+            ).status_code
+            for _ in range(61)
+        ]
+        assert codes[:60] == [200] * 60 and codes[60] == 429
+        victim = Visitor(url)
+        victim.http.headers["x-forwarded-for"] = "203.0.113.7"
+        (sent,) = victim.upload([photo])  # another address is metered on its own
+        thief = Visitor(url)
+        thief.http.headers["x-forwarded-for"] = "203.0.113.66"
+        thief.call("upload_files", [[sent]])  # names the victim's cache copy in its own upload event
+        assert Path(sent["path"]).is_file()  # not deleted: the victim's address sent it

@@ -136,18 +136,6 @@ class Choices:
     value: str | None = None
 
 
-def _layer_index(layer: str) -> int:
-    return -1 if layer in ("last", "", None) else int(layer) - 1
-
-
-def _head_index(head: str) -> int | None:
-    return None if head in ("mean", "", None) else int(head) - 1
-
-
-def _prototype_index(prototype: str) -> int:
-    return int(str(prototype).split()[0].lstrip("P")) - 1 if prototype else 0  # "P3" or "P3 upper body" -> 2
-
-
 class Explorer:
     """The app's behaviour: every event handler is a method over plain values."""
 
@@ -218,6 +206,14 @@ class Explorer:
             status = "The gallery is empty: add images in the Gallery tab."
         return items, status, response
 
+    def picked(self, layer: str, head: str, prototype: str) -> tuple[int, int | None, int]:
+        """The (layer, head, prototype) indices a visitor picked; a value that is not one of the choices
+        (the dropdowns accept any text, so that a refusal never echoes it) reads as the default."""
+        li = self.layers.index(layer) - 1 if layer in self.layers[1:] else -1
+        hi = self.heads.index(head) - 1 if head in self.heads[1:] else None
+        name = str(prototype).split()[0] if prototype and str(prototype).split() else ""  # "P3 upper body"
+        return li, hi, self.prototypes.index(name) if name in self.prototypes else 0
+
     def explain(
         self, response: SearchResponse | None, selected: int, layer: str, head: str, prototype: str
     ) -> tuple[list[tuple[Any, str]], list[tuple[str, float]], Any, Any, str, Any]:
@@ -228,7 +224,7 @@ class Explorer:
         if response is None or not response.results:
             return [], [], None, None, "", Choices()
         result = response.results[min(max(int(selected), 0), len(response.results) - 1)]
-        li, hi, pi = _layer_index(layer), _head_index(head), _prototype_index(prototype)
+        li, hi, pi = self.picked(layer, head, prototype)
         readings = self.engine.prototype_readings(result, li)
         names = [reading_name(p, r) for p, r in enumerate(readings)]  # what each reads on this image
         maps = prototype_overlays(result, response.prototype_grid, li, hi, names) + self.detail_overlays(
@@ -327,7 +323,8 @@ class Explorer:
         if helped:
             pick = max(helped, key=lambda i: effects[i])
         else:
-            read = word_highlights(response.query, _prototype_index(prototype), _layer_index(layer), _head_index(head))
+            li, hi, pi = self.picked(layer, head, prototype)
+            read = word_highlights(response.query, pi, li, hi)
             pick = max(candidates, key=lambda i: read[i][1], default=None)
         word = choices[pick] if pick is not None else None
         return (

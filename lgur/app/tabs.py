@@ -27,12 +27,12 @@ class PhotoSearch:
         self.engine, self.store, self.prototypes = engine, store, prototypes
 
     def search(
-        self, file: str | None, upload: str | None, k: float = 10
+        self, file: str | None, upload: str | None, k: float = 10, address: str = "local"
     ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
-        """A gallery image (by name) or an uploaded photo as the query: results, a status line, the
-        response (kept per session) and the query photo's own prototype maps."""
+        """A gallery image (by name) or an uploaded photo (sent from `address`) as the query: results, a
+        status line, the response (kept per session) and the query photo's own prototype maps."""
         if upload:
-            with self.store.holding([Path(upload)]):  # read while answering, then deleted: not kept
+            with self.store.holding([Path(upload)], address):  # read while answering, then deleted: not kept
                 problem = check_image(Path(upload))
                 if problem:
                     return [], f"⚠️ The photo cannot be used: {html.escape(problem)}.", None, []
@@ -97,17 +97,20 @@ class GalleryTab:
         files, where = gallery_page(self.engine.files(), self.engine.gallery, mine, page, per_page, self.uploads)
         return [(str(f), f.name) for f in files], where
 
-    def upload(self, files: list[Any] | None, visitor: str = "local") -> tuple[str, list[tuple[str, str]]]:
-        """Add uploaded files (validated, indexed at once) to the visitor's private gallery, or to
-        the shared one with `shared_uploads`; report what was refused. -> report, first gallery page."""
+    def upload(
+        self, files: list[Any] | None, visitor: str = "local", address: str = "local"
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """Add uploaded files (sent from `address`; validated, indexed at once) to the visitor's private
+        gallery, or to the shared one with `shared_uploads`; report what was refused. -> report, first
+        gallery page."""
         paths = [Path(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
             return "No files were given.", self.browse(1, visitor)[0]
         if self.shared_uploads:
-            with self.store.holding(paths):
+            with self.store.holding(paths, address):
                 report = add_images(self.engine, paths, self.uploads)
         else:
-            report = self.store.add(self.engine, visitor, paths)
+            report = self.store.add(self.engine, visitor, paths, address)
         whose = "the gallery now holds" if self.shared_uploads else "only you see them; your search covers"
         lines = [f"Added {len(report.added)} image(s); {whose} {report.gallery_size}."]
         lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]

@@ -7,26 +7,32 @@ unload event) or `lifetime` seconds after their last use, whichever comes first;
 removes what is past its lifetime and any folder no visitor holds.
 
 Bounds: one visitor's uploads are serialised (the per-visitor cap is checked inside that
-lock), all visitors together share a quota of files and bytes, and at most `concurrent`
-uploads are decoded and indexed at once. Each file is stored once: the web framework's
-copy in its upload cache is deleted as soon as ours is written.
+lock), all visitors together share a quota of files and bytes, of which one address (all
+its sessions together) may hold at most `address_share`, and at most `concurrent` uploads
+are decoded and indexed at once. Each file is stored once: the web framework's copy in its
+upload cache is deleted as soon as ours is written. Only a copy that the same address sent
+through the upload route (`uploaded`) is ever deleted so; copies nobody used within
+`unclaimed` seconds are swept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..search.engine import SearchEngine
 from ..search.gallery import MAX_PRIVATE_IMAGES, AddReport, PrivateGallery, add_images
+from .visitors import visitor_address
 
 log = logging.getLogger(__name__)
 SESSION_SECONDS = 3600
@@ -41,6 +47,8 @@ class UploadLimits:
     total_bytes: int = 2 * 2**30
     lifetime: float = SESSION_SECONDS  # seconds since the visitor's last search or upload
     concurrent: int = 2  # uploads decoded and indexed at once, all visitors together
+    address_share: float = 0.25  # of the quota, the most one address (all its sessions) may hold
+    unclaimed: float = 900.0  # seconds an upload-route file may wait for the event that uses it
     wait: float = 60.0  # seconds an upload waits for a free slot before it is refused
 
     @classmethod
@@ -62,6 +70,7 @@ class Visitor:
     gallery: PrivateGallery
     last_used: float
     lock: threading.Lock = field(default_factory=threading.Lock)  # one upload at a time
+    address: str = "local"  # where the visitor's requests come from (visitors.visitor_address)
     bytes: int = 0
     files: int = 0
 
@@ -79,20 +88,26 @@ class UploadStore:
         limits: UploadLimits | None = None,
         cache: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        proxy_hops: int = 0,
     ):
         """root: where the visitors' folders go; cache: the web framework's upload folder, whose
         copies of uploaded files are deleted once stored (nothing outside it is ever deleted)."""
         self.root = root
         self.limits = limits or UploadLimits()
         self.cache = cache.resolve() if cache else None
-        self.clock = clock
+        self.clock, self.proxy_hops = clock, proxy_hops
         self._visitors: dict[str, Visitor] = {}
         self._lock = threading.Lock()  # the visitors and the quota's accounting
         self._reserved = (0, 0)  # (bytes, files) admitted to uploads in progress
         self._slots = threading.BoundedSemaphore(self.limits.concurrent)
         self._holders: Counter[Path] = Counter()  # cache files that uploads in progress read
+        self._uploaded: dict[Path, tuple[str, float]] = {}  # cache file -> (the address that sent it, when)
 
     # -- looking up ---------------------------------------------------------------------------
+    def address_of(self, request: Any) -> str:
+        """The address a request comes from (behind `proxy_hops` trusted proxies): whose uploads are whose."""
+        return visitor_address(request, self.proxy_hops)
+
     def gallery(self, visitor: str | None) -> PrivateGallery | None:
         """The visitor's gallery, if they uploaded; counts as a use (their lifetime restarts)."""
         with self._lock:
@@ -112,18 +127,19 @@ class UploadStore:
         return sum(b for b, _ in stored) + self._reserved[0], sum(f for _, f in stored) + self._reserved[1]
 
     # -- adding -------------------------------------------------------------------------------
-    def add(self, engine: SearchEngine, visitor: str, files: list[Path]) -> AddReport:
+    def add(self, engine: SearchEngine, visitor: str, files: list[Path], address: str = "local") -> AddReport:
         """Validate, store and index `files` for `visitor` (see gallery.add_images), within the
-        per-visitor cap and the store's quota; their cache copies are deleted in any case."""
-        with self.holding(files):
+        per-visitor cap, the address's share and the store's quota; the cache copies `address` sent are
+        deleted in any case."""
+        with self.holding(files, address):
             if not self._slots.acquire(timeout=self.limits.wait):
                 return AddReport(
                     rejected=[(f.name, "the server is busy with other uploads; try again soon") for f in files]
                 )
             try:
-                entry = self._entry(visitor)
+                entry = self._entry(visitor, address)
                 with entry.lock:  # a visitor's uploads one at a time: the cap holds, nothing is orphaned
-                    admitted, refused, reserved = self._admit(files)
+                    admitted, refused, reserved = self._admit(files, address)
                     try:
                         report = add_images(engine, admitted, private=entry.gallery, cap=self.limits.files_per_visitor)
                     finally:
@@ -136,17 +152,21 @@ class UploadStore:
             finally:
                 self._slots.release()
 
-    def _entry(self, visitor: str) -> Visitor:
+    def _entry(self, visitor: str, address: str) -> Visitor:
         with self._lock:
             if visitor not in self._visitors:
-                self._visitors[visitor] = Visitor(PrivateGallery.create(self.root), self.clock())
+                self._visitors[visitor] = Visitor(PrivateGallery.create(self.root), self.clock(), address=address)
             return self._visitors[visitor]
 
-    def _admit(self, files: list[Path]) -> tuple[list[Path], list[tuple[str, str]], int]:
-        """Files in order while they fit the store's quota, and their bytes (reserved until the upload ends)."""
+    def _admit(self, files: list[Path], address: str) -> tuple[list[Path], list[tuple[str, str]], int]:
+        """Files in order while they fit the address's share and the store's quota, and their bytes
+        (reserved until the upload ends)."""
         admitted, refused = [], []
+        share = self.limits.address_share
         with self._lock:
             used_bytes, used_files = start = self._usage()
+            mine = [(v.bytes, v.files) for v in self._visitors.values() if v.address == address]
+            own_bytes, own_files = sum(b for b, _ in mine), sum(f for _, f in mine)
             for path in files:
                 size = self._size(path)
                 if used_files + 1 > self.limits.total_files or used_bytes + size > self.limits.total_bytes:
@@ -154,7 +174,14 @@ class UploadStore:
                         (path.name, "the space for uploads is full (all visitors together); try again later")
                     )
                     continue
+                if (
+                    own_files + 1 > share * self.limits.total_files
+                    or own_bytes + size > share * self.limits.total_bytes
+                ):
+                    refused.append((path.name, "your address holds its share of the space for uploads; try later"))
+                    continue
                 used_bytes, used_files = used_bytes + size, used_files + 1
+                own_bytes, own_files = own_bytes + size, own_files + 1
                 admitted.append(path)
             reserved = used_bytes - start[0]
             self._reserved = (self._reserved[0] + reserved, self._reserved[1] + len(admitted))
@@ -167,13 +194,21 @@ class UploadStore:
         except OSError:
             return 0
 
-    @contextlib.contextmanager
-    def holding(self, files: list[Path]) -> Iterator[None]:
-        """While held, `files` may be read; after, those in the upload cache are deleted (our own copy
-        is stored by then), unless another upload in progress holds the same one (the cache keeps
-        one file per content, shared by every visitor who sent those bytes)."""
-        cached = [p for p in map(self._in_cache, files) if p is not None]
+    def uploaded(self, files: list[str | Path], address: str) -> None:
+        """`address` sent `files` through the upload route: the copies that address's events may delete."""
+        now = self.clock()
         with self._lock:
+            for path in map(self._in_cache, map(Path, files)):
+                if path is not None:
+                    self._uploaded[path] = (address, now)
+
+    @contextlib.contextmanager
+    def holding(self, files: list[Path], address: str = "local") -> Iterator[None]:
+        """While held, `files` may be read; after, those in the upload cache that `address` sent are
+        deleted (our own copy is stored by then), unless another upload in progress holds the same one.
+        Any other file a visitor names (another's upload, the app's own outputs) is never deleted."""
+        with self._lock:
+            cached = [p for p in map(self._in_cache, files) if p is not None and self._sent_by(p, address)]
             self._holders.update(cached)
         try:
             yield
@@ -182,10 +217,17 @@ class UploadStore:
                 self._holders.subtract(cached)
                 for path in {p for p in cached if self._holders[p] <= 0}:
                     del self._holders[path]
-                    with contextlib.suppress(OSError):
-                        path.unlink(missing_ok=True)
-                        if path.parent != self.cache:
-                            path.parent.rmdir()  # the per-content folder the cache makes, if now empty
+                    self._delete_cached(path)
+
+    def _sent_by(self, path: Path, address: str) -> bool:
+        return self._uploaded.get(path, ("",))[0] == address
+
+    def _delete_cached(self, path: Path) -> None:
+        self._uploaded.pop(path, None)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+            if path.parent != self.cache:
+                path.parent.rmdir()  # the per-content folder the cache makes, if now empty
 
     def _in_cache(self, path: Path) -> Path | None:
         try:
@@ -230,6 +272,11 @@ class UploadStore:
                 removed += 1
             finally:
                 entry.lock.release()
+        with self._lock:  # upload-route files no event used in time
+            for path, (_, sent) in list(self._uploaded.items()):
+                if now - sent > self.limits.unclaimed and self._holders[path] <= 0:
+                    self._delete_cached(path)
+                    removed += 1
         with self._lock:  # no visitor can be added while the folders are read
             held = {p.name for v in self._visitors.values() for p in (v.gallery.images, v.gallery.index_dir)}
             for kind in ("images", "index"):
@@ -253,3 +300,81 @@ class UploadStore:
         thread = threading.Thread(target=loop, name="upload-sweeper", daemon=True)
         thread.start()
         return thread
+
+
+class MeteredUploads:
+    """Gradio's upload route (POST /gradio_api/upload) behind a meter: each address may send at most
+    `requests` uploads and `max_bytes` bytes per `window` seconds, refused (429) before a byte is stored,
+    and the files it stores are recorded as that address's (UploadStore.uploaded), which only that
+    address's events may delete and which are swept when unclaimed."""
+
+    def __init__(
+        self,
+        route: Any,
+        store: UploadStore,
+        requests: int = 60,
+        max_bytes: int = 200 * 2**20,
+        window: float = 600.0,
+    ) -> None:
+        self.route, self.store = route, store
+        self.requests, self.max_bytes, self.window = requests, max_bytes, window
+        self._sent: dict[str, deque[tuple[float, int]]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, address: str, length: int) -> str | None:
+        """None if `address` may send `length` more bytes now (and count them), else why not."""
+        now = self.store.clock()
+        with self._lock:
+            for who in [w for w, sent in self._sent.items() if not sent or now - sent[-1][0] > self.window]:
+                del self._sent[who]  # nothing of theirs left in the window
+            sent = self._sent.setdefault(address, deque())
+            while sent and now - sent[0][0] > self.window:
+                sent.popleft()
+            if len(sent) >= self.requests or sum(n for _, n in sent) + length > self.max_bytes:
+                return f"Too many uploads from your address; wait {self.window / 60:.0f} minutes."
+            sent.append((now, length))
+            return None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        from starlette.requests import Request
+        from starlette.responses import PlainTextResponse
+
+        request = Request(scope)
+        address = self.store.address_of(request)
+        try:
+            length = int(request.headers["content-length"])
+        except (KeyError, ValueError):
+            await PlainTextResponse("An upload must say its length.", status_code=411)(scope, receive, send)
+            return
+        refusal = self.admit(address, length)
+        if refusal:
+            await PlainTextResponse(refusal, status_code=429)(scope, receive, send)
+            return
+        status, body = [0], []
+
+        async def recorded(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                body.append(message.get("body", b""))
+            await send(message)
+
+        await self.route.handle(scope, receive, recorded)
+        if status[0] == 200:
+            with contextlib.suppress(ValueError, TypeError):
+                self.store.uploaded([str(p) for p in json.loads(b"".join(body))], address)
+
+
+def meter_uploads(app: Any, store: UploadStore, **meter: Any) -> MeteredUploads:
+    """Put a MeteredUploads in front of a launched Gradio app's upload route (routes match in order)."""
+    from starlette.routing import Route
+
+    routes = list(app.router.routes)
+    for route in list(routes):  # and those of included routers (Gradio's API routes are one)
+        routes += getattr(getattr(route, "original_router", None), "routes", [])
+    for route in routes:
+        if getattr(route, "path", "").endswith("/upload") and "POST" in (getattr(route, "methods", None) or ()):
+            metered = MeteredUploads(route, store, **meter)
+            app.router.routes.insert(0, Route(route.path, metered, methods=["POST"]))
+            return metered
+    raise RuntimeError("this Gradio app has no upload route to meter")

@@ -7,8 +7,9 @@ queue stays open to others.
 
 A visitor is an address. Behind a reverse proxy (a Hugging Face Space has one) the socket's
 peer is the proxy; each trusted proxy appends the address it saw to X-Forwarded-For, so the
-visitor is the entry `proxy_hops` from the right. Entries further left were written by the
-client itself and are not believed.
+visitor is the entry `proxy_hops` from the right, counted across every X-Forwarded-For line
+(a proxy may add a line of its own rather than append to the client's). Entries further left
+were written by the client itself and are not believed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def visitor_address(request: fastapi.Request | None, proxy_hops: int = 0) -> str
     if request is None:
         return "unknown"
     if proxy_hops > 0:
-        forwarded = [a.strip() for a in request.headers.get("x-forwarded-for", "").split(",") if a.strip()]
+        headers = request.headers  # a proxy may add a line of its own rather than append to the client's
+        lines = (
+            headers.getlist("x-forwarded-for") if hasattr(headers, "getlist") else [headers.get("x-forwarded-for", "")]
+        )
+        forwarded = [a.strip() for line in lines for a in line.split(",") if a.strip()]
         if len(forwarded) >= proxy_hops:
             return forwarded[-proxy_hops]
     return request.client.host if request.client else "unknown"
