@@ -7,11 +7,7 @@ functions of their inputs that tests call directly; all model work happens in th
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-from pathlib import Path
-from typing import Any
 
 from lgur.search.gallery import private_sessions_root  # noqa: E402
 
@@ -21,31 +17,15 @@ if __name__ == "__main__":  # Gradio's cache inside this process's folder: a res
     os.environ.setdefault("GRADIO_TEMP_DIR", str(SESSIONS / "cache"))
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 
-from lgur import DEFAULT_GALLERY  # noqa: E402
-from lgur.app.explorer import EXAMPLES, GALLERY_ROUTE, INTRO, Choices, Explorer, create, server_address  # noqa: E402
-from lgur.app.uploads import SESSION_SECONDS, UploadLimits, meter_uploads  # noqa: E402
-from lgur.app.visitors import limit_per_visitor, visitor_limits  # noqa: E402
-from lgur.files import MAX_FILE_BYTES  # noqa: E402
-from lgur.model.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from lgur.app.components import image_strip, panels, picker, result_strip  # noqa: E402
+from lgur.app.explorer import EXAMPLES, INTRO, Explorer  # noqa: E402
+from lgur.app.server import STYLE, parse_arguments, serve  # noqa: E402
+from lgur.app.uploads import SESSION_SECONDS  # noqa: E402
 from lgur.search.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
 from lgur.search.query import MAX_RESULTS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-MAX_SESSIONS = int(os.environ.get("LGUR_MAX_SESSIONS", 200))  # sessions whose page state is kept: bounds memory
-MAX_QUEUE = 64  # waiting requests; more are refused at once instead of piling up
-
-
-def panels(explained: tuple) -> tuple:
-    """Explorer.explain's values for Gradio: the two pickers' Choices become dropdown updates."""
-    return tuple(gr.update(choices=v.choices, value=v.value) if isinstance(v, Choices) else v for v in explained)
-
-
-def picker(choices: list[Any], **options: Any) -> gr.Dropdown:
-    """A dropdown that hands any value to its handler, which reads one outside the choices as its default
-    or refuses it in words: Gradio's own refusal echoes the value and every choice (all gallery names)."""
-    return gr.Dropdown(choices, allow_custom_value=True, **options)
+ASSETS = STYLE.parent / "assets"
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
@@ -70,23 +50,18 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 components=[query], samples=[[e] for e in EXAMPLES], type="index", label="Examples", elem_id="examples"
             )
             status = gr.Markdown(elem_id="status")
-            results = gr.Gallery(
-                label="Results", columns=10, height=200, object_fit="contain", allow_preview=False, elem_id="results"
-            )
+            results = result_strip(elem_id="results")
             gr.Markdown("## Why this result")
             with gr.Row():
                 layer = picker(explorer.layers, value="last", label="PGU layer")
                 head = picker(explorer.heads, value="mean", label="attention head")
                 prototype = picker(explorer.prototypes, value="P1", label="prototype for the words")
             summary = gr.Markdown(elem_id="summary")
-            maps = gr.Gallery(
-                label="Prototype attention (share of the similarity, what it reads here); then where "
-                "each detail was seen",
-                columns=7,
-                height="auto",
-                object_fit="contain",
+            maps = image_strip(
+                "Prototype attention (share of the similarity, what it reads here); then where each detail was seen",
+                7,
+                "auto",
                 elem_id="prototype-maps",
-                format="jpeg",
             )
             gr.HTML(MAP_LEGEND, elem_id="maps-legend")
             words = gr.HighlightedText(
@@ -120,13 +95,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     scale=1,
                 )
                 chart_atom_words = gr.Markdown(elem_id="chart-atom-words")
-            chart_atom_patches = gr.Gallery(
-                label="Gallery images whose patches use this atom most",
-                columns=8,
-                height=300,
-                object_fit="contain",
-                format="jpeg",
-                elem_id="chart-atom-patches",
+            chart_atom_patches = image_strip(
+                "Gallery images whose patches use this atom most", 8, elem_id="chart-atom-patches"
             )
             gr.Markdown("## Why not this one?")
             with gr.Row():
@@ -140,13 +110,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 )
                 why = gr.Button("Why not this one?", scale=1, elem_id="why-not-button")
             why_summary = gr.Markdown(elem_id="why-not")
-            why_maps = gr.Gallery(
-                label="Prototype maps: this image and the top result, side by side",
-                columns=6,
-                height=300,
-                object_fit="contain",
-                format="jpeg",
-                elem_id="why-not-maps",
+            why_maps = image_strip(
+                "Prototype maps: this image and the top result, side by side", 6, elem_id="why-not-maps"
             )
             why.click(
                 explorer.why_not,
@@ -230,30 +195,11 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 )
                 photo_go = gr.Button("Find people who look alike", variant="primary", elem_id="photo-button")
             photo_status = gr.Markdown(elem_id="photo-status")
-            photo_results = gr.Gallery(
-                label="Results",
-                columns=10,
-                height=200,
-                object_fit="contain",
-                allow_preview=False,
-                elem_id="photo-results",
-            )
+            photo_results = result_strip(elem_id="photo-results")
             with gr.Row():
-                photo_maps = gr.Gallery(
-                    label="The photo's prototype maps",
-                    columns=6,
-                    height=280,
-                    object_fit="contain",
-                    format="jpeg",
-                    elem_id="photo-maps",
-                )
-                result_maps = gr.Gallery(
-                    label="The selected result's, with each part's share of the score",
-                    columns=7,
-                    height=280,
-                    object_fit="contain",
-                    format="jpeg",
-                    elem_id="photo-result-maps",
+                photo_maps = image_strip("The photo's prototype maps", 6, 280, elem_id="photo-maps")
+                result_maps = image_strip(
+                    "The selected result's, with each part's share of the score", 7, 280, elem_id="photo-result-maps"
                 )
 
             def on_photo(file, upload, request: gr.Request):
@@ -307,10 +253,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
         with gr.Tab("Model"):
             gr.Markdown(explorer.model.card_table())
-            for table in explorer.model.measured_tables(ROOT / "assets"):
+            for table in explorer.model.measured_tables(ASSETS):
                 gr.Markdown(table)
-            if (ROOT / "assets" / "cmc.png").is_file():
-                gr.Image(str(ROOT / "assets" / "cmc.png"), label="CMC curve (test split)", type="filepath")
+            if (ASSETS / "cmc.png").is_file():
+                gr.Image(str(ASSETS / "cmc.png"), label="CMC curve (test split)", type="filepath")
             gr.Markdown(
                 "### Atom atlas\nPick one of the dictionary's atoms: the gallery patches and the words that "
                 "use it most."
@@ -324,7 +270,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                     maximum=max(explorer.engine.model.config.num_atoms - 1, 0),
                 )
                 show = gr.Button("Show atom")
-            atlas = gr.Gallery(columns=8, height=320, object_fit="contain", label="patches", format="jpeg")
+            atlas = image_strip("patches", 8, 320)
             atlas_words = gr.Markdown()
             show.click(explorer.model.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
 
@@ -334,72 +280,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
     return demo
 
 
-def launch_options(explorer: Explorer) -> dict[str, Any]:
-    """How the app is served (also by the tests): image files from the gallery folder and Gradio's
-    own outputs only, no error details, uploads and kept sessions capped."""
-    return {
-        "allowed_paths": [str(explorer.engine.gallery), str(explorer.gallery.store.root / "images")],
-        "blocked_paths": [str(explorer.engine.index_dir)],  # the index may sit inside the gallery
-        "show_error": False,
-        "enable_monitoring": False,  # no /monitoring pages: request counts are nobody's business
-        "max_file_size": MAX_FILE_BYTES,
-        "state_session_capacity": MAX_SESSIONS,
-        "css": (ROOT / "style.css").read_text(),
-        "ssr_mode": False,  # no Node.js server: faster start, one process
-    }
-
-
-def add_gallery_route(demo: gr.Blocks, explorer: Explorer) -> None:
-    """GET /gallery/<file>: an indexed gallery image by the name /search answers with (after launch)."""
-    from fastapi.responses import FileResponse, PlainTextResponse
-
-    def gallery_file(file: str) -> Any:
-        path = explorer.gallery_image(file)
-        return FileResponse(path) if path else PlainTextResponse("no such gallery image", status_code=404)
-
-    demo.app.add_api_route(GALLERY_ROUTE + "/{file:path}", gallery_file, methods=["GET"])
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", help="default: LGUR_HOST, GRADIO_SERVER_NAME or 127.0.0.1")
-    parser.add_argument("--port", type=int, help="default: LGUR_PORT, GRADIO_SERVER_PORT or 7860")
-    parser.add_argument("--checkpoint", default=os.environ.get("LGUR_CHECKPOINT"))
-    parser.add_argument("--gallery", default=os.environ.get("LGUR_GALLERY", str(DEFAULT_GALLERY)))
-    for name in ("repo", "file", "revision"):  # the checkpoint from a Hub repository, at a pinned commit
-        parser.add_argument(f"--hub-{name}", default=os.environ.get(f"LGUR_HUB_{name.upper()}"))
-    parser.add_argument(
-        "--shared-uploads",
-        action="store_true",
-        default=os.environ.get("LGUR_SHARED_UPLOADS") == "1",
-        help="uploads join the gallery for every visitor (local use; default: private)",
-    )
-    args = parser.parse_args(argv)
-    host, port = server_address(args.host, args.port, dict(os.environ))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    fairness = visitor_limits(dict(os.environ))  # (requests per visitor, trusted proxies in front)
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint, args.hub_repo, args.hub_file, args.hub_revision)
-        explorer = create(
-            checkpoint,
-            Path(args.gallery),
-            shared_uploads=args.shared_uploads,
-            sessions=SESSIONS / "uploads",
-            limits=UploadLimits.from_environ(dict(os.environ)),
-            cache=Path(gr.utils.get_upload_folder()),
-        )
-    except (CheckpointError, OSError, ValueError) as error:
-        raise SystemExit(f"cannot start: {error}") from error
-    explorer.gallery.store.proxy_hops = fairness[1]  # whose uploads are whose: by address, as the queue counts
-    demo = build_app(explorer)
-    # api_open=False: no REST route skips the queue, so the per-visitor limit sees every request.
-    demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE, api_open=False)
-    limit_per_visitor(demo._queue, *fairness)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, **launch_options(explorer))
-    add_gallery_route(demo, explorer)
-    meter_uploads(demo.app, explorer.gallery.store)
-    demo.block_thread()
+    serve(build_app, parse_arguments(argv, __doc__.splitlines()[0]), SESSIONS / "uploads")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 import app as explorer_app
+from lgur.app.explorer import Choices, server_address
+from lgur.app.server import add_gallery_route, launch_options
 from lgur.app.uploads import UploadStore
+from lgur.model.checkpoint import resolve_checkpoint
 from lgur.search.engine import word_effects
 from tests.conftest import REPO, free_port, served_app, tiny_explorer
 
@@ -54,7 +57,7 @@ def test_search_and_explain_events(explorer: explorer_app.Explorer) -> None:
     assert word_choices.value == word_choices.choices[top_word]
     assert np.array_equal(np.asarray(guidance), np.asarray(explorer.guidance(response, 1, word_choices.value)))
     assert len(atlas) > 0 and atlas_words.startswith(f"**Atom {atom_choices.value}**")
-    assert explorer.details(None, 0, "last", "mean", "P1", None) == (explorer_app.Choices(), None, [], "", [])
+    assert explorer.details(None, 0, "last", "mean", "P1", None) == (Choices(), None, [], "", [])
     # Which words mattered: one batch of leave-one-word-out scores, scaled to the largest effect;
     # "a" and "in" are not scored.
     assert [w.strip() for w, _ in mattered] == response.query.words
@@ -233,9 +236,9 @@ def served(explorer: explorer_app.Explorer):
         server_port=port,
         prevent_thread_lock=True,
         quiet=True,
-        **explorer_app.launch_options(explorer),
+        **launch_options(explorer),
     )
-    explorer_app.add_gallery_route(demo, explorer)
+    add_gallery_route(demo, explorer)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -402,17 +405,17 @@ def test_real_browser_new_panels(served: str, explorer: explorer_app.Explorer, w
 @pytest.mark.parametrize("name", ["../../etc/passwd", "model.pt", "/abs/x.safetensors"])
 def test_bad_hub_file_is_a_clean_start_error(name: str) -> None:
     with pytest.raises(ValueError, match="must be a .safetensors path"):
-        explorer_app.resolve_checkpoint(None, "someone/lgur", name, "0" * 40)
+        resolve_checkpoint(None, "someone/lgur", name, "0" * 40)
 
 
 def test_server_address_precedence() -> None:
     spaces = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
-    assert explorer_app.server_address(None, None, {}) == ("127.0.0.1", 7860)
-    assert explorer_app.server_address(None, None, spaces) == ("0.0.0.0", 7861)
-    assert explorer_app.server_address(None, None, spaces | {"LGUR_PORT": "9000"}) == ("0.0.0.0", 9000)
-    assert explorer_app.server_address("127.0.0.1", 8000, spaces | {"LGUR_HOST": "::"}) == ("127.0.0.1", 8000)
+    assert server_address(None, None, {}) == ("127.0.0.1", 7860)
+    assert server_address(None, None, spaces) == ("0.0.0.0", 7861)
+    assert server_address(None, None, spaces | {"LGUR_PORT": "9000"}) == ("0.0.0.0", 9000)
+    assert server_address("127.0.0.1", 8000, spaces | {"LGUR_HOST": "::"}) == ("127.0.0.1", 8000)
     with pytest.raises(SystemExit, match="port must be a number"):
-        explorer_app.server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
+        server_address(None, None, {"GRADIO_SERVER_PORT": "http"})
 
 
 def _listening(port: int) -> list[str]:

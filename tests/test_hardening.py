@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import app as explorer_app
+from lgur.app.explorer import create
 from lgur.data.readers import DatasetFormatError, read_dataset
 from lgur.eval.bench import rss_mib
 from lgur.model.checkpoint import CheckpointError, card_path, load_checkpoint
@@ -322,8 +323,8 @@ def test_fuzz_dataset_readers(tmp_path_factory: pytest.TempPathFactory, entries:
 UPLOAD_SCRIPT = """
 import sys, time
 from pathlib import Path
-import app as A
-explorer = A.create(Path(sys.argv[1]), Path(sys.argv[2]), progress=False, shared_uploads=True)
+from lgur.app.explorer import create
+explorer = create(Path(sys.argv[1]), Path(sys.argv[2]), progress=False, shared_uploads=True)
 import lgur.search.index as I
 original = I.index_arrays
 def slow(*args, **kwargs):
@@ -345,7 +346,7 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
         shutil.copy(src, gallery / "images" / src.name)
     checkpoint = tmp_path / "tiny.safetensors"
     _copy_of_its_checkpoint(explorer, checkpoint)
-    explorer_app.create(checkpoint, gallery, progress=False)  # a built, consistent index
+    create(checkpoint, gallery, progress=False)  # a built, consistent index
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     for src in SHIPPED[100:150]:  # one full upload (the per-upload limit is 50 files)
@@ -373,7 +374,7 @@ def test_sigkill_during_upload_indexing_loses_nothing(explorer: explorer_app.Exp
 
     stale = load_index(gallery.resolve(), gallery / ".lgur-index", checkpoint_fingerprint(read_card(checkpoint)))
     assert not accepted & {e.path for e in stale.entries}  # the kill came before the index was written
-    restarted = explorer_app.create(checkpoint, gallery, progress=False)
+    restarted = create(checkpoint, gallery, progress=False)
     indexed = {e.path for e in restarted.engine.index.entries}
     assert before <= indexed and accepted <= indexed  # nothing lost
     fresh = load_index(gallery.resolve(), gallery / ".lgur-index", restarted.engine.index.checkpoint)
@@ -417,7 +418,7 @@ def test_sixteen_concurrent_clients(explorer: explorer_app.Explorer, tmp_path: P
     gallery.mkdir()
     for src in SHIPPED[:64]:
         shutil.copy(src, gallery / src.name)
-    local = explorer_app.create(checkpoint, gallery, progress=False).engine  # also builds the index
+    local = create(checkpoint, gallery, progress=False).engine  # also builds the index
     # Sixteen visitors, told apart by the address a Space's proxy reports (each may have 2 requests pending).
     with serve(checkpoint, gallery, LGUR_PROXY_HOPS="1") as (url, proc):
         pid = proc.pid

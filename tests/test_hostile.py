@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import app as explorer_app
+from lgur.app.server import launch_options
 from lgur.files import MAX_DECODED_BYTES, DecodedImages, check_image, open_rgb, read_checked_image
 
 EXPLORER = {"images": 6}  # the conftest fixture `explorer`
@@ -129,7 +130,7 @@ def test_no_monitoring_pages(explorer) -> None:
         server_port=port,
         prevent_thread_lock=True,
         quiet=True,
-        **explorer_app.launch_options(explorer),
+        **launch_options(explorer),
     )
     try:
         for path in ("monitoring", "monitoring/summary"):
