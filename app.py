@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 
 from lgur.app.components import image_strip, panels, picker, result_strip  # noqa: E402
 from lgur.app.explorer import EXAMPLES, INTRO, Explorer  # noqa: E402
-from lgur.app.server import STYLE, parse_arguments, serve  # noqa: E402
+from lgur.app.server import STYLE, page_root, parse_arguments, serve  # noqa: E402
 from lgur.app.uploads import SESSION_SECONDS  # noqa: E402
 from lgur.search.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
 from lgur.search.query import MAX_RESULTS  # noqa: E402
@@ -129,7 +129,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             details_outputs = [word, guidance, chart_atom_patches, chart_atom_words, mattered]
 
             def on_search(q, n, la, he, pr, request: gr.Request):
-                items, text, response = explorer.search(q, n, request.session_hash)
+                items, text, response = explorer.search(q, n, request.session_hash, page_root(request))
                 fresh = gr.Gallery(value=items, selected_index=None)  # no stale highlight from the last search
                 return (fresh, text, response, 0, *panels(explorer.explain(response, 0, la, he, pr)))
 
@@ -204,7 +204,9 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
             def on_photo(file, upload, request: gr.Request):
                 address = explorer.gallery.store.address_of(request)
-                items, text, response, maps = explorer.photos.search(file, upload, address=address)
+                items, text, response, maps = explorer.photos.search(
+                    file, upload, address=address, root=page_root(request)
+                )
                 return items, text, response, maps, explorer.photos.result_maps(response, 0)
 
             photo_go.click(
@@ -235,7 +237,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 progress(0, desc="indexing")
                 address = explorer.gallery.store.address_of(request)
                 report, _ = explorer.gallery.upload(files, request.session_hash, address)
-                items, text = explorer.gallery.browse(1, request.session_hash)
+                items, text = explorer.gallery.browse(1, request.session_hash, root=page_root(request))
                 return report, items, text, 1
 
             uploads.upload(
@@ -247,7 +249,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             )
 
             def on_page(number, request: gr.Request):
-                return explorer.gallery.browse(number, request.session_hash)
+                return explorer.gallery.browse(number, request.session_hash, root=page_root(request))
 
             page.change(on_page, page, [browse, page_info], api_name="browse", api_visibility="private")
 

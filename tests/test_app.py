@@ -190,12 +190,15 @@ def test_upload_folders_of_dead_servers_are_removed() -> None:
     import os
     import tempfile
 
-    from lgur.search.gallery import private_sessions_root
+    from lgur.search.gallery import PROCESS_FILE, private_sessions_root
 
-    dead = Path(tempfile.gettempdir()) / "lgur-sessions" / "999999999"  # above any pid_max
+    dead = Path(tempfile.gettempdir()) / "lgur-sessions" / "dead-server"
     (dead / "images" / "x").mkdir(parents=True, exist_ok=True)
+    (dead / PROCESS_FILE).write_text("999999999")  # above any pid_max
     mine = private_sessions_root()
-    assert not dead.exists() and mine.name == str(os.getpid())
+    assert not dead.exists() and (mine / PROCESS_FILE).read_text() == str(os.getpid())
+    assert str(os.getpid()) not in mine.name  # the name is shown in upload answers: no process id
+    assert private_sessions_root() == mine
 
 
 def test_model_tab(explorer: explorer_app.Explorer) -> None:

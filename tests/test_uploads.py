@@ -19,6 +19,7 @@ from lgur.app.uploads import UploadLimits, UploadStore
 from lgur.app.visitors import limit_per_visitor, visitor_address, visitor_limits
 from lgur.eval.bench import PageClient as Visitor
 from lgur.files import check_image, open_rgb
+from lgur.search.gallery import PROCESS_FILE
 from tests.conftest import REPO, served_explorer
 
 SHIPPED = sorted((REPO / "gallery" / "images").glob("*.jpg"))
@@ -356,7 +357,12 @@ def test_closing_the_page_deletes_the_uploads(explorer, tmp_path: Path) -> None:
 
     with served_explorer(explorer) as (url, proc):
         visitor = Visitor(url)
-        uploads = Path(tempfile.gettempdir()) / "lgur-sessions" / str(proc.pid) / "uploads" / "images"
+        (server,) = [
+            f
+            for f in (Path(tempfile.gettempdir()) / "lgur-sessions").iterdir()
+            if (f / PROCESS_FILE).is_file() and (f / PROCESS_FILE).read_text() == str(proc.pid)
+        ]
+        uploads = server / "uploads" / "images"
         with visitor.http.stream("GET", f"{visitor.url}/gradio_api/heartbeat/{visitor.session}"):  # the open page
             visitor.call("upload_files", [visitor.upload(_photos(tmp_path / "in", 1))])
             (folder,) = uploads.iterdir()
@@ -388,3 +394,31 @@ def test_the_upload_route_is_metered_per_address(explorer, tmp_path: Path) -> No
         thief.http.headers["x-forwarded-for"] = "203.0.113.66"
         thief.call("upload_files", [[sent]])  # names the victim's cache copy in its own upload event
         assert Path(sent["path"]).is_file()  # not deleted: the victim's address sent it
+
+
+@pytest.mark.slow
+def test_uploads_are_shown_from_their_one_copy_to_their_address_only(explorer, tmp_path: Path) -> None:
+    """The gallery and the results show a visitor's upload by its URL on the upload route: Gradio's cache
+    gets no second copy, another address is told 404, and the URL is gone once the page closes."""
+    photo = _photos(tmp_path / "in", 1)[0]
+    with served_explorer(explorer, LGUR_PROXY_HOPS="1") as (url, _):
+        visitor = Visitor(url, address="203.0.113.7")
+        with visitor.http.stream("GET", f"{visitor.url}/gradio_api/heartbeat/{visitor.session}"):  # the open page
+            (sent,) = visitor.upload([photo])
+            cache = Path(sent["path"]).parents[1]
+            report, shown, *_ = visitor.call("upload_files", [[sent]])
+            assert "Added 1" in report
+            link = shown[0]["image"]["url"]
+            assert "/uploads/" in link and link.endswith(photo.name), link
+            assert visitor.http.get(link).status_code == 200
+            copies = [p for p in cache.rglob("*") if p.is_file() and p.read_bytes() == photo.read_bytes()]
+            assert copies == []  # the cache copy deleted once stored, and none made to show it
+            results, *_ = visitor.call("explore", ["a person", 50, "last", "mean", "P1"])
+            results = results["value"] if isinstance(results, dict) else results
+            assert any("/uploads/" in (r["image"].get("url") or "") for r in results)
+            assert Visitor(url, address="198.51.100.9").http.get(link).status_code == 404
+            assert visitor.http.get(link.replace(photo.name, "..%2Fx.jpg")).status_code == 404
+        deadline = time.time() + 20  # the page closed: Gradio's unload event
+        while visitor.http.get(link).status_code == 200 and time.time() < deadline:
+            time.sleep(0.2)
+        assert visitor.http.get(link).status_code == 404

@@ -182,16 +182,18 @@ class Explorer:
         return f"Regions this word feeds (their attention to it{weighted})"
 
     def search(
-        self, query: str, k: float, visitor: str | None = None
+        self, query: str, k: float, visitor: str | None = None, root: str = ""
     ) -> tuple[list[tuple[str, str]], str, SearchResponse | None]:
         """-> results gallery (file, caption), a status line, the response (kept per session).
-        visitor: the session's key; their private uploads are searched with the gallery."""
+        visitor: the session's key; their private uploads are searched with the gallery, and shown by
+        their URL under the page's `root` (UploadStore.shown)."""
         private = self.gallery.store.gallery(visitor)
         try:
             response = self.engine.search(query, result_count(k), private.index if private else None)
         except QueryError as error:
             return [], f"⚠️ {html.escape(str(error))}", None
-        items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
+        shown = self.gallery.store.shown
+        items = [(shown(r.path, root), f"#{r.rank} · {r.score:.2f}") for r in response.results]
         note = " (the query was longer than the model reads; the end was ignored)" if response.query.truncated else ""
         status = f"{len(items)} results in {1000 * response.seconds:.0f} ms{note}. Select one to see why it matched."
         for note in response.weak_spots:

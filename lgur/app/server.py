@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fastapi
 import gradio as gr
 import torch
 
 from ..files import DEFAULT_GALLERY, MAX_FILE_BYTES
 from ..model.checkpoint import CheckpointError, resolve_checkpoint
 from .explorer import GALLERY_ROUTE, Explorer, create, server_address
-from .uploads import UploadLimits, meter_uploads
+from .uploads import UPLOAD_ROUTE, UploadLimits, meter_uploads
 from .visitors import limit_per_visitor, visitor_limits
 
 STYLE = Path(__file__).resolve().parents[2] / "style.css"  # beside app.py, in the repository and in a Space
@@ -48,6 +49,42 @@ def add_gallery_route(demo: gr.Blocks, explorer: Explorer) -> None:
         return FileResponse(path) if path else PlainTextResponse("no such gallery image", status_code=404)
 
     demo.app.add_api_route(GALLERY_ROUTE + "/{file:path}", gallery_file, methods=["GET"])
+
+
+def add_upload_route(demo: gr.Blocks, explorer: Explorer) -> None:
+    """GET /uploads/<token>/<file>: a visitor's upload, to the address that sent it (after launch)."""
+    import mimetypes
+
+    from fastapi.responses import PlainTextResponse, Response
+
+    store = explorer.gallery.store
+
+    def upload_file(token: str, name: str, request: fastapi.Request) -> Any:
+        path = store.served(token, name, store.address_of(request))
+        try:  # read whole: the visitor may leave (their folder deleted) while it is sent
+            body = path.read_bytes() if path else None
+        except OSError:
+            body = None
+        if body is None:
+            return PlainTextResponse("no such upload", status_code=404)
+        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return Response(body, media_type=kind, headers={"Cache-Control": "private, no-store"})
+
+    demo.app.add_api_route(UPLOAD_ROUTE + "/{token}/{name}", upload_file, methods=["GET"])
+
+
+def page_root(request: Any) -> str:
+    """The page's public root URL, as Gradio builds its own file URLs (behind a proxy too); '' without
+    a request."""
+    from gradio import route_utils
+
+    raw = getattr(request, "request", None)
+    if raw is None:
+        return ""
+    try:
+        return route_utils.get_root_url(raw, route_utils.get_api_call_path(raw), getattr(raw.app, "root_path", None))
+    except (ValueError, AttributeError):  # not a page event (a direct call): no URL to build on
+        return ""
 
 
 def parse_arguments(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -94,5 +131,6 @@ def serve(build_app: Callable[[Explorer], gr.Blocks], args: argparse.Namespace, 
     limit_per_visitor(demo._queue, per_visitor, proxy_hops)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, **launch_options(explorer))
     add_gallery_route(demo, explorer)
+    add_upload_route(demo, explorer)
     meter_uploads(demo.app, explorer.gallery.store)
     demo.block_thread()

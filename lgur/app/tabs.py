@@ -27,29 +27,30 @@ class PhotoSearch:
         self.engine, self.store, self.prototypes = engine, store, prototypes
 
     def search(
-        self, file: str | None, upload: str | None, k: float = 10, address: str = "local"
+        self, file: str | None, upload: str | None, k: float = 10, address: str = "local", root: str = ""
     ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
         """A gallery image (by name) or an uploaded photo (sent from `address`) as the query: results, a
-        status line, the response (kept per session) and the query photo's own prototype maps."""
+        status line, the response (kept per session) and the query photo's own prototype maps; uploads
+        among the results shown by their URL under the page's `root`."""
         if upload:
             with self.store.holding([Path(upload)], address):  # read while answering, then deleted: not kept
                 problem = check_image(Path(upload))
                 if problem:
                     return [], f"⚠️ The photo cannot be used: {html.escape(problem)}.", None, []
-                return self._answer(Path(upload), k)
+                return self._answer(Path(upload), k, root)
         image = self.engine.image_path(file) if file else None
         if image is None:
             return [], "Pick a gallery image, or upload a photo of a person.", None, []
-        return self._answer(image, k)
+        return self._answer(image, k, root)
 
     def _answer(
-        self, image: Path, k: float
+        self, image: Path, k: float, root: str = ""
     ) -> tuple[list[tuple[str, str]], str, PhotoResponse | None, list[tuple[Any, str]]]:
         try:
             response = self.engine.search_by_photo(image, result_count(k))
         except QueryError as error:
             return [], f"⚠️ {html.escape(str(error))}", None, []
-        items = [(r.path, f"#{r.rank} · {r.score:.2f}") for r in response.results]
+        items = [(self.store.shown(r.path, root), f"#{r.rank} · {r.score:.2f}") for r in response.results]
         status = (
             f"{len(items)} people who look alike, in {1000 * response.seconds:.0f} ms (the photo itself left out). "
             "Select one: its prototype maps appear beside the photo's; the same prototype reads the same body part "
@@ -88,24 +89,24 @@ class GalleryTab:
         self.engine, self.store, self.shared_uploads, self.uploads = engine, store, shared_uploads, uploads
 
     def browse(
-        self, page: float = 1, visitor: str | None = None, per_page: int = PER_PAGE
+        self, page: float = 1, visitor: str | None = None, per_page: int = PER_PAGE, root: str = ""
     ) -> tuple[list[tuple[str, str]], str]:
         """One page of the gallery, uploads first (the visitor's own, then shared ones): (image file,
-        name) items and a line saying where we are."""
+        name) items and a line saying where we are; the visitor's uploads by their URL under `root`."""
         private = self.store.gallery(visitor)
         mine = [private.images / f for f in private.files()] if private else []
         files, where = gallery_page(self.engine.files(), self.engine.gallery, mine, page, per_page, self.uploads)
-        return [(str(f), f.name) for f in files], where
+        return [(self.store.shown(f, root), f.name) for f in files], where
 
     def upload(
-        self, files: list[Any] | None, visitor: str = "local", address: str = "local"
+        self, files: list[Any] | None, visitor: str = "local", address: str = "local", root: str = ""
     ) -> tuple[str, list[tuple[str, str]]]:
         """Add uploaded files (sent from `address`; validated, indexed at once) to the visitor's private
         gallery, or to the shared one with `shared_uploads`; report what was refused. -> report, first
         gallery page."""
         paths = [Path(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
-            return "No files were given.", self.browse(1, visitor)[0]
+            return "No files were given.", self.browse(1, visitor, root=root)[0]
         if self.shared_uploads:
             with self.store.holding(paths, address):
                 report = add_images(self.engine, paths, self.uploads)
@@ -114,7 +115,7 @@ class GalleryTab:
         whose = "the gallery now holds" if self.shared_uploads else "only you see them; your search covers"
         lines = [f"Added {len(report.added)} image(s); {whose} {report.gallery_size}."]
         lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
-        return "\n".join(lines), self.browse(1, visitor)[0]
+        return "\n".join(lines), self.browse(1, visitor, root=root)[0]
 
     def leave(self, visitor: str | None) -> None:
         """The visitor closed the page: their uploads are deleted now."""

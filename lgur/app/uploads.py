@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..search.engine import SearchEngine
 from ..search.gallery import MAX_PRIVATE_IMAGES, AddReport, PrivateGallery, add_images
@@ -36,6 +37,7 @@ from .visitors import visitor_address
 
 log = logging.getLogger(__name__)
 SESSION_SECONDS = 3600
+UPLOAD_ROUTE = "/uploads"  # GET /uploads/<gallery token>/<file>: a visitor's own upload, to that visitor's address
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,25 @@ class UploadStore:
     def _usage(self) -> tuple[int, int]:
         stored = [(v.bytes, v.files) for v in self._visitors.values()]
         return sum(b for b, _ in stored) + self._reserved[0], sum(f for _, f in stored) + self._reserved[1]
+
+    def shown(self, path: str | Path, root: str) -> str:
+        """What the page shows for an image: a visitor's upload as its URL on the upload route (so the
+        web framework serves our one copy, and makes none of its own), anything else as its path.
+        root: the page's root URL (page_root); without one, the path."""
+        path = Path(path)
+        images = self.root / "images"
+        if not root or path.parent.parent != images:
+            return str(path)
+        return f"{root}{UPLOAD_ROUTE}/{path.parent.name}/{quote(path.name)}"
+
+    def served(self, token: str, name: str, address: str) -> Path | None:
+        """The upload file `name` of the gallery `token`, if `address` is the one that uploaded it."""
+        with self._lock:
+            entry = next((v for v in self._visitors.values() if v.gallery.images.name == token), None)
+        if entry is None or entry.address != address or "/" in name or name.startswith("."):
+            return None
+        path = entry.gallery.images / name
+        return path if path.is_file() else None
 
     # -- adding -------------------------------------------------------------------------------
     def add(self, engine: SearchEngine, visitor: str, files: list[Path], address: str = "local") -> AddReport:

@@ -29,6 +29,7 @@ from .index import GalleryIndex, update_index
 MAX_FILES_PER_CALL = 50
 MAX_PRIVATE_IMAGES = 200  # per visitor
 MAX_NAME_CHARS = 120
+PROCESS_FILE = "process"  # in a server's sessions folder: its process id
 
 
 @dataclass
@@ -148,17 +149,33 @@ def add_images(
 
 
 def private_sessions_root() -> Path:
-    """Where visitors' private uploads live: one folder per server process; folders of processes
-    that are gone (a crash, a restart) are removed."""
+    """Where visitors' private uploads (and the app's upload cache) live: one folder per server process,
+    named by a random token (the web framework's upload answers show the path, so not the process id,
+    which is written inside as PROCESS_FILE). Folders of processes that are gone are removed."""
     root = Path(tempfile.gettempdir()) / "lgur-sessions"
     for folder in root.glob("*") if root.is_dir() else []:
+        if folder.name.startswith("."):  # being made by a process that starts now
+            continue
         try:
-            os.kill(int(folder.name), 0)  # still running: not ours to touch
-        except (ValueError, ProcessLookupError):
+            owner = int((folder / PROCESS_FILE).read_text())
+        except (OSError, ValueError):
+            owner = None
+        if owner == os.getpid():
+            return folder  # this process's own, made by an earlier call
+        try:
+            if owner is None:
+                raise ProcessLookupError
+            os.kill(owner, 0)  # still running: not ours to touch
+        except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:
             pass
-    return root / str(os.getpid())
+    making = root / f".{secrets.token_hex(8)}"
+    making.mkdir(parents=True)
+    (making / PROCESS_FILE).write_text(str(os.getpid()))
+    folder = root / secrets.token_hex(8)
+    making.rename(folder)  # appears whole, its owner already written
+    return folder
 
 
 def gallery_page(
