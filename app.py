@@ -278,7 +278,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
         gr.api(explorer.api_search, api_name="search")
         gr.api(explorer.api_why_not, api_name="why_not")
-        gr.api(explorer.photos.api_search, api_name="search_by_photo")
+
+        def search_by_photo(photo: str | dict, k: float = 10, request: gr.Request = None) -> dict:  # noqa: RUF013
+            """A gallery image by name, or an uploaded photo (handle_file), as the query."""
+            return explorer.photos.api_search(photo, k, explorer.gallery.store.address_of(request))
+
+        gr.api(search_by_photo, api_name="search_by_photo")
     return demo
 
 

@@ -422,3 +422,23 @@ def test_uploads_are_shown_from_their_one_copy_to_their_address_only(explorer, t
         while visitor.http.get(link).status_code == 200 and time.time() < deadline:
             time.sleep(0.2)
         assert visitor.http.get(link).status_code == 404
+
+
+@pytest.mark.slow
+def test_search_by_photo_takes_an_uploaded_photo_through_the_api(explorer, tmp_path: Path) -> None:
+    """gradio_client's handle_file: the photo is checked as the page's upload is, searched, and its cache
+    copy deleted; a path the client did not upload is refused."""
+    from gradio_client import Client, handle_file
+
+    expected = explorer.engine.files()[5]
+    with served_explorer(explorer) as (url, _):
+        client = Client(url, verbose=False, download_files=False)
+        own = client.predict(handle_file(str(explorer.engine.gallery / expected)), 4, api_name="/search_by_photo")
+        assert own["results"][0]["file"] == expected  # an uploaded copy of a gallery image finds it first
+        text = tmp_path / "notes.png"
+        text.write_text("not an image")
+        refused = client.predict(handle_file(str(text)), 4, api_name="/search_by_photo")
+        assert "cannot be used" in refused["error"] and str(tmp_path) not in str(refused)
+        named = {"path": str(explorer.engine.gallery / expected), "meta": {"_type": "gradio.FileData"}}
+        (answer,) = Visitor(url).call("search_by_photo", [named, 4])  # a raw request: no upload made
+        assert "Upload the photo" in answer["error"]

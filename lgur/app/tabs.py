@@ -67,11 +67,28 @@ class PhotoSearch:
         names = [reading_name(p, r) for p, r in enumerate(self.engine.prototype_readings(result))]
         return prototype_overlays(result, response.prototype_grid, names=names)
 
-    def api_search(self, file: str, k: float = 10) -> dict[str, Any]:
-        """The /search_by_photo endpoint: a gallery image (by name) as the query; JSON as /search."""
-        image = self.engine.image_path(file)
+    def api_search(self, photo: str | dict, k: float = 10, address: str = "local") -> dict[str, Any]:
+        """The /search_by_photo endpoint: a gallery image (by name) or a photo the client uploaded from
+        `address` (a FileData dict, as gradio_client's handle_file sends it) as the query; JSON as /search.
+        An upload is checked as the page's is, and deleted once answered."""
+        if isinstance(photo, dict):
+            sent = self.store.sent(str(photo.get("path") or ""), address)
+            if sent is None:
+                return {"error": "Upload the photo with this request (gradio_client's handle_file).", "results": []}
+            with self.store.holding([sent], address):
+                problem = check_image(sent)
+                if problem:
+                    return {"error": f"The photo cannot be used: {problem}.", "results": []}
+                return self._api_answer(sent, k)
+        image = self.engine.image_path(photo) if isinstance(photo, str) else None
         if image is None:
-            return {"error": "Name an image of the gallery (as /search answers with).", "results": []}
+            return {
+                "error": "Name an image of the gallery (as /search answers with), or upload a photo.",
+                "results": [],
+            }
+        return self._api_answer(image, k)
+
+    def _api_answer(self, image: Path, k: float) -> dict[str, Any]:
         try:
             body = self.engine.search_by_photo(image, result_count(k)).to_json()
         except QueryError as error:

@@ -240,6 +240,13 @@ class UploadStore:
                     del self._holders[path]
                     self._delete_cached(path)
 
+    def sent(self, path: str | Path, address: str) -> Path | None:
+        """`path` resolved, if it is a file in the upload cache that `address` sent (else None): the
+        only files an API call may name as its upload."""
+        resolved = self._in_cache(Path(path))
+        with self._lock:
+            return resolved if resolved is not None and self._sent_by(resolved, address) else None
+
     def _sent_by(self, path: Path, address: str) -> bool:
         return self._uploaded.get(path, ("",))[0] == address
 

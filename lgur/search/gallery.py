@@ -153,6 +153,7 @@ def private_sessions_root() -> Path:
     named by a random token (the web framework's upload answers show the path, so not the process id,
     which is written inside as PROCESS_FILE). Folders of processes that are gone are removed."""
     root = Path(tempfile.gettempdir()) / "lgur-sessions"
+    own = None
     for folder in root.glob("*") if root.is_dir() else []:
         if folder.name.startswith("."):  # being made by a process that starts now
             continue
@@ -161,7 +162,8 @@ def private_sessions_root() -> Path:
         except (OSError, ValueError):
             owner = None
         if owner == os.getpid():
-            return folder  # this process's own, made by an earlier call
+            own = folder  # this process's own, made by an earlier call
+            continue
         try:
             if owner is None:
                 raise ProcessLookupError
@@ -170,6 +172,8 @@ def private_sessions_root() -> Path:
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:
             pass
+    if own is not None:
+        return own
     making = root / f".{secrets.token_hex(8)}"
     making.mkdir(parents=True)
     (making / PROCESS_FILE).write_text(str(os.getpid()))
