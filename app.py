@@ -264,17 +264,16 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 "use it most."
             )
             with gr.Row():
+                # no minimum or maximum: Gradio would answer a bare "Error"; atom_atlas says what is wrong
                 atom = gr.Number(
-                    value=0,
-                    precision=0,
-                    label="atom",
-                    minimum=0,
-                    maximum=max(explorer.engine.model.config.num_atoms - 1, 0),
+                    value=0, precision=0, label=f"atom (0 to {explorer.engine.model.config.num_atoms - 1})"
                 )
                 show = gr.Button("Show atom")
             atlas = image_strip("patches", 8, 320)
             atlas_words = gr.Markdown()
-            show.click(explorer.model.atom_atlas, atom, [atlas, atlas_words], api_visibility="private")
+            show.click(
+                explorer.model.atom_atlas, atom, [atlas, atlas_words], api_name="atom_atlas", api_visibility="private"
+            )
 
         gr.api(explorer.api_search, api_name="search")
         gr.api(explorer.api_why_not, api_name="why_not")

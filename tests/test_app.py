@@ -582,3 +582,38 @@ def test_a_model_with_fine_prototype_maps_draws_them_at_their_own_grid(tmp_path:
     _, _, photo, own_maps = explorer.photos.search(file, None, 3)
     assert photo.prototype_grid == (8, 4) and len(own_maps) == engine.model.config.num_prototypes
     assert len(explorer.photos.result_maps(photo, 0)) == engine.model.config.num_prototypes + 1
+
+
+def test_the_atlas_refuses_an_atom_out_of_range_with_a_message(served: str) -> None:
+    from lgur.eval.bench import PageClient
+
+    page = PageClient(served)
+    for bad in (9999, -1):
+        items, text = page.call("atom_atlas", [bad])
+        assert items == [] and "numbered 0 to" in text
+    items, text = page.call("atom_atlas", [3])
+    assert len(items) == 8 and text.startswith("**Atom 3**")
+
+
+def test_the_readme_documents_the_api_as_it_answers(served: str, tmp_path: Path) -> None:
+    """Every endpoint of /gradio_api/info is in the README's table with its parameters, and the rewritten
+    query is what /search answers."""
+    import json
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"{served}gradio_api/info", timeout=10) as reply:
+        info = json.load(reply)["named_endpoints"]
+    rows = re.findall(r"^\| `(/\w+)` \| (.+?) \| (.+) \|$", (REPO / "README.md").read_text(), re.MULTILINE)
+    documented = {name: takes for name, takes, _ in rows}
+    assert set(documented) == set(info)
+    for name, endpoint in info.items():
+        parameters = [p["parameter_name"] for p in endpoint["parameters"]]
+        named = re.findall(r"^`(\w+)`|, `(\w+)`", documented[name])
+        assert [a or b for a, b in named] == parameters, name
+    row = next(answers for name, _, answers in rows if name == "/search")
+    asked, _ = re.search(r'e\.g\. "([^"]+)" -> "([^"]+)"', row).groups()
+    reader = tiny_explorer(tmp_path, images=4, card={"vocabulary": ["a", "woman", "man", "in", "red", "coat"]})
+    body = reader.api_search(asked, 3)
+    readings = body.get("colours_read_as", {}) | body.get("words_read_as", {})
+    assert readings and all(typed not in body["query"] and read in body["query"] for typed, read in readings.items())
