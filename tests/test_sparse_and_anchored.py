@@ -70,3 +70,42 @@ def test_person_extent_from_the_foreground_weight() -> None:
     m = torch.full((1, 8, 4), 0.2)
     m[0, 2:6] = 0.9  # the person in rows 2-5
     assert torch.allclose(model.person_extent(m.flatten(1)), torch.tensor([[2 / 8, 6 / 8]]))
+
+
+def test_the_word_map_term_trains_the_maps_the_page_draws() -> None:
+    from types import SimpleNamespace
+
+    from lgur.training.losses import word_map_divergence
+    from lgur.training.sampling import phrase_word_rows
+
+    torch.manual_seed(0)
+    model = LGUR(tiny_config()).eval()
+    images = random_images(model, 2)
+    ids, mask = model.tokenize(["a man in black shoes", "a woman with a red backpack"])
+    with torch.no_grad():
+        out = model(images, mask, ids, need_guidance=True)
+        drawn = model.guidance_attention(images, ids, mask, weighted=True).mean(1)  # what the page draws
+    assert torch.allclose(out.guidance, drawn, atol=1e-6)
+
+    terms = ("black shoes", "backpack", "red backpack", "man", "shoes")
+    reader = SimpleNamespace(config=SimpleNamespace(detail_terms=terms), text_encoder=model.text_encoder)
+    rows = phrase_word_rows(reader, ["a man in black shoes", "a woman with a red backpack, a dress"])[
+        :, : mask.shape[1]
+    ]
+    tokens = model.text_encoder.tokenizer.convert_ids_to_tokens(ids[0])
+    named = {tokens[t]: terms[int(r)] for t, r in enumerate(rows[0]) if r >= 0}
+    assert named == {"man": "man", "shoes": "black shoes"}  # a word takes the longest phrase it ends
+    assert {terms[int(r)] for r in rows[1] if r >= 0} == {"red backpack"}
+
+    # the divergence: zero where the word maps are the detector's, positive elsewhere, and it trains them
+    guidance = torch.rand(2, 32, mask.shape[1], requires_grad=True)
+    rows = rows[:, : mask.shape[1]]
+    same = torch.zeros(2, 32, len(terms))
+    for b, t in torch.nonzero(rows >= 0).tolist():
+        same[b, :, rows[b, t]] = guidance[b, :, t].detach() / guidance[b, :, t].detach().sum()
+    assert word_map_divergence(guidance, same, rows).abs() < 1e-5
+    other = torch.softmax(torch.randn(2, 32, len(terms)), dim=1)
+    loss = word_map_divergence(guidance, other, rows)
+    loss.backward()
+    assert loss > 0.05 and guidance.grad.abs().sum() > 0
+    assert word_map_divergence(guidance, other, torch.full_like(rows, -1)) == 0

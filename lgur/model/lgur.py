@@ -29,6 +29,7 @@ class TrainOutputs:
     text_dictionary: Parts | None = None  # R(T, D)
     image_atoms: Tensor | None = None  # (B, H, N, atoms) R(V, D)'s attention over the atoms, when asked
     text_atoms: Tensor | None = None  # (B, H, T, atoms) R(T, D)'s, zero on padding
+    guidance: Tensor | None = None  # (B, N, T) what each word contributes to each patch, heads averaged, times m
 
 
 @dataclass
@@ -176,11 +177,13 @@ class LGUR(nn.Module):
         backbone_features: Tensor | None = None,
         need_weights: bool = False,
         need_atoms: bool = False,
+        need_guidance: bool = False,
     ) -> TrainOutputs:
         """images (B, 3, H, W) paired with captions (mask (B, T), ids or cached features).
 
         need_weights: also return each branch's prototype attention (for the diversity term);
-        need_atoms: also the dictionary branches' attention over the atoms (for the atom entropy).
+        need_atoms: also the dictionary branches' attention over the atoms (for the atom entropy);
+        need_guidance: also the guided branch's word maps, as guidance_attention(weighted=True) draws them.
         """
         if self.config.pgu_fine:
             patches, (fine,) = self.image_encoder.forward_with_stage_inputs(images, (self.image_encoder.fine_blocks,))
@@ -193,7 +196,10 @@ class LGUR(nn.Module):
         text = self.pgu(words, mask, need_weights)
         text_rebuilt = self.dga.reconstruct_text(words, mask, need_atoms)
         text_dictionary = self.pgu(text_rebuilt.features, mask, need_weights)
-        guided = self.dga.guide_image(patches, words, mask)
+        guided = self.dga.guide_image(patches, words, mask, need_guidance)
+        guidance = None
+        if need_guidance:
+            guidance = guided.weights.mean(1) * guided.foreground[:, :, None]  # (B, N, T)
         image_dictionary = self.dga.reconstruct_image(patches, need_atoms)
         bias = self._foreground_bias(image_dictionary.foreground)
         # where the person is places the prototypes' prior
@@ -207,6 +213,7 @@ class LGUR(nn.Module):
             text_dictionary=text_dictionary,
             image_atoms=image_dictionary.weights,
             text_atoms=text_rebuilt.weights,
+            guidance=guidance,
         )
 
     def _foreground_bias(self, foreground: Tensor | None) -> Tensor | None:

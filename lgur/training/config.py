@@ -83,6 +83,11 @@ class TrainConfig:
         0.1, "width of the row prior: one, or one per decoder layer (0: that layer free)"
     )
     atom_entropy: float = option(0.0, "weight of the entropy of DGA's atom weights per patch and per word")
+    word_maps: float = option(
+        0.0,
+        "weight of the divergence of each phrase word's guidance map (the patches that read it) from the "
+        "detail detector's map of its phrase (a model with a detail detector and DGA)",
+    )
     framing: float = option(0.0, "share of training images reframed as a person detector frames its crops")
     init_from: str | None = option(
         None,
@@ -139,6 +144,8 @@ class TrainConfig:
             raise ValueError("--prototype-diversity needs PGU (there are no prototypes with --no-pgu)")
         if self.prototype_person and (not self.person_from or not self.use_pgu):
             raise ValueError("--prototype-person needs PGU and --person-from, a checkpoint with a detail detector")
+        if self.word_maps and not (self.use_dga and self.init_from):
+            raise ValueError("--word-maps needs DGA and --init-from, a checkpoint with a detail detector")
         if self.prototype_rows and not self.use_pgu:
             raise ValueError("--prototype-rows needs PGU (there are no prototypes with --no-pgu)")
 

@@ -105,6 +105,20 @@ def outside_person(attention: Tensor, person: Tensor) -> Tensor:
     return (attention.mean(1) * (1.0 - person)[:, None, :]).sum(-1).mean()
 
 
+def word_map_divergence(guidance: Tensor, detail_maps: Tensor, word_rows: Tensor) -> Tensor:
+    """KL(detector || words): how far each phrase word's guidance map is from the detail detector's map
+    of its phrase, averaged over the words that name one. guidance: (B, N, T) what each word gives each
+    patch; detail_maps: (B, N, K) the detector's pooling weights (sum 1 over N); word_rows: (B, T) the
+    phrase row of each token, -1 for none."""
+    b, t = torch.nonzero(word_rows >= 0, as_tuple=True)
+    if len(b) == 0:
+        return guidance.sum() * 0.0
+    words = guidance[b, :, t]  # (W, N)
+    words = words / words.sum(-1, keepdim=True).clamp_min(1e-8)
+    target = detail_maps[b, :, word_rows[b, t].long()]  # (W, N)
+    return (target * (target.clamp_min(1e-8).log() - words.clamp_min(1e-8).log())).sum(-1).mean()
+
+
 class LGURLoss(nn.Module):
     """Identity losses on every branch plus ranking losses on the paper's four pairs (weights 1).
 
@@ -118,7 +132,9 @@ class LGURLoss(nn.Module):
       modalities; `term_targets` in forward: (image targets, text targets), (B, terms) multi-hot;
     - person: the drawn image maps' attention outside the person (`person` in forward, a teacher's
       map (B, N)), the last layer's;
-    - atoms: the entropy of DGA's atom weights per patch and per word (`text_mask` in forward).
+    - atoms: the entropy of DGA's atom weights per patch and per word (`text_mask` in forward);
+    - word_maps: each phrase word's guidance map against the detail detector's map of its phrase
+      (`word_maps` in forward: the detector's maps (B, N, K) and each token's phrase row (B, T)).
     """
 
     def __init__(
@@ -133,13 +149,14 @@ class LGURLoss(nn.Module):
         embedding_dim: int = 0,
         person: float = 0.0,
         atoms: float = 0.0,
+        word_maps: float = 0.0,
     ) -> None:
         super().__init__()
         self.margin = margin
         self.diversity = diversity
         self.sdm = sdm
         self.term_prediction = term_prediction
-        self.person, self.atoms = person, atoms
+        self.person, self.atoms, self.word_maps = person, atoms, word_maps
         self.generator = torch.Generator().manual_seed(seed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature))) if sdm > 0 else None
         self.term_classifier = TermClassifier(embedding_dim, terms) if term_prediction > 0 and terms else None
@@ -152,6 +169,7 @@ class LGURLoss(nn.Module):
         term_targets: tuple[Tensor, Tensor] | None = None,
         person: Tensor | None = None,
         text_mask: Tensor | None = None,
+        word_maps: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         branches = {"image": out.image, "text": out.text}
@@ -196,5 +214,8 @@ class LGURLoss(nn.Module):
             entropies = atom_entropy(out.image_atoms) + atom_entropy(out.text_atoms, text_mask)
             losses["atoms"] = self.atoms * 0.5 * entropies
             total = total + losses["atoms"]
+        if self.word_maps > 0 and word_maps is not None and out.guidance is not None:
+            losses["word_maps"] = self.word_maps * word_map_divergence(out.guidance, *word_maps)
+            total = total + losses["word_maps"]
         losses["total"] = total
         return losses

@@ -19,6 +19,7 @@ from ..data.dataset import (
     person_terms,
 )
 from ..data.readers import Record
+from ..model.details import phrase_index, phrase_rows
 from ..model.lgur import LGUR
 from .config import SAMPLES, TrainConfig
 
@@ -78,6 +79,7 @@ class Texts:
     terms: list[frozenset[str]] | None = None
     identity_terms: list[frozenset[str]] | None = None
     term_index: dict[str, int] | None = None
+    word_rows: Tensor | None = None  # (texts, max_length) phrase_word_rows, with --word-maps
 
 
 def caption_crop_texts(captions: list[str], seed: int) -> list[str]:
@@ -113,6 +115,8 @@ def training_texts(
         texts.terms, texts.identity_terms = description_term_sets(all_texts, n, labels, int(labels.max()) + 1)
         frequent = frequent_terms(texts.terms[:n], TERM_MIN_CAPTIONS)
         texts.term_index = {t: i for i, t in enumerate(frequent)}
+    if cfg.word_maps > 0:
+        texts.word_rows = phrase_word_rows(model, all_texts)
     return texts
 
 
@@ -139,3 +143,34 @@ def term_targets(texts: Texts, text: Tensor, labels: Tensor) -> tuple[Tensor, Te
 
     images = multi_hot([texts.identity_terms[i] for i in labels.tolist()])
     return images, multi_hot([texts.terms[t] for t in text.tolist()])
+
+
+def phrase_word_rows(model: LGUR, texts: list[str]) -> Tensor:
+    """(texts, max_length) the detail detector's row of the phrase each token's word ends, -1 elsewhere.
+
+    A word is given a phrase when the text asserts it (phrase_rows) and the word is its last: "black
+    shoes" gives "shoes" the row of "black shoes", a word that ends no pair its own ("ponytail").
+    Positions are the tokenizer's, as the frozen text features' are.
+    """
+    terms = model.config.detail_terms
+    index = phrase_index(terms)
+    out = torch.full((len(texts), model.text_encoder.max_length), -1, dtype=torch.int16)
+    for start in range(0, len(texts), 1024):
+        chunk = texts[start : start + 1024]
+        encoded = model.text_encoder.encode(chunk, truncation=True, max_length=model.text_encoder.max_length)
+        for row, text in enumerate(chunk):
+            present = {terms[r] for r in phrase_rows(text, index)}
+            if not present:
+                continue
+            word_ids = encoded.word_ids(row)
+            previous = None
+            for word in sorted({w for w in word_ids if w is not None}):
+                begin, end = encoded.word_to_chars(row, word)
+                name = text[begin:end].lower()
+                pair = f"{previous} {name}" if previous else None
+                phrase = pair if pair in present else name if name in present else None
+                previous = name if name.isalpha() else None  # no phrase across punctuation
+                if phrase is not None:
+                    positions = [t for t, w in enumerate(word_ids) if w == word]
+                    out[start + row, positions] = index[phrase]
+    return out

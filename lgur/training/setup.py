@@ -69,8 +69,10 @@ class TrainingStep(nn.Module):
         mask: Tensor,
         labels: Tensor,
         term_targets: tuple[Tensor, Tensor] | None = None,
+        word_rows: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """-> the losses. term_targets: (B, K) multi-hot terms of the images and of the texts."""
+        """-> the losses. term_targets: (B, K) multi-hot terms of the images and of the texts;
+        word_rows: (B, T) each token's detail phrase row (-1 none), for the word-map term."""
         criterion = self.criterion
         taught = self.person_map is not None and criterion.person > 0
         out = self.model(
@@ -79,12 +81,17 @@ class TrainingStep(nn.Module):
             backbone_features=features,
             need_weights=criterion.diversity > 0 or taught,
             need_atoms=criterion.atoms > 0,
+            need_guidance=word_rows is not None,
         )
+        word_maps = None
+        if word_rows is not None:
+            with torch.no_grad():
+                word_maps = (self.model.find_details(images)[1], word_rows)
         person = self.person_map(images) if taught else None  # (B, N), or (B, 4N) already fine (person_fine)
         fine = self.model.pgu.fine if self.model.config.pgu_fine else None
         if person is not None and fine is not None and person.shape[-1] != fine.patch_of.numel():
             person = fine.upsample(person)  # the maps are on the fine grid, the teacher's is not
-        return criterion(out, labels, self.model.classifier, term_targets, person, mask)
+        return criterion(out, labels, self.model.classifier, term_targets, person, mask, word_maps)
 
 
 def parameter_groups(step: TrainingStep, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -217,6 +224,7 @@ def setup(cfg: TrainConfig, progress: bool) -> Run:
         model_config.embedding_dim,
         cfg.prototype_person,
         cfg.atom_entropy,
+        cfg.word_maps,
     ).to(device)
     training_step = TrainingStep(model, criterion, teacher_person_map(cfg, model, device), tuple(cfg.frozen))
     optimizer = torch.optim.Adam(parameter_groups(training_step, cfg))

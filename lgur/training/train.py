@@ -98,7 +98,12 @@ def train_one_epoch(run: Run, epoch: int, progress: bool) -> bool:
         targets = term_targets(run.texts, text, labels)
         if targets is not None:
             targets = (targets[0].to(run.device), targets[1].to(run.device))
-        losses = run.step_module(images, features.to(run.device), mask.to(run.device), labels.to(run.device), targets)
+        word_rows = None
+        if run.texts.word_rows is not None:
+            word_rows = run.texts.word_rows[text, : mask.shape[1]].to(run.device)
+        losses = run.step_module(
+            images, features.to(run.device), mask.to(run.device), labels.to(run.device), targets, word_rows
+        )
         run.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         run.optimizer.step()
