@@ -225,6 +225,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             gr.Markdown(explorer.gallery.upload_help())
             uploads = gr.File(file_count="multiple", label="Add images", elem_id="upload")
             upload_report = gr.Markdown()
+            with gr.Row(visible=not explorer.gallery.shared_uploads):
+                mine = gr.Dropdown(
+                    choices=[], multiselect=True, allow_custom_value=True, label="your uploads", scale=3, elem_id="mine"
+                )
+                delete = gr.Button("Delete selected", scale=1)
+                delete_all = gr.Button("Delete all my uploads", scale=1, variant="stop")
             first_page, where = explorer.gallery.browse(1)
             with gr.Row():
                 page = gr.Number(value=1, precision=0, minimum=1, label="page", scale=1, elem_id="page")
@@ -238,15 +244,28 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 address = explorer.gallery.store.address_of(request)
                 report, _ = explorer.gallery.upload(files, request.session_hash, address)
                 items, text = explorer.gallery.browse(1, request.session_hash, root=page_root(request))
-                return report, items, text, 1
+                return report, items, text, 1, gr.Dropdown(choices=explorer.gallery.own_files(request.session_hash))
 
             uploads.upload(
                 on_upload,
                 uploads,
-                [upload_report, browse, page_info, page],
+                [upload_report, browse, page_info, page, mine],
                 api_name="upload_files",
                 api_visibility="private",
             )
+
+            def delete_uploads(names: list[str], request: gr.Request):
+                """Delete some of this session's uploads, by the names the gallery lists them with."""
+                report, items, text = explorer.gallery.remove(names, request.session_hash, page_root(request))
+                own = explorer.gallery.own_files(request.session_hash)
+                return report, items, text, 1, gr.Dropdown(choices=own, value=[])
+
+            def delete_everything(request: gr.Request):
+                return delete_uploads(explorer.gallery.own_files(request.session_hash), request)
+
+            deleted = [upload_report, browse, page_info, page, mine]
+            delete.click(delete_uploads, mine, deleted, api_name="delete_uploads")
+            delete_all.click(delete_everything, None, deleted, api_name="delete_all_uploads", api_visibility="private")
 
             def on_page(number, request: gr.Request):
                 return explorer.gallery.browse(number, request.session_hash, root=page_root(request))

@@ -219,6 +219,15 @@ class DecodedImages:
             self._images.clear()
             self.bytes = 0
 
+    def forget(self, folder: str | Path) -> int:
+        """Drop every image decoded from a file under `folder` (deleted files): -> how many."""
+        inside = str(Path(folder)) + os.sep
+        with self._lock:
+            gone = [key for key in self._images if key[0].startswith(inside)]
+            for key in gone:
+                self.bytes -= self.size_of(self._images.pop(key))
+        return len(gone)
+
 
 DECODED = DecodedImages()
 

@@ -442,3 +442,29 @@ def test_search_by_photo_takes_an_uploaded_photo_through_the_api(explorer, tmp_p
         named = {"path": str(explorer.engine.gallery / expected), "meta": {"_type": "gradio.FileData"}}
         (answer,) = Visitor(url).call("search_by_photo", [named, 4])  # a raw request: no upload made
         assert "Upload the photo" in answer["error"]
+
+
+@pytest.mark.slow
+def test_a_visitor_deletes_their_uploads_one_or_all(explorer, tmp_path: Path) -> None:
+    """Gone at once from the folder, the index (search) and the upload route; another session's names
+    are ignored."""
+    photos = _photos(tmp_path / "in", 3)
+    with served_explorer(explorer) as (url, _):
+        visitor, other = Visitor(url), Visitor(url)
+        *_, listed = visitor.call("upload_files", [visitor.upload(photos)])
+        names = [c[0] if isinstance(c, list) else c for c in listed["choices"]]
+        assert sorted(names) == sorted(p.name for p in photos)
+        shown, _ = visitor.call("browse", [1])
+        links = {item["caption"]: item["image"]["url"] for item in shown[: len(photos)]}
+        report, *_ = other.call("delete_uploads", [names])
+        assert "None of those" in report and visitor.http.get(links[names[0]]).status_code == 200
+        report, shown, *_ = visitor.call("delete_uploads", [[names[0]]])
+        assert "Deleted 1" in report and visitor.http.get(links[names[0]]).status_code == 404
+        assert names[0] not in [item["caption"] for item in shown]
+        results, *_ = visitor.call("explore", ["a person", 50, "last", "mean", "P1"])
+        results = results["value"] if isinstance(results, dict) else results
+        shown_results = [r["image"].get("url") or "" for r in results]
+        assert not any(links[names[0]] == u for u in shown_results)
+        assert sum("/uploads/" in u for u in shown_results) == 2  # the other two are still searched
+        report, *_ = visitor.call("delete_all_uploads", [])
+        assert "Deleted 2" in report and all(visitor.http.get(u).status_code == 404 for u in links.values())

@@ -134,6 +134,26 @@ class GalleryTab:
         lines += [f"- rejected `{html.escape(name)}`: {html.escape(reason)}" for name, reason in report.rejected]
         return "\n".join(lines), self.browse(1, visitor, root=root)[0]
 
+    def own_files(self, visitor: str | None) -> list[str]:
+        """The names of the visitor's own uploads, as the page lists them."""
+        private = self.store.gallery(visitor)
+        return private.files() if private else []
+
+    def remove(
+        self, names: list[str] | None, visitor: str | None = None, root: str = ""
+    ) -> tuple[str, list[tuple[str, str]], str]:
+        """Delete the visitor's uploads `names` (not theirs: ignored): a report, the first page and where."""
+        wanted = [n for n in (names or []) if isinstance(n, str)]
+        gone = self.store.remove(self.engine, visitor, wanted) if wanted else []
+        if not wanted:
+            report = "Pick the uploads to delete."
+        elif gone:
+            report = f"Deleted {len(gone)} upload(s): gone from the gallery, the search and the server."
+        else:
+            report = "None of those is one of your uploads."
+        items, where = self.browse(1, visitor, root=root)
+        return report, items, where
+
     def leave(self, visitor: str | None) -> None:
         """The visitor closed the page: their uploads are deleted now."""
         self.store.discard(visitor)

@@ -266,6 +266,20 @@ class UploadStore:
         return resolved if inside else None
 
     # -- removing -----------------------------------------------------------------------------
+    def remove(self, engine: SearchEngine, visitor: str | None, names: list[str]) -> list[str]:
+        """The visitor deletes some of their uploads (names as their gallery lists them; any other name
+        is ignored): gone at once from the folder, the index and the decode cache. -> the names deleted."""
+        with self._lock:
+            entry = self._visitors.get(visitor) if visitor else None
+        if entry is None:
+            return []
+        with entry.lock:  # after an upload in progress
+            gone = entry.gallery.delete(engine, names)
+            with self._lock:
+                entry.bytes, entry.files = folder_usage(entry.gallery.images)
+                entry.last_used = self.clock()
+        return gone
+
     def discard(self, visitor: str | None) -> bool:
         """The visitor left: delete their uploads (after an upload in progress ends)."""
         with self._lock:

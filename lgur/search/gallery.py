@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import IMAGE_SUFFIXES, TEMPORARY_SUFFIX, check_image
+from ..files import DECODED, IMAGE_SUFFIXES, TEMPORARY_SUFFIX, check_image
 from .engine import PRIVATE_PREFIX, SearchEngine
 from .index import GalleryIndex, update_index
 
@@ -54,6 +54,23 @@ class PrivateGallery:
     def remove(self) -> None:
         shutil.rmtree(self.images, ignore_errors=True)
         shutil.rmtree(self.index_dir, ignore_errors=True)
+        DECODED.forget(self.images)
+
+    def delete(self, engine: SearchEngine, names: list[str]) -> list[str]:
+        """Delete the uploads `names` (as files() lists them; others are ignored) from the folder, the
+        index and the decode cache: -> the names deleted."""
+        held = set(self.files())
+        gone = [n for n in dict.fromkeys(names) if n in held and "/" not in n]
+        for name in gone:
+            (self.images / name).unlink(missing_ok=True)
+        if gone:
+            DECODED.forget(self.images)
+            if len(gone) == len(held):  # nothing left to index
+                shutil.rmtree(self.index_dir, ignore_errors=True)
+                self.index = None
+            else:
+                self.index, _ = update_index(engine.model, engine.index.checkpoint, self.images, self.index_dir)
+        return gone
 
 
 @dataclass
