@@ -718,6 +718,54 @@ def cmd_query_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def photo_domain_parser(sub: Subcommands) -> None:
+    """`photo-domain`'s options."""
+    parser = sub.add_parser(
+        "photo-domain",
+        parents=[SHIPPED, SEED, QUIET],
+        help="fit which photos are like the training world (the app warns for the others); beside the checkpoint",
+    )
+    parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on")
+    parser.add_argument("--images", type=int, default=3000, help="training images the Gaussian is fitted on")
+    parser.set_defaults(func=cmd_photo_domain)
+
+
+def cmd_photo_domain(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data.dataset import normalize
+    from .data.readers import read_dataset
+    from .files import read_image
+    from .model.checkpoint import checkpoint_fingerprint, load_checkpoint
+    from .search.domain import VAL_FLAGGED, domain_path, fit_domain, pooled_tokens
+    from .training.sampling import split_records
+
+    model, card = load_checkpoint(args.checkpoint)
+    model.eval()
+    splits = split_records(read_dataset(args.data)[0], args.seed)
+    size = model.config.image.img_size
+
+    def features(records: list) -> np.ndarray:
+        paths = list(dict.fromkeys(r.image_path for r in records))
+        chunks = [paths[i : i + 64] for i in range(0, len(paths), 64)]
+        return np.concatenate(
+            [
+                pooled_tokens(model, normalize(torch.from_numpy(np.stack([read_image(p, size) for p in c]))))
+                for c in chunks
+            ]
+        )
+
+    rng = np.random.default_rng(args.seed)
+    train = splits["train"]
+    picked = [train[i] for i in sorted(rng.choice(len(train), min(args.images, len(train)), replace=False))]
+    domain = fit_domain(model, features(picked), features(splits["val"]), checkpoint_fingerprint(card))
+    out = domain_path(args.checkpoint)
+    domain.save(out)
+    print(f"{out}: threshold {domain.threshold:.1f} ({VAL_FLAGGED:.0%} of val images beyond it)")
+    return 0
+
+
 COMMANDS = [
     bench_parser,
     train_parser,
@@ -738,6 +786,7 @@ COMMANDS = [
     ambiguity_parser,
     lexical_probe_parser,
     space_parser,
+    photo_domain_parser,
 ]
 
 

@@ -102,7 +102,7 @@ def documented_api() -> tuple[dict[str, set[str]], set[str]]:
 def test_the_documented_api_is_what_the_app_answers(tmp_path: Path) -> None:
     endpoints, result_keys = documented_api()
     served = set(re.findall(r'gr\.api\([^)]*api_name="(\w+)"', (REPO / "app.py").read_text()))
-    assert set(endpoints) == {f"/{name}" for name in served}
+    assert {f"/{name}" for name in served} <= set(endpoints)  # all of them: test_app checks /gradio_api/info
     card = {"vocabulary": ["a", "man", "in", "red", "jacket", "boots"]}
     phrases = ("jacket", "man", "red", "red jacket")
     explorer = tiny_explorer(tmp_path, images=6, card=card, detail_terms=phrases, detail_weight=0.5)

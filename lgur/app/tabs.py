@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..files import MAX_FILE_BYTES, check_image
+from ..search.domain import UNLIKE_NOTE
 from ..search.engine import PhotoResponse, SearchEngine
 from ..search.explain import display_rgb, overlay, photo_maps, prototype_overlays, reading_name
 from ..search.gallery import add_images, gallery_page
@@ -56,6 +57,8 @@ class PhotoSearch:
             "Select one: its prototype maps appear beside the photo's; the same prototype reads the same body part "
             "in both."
         )
+        if response.unlike_training:
+            status = f"⚠️ {UNLIKE_NOTE[0].upper()}{UNLIKE_NOTE[1:]}.\n\n{status}"
         names = [reading_name(p, r) for p, r in enumerate(self.engine.prototype_readings(response.query))]
         return items, status, response, photo_maps(response.query, response.prototype_grid, names)
 

@@ -31,6 +31,7 @@ from ..model.serving import fold_for_serving
 from .atlas import Atlas
 from .atoms import relative_weights, salient_atoms, shared_atoms, word_atom_weights, word_spans
 from .colours import ColourReading
+from .domain import UNLIKE_NOTE, PhotoDomain, domain_path
 from .index import GalleryIndex, UpdateReport, default_index_dir, update_index
 from .query import Query, QueryError, QueryReader, QueryReading, clean_query
 from .reading import WordReading
@@ -175,9 +176,11 @@ class PhotoResponse:
     grid: tuple[int, int]
     prototype_grid: tuple[int, int]
     seconds: float
+    unlike_training: bool = False  # the photo lies beyond the checkpoint's photo domain (lgur.search.domain)
 
     def to_json(self) -> dict[str, Any]:
-        return {"results": [r.to_json() for r in self.results]}
+        body: dict[str, Any] = {"results": [r.to_json() for r in self.results]}
+        return body | ({"out_of_domain": True, "note": UNLIKE_NOTE} if self.unlike_training else {})
 
 
 @dataclass
@@ -373,6 +376,7 @@ class SearchEngine:
         self.card = card or {}
         self.manifest = manifest or {}
         self.index_dir = index_dir or default_index_dir(index.gallery)
+        self.domain: PhotoDomain | None = None  # what photos the model was trained on (lgur.search.domain)
         self._cache: OrderedDict[str, QueryEncoding] = OrderedDict()
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self._parsed: OrderedDict[str, Query] = OrderedDict()
@@ -418,7 +422,17 @@ class SearchEngine:
         fold_for_serving(model)  # the same embeddings, sooner
         index_dir = Path(index_dir).resolve() if index_dir else default_index_dir(gallery)
         index, report = update_index(model, checkpoint_fingerprint(card), gallery, index_dir, progress=progress)
-        return cls(model, index, card, read_manifest(Path(gallery)), index_dir), report
+        engine = cls(model, index, card, read_manifest(Path(gallery)), index_dir)
+        engine.domain = PhotoDomain.load(domain_path(checkpoint), checkpoint_fingerprint(card))
+        return engine, report
+
+    def unlike_training(self, images: list[str | Path]) -> list[bool]:
+        """Which photos look unlike the world the model was trained on (False for all without a fitted
+        photo domain beside the checkpoint)."""
+        if self.domain is None or not images:
+            return [False] * len(images)
+        with torch.inference_mode():
+            return self.domain.unlike(self.model, self._images(images)).tolist()
 
     # -- the gallery ---------------------------------------------------------------------------
     @property
@@ -583,7 +597,8 @@ class SearchEngine:
             explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, True)
             for rank, (score, index, row) in enumerate(hits, 1)
         ]
-        return PhotoResponse(query, results, self.grid, self.prototype_grid, time.perf_counter() - start)
+        unlike = same is None and self.unlike_training([image])[0]  # a gallery image is the world itself
+        return PhotoResponse(query, results, self.grid, self.prototype_grid, time.perf_counter() - start, unlike)
 
     # -- on-demand explanations (one image) -------------------------------------------------
     def _images(self, paths: list[str | Path]) -> torch.Tensor:
