@@ -106,9 +106,10 @@ def test_a_value_outside_a_dropdowns_choices_is_neither_echoed_nor_an_error(expl
     demo = explorer_app.build_app(explorer)
     hostile = "<img src=x onerror=alert(1)>"
     dropdowns = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
-    assert len(dropdowns) == 7
-    for dropdown in dropdowns:
-        assert dropdown.preprocess(hostile) == hostile  # Gradio's refusal would echo it with every choice
+    assert len(dropdowns) == 8
+    for dropdown in dropdowns:  # Gradio's refusal would echo it with every choice
+        value = [hostile] if dropdown.multiselect else hostile
+        assert dropdown.preprocess(value) == value
     _, _, response = explorer.search("a person in a red coat", 5)
     assert explorer.picked(hostile, hostile, hostile) == explorer.picked("last", "mean", "P1") == (-1, None, 0)
     maps, *_ = explorer.explain(response, 0, hostile, "99", "P99 x")
