@@ -18,9 +18,9 @@ if __name__ == "__main__":  # Gradio's cache inside this process's folder: a res
 
 import gradio as gr  # noqa: E402
 
-from lgur.app.components import image_strip, panels, picker, result_strip  # noqa: E402
+from lgur.app.components import after_deleting, image_strip, page_root, panels, picker, result_strip  # noqa: E402
 from lgur.app.explorer import EXAMPLES, INTRO, Explorer  # noqa: E402
-from lgur.app.server import STYLE, page_root, parse_arguments, serve  # noqa: E402
+from lgur.app.server import STYLE, parse_arguments, photo_endpoint, serve  # noqa: E402
 from lgur.app.uploads import SESSION_SECONDS  # noqa: E402
 from lgur.search.explain import EFFECTS_LEGEND, FOREGROUND_LEGEND, MAP_LEGEND, WORDS_LEGEND  # noqa: E402
 from lgur.search.query import MAX_RESULTS  # noqa: E402
@@ -44,8 +44,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 query = gr.Textbox(label="Description", placeholder=EXAMPLES[0], scale=5, max_lines=3, elem_id="query")
                 k = gr.Slider(1, MAX_RESULTS, value=10, step=1, label="results", scale=1)
                 go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
-            # A dataset with a queued click, not gr.Examples: its click runs outside the queue, and only fills
-            # the box. Clicking an example searches for it.
+            # A dataset with a queued click, not gr.Examples (its click runs outside the queue and only fills the box)
             examples = gr.Dataset(
                 components=[query], samples=[[e] for e in EXAMPLES], type="index", label="Examples", elem_id="examples"
             )
@@ -226,9 +225,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             uploads = gr.File(file_count="multiple", label="Add images", elem_id="upload")
             upload_report = gr.Markdown()
             with gr.Row(visible=not explorer.gallery.shared_uploads):
-                mine = gr.Dropdown(
-                    choices=[], multiselect=True, allow_custom_value=True, label="your uploads", scale=3, elem_id="mine"
-                )
+                mine = picker([], multiselect=True, label="your uploads", scale=3, elem_id="mine")
                 delete = gr.Button("Delete selected", scale=1)
                 delete_all = gr.Button("Delete all my uploads", scale=1, variant="stop")
             first_page, where = explorer.gallery.browse(1)
@@ -255,13 +252,10 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             )
 
             def delete_uploads(names: list[str], request: gr.Request):
-                """Delete some of this session's uploads, by the names the gallery lists them with."""
-                report, items, text = explorer.gallery.remove(names, request.session_hash, page_root(request))
-                own = explorer.gallery.own_files(request.session_hash)
-                return report, items, text, 1, gr.Dropdown(choices=own, value=[])
+                return after_deleting(explorer.gallery, names, request)
 
             def delete_everything(request: gr.Request):
-                return delete_uploads(explorer.gallery.own_files(request.session_hash), request)
+                return after_deleting(explorer.gallery, [], request, everything=True)
 
             deleted = [upload_report, browse, page_info, page, mine]
             delete.click(delete_uploads, mine, deleted, api_name="delete_uploads")
@@ -283,10 +277,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 "use it most."
             )
             with gr.Row():
-                # no minimum or maximum: Gradio would answer a bare "Error"; atom_atlas says what is wrong
-                atom = gr.Number(
-                    value=0, precision=0, label=f"atom (0 to {explorer.engine.model.config.num_atoms - 1})"
-                )
+                atom = gr.Number(value=0, precision=0, label=explorer.model.atom_label)  # no bounds: atom_atlas says
                 show = gr.Button("Show atom")
             atlas = image_strip("patches", 8, 320)
             atlas_words = gr.Markdown()
@@ -297,11 +288,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         gr.api(explorer.api_search, api_name="search")
         gr.api(explorer.api_why_not, api_name="why_not")
 
-        def search_by_photo(photo: str | dict, k: float = 10, request: gr.Request = None) -> dict:  # noqa: RUF013
-            """A gallery image by name, or an uploaded photo (handle_file), as the query."""
-            return explorer.photos.api_search(photo, k, explorer.gallery.store.address_of(request))
-
-        gr.api(search_by_photo, api_name="search_by_photo")
+        gr.api(photo_endpoint(explorer), api_name="search_by_photo")
     return demo
 
 

@@ -759,7 +759,7 @@ def cmd_photo_domain(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     train = splits["train"]
     picked = [train[i] for i in sorted(rng.choice(len(train), min(args.images, len(train)), replace=False))]
-    domain = fit_domain(model, features(picked), features(splits["val"]), checkpoint_fingerprint(card))
+    domain = fit_domain(features(picked), features(splits["val"]), checkpoint_fingerprint(card))
     out = domain_path(args.checkpoint)
     domain.save(out)
     print(f"{out}: threshold {domain.threshold:.1f} ({VAL_FLAGGED:.0%} of val images beyond it)")

@@ -17,7 +17,7 @@ SAMPLES = Path(__import__("matplotlib").get_data_path()) / "sample_data"
 def test_the_threshold_flags_the_val_share_and_the_domain_is_kept_per_checkpoint(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     fit, val = rng.normal(size=(2000, 8)), rng.normal(size=(1000, 8))
-    domain = fit_domain(None, fit, val, "sha-a")
+    domain = fit_domain(fit, val, "sha-a")
     assert abs((domain.distance(val) > domain.threshold).mean() - VAL_FLAGGED) < 0.002
     far = rng.normal(size=(50, 8)) + 6.0
     assert (domain.distance(far) > domain.threshold).all()
@@ -58,7 +58,7 @@ def test_the_page_and_the_api_say_when_a_photo_is_unlike_the_training_world(expl
     Image.new("RGB", (300, 200), (120, 60, 30)).save(photo)
     rng = np.random.default_rng(0)
     dim = 2 * explorer.engine.model.config.dim
-    domain = fit_domain(None, rng.normal(size=(400, dim)), rng.normal(size=(200, dim)), "x")
+    domain = fit_domain(rng.normal(size=(400, dim)), rng.normal(size=(200, dim)), "x")
     explorer.engine.domain = domain
     try:
         domain.threshold = float("inf")  # nothing is unlike

@@ -73,18 +73,14 @@ def add_upload_route(demo: gr.Blocks, explorer: Explorer) -> None:
     demo.app.add_api_route(UPLOAD_ROUTE + "/{token}/{name}", upload_file, methods=["GET"])
 
 
-def page_root(request: Any) -> str:
-    """The page's public root URL, as Gradio builds its own file URLs (behind a proxy too); '' without
-    a request."""
-    from gradio import route_utils
+def photo_endpoint(explorer: Explorer) -> Callable[..., dict]:
+    """The /search_by_photo endpoint, as gr.api takes it: the calling address decides whose uploads count."""
 
-    raw = getattr(request, "request", None)
-    if raw is None:
-        return ""
-    try:
-        return route_utils.get_root_url(raw, route_utils.get_api_call_path(raw), getattr(raw.app, "root_path", None))
-    except (ValueError, AttributeError):  # not a page event (a direct call): no URL to build on
-        return ""
+    def search_by_photo(photo: str | dict, k: float = 10, request: gr.Request = None) -> dict:  # noqa: RUF013
+        """A gallery image by name, or an uploaded photo (handle_file), as the query."""
+        return explorer.photos.api_search(photo, k, explorer.gallery.store.address_of(request))
+
+    return search_by_photo
 
 
 def parse_arguments(argv: list[str] | None, description: str) -> argparse.Namespace:

@@ -143,10 +143,11 @@ class GalleryTab:
         return private.files() if private else []
 
     def remove(
-        self, names: list[str] | None, visitor: str | None = None, root: str = ""
-    ) -> tuple[str, list[tuple[str, str]], str]:
-        """Delete the visitor's uploads `names` (not theirs: ignored): a report, the first page and where."""
-        wanted = [n for n in (names or []) if isinstance(n, str)]
+        self, names: list[str] | None, visitor: str | None = None, root: str = "", everything: bool = False
+    ) -> tuple[str, list[tuple[str, str]], str, list[str]]:
+        """Delete the visitor's uploads `names` (not theirs: ignored), or all of them: a report, the first
+        page, where it is, and the uploads left."""
+        wanted = self.own_files(visitor) if everything else [n for n in (names or []) if isinstance(n, str)]
         gone = self.store.remove(self.engine, visitor, wanted) if wanted else []
         if not wanted:
             report = "Pick the uploads to delete."
@@ -155,7 +156,7 @@ class GalleryTab:
         else:
             report = "None of those is one of your uploads."
         items, where = self.browse(1, visitor, root=root)
-        return report, items, where
+        return report, items, where, self.own_files(visitor)
 
     def leave(self, visitor: str | None) -> None:
         """The visitor closed the page: their uploads are deleted now."""
@@ -183,6 +184,11 @@ class ModelTab:
 
     def card_table(self) -> str:
         return card_table(self.engine.card, self.prototypes)
+
+    @property
+    def atom_label(self) -> str:
+        """The atlas's number box: its range is said, not enforced (atom_atlas answers a number outside it)."""
+        return f"atom (0 to {self.engine.model.config.num_atoms - 1})"
 
     @staticmethod
     def measured_tables(assets: Path) -> list[str]:

@@ -29,11 +29,15 @@ def domain_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + ".domain.safetensors")
 
 
+def pool(tokens: torch.Tensor) -> np.ndarray:
+    """(B, N, dim) image encoder tokens -> (B, 2 * dim): their mean and spread over the patches."""
+    return torch.cat([tokens.mean(1), tokens.std(1)], 1).double().numpy()
+
+
 @torch.no_grad()
 def pooled_tokens(model: LGUR, images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) normalised images -> (B, 2 * dim): the encoder tokens' mean and spread over patches."""
-    tokens = model.image_encoder(images)  # (B, N, dim)
-    return torch.cat([tokens.mean(1), tokens.std(1)], 1).double().numpy()
+    """(B, 3, H, W) normalised images -> pool of their encoder tokens."""
+    return pool(model.image_encoder(images))
 
 
 @dataclass
@@ -48,9 +52,9 @@ class PhotoDomain:
         centred = features - self.mean
         return np.sqrt(np.einsum("bi,ij,bj->b", centred, self.precision, centred).clip(min=0))
 
-    def unlike(self, model: LGUR, images: torch.Tensor) -> np.ndarray:
-        """(B,) True where a photo is unlike the training world."""
-        return self.distance(pooled_tokens(model, images)) > self.threshold
+    def unlike(self, tokens: torch.Tensor) -> np.ndarray:
+        """(B, N, dim) encoder tokens of photos -> (B,) True where a photo is unlike the training world."""
+        return self.distance(pool(tokens)) > self.threshold
 
     def save(self, path: Path) -> None:
         meta = {"threshold": json.dumps(self.threshold), "checkpoint": self.checkpoint}
@@ -75,7 +79,7 @@ class PhotoDomain:
         return cls(arrays["mean"], arrays["precision"], float(json.loads(meta["threshold"])), checkpoint)
 
 
-def fit_domain(model: LGUR, fit: np.ndarray, val: np.ndarray, checkpoint: str, shrink: float = 0.05) -> PhotoDomain:
+def fit_domain(fit: np.ndarray, val: np.ndarray, checkpoint: str, shrink: float = 0.05) -> PhotoDomain:
     """fit: (n, F) pooled tokens of training images; val: (m, F) of val images (the threshold's).
     shrink: the covariance is pulled this far towards its diagonal (Ledoit-Wolf style), so that it
     inverts stably with a few thousand images."""

@@ -426,14 +426,6 @@ class SearchEngine:
         engine.domain = PhotoDomain.load(domain_path(checkpoint), checkpoint_fingerprint(card))
         return engine, report
 
-    def unlike_training(self, images: list[str | Path]) -> list[bool]:
-        """Which photos look unlike the world the model was trained on (False for all without a fitted
-        photo domain beside the checkpoint)."""
-        if self.domain is None or not images:
-            return [False] * len(images)
-        with torch.inference_mode():
-            return self.domain.unlike(self.model, self._images(images)).tolist()
-
     # -- the gallery ---------------------------------------------------------------------------
     @property
     def gallery(self) -> Path:
@@ -597,7 +589,8 @@ class SearchEngine:
             explain_hit(query, index, row, rank, score, self.image_atom_average, self.manifest, True)
             for rank, (score, index, row) in enumerate(hits, 1)
         ]
-        unlike = same is None and self.unlike_training([image])[0]  # a gallery image is the world itself
+        # a gallery image is the world itself; a photo is read from the tokens explain_images computed
+        unlike = same is None and self.domain is not None and bool(self.domain.unlike(explained.patch_features)[0])
         return PhotoResponse(query, results, self.grid, self.prototype_grid, time.perf_counter() - start, unlike)
 
     # -- on-demand explanations (one image) -------------------------------------------------
